@@ -1,0 +1,114 @@
+"""The central value type: which modules get a LoRA adapter and at what rank.
+
+An `Allocation` maps full module names to ranks (0 = off). It counts its trainable parameters
+exactly (r · (in + out) per module) and converts to a PEFT `LoraConfig` whose `target_modules` is
+the exact list of names and whose `rank_pattern`/`alpha_pattern` keys are regex-escaped full names.
+PEFT silently ignores keys that match nothing and over-matches unescaped ones, so `check_against`
+verifies that every key matches exactly one module of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+from orchestrator.errors import UserError
+from orchestrator.models import HEAD_MODULES, AdaptableModule
+
+
+@dataclass(frozen=True)
+class Allocation:
+    ranks: tuple[tuple[str, int], ...]  # (full module name, rank > 0), sorted by name
+    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio · r per module, so scaling is equal at every rank
+
+    @classmethod
+    def from_ranks(cls, ranks: dict[str, int], alpha_ratio: float = 2.0) -> Allocation:
+        bad = {name: r for name, r in ranks.items() if not isinstance(r, int) or r < 0}
+        if bad:
+            raise UserError(f"allocation: ranks must be integers ≥ 0, got {bad}; use 0 to switch a module off")
+        return cls(tuple(sorted((name, r) for name, r in ranks.items() if r > 0)), alpha_ratio)
+
+    @classmethod
+    def from_compact(cls, text: str, modules: list[AdaptableModule]) -> Allocation:
+        """Parse `L0.query:8,L3.output.dense:4` (the report's `allocation` column)."""
+        by_short = {m.short: m.name for m in modules}
+        ranks = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            short, _, rank = item.rpartition(":")
+            if short not in by_short or not rank.isdigit():
+                raise UserError(f"allocation: '{item}' is not `L<layer>.<module type>:<rank>` for this model; "
+                                f"e.g. {modules[0].short}:8")
+            ranks[by_short[short]] = int(rank)
+        return cls.from_ranks(ranks)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.ranks)
+
+    def trainable_params(self, modules: list[AdaptableModule]) -> int:
+        """Exact LoRA parameter count: A is r×in, B is out×r."""
+        by_name = {m.name: m for m in modules}
+        return sum(r * by_name[name].params_per_rank for name, r in self.ranks)
+
+    def compact(self, modules: list[AdaptableModule]) -> str:
+        rank = self.as_dict()
+        return ",".join(f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank)
+
+    @property
+    def candidate_id(self) -> str:
+        text = ",".join(f"{name}:{r}" for name, r in self.ranks)
+        return "a" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    @property
+    def total_rank(self) -> int:
+        return sum(r for _, r in self.ranks)
+
+    def check_against(self, model: nn.Module) -> None:
+        """Every key must match exactly one Linear module by PEFT's own suffix rule."""
+        if not self.ranks:
+            raise UserError("allocation: no module has a rank > 0; switch on at least one module")
+        names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        for key, _ in self.ranks:
+            pattern = re.compile(rf"(.*\.)?({re.escape(key)})$")
+            hits = [name for name in names if pattern.match(name)]
+            if len(hits) != 1:
+                raise UserError(f"allocation: module '{key}' matches {len(hits)} Linear modules of the model; "
+                                "use full module names from `lora-search modules`")
+
+    def to_lora_config(self):
+        """PEFT LoraConfig: exact target list, one escaped rank/alpha pattern per module."""
+        from peft import LoraConfig
+
+        default_rank = Counter(r for _, r in self.ranks).most_common(1)[0][0]
+        return LoraConfig(
+            r=default_rank,
+            lora_alpha=self.alpha_ratio * default_rank,
+            target_modules=[name for name, _ in self.ranks],
+            rank_pattern={re.escape(name): r for name, r in self.ranks},
+            alpha_pattern={re.escape(name): self.alpha_ratio * r for name, r in self.ranks},
+            lora_dropout=0.0,
+            modules_to_save=list(HEAD_MODULES),
+            task_type="SEQ_CLS",
+        )
+
+
+def uniform(modules: list[AdaptableModule], types: tuple[str, ...], rank: int) -> Allocation:
+    return Allocation.from_ranks({m.name: rank for m in modules if m.type in types})
+
+
+def budget_params(modules: list[AdaptableModule], params: int | None, qv_rank: int | None) -> int:
+    """Absolute budget, or the parameters of uniform q,v LoRA at `qv_rank`."""
+    if params is not None:
+        return params
+    return uniform(modules, ("query", "value"), qv_rank).trainable_params(modules)
+
+
+def apply_lora(model: nn.Module, allocation: Allocation):
+    """Wrap `model` in a PeftModel carrying `allocation` (checked first) with a trainable head."""
+    from peft import get_peft_model
+
+    allocation.check_against(model)
+    return get_peft_model(model, allocation.to_lora_config())

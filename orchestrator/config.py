@@ -1,0 +1,259 @@
+"""Typed configuration of a run, loaded from YAML with dotted command-line overrides.
+
+Every field carries its help text in `metadata["help"]`; `__post_init__` rejects bad values with a
+message that names the field and the fix. `load_config` turns YAML into these dataclasses and
+refuses unknown keys, suggesting the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UserError
+
+MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise UserError(f"{field_name}: {problem}; {fix}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("'minilm-l6' (the packaged all-MiniLM-L6-v2) or a local Hugging Face model directory", "minilm-l6")
+    max_length: int = _help("tokens per example; longer costs time roughly linearly", 64)
+
+    def __post_init__(self):
+        _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is out of range", "use 8..4096")
+
+
+@dataclass
+class DataConfig:
+    task: str = _help("built-in task (rotten_tomatoes, sms_spam, reuters_r8) or a CSV/JSONL/Parquet file", "rotten_tomatoes")
+    eval_path: str | None = _help("separate eval file for a user task; default: a seeded split of `task`", None)
+    train_size: int | None = _help("cap on training examples (seeded sample); null keeps all", 4000)
+    eval_size: int | None = _help("cap on eval examples (seeded sample); null keeps all", 1000)
+    eval_fraction: float = _help("share of the data held out for eval when no eval file is given", 0.2)
+    split_seed: int = _help("seed of the train/eval split and of the samples", 0)
+
+    def __post_init__(self):
+        for name in ("train_size", "eval_size"):
+            value = getattr(self, name)
+            _require(value is None or value >= 8, f"data.{name}", f"{value} is too small", "use at least 8 or null for all")
+        _require(0 < self.eval_fraction < 1, "data.eval_fraction", f"{self.eval_fraction} is not in (0, 1)", "use e.g. 0.2")
+
+
+@dataclass
+class BudgetConfig:
+    params: int | None = _help("trainable LoRA parameters per candidate (head excluded); null: use qv_rank", None)
+    qv_rank: int | None = _help("budget = params of uniform LoRA on query+value at this rank (8 ≈ 74k on MiniLM-L6)", 8)
+    tolerance: float = _help("allowed relative deviation from the budget; wider admits more allocations", 0.05)
+
+    def __post_init__(self):
+        _require((self.params is None) != (self.qv_rank is None), "space.budget",
+                 "set exactly one of params and qv_rank", "e.g. `qv_rank: 8` or `params: 9216, qv_rank: null`")
+        _require(self.params is None or self.params > 0, "space.budget.params", f"{self.params} is not positive", "use a positive count")
+        _require(self.qv_rank is None or self.qv_rank > 0, "space.budget.qv_rank", f"{self.qv_rank} is not positive", "use e.g. 8")
+        _require(0 <= self.tolerance < 1, "space.budget.tolerance", f"{self.tolerance} is not in [0, 1)", "use e.g. 0.05")
+
+
+@dataclass
+class SpaceConfig:
+    module_types: list[str] = _help(f"module types that may get an adapter: {', '.join(MODULE_TYPES)}", factory=lambda: list(MODULE_TYPES))
+    layers: list[int] | None = _help("layer indices that may get an adapter; null: all layers", None)
+    ranks: list[int] = _help("rank choices per module; higher ranks cost more parameters", factory=lambda: [1, 2, 4, 8, 16])
+    budget: BudgetConfig = _help("trainable-parameter budget every candidate must meet", factory=BudgetConfig)
+
+    def __post_init__(self):
+        unknown = [t for t in self.module_types if t not in MODULE_TYPES]
+        _require(not unknown and self.module_types, "space.module_types", f"unknown or empty {unknown}", f"choose from {list(MODULE_TYPES)}")
+        _require(bool(self.ranks) and all(r > 0 for r in self.ranks), "space.ranks", f"{self.ranks} must be positive integers", "e.g. [1, 2, 4, 8]")
+        _require(self.layers is None or all(i >= 0 for i in self.layers), "space.layers", f"{self.layers} has a negative index", "use indices from 0")
+        self.ranks = sorted(set(self.ranks))
+
+
+@dataclass
+class ScreenConfig:
+    proxies: list[str] = _help("zero-cost proxies to compute for every candidate", factory=lambda: ["grad_norm", "params"])
+    rank_by: str = _help("proxy that picks the survivors", "grad_norm")
+    direction: str = _help("'maximize' or 'minimize' the rank_by proxy (DESIGN §9.1: signs must be measured)", "maximize")
+    num_trials: int = _help("Tune trials; each samples and scores candidates_per_trial allocations", 8)
+    candidates_per_trial: int = _help("allocations scored per Tune trial", 25)
+    survivors: int = _help("candidates trained for real; each costs one full training per seed", 2)
+    proxy_batches: int = _help("minibatches the proxies see; more is steadier and slower", 8)
+    batch_size: int = _help("examples per proxy minibatch", 16)
+    probe_rank: int = _help("rank of the probe adapter on every module when scoring per module", 4)
+    sampler: str = _help("Optuna sampler: 'tpe' or 'random'", "tpe")
+    seed: int = _help("seed of the sampler and the candidate generator", 0)
+    storage: str | None = _help("Optuna storage URL (any SQLAlchemy URL); default sqlite:///<run dir>/study.db", None)
+
+    def __post_init__(self):
+        _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")
+        _require(self.sampler in ("tpe", "random"), "screen.sampler", f"'{self.sampler}' is unknown", "use tpe or random")
+        _require(self.rank_by in self.proxies, "screen.rank_by", f"'{self.rank_by}' is not in screen.proxies", "add it to screen.proxies")
+        for name in ("num_trials", "candidates_per_trial", "survivors", "proxy_batches", "batch_size", "probe_rank"):
+            _require(getattr(self, name) > 0, f"screen.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _help("passes over the training data", 1)
+    lr: float = _help("AdamW learning rate (5e-4 does not learn in one epoch here: DESIGN §9.1)", 2e-3)
+    batch_size: int = _help("examples per optimizer step", 32)
+    eval_batch_size: int = _help("examples per eval batch", 64)
+    warmup_ratio: float = _help("share of steps with linear warm-up before linear decay", 0.06)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    seeds: list[int] = _help("every model trains once per seed; ≥ 3 seeds for any claim", factory=lambda: [0])
+    baselines: list[str] = _help("baselines trained at the same budget: uniform_qv", factory=lambda: ["uniform_qv"])
+    num_workers: int = _help("Ray Train workers per model (>1 runs DDP)", 1)
+    cpus_per_worker: int = _help("CPU threads per worker", 1)
+    max_concurrent: int = _help("models training at the same time", 2)
+    max_failures: int = _help("worker failures tolerated per model before it is marked failed", 1)
+    use_gpu: str = _help("'auto' (GPU when the cluster has one), 'true' or 'false'", "auto")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "max_concurrent"):
+            _require(getattr(self, name) > 0, f"train.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
+        _require(0 < self.lr < 1, "train.lr", f"{self.lr} is out of range", "use e.g. 2e-3")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
+        _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
+        unknown = [b for b in self.baselines if b not in ("uniform_qv",)]
+        _require(not unknown, "train.baselines", f"unknown {unknown}", "choose from ['uniform_qv']")
+        _require(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", f"'{self.use_gpu}' is unknown", "use auto, true or false")
+        _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
+
+
+@dataclass
+class CostConfig:
+    price_per_device_hour: dict[str, float] = _help(
+        "USD per device-hour by device type; defaults: cpu = one vCPU of an on-demand c7i, gpu = an A10G (g5.xlarge)",
+        factory=lambda: {"cpu": 0.0446, "gpu": 1.006})
+
+    def __post_init__(self):
+        for device in ("cpu", "gpu"):
+            price = self.price_per_device_hour.get(device)
+            _require(isinstance(price, (int, float)) and price >= 0, f"cost.price_per_device_hour.{device}",
+                     f"{price!r} is not a non-negative number", "give USD per device-hour, e.g. 0.05")
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("run name; results go to <results_dir>/<name>", "run")
+    results_dir: str = _help("root directory of all runs", "results")
+    model: ModelConfig = _help("base model", factory=ModelConfig)
+    data: DataConfig = _help("task data", factory=DataConfig)
+    space: SpaceConfig = _help("search space", factory=SpaceConfig)
+    screen: ScreenConfig = _help("zero-cost screening stage", factory=ScreenConfig)
+    train: TrainConfig = _help("training stage", factory=TrainConfig)
+    cost: CostConfig = _help("price table of the cost model", factory=CostConfig)
+
+    def __post_init__(self):
+        _require(bool(RUN_NAME_PATTERN.match(self.name)) and ".." not in self.name, "name", f"'{self.name}' is not a safe run name",
+                 "use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or none, for defaults) + `key.sub=value` overrides → validated RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config: file '{path}' not found; give the path of a YAML file, e.g. search_spaces/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise UserError(f"config: '{path}' is not valid YAML{line}; fix the syntax there") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config: '{path}' must hold a mapping of sections (name, model, data, ...); see search_spaces/quickstart.yaml")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(RunConfig, raw, "")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{item}': expected key.sub=value; e.g. train.epochs=2")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section; check the key path")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def build(cls, raw: Any, prefix: str):
+    """Recursively build dataclass `cls` from a mapping, naming the field of any bad key or type."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}; write it as `key: value` lines")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise UserError(f"{prefix}{key}: unknown key; {hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a value of the wrong type that reached __post_init__
+        raise UserError(f"{where}: {err}; check the types of its values") from None
+
+
+def _coerce(hint, value, name: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, name + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{name}: expected a list, got {value!r}; write it as [a, b, ...]")
+        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected a mapping, got {value!r}; write it as `key: value` lines")
+        return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (bool, int, float)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"{name}: expected {hint.__name__}, got {value!r}; give a {hint.__name__}")
+    return value

