@@ -1,0 +1,94 @@
+"""Shared fixtures of the unit tests: a tiny random BERT classifier on disk and a small labelled split.
+
+Nothing here touches the network: the model and its WordPiece vocabulary are written from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun", "bright", "warm", "funny", "clever"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "boring", "hate", "worst", "dull", "dark", "cold", "weak", "slow"]
+NOUNS = ["movie", "film", "story", "plot", "actor", "music", "scene", "ending", "cast", "script", "book", "show"]
+COMMON = ["the", "a", "an", "this", "that", "it", "is", "was", "and", "but", "very", "really", "so", "too", "of",
+          "to", "in", "on", "for", "with", "not", "i", "you", "we", "they", "he", "she", "my", "your", "our",
+          "be", "have", "do", "say", "get", "make", "go", "know", "take", "see", "come", "think", "look", "want",
+          "give", "use", "find", "tell", "all", "one", "two", "time", "day", "year", "way", "man", "thing", "life",
+          "world", "people", "just", "quite", "rather", "at", "by", "from", "as", ".", ",", "!", "?"]
+VOCAB = SPECIAL_TOKENS + COMMON + POSITIVE + NEGATIVE + NOUNS
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight BertForSequenceClassification (hidden 32, 2 layers) with its own tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    assert len(VOCAB) == len(set(VOCAB)), "duplicate word in the test vocabulary"
+    root = tmp_path_factory.mktemp("tiny_bert")
+    vocab_file = root / "vocab.txt"
+    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab=str(vocab_file))
+    # transformers 5 takes `vocab`; make sure it really loaded our words and not the 5-token default.
+    assert tokenizer.convert_tokens_to_ids("movie") == VOCAB.index("movie")
+    tokenizer.save_pretrained(root)
+
+    torch.manual_seed(1234)
+    config = BertConfig(vocab_size=len(VOCAB), num_labels=2, **TINY)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(root, safe_serialization=True)
+    assert list(root.glob("*.safetensors"))
+    return root
+
+
+def make_sentences(n: int = 64) -> tuple[list[str], list[int]]:
+    """n deterministic English sentences of varied length, alternating labels 1 (positive) and 0."""
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        adjectives = POSITIVE if label else NEGATIVE
+        noun = NOUNS[i % len(NOUNS)]
+        adjective = adjectives[(i // 2) % len(adjectives)]
+        words = ["the", noun, "was", adjective]
+        words += ["and", "very", adjectives[(i // 2 + 3) % len(adjectives)]] * (i % 4)  # lengths vary per example
+        texts.append(" ".join(words) + ("!" if label else "."))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="session")
+def sentences() -> tuple[list[str], list[int]]:
+    return make_sentences(64)
+
+
+@pytest.fixture
+def tiny_split(sentences):
+    from orchestrator.data import Split
+
+    texts, labels = sentences
+    return Split(list(texts), list(labels))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The loaded tiny classifier (a fresh copy is cheap; tests that wrap it in PEFT load their own)."""
+    from orchestrator.models import load_model
+
+    return load_model(str(tiny_model_dir), 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tiny_model):
+    from orchestrator.models import adaptable_modules
+
+    return adaptable_modules(tiny_model)

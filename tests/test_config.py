@@ -1,0 +1,267 @@
+"""Config: defaults, YAML loading, dotted overrides, and one-line errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from orchestrator.config import MODULE_TYPES, RunConfig, load_config
+from orchestrator.errors import UserError
+
+
+def write(tmp_path, text: str, name: str = "run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_defaults_build():
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+    assert cfg.name == "run"
+    assert cfg.model.name == "minilm-l6" and cfg.model.max_length == 64
+    assert cfg.space.module_types == list(MODULE_TYPES)
+    assert cfg.space.ranks == [1, 2, 4, 8, 16]
+    assert (cfg.space.budget.params, cfg.space.budget.qv_rank, cfg.space.budget.tolerance) == (None, 8, 0.05)
+    assert cfg.train.epochs == 1 and cfg.train.seeds == [0] and cfg.train.lr == 2e-3
+    assert cfg.screen.rank_by == "grad_norm" and cfg.screen.direction == "maximize"
+    assert cfg.cost.price_per_device_hour == {"cpu": 0.0446, "gpu": 1.006}
+    assert str(cfg.run_dir) == "results/run"
+
+
+def test_every_field_has_help():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            if dataclasses.is_dataclass(f.type) and not isinstance(f.type, str):
+                walk(f.type)
+
+    walk(RunConfig)
+
+
+def test_load_yaml_file(tmp_path):
+    path = write(tmp_path, """
+        name: demo-1
+        model:
+          max_length: 32
+        space:
+          module_types: [query, value]
+          layers: [0, 1]
+          ranks: [8, 2, 4, 2]
+          budget:
+            params: 9216
+            qv_rank: null
+            tolerance: 0.1
+        train:
+          epochs: 3
+          lr: 0.001
+          seeds: [1, 2, 3]
+        cost:
+          price_per_device_hour: {cpu: 0.1, gpu: 2}
+    """)
+    cfg = load_config(path)
+    assert cfg.name == "demo-1"
+    assert cfg.model.max_length == 32
+    assert cfg.space.module_types == ["query", "value"]
+    assert cfg.space.layers == [0, 1]
+    assert cfg.space.ranks == [2, 4, 8]  # sorted and de-duplicated
+    assert (cfg.space.budget.params, cfg.space.budget.qv_rank, cfg.space.budget.tolerance) == (9216, None, 0.1)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.001 and cfg.train.seeds == [1, 2, 3]
+    assert cfg.cost.price_per_device_hour == {"cpu": 0.1, "gpu": 2.0}
+    assert isinstance(cfg.cost.price_per_device_hour["gpu"], float)
+    # untouched sections keep their defaults
+    assert cfg.screen == RunConfig().screen
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == RunConfig()
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 5\n")
+    cfg = load_config(path, ["train.epochs=2", "train.seeds=[0,1]", "name=other", "space.budget.tolerance=0.2",
+                             "data.train_size=null"])
+    assert cfg.train.epochs == 2
+    assert cfg.train.seeds == [0, 1]
+    assert cfg.name == "other"
+    assert cfg.space.budget.tolerance == 0.2
+    assert cfg.data.train_size is None
+
+
+def test_override_int_coerced_to_float():
+    cfg = load_config(None, ["train.warmup_ratio=0"])
+    assert cfg.train.warmup_ratio == 0.0 and isinstance(cfg.train.warmup_ratio, float)
+    # lr=1 becomes 1.0, which is out of range (0, 1): refused, naming the field
+    with pytest.raises(UserError, match=r"^train\.lr: 1\.0 is out of range"):
+        load_config(None, ["train.lr=1"])
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "=2", "train.epochs2"])
+def test_malformed_override(override):
+    with pytest.raises(UserError, match="expected key.sub=value"):
+        load_config(None, [override])
+
+
+def test_override_into_non_section():
+    with pytest.raises(UserError, match="'epochs' is not a section"):
+        load_config(None, ["train.epochs=2", "train.epochs.x=3"])
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["train.epoch=2"])
+    assert str(err.value) == "train.epoch: unknown key; did you mean 'train.epochs'?"
+
+
+def test_unknown_nested_key_in_yaml_suggests_nearest(tmp_path):
+    path = write(tmp_path, "space:\n  budget:\n    qvrank: 4\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value) == "space.budget.qvrank: unknown key; did you mean 'space.budget.qv_rank'?"
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["zzzzzz=1"])
+    assert str(err.value).startswith("zzzzzz: unknown key; valid keys: name, results_dir, model, data")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=two", "train.epochs: expected int, got 'two'"),
+    ("train.epochs=2.5", "train.epochs: expected int, got 2.5"),
+    ("train.epochs=true", "train.epochs: expected int, got True"),
+    ("train.seeds=3", "train.seeds: expected a list, got 3"),
+    ("train.seeds=[0,x]", "train.seeds[1]: expected int, got 'x'"),
+    ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+    ("model=minilm", "model: expected a mapping, got str"),
+    ("cost.price_per_device_hour=3", "cost.price_per_device_hour: expected a mapping, got 3"),
+])
+def test_wrong_type(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_string_field_accepts_scalars():
+    cfg = load_config(None, ["train.use_gpu=false", "data.task=123"])
+    assert cfg.train.use_gpu == "false"
+    assert cfg.data.task == "123"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["space.budget.params=9216"],  # qv_rank defaults to 8: both set
+    ["space.budget.qv_rank=null"],  # neither set
+    ["space.budget.params=null", "space.budget.qv_rank=null"],
+])
+def test_budget_needs_exactly_one_of_params_and_qv_rank(overrides):
+    with pytest.raises(UserError, match=r"^space\.budget: set exactly one of params and qv_rank"):
+        load_config(None, overrides)
+
+
+def test_budget_params_alone_and_qv_rank_alone():
+    cfg = load_config(None, ["space.budget.params=9216", "space.budget.qv_rank=null"])
+    assert (cfg.space.budget.params, cfg.space.budget.qv_rank) == (9216, None)
+    cfg = load_config(None, ["space.budget.qv_rank=4"])
+    assert (cfg.space.budget.params, cfg.space.budget.qv_rank) == (None, 4)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["space.budget.qv_rank=0"], "space.budget.qv_rank"),
+    (["space.budget.params=-5", "space.budget.qv_rank=null"], "space.budget.params"),
+    (["space.budget.tolerance=1.0"], "space.budget.tolerance"),
+    (["space.ranks=[]"], "space.ranks"),
+    (["space.ranks=[0,2]"], "space.ranks"),
+    (["space.module_types=[query,dense]"], "space.module_types"),
+    (["space.layers=[-1]"], "space.layers"),
+    (["screen.rank_by=synflow"], "screen.rank_by"),
+    (["screen.direction=up"], "screen.direction"),
+    (["train.seeds=[]"], "train.seeds"),
+    (["train.baselines=[adalora]"], "train.baselines"),
+    (["model.max_length=4"], "model.max_length"),
+    (["data.train_size=4"], "data.train_size"),
+    (["cost.price_per_device_hour={cpu: -1, gpu: 1}"], "cost.price_per_device_hour.cpu"),
+])
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(field + ":")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "/abs", "a..b", ".hidden", "", "x" * 101, "a b"])
+def test_unsafe_run_names_refused(name):
+    with pytest.raises(UserError, match=r"^name: .* is not a safe run name"):
+        RunConfig(name=name)
+
+
+def test_unsafe_run_name_refused_from_override():
+    with pytest.raises(UserError, match="not a safe run name"):
+        load_config(None, ["name=../x"])
+    with pytest.raises(UserError, match="not a safe run name"):
+        load_config(None, ["name=a/b"])
+
+
+@pytest.mark.parametrize("name", ["run", "quickstart", "exp-1_b.2", "A" * 100])
+def test_safe_run_names_accepted(name):
+    assert RunConfig(name=name).name == name
+
+
+def test_invalid_yaml_refused_in_one_line(tmp_path):
+    path = write(tmp_path, "name: demo\ntrain:\n  seeds: [0, 1\n  epochs: 2\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"config: '{path}' is not valid YAML at line ")
+    assert message.endswith("; fix the syntax there")
+
+
+def test_non_utf8_yaml_refused(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping_refused(tmp_path):
+    with pytest.raises(UserError, match="must hold a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_quickstart_config_loads():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml")
+    assert cfg.name == "quickstart"
+    assert cfg.space.ranks == [2, 4, 8, 16]
+    assert cfg.screen.direction == "minimize"
+
+
+# ---------------------------------------------------------------- known defects (see the test report)
+
+
+@pytest.mark.xfail(reason="PyYAML (YAML 1.1) reads '1e-3' as a string and _coerce refuses it for a float field",
+                   strict=True)
+def test_float_override_in_exponent_notation():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.xfail(reason="_apply_override YAML-parses '2024_01' as int 202401, then _coerce stringifies it",
+                   strict=True)
+def test_string_override_kept_verbatim():
+    assert load_config(None, ["name=2024_01"]).name == "2024_01"
+
+
+@pytest.mark.xfail(reason="a partial price_per_device_hour mapping replaces the default dict and loses the gpu price",
+                   strict=True)
+def test_partial_price_override_keeps_other_default():
+    cfg = load_config(None, ["cost.price_per_device_hour.cpu=0.05"])
+    assert cfg.cost.price_per_device_hour == {"cpu": 0.05, "gpu": 1.006}

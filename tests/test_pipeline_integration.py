@@ -1,0 +1,95 @@
+"""The whole pipeline on a slice of the real shipped data, on a local Ray cluster: the output contract."""
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator import pipeline, report
+from orchestrator.config import load_config
+from orchestrator.data import load_task, make_loader
+from orchestrator.models import load_model, load_tokenizer
+from orchestrator.train import evaluate
+
+pytestmark = pytest.mark.slow
+
+SLICE = ["name=slice", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
+         "screen.num_trials=2", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
+         "train.batch_size=32", "train.eval_batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    import ray
+
+    results = tmp_path_factory.mktemp("results")
+    cfg = load_config("search_spaces/quickstart.yaml", SLICE + [f"results_dir={results}"])
+    pipeline.set_runtime_env()
+    pipeline.init_ray(None)
+    try:
+        table = pipeline.run(cfg)
+    finally:
+        ray.shutdown()
+    return cfg, table
+
+
+def test_report_files_and_columns(finished_run):
+    cfg, table = finished_run
+    run_dir = cfg.run_dir
+    for name in ("report.csv", "report.parquet", "report.md", "screen.csv", "study.db", "run.json", "accuracy_vs_params.png"):
+        assert (run_dir / name).is_file(), name
+    on_disk = pd.read_parquet(run_dir / "report.parquet")
+    assert len(on_disk) == 2  # one survivor + the uniform q,v baseline, one seed
+    assert set(on_disk.kind) == {"searched", "baseline"}
+    for column in report.CONTRACT_COLUMNS + ["proxy_grad_norm", "proxy_params"]:
+        assert column in on_disk.columns, column
+        assert on_disk[column].notna().all(), column
+    assert (on_disk.head_params == 770).all()
+    baseline = on_disk[on_disk.kind == "baseline"].iloc[0]
+    searched = on_disk[on_disk.kind == "searched"].iloc[0]
+    assert baseline.trainable_params == 73728  # q,v at r=8 on MiniLM-L6
+    assert abs(searched.trainable_params - baseline.trainable_params) <= 0.05 * baseline.trainable_params
+    assert searched.proxy_params == searched.trainable_params
+
+
+def test_screen_table_and_study(finished_run):
+    cfg, _ = finished_run
+    screen = pd.read_csv(cfg.run_dir / "screen.csv")
+    assert screen.survivor.sum() == 1
+    assert len(screen) > 1 and screen.candidate_id.is_unique
+    study = optuna.load_study(study_name="screen", storage=f"sqlite:///{cfg.run_dir / 'study.db'}")
+    assert len(study.trials) == cfg.screen.num_trials
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_run_json_records_config_and_versions(finished_run):
+    cfg, _ = finished_run
+    run = json.loads((cfg.run_dir / "run.json").read_text())
+    assert run["config"]["name"] == "slice"
+    assert run["versions"]["peft"] == "0.21.2"
+    assert run["seeds"]["train"] == [0]
+    assert "finished_at" in run and run["task"]["train_examples"] == 192
+
+
+def test_saved_adapters_reload_with_plain_peft(finished_run):
+    from peft import PeftModel
+
+    cfg, table = finished_run
+    task = load_task(cfg.data)
+    loader = make_loader(task.eval, load_tokenizer(cfg.model.name), cfg.model.max_length, 32, shuffle=False)
+    for row in table.itertuples():
+        path = cfg.run_dir / row.adapter_dir
+        assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+        model = PeftModel.from_pretrained(load_model(cfg.model.name, task.num_labels, seed=123), path)
+        accuracy = evaluate(model, loader, torch.device("cpu"), task.num_labels)["accuracy"]
+        assert abs(accuracy - row.accuracy) <= 0.005, row.candidate_id
+
+
+def test_existing_run_needs_resume(finished_run):
+    from orchestrator.errors import UserError
+
+    cfg, _ = finished_run
+    with pytest.raises(UserError, match="--resume"):
+        pipeline.prepare_run_dir(cfg, resume=False)
