@@ -112,8 +112,13 @@ def _draw(modules, probs, ranks, budget: Budget, rng) -> Allocation | None:
 
 
 def baseline_allocations(modules: list[AdaptableModule], budget: Budget, names: list[str]) -> dict[str, Allocation]:
-    """Uniform LoRA baselines at the rank that lands closest to the budget."""
-    types = {"uniform_qv": ("query", "value")}
+    """Uniform LoRA baselines at the rank that lands closest to the budget.
+
+    uniform_qv is the habit (query+value); uniform_all puts the same rank on every Linear of every
+    layer, so on small budgets its nearest integer rank can miss the band: its exact count is reported.
+    """
+    types = {"uniform_qv": ("query", "value"),
+             "uniform_all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")}
     baselines = {}
     for name in names:
         per_rank = uniform(modules, types[name], 1).trainable_params(modules)

@@ -21,6 +21,8 @@ import yaml
 from orchestrator.errors import UserError
 
 MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
+BASELINES = ("uniform_qv", "uniform_all")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -121,11 +123,12 @@ class TrainConfig:
     warmup_ratio: float = _help("share of steps with linear warm-up before linear decay", 0.06)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     seeds: list[int] = _help("every model trains once per seed; ≥ 3 seeds for any claim", factory=lambda: [0])
-    baselines: list[str] = _help("baselines trained at the same budget: uniform_qv", factory=lambda: ["uniform_qv"])
+    baselines: list[str] = _help("baselines trained at the same budget: uniform_qv, uniform_all", factory=lambda: ["uniform_qv"])
     num_workers: int = _help("Ray Train workers per model (>1 runs DDP)", 1)
     cpus_per_worker: int = _help("CPU threads per worker", 1)
     max_concurrent: int = _help("models training at the same time", 2)
     max_failures: int = _help("worker failures tolerated per model before it is marked failed", 1)
+    early_stopping: bool = _help("ASHA on eval accuracy across searched models when epochs > 1 (baselines always finish)", True)
     use_gpu: str = _help("'auto' (GPU when the cluster has one), 'true' or 'false'", "auto")
 
     def __post_init__(self):
@@ -134,8 +137,8 @@ class TrainConfig:
         _require(0 < self.lr < 1, "train.lr", f"{self.lr} is out of range", "use e.g. 2e-3")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
         _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
-        unknown = [b for b in self.baselines if b not in ("uniform_qv",)]
-        _require(not unknown, "train.baselines", f"unknown {unknown}", "choose from ['uniform_qv']")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        _require(not unknown, "train.baselines", f"unknown {unknown}", f"choose from {list(BASELINES)}")
         _require(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", f"'{self.use_gpu}' is unknown", "use auto, true or false")
         _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
 
@@ -144,9 +147,10 @@ class TrainConfig:
 class CostConfig:
     price_per_device_hour: dict[str, float] = _help(
         "USD per device-hour by device type; defaults: cpu = one vCPU of an on-demand c7i, gpu = an A10G (g5.xlarge)",
-        factory=lambda: {"cpu": 0.0446, "gpu": 1.006})
+        factory=lambda: dict(DEFAULT_PRICES))
 
     def __post_init__(self):
+        self.price_per_device_hour = DEFAULT_PRICES | self.price_per_device_hour  # a partial table keeps the rest
         for device in ("cpu", "gpu"):
             price = self.price_per_device_hour.get(device)
             _require(isinstance(price, (int, float)) and price >= 0, f"cost.price_per_device_hour.{device}",
@@ -199,6 +203,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return build(RunConfig, raw, "")
 
 
+@dataclass(frozen=True)
+class _OverrideText:
+    """A command-line value: parsed as YAML for typed fields, kept verbatim for string fields."""
+
+    text: str
+
+    def parsed(self):
+        return yaml.safe_load(self.text)
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -209,7 +223,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"override '{item}': '{part}' is not a section; check the key path")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = _OverrideText(value)
 
 
 def build(cls, raw: Any, prefix: str):
@@ -233,6 +247,8 @@ def build(cls, raw: Any, prefix: str):
 
 
 def _coerce(hint, value, name: str):
+    if isinstance(value, _OverrideText):
+        value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -250,6 +266,11 @@ def _coerce(hint, value, name: str):
         if not isinstance(value, dict):
             raise UserError(f"{name}: expected a mapping, got {value!r}; write it as `key: value` lines")
         return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is str and isinstance(value, (bool, int, float)):

@@ -189,6 +189,8 @@ def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None)
     if missing:
         raise UserError(f"data: '{path}' lacks column(s) {missing}; give `text`,`label` (or `text_a`,`text_b`,`label`)")
     frame = frame.dropna(subset=text_cols + ["label"])
+    if pd.api.types.is_float_dtype(frame.label) and (frame.label % 1 == 0).all():
+        frame = frame.assign(label=frame.label.astype(int))  # a blank label made pandas read 0/1 as floats
     if frame.empty:
         raise UserError(f"data: '{path}' has no rows with text and label; add labelled examples")
     if label_names is None:

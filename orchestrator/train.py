@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.allocation import Allocation, apply_lora
 from orchestrator.config import RunConfig
@@ -28,6 +29,7 @@ from orchestrator.data import TaskData, make_loader
 from orchestrator.models import head_params, load_model, load_tokenizer
 
 TRAIN_STATE = "train_state.pt"
+HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = _linear_warmup_decay(optimizer, t.epochs * len(train_loader), t.warmup_ratio)
-    start_epoch, elapsed = _restore(ray.train.get_checkpoint(), peft_model, optimizer, scheduler)
+    start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), peft_model, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
 
@@ -137,11 +139,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        peak_memory_mb=_max_over_workers(_peak_memory_mb(device)), trainable_params=lora_params,
-                       head_params=n_head, device="gpu" if device.type == "cuda" else "cpu")
-        _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epoch + 1, elapsed)
+                       head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
+                       resumed_from_epoch=start_epoch)  # > 0: this worker group restarted from a checkpoint
+        history.append({k: metrics[k] for k in HISTORY_KEYS})
+        metrics["history"] = json.dumps(history)
+        _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epoch + 1, elapsed, history)
 
 
-def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_done: int, elapsed: float) -> None:
+def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_done: int, elapsed: float,
+                            history: list[dict]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,15 +155,16 @@ def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_do
         if ray.train.get_context().get_world_rank() == 0:
             peft_model.save_pretrained(tmp)  # adapter + head only, as safetensors
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epochs_done": epochs_done, "elapsed": elapsed}, Path(tmp) / TRAIN_STATE)
+                        "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history)},
+                       Path(tmp) / TRAIN_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _restore(checkpoint, peft_model, optimizer, scheduler) -> tuple[int, float]:
-    """Continue from the last epoch checkpoint after a worker failure; (0, 0.0) on a fresh start."""
+def _restore(checkpoint, peft_model, optimizer, scheduler) -> tuple[int, float, list[dict]]:
+    """Continue from the last epoch checkpoint after a failure; (0, 0.0, []) on a fresh start."""
     if checkpoint is None:
-        return 0, 0.0
+        return 0, 0.0, []
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -166,7 +173,7 @@ def _restore(checkpoint, peft_model, optimizer, scheduler) -> tuple[int, float]:
         state = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epochs_done"]), float(state["elapsed"])
+    return int(state["epochs_done"]), float(state["elapsed"]), json.loads(state["history"])
 
 
 # ---------------------------------------------------------------- the Tune trial around a TorchTrainer
@@ -178,9 +185,19 @@ class TrainContext:
     task: TaskData
     use_gpu: bool
 
+    @property
+    def device_count(self) -> int:
+        """Devices one model holds: GPUs on GPU, vCPUs on CPU (what the price table charges for)."""
+        t = self.cfg.train
+        return t.num_workers * (1 if self.use_gpu else t.cpus_per_worker)
+
 
 def train_trial(config: dict, context: TrainContext) -> None:
-    """Tune function trainable: fit one TorchTrainer, then keep its adapter and a result file."""
+    """Tune function trainable: fit one TorchTrainer, then keep its adapter and a result file.
+
+    The TorchTrainer's run name is the job id under the run's storage path, so a re-launched job
+    (after `--resume`) restores from its last epoch checkpoint instead of starting over.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -192,13 +209,12 @@ def train_trial(config: dict, context: TrainContext) -> None:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "task": context.task, "job": asdict(job)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=context.use_gpu, resources_per_worker=resources),
-        run_config=TrainRunConfig(name=job.job_id, storage_path=str((cfg.run_dir / "train").resolve()),
+        run_config=TrainRunConfig(name=job.job_id, storage_path=str(cfg.run_dir / "train"),
                                   callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=t.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
-    device_count = t.num_workers * (1 if context.use_gpu else t.cpus_per_worker)
-    keep_result(cfg, job, result.metrics, result.checkpoint, device_count)
+    keep_result(cfg, job, result.metrics, result.checkpoint.path, context.device_count, "completed")
 
 
 def adapter_dir(run_dir: Path, job: TrainJob, first_seed: int) -> Path:
@@ -207,20 +223,35 @@ def adapter_dir(run_dir: Path, job: TrainJob, first_seed: int) -> Path:
     return base if job.seed == first_seed else base / f"seed-{job.seed}"
 
 
-def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, checkpoint, device_count: int) -> None:
-    target = adapter_dir(cfg.run_dir, job, cfg.train.seeds[0])
-    target.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as path:
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy2(Path(path) / name, target / name)
-    device_hours = metrics["train_wall_s"] * device_count / 3600
-    row = {**asdict(job), "status": "completed", "adapter_dir": str(target.relative_to(cfg.run_dir)),
-           "device_hours": device_hours,
-           "cost_usd": device_hours * cfg.cost.price_per_device_hour[metrics["device"]],
-           **{k: v for k, v in metrics.items() if k not in ("checkpoint_path",)}}
+def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, checkpoint_path: str, device_count: int, status: str) -> None:
+    """Copy the adapter out of the checkpoint and write trials/<job>.json (what --resume reads)."""
     from orchestrator.report import write_atomic
 
+    target = adapter_dir(cfg.run_dir, job, cfg.train.seeds[0])
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(Path(checkpoint_path) / name, target / name)
+    device_hours = metrics["train_wall_s"] * device_count / 3600
+    row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in ("checkpoint_path", "history")},
+           "history": json.loads(metrics["history"]), "status": status, "adapter_dir": str(target.relative_to(cfg.run_dir)),
+           "device_hours": device_hours, "cost_usd": device_hours * cfg.cost.price_per_device_hour[metrics["device"]]}
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
+
+
+def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException) -> None:
+    from orchestrator.report import write_atomic
+
+    reason = _root_cause(error)
+    row = {**asdict(job), "status": "failed", "error": reason}
+    write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error message, one line (Ray wraps worker errors several times)."""
+    while getattr(error, "__cause__", None) is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def finished_jobs(run_dir: Path) -> dict[str, dict]:
@@ -231,19 +262,40 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+class BaselineSafeASHA(ASHAScheduler):
+    """ASHA on eval accuracy across searched models; baselines always run to the end (they are the yardstick)."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.config["job"]["kind"] == "baseline":
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[str, dict]:
     """Train every job not finished yet (a resumed run skips finished ones) and return all results."""
     done = finished_jobs(cfg.run_dir)
-    pending = [job for job in jobs if job.job_id not in done]
+    pending = {job.job_id: job for job in jobs if job.job_id not in done}
     if pending:
         use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpu())
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, context=TrainContext(cfg, task, use_gpu)), {"CPU": 0.25})
+        context = TrainContext(cfg, task, use_gpu)
+        # The trial itself only waits on its TorchTrainer: a quarter CPU, so the workers get the cores.
+        trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
+        scheduler = None
+        if cfg.train.epochs > 1 and cfg.train.early_stopping:
+            scheduler = BaselineSafeASHA(time_attr="epoch", metric="accuracy", mode="max", max_t=cfg.train.epochs,
+                                         grace_period=1)
         tuner = tune.Tuner(
             trainable,
-            param_space={"job": tune.grid_search([asdict(job) for job in pending])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.train.max_concurrent),
-            run_config=tune.RunConfig(name="train", storage_path=str((cfg.run_dir / "tune").resolve()), verbose=1),
+            param_space={"job": tune.grid_search([asdict(job) for job in pending.values()])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.train.max_concurrent, scheduler=scheduler),
+            run_config=tune.RunConfig(name="train", storage_path=str(cfg.run_dir / "tune"), verbose=1),
         )
-        tuner.fit()
+        for result in tuner.fit():
+            job = TrainJob(**result.config["job"])
+            if (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
+                continue
+            if result.error:
+                keep_failure(cfg, job, result.error)
+            elif result.metrics and result.metrics.get("checkpoint_path"):  # stopped early by ASHA
+                keep_result(cfg, job, result.metrics, result.metrics["checkpoint_path"], context.device_count, "stopped")
     return finished_jobs(cfg.run_dir)

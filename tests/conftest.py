@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    # transformers 5.23 warns about its own deprecated name whenever PEFT wraps a model
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun", "bright", "warm", "funny", "clever"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "boring", "hate", "worst", "dull", "dark", "cold", "weak", "slow"]
@@ -52,17 +58,19 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_sentences(n: int = 64) -> tuple[list[str], list[int]]:
-    """n deterministic English sentences of varied length, alternating labels 1 (positive) and 0."""
+    """n (≤ 72) distinct English sentences of varied length, alternating labels 1 (positive) and 0.
+
+    Token counts (with [CLS] and [SEP]) are 7, 10, 13 or 16; consecutive blocks of 8 differ in their longest.
+    """
     texts, labels = [], []
     for i in range(n):
         label = i % 2
         adjectives = POSITIVE if label else NEGATIVE
-        noun = NOUNS[i % len(NOUNS)]
-        adjective = adjectives[(i // 2) % len(adjectives)]
-        words = ["the", noun, "was", adjective]
-        words += ["and", "very", adjectives[(i // 2 + 3) % len(adjectives)]] * (i % 4)  # lengths vary per example
+        words = [("the", "this", "that")[i // 24], NOUNS[i % len(NOUNS)], "was", adjectives[(i // 2) % len(adjectives)]]
+        words += ["and", "very", adjectives[(i // 2 + 3) % len(adjectives)]] * ((i // 8 + i % 3) % 4)
         texts.append(" ".join(words) + ("!" if label else "."))
         labels.append(label)
+    assert len(set(texts)) == n, "test sentences must be distinct"
     return texts, labels
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import typing
 
 import pytest
 
@@ -32,13 +33,18 @@ def test_defaults_build():
 
 
 def test_every_field_has_help():
+    seen = []
+
     def walk(cls):
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
-            if dataclasses.is_dataclass(f.type) and not isinstance(f.type, str):
-                walk(f.type)
+            seen.append(f"{cls.__name__}.{f.name}")
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name])
 
     walk(RunConfig)
+    assert {"RunConfig.name", "TrainConfig.epochs", "BudgetConfig.qv_rank", "CostConfig.price_per_device_hour"} <= set(seen)
 
 
 def test_load_yaml_file(tmp_path):
@@ -245,23 +251,17 @@ def test_quickstart_config_loads():
     assert cfg.screen.direction == "minimize"
 
 
-# ---------------------------------------------------------------- known defects (see the test report)
+# ---------------------------------------------------------------- regressions found by these tests
 
 
-@pytest.mark.xfail(reason="PyYAML (YAML 1.1) reads '1e-3' as a string and _coerce refuses it for a float field",
-                   strict=True)
 def test_float_override_in_exponent_notation():
     assert load_config(None, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.xfail(reason="_apply_override YAML-parses '2024_01' as int 202401, then _coerce stringifies it",
-                   strict=True)
 def test_string_override_kept_verbatim():
     assert load_config(None, ["name=2024_01"]).name == "2024_01"
 
 
-@pytest.mark.xfail(reason="a partial price_per_device_hour mapping replaces the default dict and loses the gpu price",
-                   strict=True)
 def test_partial_price_override_keeps_other_default():
     cfg = load_config(None, ["cost.price_per_device_hour.cpu=0.05"])
     assert cfg.cost.price_per_device_hour == {"cpu": 0.05, "gpu": 1.006}

@@ -1,6 +1,7 @@
 """Zero-cost proxies for LoRA allocations: a registry of `Proxy` classes and the probe that runs them."""
 
-from orchestrator.proxies import grad_norm, params  # noqa: F401  (registers the proxies)
+# importing a proxy module registers its proxy
+from orchestrator.proxies import fisher, grad_norm, grasp, nwot, params, snip, synflow, vote  # noqa: F401
 from orchestrator.proxies.base import PROXIES, Proxy, get_proxy, register
 from orchestrator.proxies.probe import ModuleScores, score_modules
 

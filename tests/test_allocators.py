@@ -1,0 +1,173 @@
+"""Allocators: the budget band, candidate sampling inside it, the search-space filter and the baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.allocators import (Budget, baseline_allocations, distribution_space, make_budget, sample_allocations,
+                                     space_modules)
+from orchestrator.allocation import budget_params
+from orchestrator.config import MODULE_TYPES, BudgetConfig, SpaceConfig
+from orchestrator.errors import UserError
+
+RANKS = [1, 2, 4, 8]
+
+
+def space(**kwargs) -> SpaceConfig:
+    budget = kwargs.pop("budget", None) or BudgetConfig()
+    return SpaceConfig(**({"ranks": RANKS} | kwargs), budget=budget)
+
+
+def dist(max_rank=8, depth_bias=0.0, **weights) -> dict:
+    return {f"w_{t}": weights.get(t.replace(".", "_"), 0.5) for t in MODULE_TYPES} | {
+        "depth_bias": depth_bias, "max_rank": max_rank}
+
+
+def test_budget_band():
+    budget = Budget(2048, 0.05)
+    assert (budget.low, budget.high) == (1946, 2150)  # ceil(1945.6), floor(2150.4)
+    assert budget.admits(1946) and budget.admits(2150) and budget.admits(2048)
+    assert not budget.admits(1945) and not budget.admits(2151)
+    exact = Budget(1000, 0.0)
+    assert (exact.low, exact.high) == (1000, 1000)
+    assert exact.admits(1000) and not exact.admits(999) and not exact.admits(1001)
+
+
+def test_make_budget_qv_rank(tiny_modules):
+    assert make_budget(tiny_modules, space()) == Budget(2048, 0.05)  # 4 q/v modules × 64 × 8
+    assert make_budget(tiny_modules, space(budget=BudgetConfig(qv_rank=2, tolerance=0.1))) == Budget(512, 0.1)
+    assert make_budget(tiny_modules, space(budget=BudgetConfig(params=3000, qv_rank=None))) == Budget(3000, 0.05)
+
+
+@pytest.mark.parametrize("params", [10, 60, 10**7])
+def test_make_budget_refuses_unreachable(params, tiny_modules):
+    # smallest candidate: one 64-param module at rank 1; largest: all 12 modules at rank 8 = 8 × 896
+    with pytest.raises(UserError) as err:
+        make_budget(tiny_modules, space(budget=BudgetConfig(params=params, qv_rank=None)))
+    assert str(err.value).startswith(f"space.budget: {params} params cannot be met by this space (possible: 64..7168)")
+
+
+def test_make_budget_band_edges(tiny_modules):
+    # high = floor(64 × 1.05) = 67 ≥ 64: reachable; low of 7500 × 0.95 = 7125 ≤ 7168: reachable
+    assert make_budget(tiny_modules, space(budget=BudgetConfig(params=64, qv_rank=None))).target == 64
+    assert make_budget(tiny_modules, space(budget=BudgetConfig(params=7500, qv_rank=None))).target == 7500
+
+
+def test_space_modules_filters(tiny_modules):
+    assert space_modules(tiny_modules, space()) == tiny_modules
+    chosen = space_modules(tiny_modules, space(module_types=["query", "output.dense"], layers=[1]))
+    assert [m.short for m in chosen] == ["L1.query", "L1.output.dense"]
+    chosen = space_modules(tiny_modules, space(module_types=["attention.output.dense"]))
+    assert [m.short for m in chosen] == ["L0.attention.output.dense", "L1.attention.output.dense"]
+    assert len(space_modules(tiny_modules, space(layers=[0]))) == 6
+
+
+def test_space_modules_refuses_missing_layers(tiny_modules):
+    with pytest.raises(UserError) as err:
+        space_modules(tiny_modules, space(layers=[0, 5, 7]))
+    assert str(err.value) == "space.layers: layers [5, 7] do not exist; this model has layers 0..1"
+
+
+def test_space_modules_refuses_ranks_above_module_dimension(tiny_modules):
+    space_modules(tiny_modules, space(ranks=[1, 32]))  # 32 = the smallest dimension: allowed
+    with pytest.raises(UserError) as err:
+        space_modules(tiny_modules, space(ranks=[4, 33, 64]))
+    assert str(err.value) == "space.ranks: [33, 64] exceed the smallest module dimension; use smaller ranks"
+
+
+def test_sample_allocations_inside_band(tiny_modules):
+    budget = make_budget(tiny_modules, space())
+    found = sample_allocations(dist(), tiny_modules, RANKS, budget, 30, np.random.default_rng(0))
+    assert len(found) == 30
+    names = {m.name for m in tiny_modules}
+    for allocation in found:
+        params = allocation.trainable_params(tiny_modules)
+        assert budget.low <= params <= budget.high, (allocation, params)
+        assert set(allocation.as_dict()) <= names
+        assert set(allocation.as_dict().values()) <= set(RANKS)
+    assert len({a.candidate_id for a in found}) == len(found)
+
+
+@pytest.mark.parametrize("tolerance, qv_rank", [(0.0, 2), (0.01, 4), (0.2, 1)])
+def test_sample_allocations_inside_narrow_and_wide_bands(tolerance, qv_rank, tiny_modules):
+    budget = make_budget(tiny_modules, space(budget=BudgetConfig(qv_rank=qv_rank, tolerance=tolerance)))
+    found = sample_allocations(dist(), tiny_modules, RANKS, budget, 10, np.random.default_rng(3))
+    assert found
+    assert all(budget.admits(a.trainable_params(tiny_modules)) for a in found)
+
+
+def test_sample_allocations_respects_max_rank(tiny_modules):
+    budget = make_budget(tiny_modules, space())
+    found = sample_allocations(dist(max_rank=4), tiny_modules, RANKS, budget, 10, np.random.default_rng(1))
+    assert len(found) == 10 and all(max(a.as_dict().values()) <= 4 for a in found)
+    # rank ≤ 2 on all 12 modules gives at most 2 × 896 = 1792 < 1946: nothing fits, nothing is returned
+    assert sample_allocations(dist(max_rank=2), tiny_modules, RANKS, budget, 10, np.random.default_rng(1)) == []
+    # a max_rank below every choice falls back to the smallest rank
+    found = sample_allocations(dist(max_rank=0), tiny_modules, [4, 8], budget, 5, np.random.default_rng(1))
+    assert found and all(set(a.as_dict().values()) == {4} for a in found)
+
+
+def test_sample_allocations_deterministic(tiny_modules):
+    budget = make_budget(tiny_modules, space())
+    draw = lambda seed: sample_allocations(dist(), tiny_modules, RANKS, budget, 15, np.random.default_rng(seed))  # noqa: E731
+    first, again, other = draw(42), draw(42), draw(43)
+    assert [a.candidate_id for a in first] == [a.candidate_id for a in again]
+    assert first == again
+    assert [a.candidate_id for a in first] != [a.candidate_id for a in other]
+
+
+def test_sample_allocations_follows_the_distribution(tiny_modules):
+    budget = make_budget(tiny_modules, space())
+    rng = np.random.default_rng(0)
+
+    def mean_layer(depth_bias):
+        found = sample_allocations(dist(depth_bias=depth_bias), tiny_modules, RANKS, budget, 40, rng)
+        layer = {m.name: m.layer for m in tiny_modules}
+        return np.mean([layer[name] for a in found for name in a.as_dict()])
+
+    assert mean_layer(1.0) > 0.6 > 0.4 > mean_layer(-1.0)
+    # modules of a weight-1 type come first in the draw order (weight ~0 elsewhere): every allocation
+    # holds all four q/v modules, and the rest of the band is filled from the other types
+    heavy = dist(query=1.0, key=0.0, value=1.0, attention_output_dense=0.0, intermediate_dense=0.0, output_dense=0.0)
+    found = sample_allocations(heavy, tiny_modules, RANKS, budget, 20, np.random.default_rng(0))
+    types = {m.name: m.type for m in tiny_modules}
+    drawn = [types[name] for a in found for name in a.as_dict()]
+    assert len(found) == 20
+    assert drawn.count("query") == drawn.count("value") == 2 * len(found)
+
+
+def test_sample_allocations_returns_fewer_when_space_is_small(tiny_modules):
+    # one module, ranks {1, 2}: only one allocation (rank 2 = 128 params) fits a band of 128 ± 0
+    only = [m for m in tiny_modules if m.short == "L0.query"]
+    found = sample_allocations(dist(), only, [1, 2], Budget(128, 0.0), 5, np.random.default_rng(0))
+    assert [a.as_dict() for a in found] == [{only[0].name: 2}]
+    assert sample_allocations(dist(), only, [1, 2], Budget(100, 0.0), 5, np.random.default_rng(0)) == []
+
+
+@pytest.mark.parametrize("budget_config, rank, params", [
+    (BudgetConfig(qv_rank=8), 8, 2048),
+    (BudgetConfig(qv_rank=3), 3, 768),
+    (BudgetConfig(params=3000, qv_rank=None), 12, 3072),
+    (BudgetConfig(params=10000, qv_rank=None), 39, 9984),
+    (BudgetConfig(params=4000, qv_rank=None), 16, 4096),
+])
+def test_baseline_uniform_qv_near_budget(budget_config, rank, params, tiny_modules):
+    budget = Budget(budget_params(tiny_modules, budget_config.params, budget_config.qv_rank), budget_config.tolerance)
+    baselines = baseline_allocations(tiny_modules, budget, ["uniform_qv"])
+    assert list(baselines) == ["uniform_qv"]
+    allocation = baselines["uniform_qv"]
+    assert {m.type for m in tiny_modules if m.name in allocation.as_dict()} == {"query", "value"}
+    assert len(allocation.ranks) == 4 and set(allocation.as_dict().values()) == {rank}
+    assert allocation.trainable_params(tiny_modules) == params
+    assert abs(params - budget.target) <= 0.05 * budget.target
+
+
+def test_baseline_without_names(tiny_modules):
+    assert baseline_allocations(tiny_modules, Budget(2048, 0.05), []) == {}
+
+
+def test_distribution_space_keys():
+    params = distribution_space(space(module_types=["query", "value"]))
+    assert set(params) == {"w_query", "w_value", "depth_bias", "max_rank"}
+    assert params["max_rank"].categories == RANKS
