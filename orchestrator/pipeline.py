@@ -83,7 +83,7 @@ def write_run_json(cfg: RunConfig, **fields) -> None:
     report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
 
 
-def _module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
+def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
     from orchestrator.screen import probe_scores
 
     path = cfg.run_dir / "module_scores.json"
@@ -109,7 +109,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     set_runtime_env()
     init_ray(address)
 
-    scores = _module_scores(cfg, task, modules)
+    scores = module_scores(cfg, task, modules)
     screen_path = cfg.run_dir / "screen.csv"
     if screen_path.is_file():
         screen = pd.read_csv(screen_path)

@@ -1,14 +1,44 @@
-"""Report: one pandas DataFrame of every trained model, written as Parquet, CSV, Markdown and PNGs.
+"""Report: one pandas DataFrame of every trained model, written as Parquet, CSV, Markdown, HTML and PNGs.
 
 Everything is a DataFrame first: `load(run_dir)` returns the report for notebooks, and the files
 are views of it. Files are written to a temporary name and renamed, so a crash or a full disk never
-leaves half a report behind.
+leaves half a report behind. `rebuild(run_dir)` writes every file again from the stored results
+(trials/*.json, screen.csv, module_scores.json, run.json) without training anything.
+
+Per row (one trained model and seed), on top of the trial metrics and `proxy_<name>` scores:
+
+- `params_pct_of_base` = 100 · trainable_params / base_params (the base model's parameter count from
+  run.json `base_params`); NaN when the base size is unknown.
+- `num_adapted_modules`, `total_rank` (Σ rank) and `adapters_per_type` (adapters per module type in
+  model order, e.g. `query:6,value:6`), read from the allocation.
+- `gain_vs_<baseline>` = 100 · (accuracy − mean accuracy of that baseline over its seeds), in
+  accuracy points, for every baseline label; NaN on the baseline's own rows.
+- `roi_baseline`: the baseline ROI is measured against (the first of run.json `train.baselines`
+  that was trained, else `uniform_qv`, else the first label alphabetically).
+- `roi_per_usd` = gain_vs_<roi_baseline> / cost_usd: accuracy points gained over that baseline per
+  US dollar of this model's own training (this seed; screening is shared and reported apart).
+- `roi_per_mparams` = gain_vs_<roi_baseline> / (trainable_params / 10⁶): accuracy points gained per
+  million trainable LoRA parameters.
+- `ranks_json` (and `history_json` when the trials recorded per-epoch metrics): the full
+  {module name: rank} map (and the epoch history) as JSON strings. They stay in the Parquet file
+  only; the CSV and the tables leave them out (`allocation` holds the same ranks in compact form).
+
+Per model (`aggregate`): mean ± std over seeds of accuracy, F1, eval loss, cost per seed,
+device-hours per seed and peak memory (std is NaN with one seed); `cost_usd`/`device_hours` are the
+totals over seeds; `p_vs_<baseline>` is Welch's t-test p-value of the model's accuracies against the
+baseline's (NaN unless both have ≥ 2 seeds); `pareto_<x>` marks the Pareto front that maximises
+accuracy and minimises x ∈ trainable_params, cost_usd (per seed), peak_memory_mb.
 """
 
 from __future__ import annotations
 
+import html as html_lib
 import json
+import math
 import os
+import re
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +49,24 @@ from orchestrator.errors import UserError
 
 CONTRACT_COLUMNS = ["candidate_id", "kind", "label", "allocation", "trainable_params", "head_params", "accuracy", "f1",
                     "eval_loss", "peak_memory_mb", "train_wall_s", "device_hours", "cost_usd", "seed"]
+JSON_COLUMNS = ["ranks_json", "history_json"]  # Parquet only
+DERIVED_COLUMNS = ["params_pct_of_base", "num_adapted_modules", "total_rank", "adapters_per_type", "roi_baseline",
+                   "roi_per_usd", "roi_per_mparams"]
+GAIN_PREFIX, P_PREFIX, PARETO_PREFIX = "gain_vs_", "p_vs_", "pareto_"
+PARETO_AXES = {"trainable_params": "trainable params", "cost_usd": "cost per seed ($)", "peak_memory_mb": "peak memory (MB)"}
+MODULE_TYPE_ORDER = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+TYPE_LABELS = {"query": "query", "key": "key", "value": "value", "attention.output.dense": "attn out",
+               "intermediate.dense": "FFN up", "output.dense": "FFN down"}
+PLOTS = {  # file name → caption (learning_curves.png only when the trials recorded ≥ 2 epochs)
+    "accuracy_vs_params.png": "Accuracy vs trainable parameters, Pareto front and baselines",
+    "accuracy_vs_cost.png": "Accuracy and training cost per model (mean ± std over seeds)",
+    "allocation_heatmap.png": "Where the adapters sit: rank per layer and module type",
+    "proxy_vs_accuracy.png": "Zero-cost proxy scores vs trained accuracy",
+    "learning_curves.png": "Learning curves (eval accuracy and loss per epoch)",
+}
+SEARCHED_COLOR, BASELINE_COLOR, FRONT_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+_LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # as models.adaptable_modules (kept here: no torch import)
+_SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 
 
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
@@ -38,24 +86,355 @@ def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
         raise
 
 
+# ---------------------------------------------------------------- allocations
+
+
+def module_cell(name: str) -> tuple[int, str] | None:
+    """(layer, module type) of a full module name or a compact `L3.query` name; None if it is neither."""
+    match = _LAYER_MODULE.search(name)
+    if match:
+        return int(match.group(1)), match.group(2).replace("attention.self.", "")
+    match = _SHORT_MODULE.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def allocation_cells(ranks_json: str | None = None, allocation: str | None = None) -> dict[tuple[int, str], int]:
+    """{(layer, module type): rank > 0} from the full-name JSON map, else from the compact allocation string."""
+    cells: dict[tuple[int, str], int] = {}
+    if isinstance(ranks_json, str) and ranks_json:
+        items = json.loads(ranks_json).items()
+    elif isinstance(allocation, str):
+        items = [item.strip().rpartition(":")[::2] for item in allocation.split(",") if item.strip()]
+    else:
+        return cells
+    for name, rank in items:
+        cell = module_cell(name)
+        if cell is not None and int(rank) > 0:
+            cells[cell] = int(rank)
+    return cells
+
+
+def ordered_types(types) -> list[str]:
+    """Module types in model order (query … output.dense), unknown ones after, alphabetically."""
+    types = set(types)
+    return [t for t in MODULE_TYPE_ORDER if t in types] + sorted(types - set(MODULE_TYPE_ORDER))
+
+
+def compact_allocation(ranks: dict[str, int], module_order: list[str] | None = None) -> str:
+    """`L0.query:8,L3.output.dense:4` in model order (as `Allocation.compact`), without loading the model.
+
+    `module_order` is the model's module names in order (module_scores.json `unit` keys); names missing
+    from it follow, by layer and module type.
+    """
+    position = {name: i for i, name in enumerate(module_order or [])}
+    type_rank = {t: i for i, t in enumerate(MODULE_TYPE_ORDER)}
+
+    def key(name: str):
+        layer, kind = module_cell(name) or (10**6, name)
+        return (name not in position, position.get(name, 0), layer, type_rank.get(kind, len(type_rank)), kind)
+
+    items = []
+    for name in sorted((n for n, r in ranks.items() if r > 0), key=key):
+        layer, kind = module_cell(name) or (None, name)
+        items.append(f"L{layer}.{kind}:{ranks[name]}" if layer is not None else f"{name}:{ranks[name]}")
+    return ",".join(items)
+
+
+def _allocation_summary(row) -> tuple[int, int, str]:
+    cells = allocation_cells(getattr(row, "ranks_json", None), getattr(row, "allocation", None))
+    counts = pd.Series([t for _, t in cells]).value_counts() if cells else pd.Series(dtype=int)
+    per_type = ",".join(f"{t}:{counts[t]}" for t in ordered_types(counts.index))
+    return len(cells), sum(cells.values()), per_type
+
+
+# ---------------------------------------------------------------- the row table
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"\W+", "_", str(label)).strip("_") or "baseline"
+
+
+def gain_column(baseline: str) -> str:
+    return GAIN_PREFIX + _slug(baseline)
+
+
+def p_column(baseline: str) -> str:
+    return P_PREFIX + _slug(baseline)
+
+
+def baseline_labels(report: pd.DataFrame, preferred: list[str] | None = None) -> list[str]:
+    """Baseline labels, the ROI reference first (see the module docstring), the others alphabetically."""
+    labels = sorted(set(report.loc[report.kind == "baseline", "label"].dropna()))
+    if not labels:
+        return []
+    existing = report["roi_baseline"].dropna().unique().tolist() if "roi_baseline" in report else []
+    order = list(preferred or []) + existing + ["uniform_qv"] + labels
+    primary = next(label for label in order if label in labels)
+    return [primary] + [label for label in labels if label != primary]
+
+
+def add_derived(report: pd.DataFrame, base_params: int | None = None, baselines: list[str] | None = None) -> pd.DataFrame:
+    """The report with the derived columns (re)computed from the raw ones; see the module docstring.
+
+    `base_params` None keeps an existing `params_pct_of_base`; `baselines` is the preference order of the
+    ROI reference (run.json `train.baselines`).
+    """
+    frame = report.copy()
+    if base_params:
+        frame["params_pct_of_base"] = 100.0 * frame.trainable_params / float(base_params)
+    elif "params_pct_of_base" not in frame:
+        frame["params_pct_of_base"] = np.nan
+    summary = [_allocation_summary(row) for row in frame.itertuples(index=False)]
+    frame["num_adapted_modules"] = [s[0] for s in summary]
+    frame["total_rank"] = [s[1] for s in summary]
+    frame["adapters_per_type"] = pd.Series([s[2] for s in summary], index=frame.index, dtype="str")
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith(GAIN_PREFIX)])
+    labels = baseline_labels(frame, baselines)
+    for label in labels:
+        own = (frame.kind == "baseline") & (frame.label == label)
+        reference = frame.loc[own, "accuracy"].mean()
+        own_rows = frame.candidate_id.isin(frame.candidate_id[own])
+        frame[gain_column(label)] = (100.0 * (frame.accuracy - reference)).where(~own_rows)
+    if labels:
+        gain = frame[gain_column(labels[0])]
+        frame["roi_baseline"] = pd.Series(labels[0], index=frame.index, dtype="str")
+        frame["roi_per_usd"] = gain / frame.cost_usd.where(frame.cost_usd > 0)
+        frame["roi_per_mparams"] = gain / (frame.trainable_params.where(frame.trainable_params > 0) / 1e6)
+    else:
+        frame["roi_baseline"] = pd.Series(None, index=frame.index, dtype="str")
+        frame["roi_per_usd"] = np.nan
+        frame["roi_per_mparams"] = np.nan
+    gains = [gain_column(label) for label in labels]
+    rest = [c for c in frame.columns if c not in DERIVED_COLUMNS + gains + JSON_COLUMNS]
+    return frame[rest + DERIVED_COLUMNS[:4] + gains + DERIVED_COLUMNS[4:] + [c for c in JSON_COLUMNS if c in frame]]
+
+
 def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact: dict[str, str],
-          majority_rate: float) -> pd.DataFrame:
-    """One row per (model, seed): metrics from the trial files, proxy scores from the screen."""
+          majority_rate: float, *, base_params: int | None = None, baselines: list[str] | None = None) -> pd.DataFrame:
+    """One row per (model, seed): metrics from the trial files, proxy scores from the screen, derived ROI columns.
+
+    `base_params` (run.json `base_params`) gives `params_pct_of_base`; `baselines` (the config's
+    `train.baselines`) picks the ROI reference. `write` fills both from run.json when they are left out.
+    Failed runs (rows without accuracy, from train.keep_failure) are left out of the table and named in
+    `summary_lines` (through `DataFrame.attrs["failed"]`); early-stopped runs stay, with their status.
+    """
     frame = pd.DataFrame(trials)
+    for column in CONTRACT_COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    failed = frame[frame.accuracy.isna()]  # train.keep_failure rows: no metrics, left out and named in the summary
+    frame = frame[frame.accuracy.notna()].copy()
+    for column in ("trainable_params", "head_params", "seed"):
+        if frame[column].notna().all() and frame[column].dtype.kind == "f":
+            frame[column] = frame[column].astype("int64")
+    if "ranks" in frame:
+        frame["ranks_json"] = pd.Series([json.dumps(r, sort_keys=True) if isinstance(r, dict) else None
+                                         for r in frame.ranks], index=frame.index, dtype="str")
+    if "history" in frame:
+        frame["history_json"] = pd.Series([h if isinstance(h, str) else json.dumps(h) if isinstance(h, list) else None
+                                           for h in frame.history], index=frame.index, dtype="str")
     frame["allocation"] = frame.candidate_id.map(compact)
-    proxies = pd.DataFrame.from_dict(proxy_scores, orient="index").add_prefix("proxy_")
-    frame = frame.join(proxies, on="candidate_id")
+    if proxy_scores:
+        proxies = pd.DataFrame.from_dict(proxy_scores, orient="index").add_prefix("proxy_")
+        frame = frame.join(proxies, on="candidate_id")
     frame["beats_majority"] = frame.accuracy > majority_rate
     extra = [c for c in frame.columns if c not in CONTRACT_COLUMNS and c not in ("ranks", "history")]
-    return frame[CONTRACT_COLUMNS + extra].sort_values(["kind", "accuracy"], ascending=[False, False]).reset_index(drop=True)
+    frame = frame[CONTRACT_COLUMNS + extra].sort_values(["kind", "accuracy"], ascending=[False, False], kind="stable")
+    frame = add_derived(frame.reset_index(drop=True), base_params, baselines)
+    if not failed.empty:
+        errors = failed.get("error", pd.Series("", index=failed.index)).fillna("")
+        frame.attrs["failed"] = [f"{cid}-s{int(seed)}" + (f" ({error})" if error else "") for cid, seed, error in
+                                 zip(failed.candidate_id, failed.seed.fillna(-1), errors)]
+    return frame
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def pareto_front(df: pd.DataFrame, x: str, y: str = "accuracy") -> pd.Series:
+    """Boolean mask of the rows no other row dominates (x ≤ and y ≥, one of them strictly): maximise y, minimise x.
+
+    Identical points are all on the front; rows with NaN in x or y are never on it.
+    """
+    xs, ys = df[x].to_numpy(dtype=float), df[y].to_numpy(dtype=float)
+    valid = ~(np.isnan(xs) | np.isnan(ys))
+    mask = np.zeros(len(df), dtype=bool)
+    for i in np.flatnonzero(valid):
+        others = valid & (xs <= xs[i]) & (ys >= ys[i]) & ((xs < xs[i]) | (ys > ys[i]))
+        mask[i] = not others.any()
+    return pd.Series(mask, index=df.index, name=f"{PARETO_PREFIX}{x}")
+
+
+def welch_p(a, b) -> float:
+    """Two-sided Welch t-test p-value; NaN unless both samples have ≥ 2 values."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    from scipy.stats import ttest_ind
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+_SPREAD = {"f1": "f1", "eval_loss": "eval_loss", "cost_usd": "cost_usd_mean", "device_hours": "device_hours_mean",
+           "peak_memory_mb": "peak_memory_mb"}  # column → name of its mean in `aggregate` (std: <name>_std)
 
 
 def aggregate(report: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per model."""
-    grouped = report.groupby(["candidate_id", "kind", "label", "allocation", "trainable_params"], sort=False)
+    """Mean ± std over seeds per model, gains, Welch p-values, ROI and Pareto membership.
+
+    `accuracy`, `f1`, `eval_loss`, `peak_memory_mb` are means with a `_std` column beside them;
+    `cost_usd` and `device_hours` are totals over seeds, `cost_usd_mean`/`_std` and
+    `device_hours_mean`/`_std` per seed. `roi_per_usd` = gain_vs_<roi_baseline> / cost_usd_mean and
+    `roi_per_mparams` = gain_vs_<roi_baseline> / (trainable_params / 10⁶), with mean gains.
+    """
+    keys = ["candidate_id", "kind", "label", "allocation", "trainable_params"]
+    grouped = report.groupby(keys, sort=False, dropna=False)
     table = grouped.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), f1=("f1", "mean"),
                         seeds=("seed", "nunique"), cost_usd=("cost_usd", "sum"), device_hours=("device_hours", "sum"))
-    return table.reset_index().sort_values("accuracy", ascending=False).reset_index(drop=True)
+    extra = {}
+    for column, mean in _SPREAD.items():
+        if column in report:
+            if mean != "f1":
+                extra[mean] = (column, "mean")
+            extra[mean.removesuffix("_mean") + "_std"] = (column, "std")
+    for column in report.columns:
+        if column in ("params_pct_of_base", "num_adapted_modules", "total_rank", "adapters_per_type", "roi_baseline") \
+                or column.startswith("proxy_"):
+            extra[column] = (column, "first")
+        elif column.startswith(GAIN_PREFIX):
+            extra[column] = (column, "mean")
+    if extra:
+        table = table.join(grouped.agg(**extra))
+    table = table.reset_index()
+    labels = baseline_labels(report)
+    for label in labels:
+        base_ids = set(report.loc[(report.kind == "baseline") & (report.label == label), "candidate_id"])
+        reference = report.loc[report.candidate_id.isin(base_ids), "accuracy"]
+        table[p_column(label)] = [float("nan") if cid in base_ids else
+                                  welch_p(report.loc[report.candidate_id == cid, "accuracy"], reference)
+                                  for cid in table.candidate_id]
+    if "roi_baseline" in table and labels and gain_column(labels[0]) in table:
+        gain = table[gain_column(labels[0])]
+        cost = table.get("cost_usd_mean", table.cost_usd / table.seeds)
+        table["roi_per_usd"] = gain / cost.where(cost > 0)
+        table["roi_per_mparams"] = gain / (table.trainable_params.where(table.trainable_params > 0) / 1e6)
+    pareto_x = {"trainable_params": "trainable_params", "cost_usd": "cost_usd_mean", "peak_memory_mb": "peak_memory_mb"}
+    for name, column in pareto_x.items():
+        if column in table:
+            table[PARETO_PREFIX + name] = pareto_front(table, column).to_numpy()
+    return table.sort_values("accuracy", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def proxy_correlations(report: pd.DataFrame) -> pd.DataFrame:
+    """Spearman ρ (and its p-value) of each proxy vs mean accuracy over the trained models.
+
+    NaN when fewer than 3 distinct models were trained or a proxy is constant over them.
+    """
+    proxies = [c for c in report.columns if c.startswith("proxy_")]
+    models = report.groupby("candidate_id", sort=False).agg(
+        accuracy=("accuracy", "mean"), **{p: (p, "first") for p in proxies})
+    rows = []
+    for proxy in proxies:
+        part = models[[proxy, "accuracy"]].dropna()
+        rho = p_value = float("nan")
+        if len(part) >= 3 and part[proxy].nunique() > 1 and part.accuracy.nunique() > 1:
+            from scipy.stats import spearmanr
+
+            result = spearmanr(part[proxy], part.accuracy)
+            rho, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({"proxy": proxy.removeprefix("proxy_"), "spearman_rho": rho, "p_value": p_value, "models": len(part)})
+    return pd.DataFrame(rows, columns=["proxy", "spearman_rho", "p_value", "models"])
+
+
+def _parse_time(text) -> float | None:
+    try:
+        return time.mktime(time.strptime(str(text), "%Y-%m-%dT%H:%M:%S%z")) if text else None
+    except ValueError:
+        return None
+
+
+def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_scores: dict | None = None,
+                   screen: pd.DataFrame | None = None) -> dict:
+    """Screening vs training: seconds, device-hours and dollars of each stage, and compute-to-best.
+
+    Screening cost is the proxy probe (module_scores.json `seconds`, one Ray task on 1 CPU, priced at the
+    CPU device-hour price); the Tune screen trials only sum per-module scores (milliseconds) and are not
+    counted. `compute_to_best_s` = probe seconds + the training wall seconds of the best searched model
+    (its first seed): the compute to obtain it had it been the only model trained.
+    """
+    run_info = run_info or {}
+    price = run_info.get("config", {}).get("cost", {}).get("price_per_device_hour", {}).get("cpu", float("nan"))
+    probe = {k: float(v) for k, v in ((module_scores or {}).get("seconds") or {}).items()}
+    probe_s = sum(probe.values()) if probe else float("nan")
+    screen_dh = probe_s / 3600.0
+    train_cost, train_dh = float(report.cost_usd.sum()), float(report.device_hours.sum())
+    screen_cost = screen_dh * float(price)
+    total = (0.0 if math.isnan(screen_cost) else screen_cost) + train_cost
+    table = aggregate(report)
+    searched = table[table.kind == "searched"]
+    best_wall = float("nan")
+    if not searched.empty:
+        best = report[report.candidate_id == searched.iloc[0].candidate_id].sort_values("seed")
+        best_wall = float(best.train_wall_s.iloc[0])
+    started, finished = _parse_time(run_info.get("started_at")), _parse_time(run_info.get("finished_at"))
+    return {
+        "candidates_screened": int(len(screen)) if screen is not None else None,
+        "survivors": int(screen.survivor.sum()) if screen is not None and "survivor" in screen else None,
+        "probe_seconds": probe, "screen_seconds": probe_s, "screen_device_hours": screen_dh, "screen_cost_usd": screen_cost,
+        "models_trained": int(report.candidate_id.nunique()), "training_runs": int(len(report)),
+        "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
+        "total_cost_usd": total, "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
+        "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + best_wall,
+        "run_wall_s": finished - started if started and finished and finished >= started else float("nan"),
+    }
+
+
+def cost_table(costs: dict) -> pd.DataFrame:
+    rows = [{"stage": "screen (proxy probe)", "items": costs["candidates_screened"], "seconds": costs["screen_seconds"],
+             "device_hours": costs["screen_device_hours"], "cost_usd": costs["screen_cost_usd"]},
+            {"stage": "train", "items": costs["training_runs"], "seconds": costs["train_seconds"],
+             "device_hours": costs["train_device_hours"], "cost_usd": costs["train_cost_usd"]}]
+    table = pd.DataFrame(rows)
+    table["share_of_cost"] = table.cost_usd / costs["total_cost_usd"] if costs["total_cost_usd"] > 0 else np.nan
+    return table
+
+
+# ---------------------------------------------------------------- run context (what write reads beside the table)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_context(run_dir: Path | None, report: pd.DataFrame) -> dict:
+    """run.json, module_scores.json and screen.csv of `run_dir` (each optional) and the cost breakdown."""
+    run_info = _read_json(Path(run_dir) / "run.json") if run_dir else None
+    scores = _read_json(Path(run_dir) / "module_scores.json") if run_dir else None
+    screen = None
+    if run_dir and (Path(run_dir) / "screen.csv").is_file():
+        screen = pd.read_csv(Path(run_dir) / "screen.csv")
+    config = (run_info or {}).get("config", {})
+    return {"run": run_info or {}, "name": config.get("name") or (Path(run_dir).name if run_dir else None),
+            "task": (run_info or {}).get("task", {}), "model": config.get("model", {}).get("name"),
+            "baselines": config.get("train", {}).get("baselines"), "base_params": (run_info or {}).get("base_params"),
+            "module_types": config.get("space", {}).get("module_types"),
+            "costs": cost_breakdown(report, run_info, scores, screen)}
+
+
+# ---------------------------------------------------------------- text: summary, Markdown, HTML
+
+
+def _pm(mean, std, scale=1.0, fmt=".2f") -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    text = format(scale * mean, fmt)
+    return text if std is None or (isinstance(std, float) and math.isnan(std)) else f"{text} ± {format(scale * std, fmt)}"
 
 
 def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
@@ -70,50 +449,485 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
             lines.append(f"Gain over {base.label} ({base.accuracy:.4f}, {base.trainable_params:,} params): "
                          f"{100 * (best.accuracy - base.accuracy):+.2f} points")
     lines.append(f"Training cost: {report.device_hours.sum():.4f} device-hours, ${report.cost_usd.sum():.4f}")
-    losers = report[~report.beats_majority]
-    if not losers.empty:
-        lines.append(f"WARNING: {len(losers)} model(s) do not beat the majority class: {', '.join(losers.candidate_id)}")
+    losers = report.loc[~report.beats_majority.astype(bool), "candidate_id"].unique().tolist()
+    if losers:
+        lines.append(f"WARNING: {len(losers)} model(s) do not beat the majority class: {', '.join(losers)}")
+    failed = report.attrs.get("failed") or []
+    if failed:
+        lines.append(f"WARNING: {len(failed)} training run(s) failed and are left out: {'; '.join(failed)}")
     return lines
 
 
-def markdown(report: pd.DataFrame, majority_rate: float) -> str:
-    shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "accuracy", "f1", "eval_loss",
-             "peak_memory_mb", "train_wall_s", "cost_usd"]
+def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
+    """ROI, significance, proxy ρ, Pareto fronts and screening vs training cost, one line each."""
+    report = report if "roi_baseline" in report else add_derived(report)
+    table = aggregate(report)
+    labels = baseline_labels(report)
+    lines = []
+    searched = table[table.kind == "searched"]
+    if labels and not searched.empty:
+        best, primary = searched.iloc[0], labels[0]
+        p = best.get(p_column(primary), float("nan"))
+        p_text = f"Welch p = {p:.3g}" if not math.isnan(p) else "Welch p needs ≥ 2 seeds of both"
+        lines.append(f"ROI of the best searched vs {primary}: {best[gain_column(primary)]:+.2f} points, "
+                     f"{best.roi_per_usd:+.4g} points per $ of training, {best.roi_per_mparams:+.4g} points per M params "
+                     f"({p_text})")
+    rho = proxy_correlations(report)
+    if not rho.empty:
+        parts = [f"{r.proxy} {r.spearman_rho:+.2f}" if not math.isnan(r.spearman_rho) else f"{r.proxy} n/a"
+                 for r in rho.itertuples()]
+        lines.append(f"Spearman ρ of proxy vs accuracy over {int(rho.models.max())} models: {', '.join(parts)}")
+    fronts = []
+    for x, title in PARETO_AXES.items():
+        column = PARETO_PREFIX + x
+        if column in table:
+            fronts.append(f"{title.split(' (')[0]}: {', '.join(table.loc[table[column], 'label'])}")
+    if fronts:
+        lines.append("Pareto front (max accuracy, min x): " + "; ".join(fronts))
+    costs = (context or {}).get("costs")
+    if costs and not math.isnan(costs["screen_seconds"]):
+        share = costs["screen_share_of_cost"]
+        lines.append(f"Screening: {costs['candidates_screened'] or 0} candidates from a {costs['screen_seconds']:.1f} s probe "
+                     f"(${costs['screen_cost_usd']:.5f}, {100 * share:.1f}% of cost); training: {costs['training_runs']} runs, "
+                     f"{costs['train_seconds']:.0f} s (${costs['train_cost_usd']:.4f}); compute to best searched "
+                     f"{costs['compute_to_best_s']:.0f} s")
+    return lines
+
+
+def models_table(report: pd.DataFrame) -> pd.DataFrame:
+    """The aggregated table formatted for reading (strings with mean ± std)."""
+    table = aggregate(report if "roi_baseline" in report else add_derived(report))
+    labels = baseline_labels(report)
+    out = pd.DataFrame({
+        "model": table.label + " · " + table.candidate_id, "kind": table.kind, "seeds": table.seeds,
+        "params": table.trainable_params.map(lambda v: f"{v:,}")})
+    if table.get("params_pct_of_base", pd.Series(dtype=float)).notna().any():
+        out["% of base"] = table.params_pct_of_base.map(lambda v: f"{v:.3f}")
+    out["adapters"] = table.get("adapters_per_type", "")
+    out["accuracy %"] = [_pm(m, s, 100) for m, s in zip(table.accuracy, table.accuracy_std)]
+    out["F1 %"] = [_pm(m, s, 100) for m, s in zip(table.f1, table.get("f1_std", [None] * len(table)))]
+    if "eval_loss" in table:
+        out["eval loss"] = [_pm(m, s, 1, ".4f") for m, s in zip(table.eval_loss, table.eval_loss_std)]
+    if "cost_usd_mean" in table:
+        out["cost $ / seed"] = [_pm(m, s, 1, ".5f") for m, s in zip(table.cost_usd_mean, table.cost_usd_std)]
+        out["device-h / seed"] = [_pm(m, s, 1, ".4f") for m, s in zip(table.device_hours_mean, table.device_hours_std)]
+    if "peak_memory_mb" in table:
+        out["peak MB"] = [_pm(m, s, 1, ".0f") for m, s in zip(table.peak_memory_mb, table.peak_memory_mb_std)]
+    for label in labels:
+        out[f"gain vs {label} (pts)"] = table[gain_column(label)].map(lambda v: "" if math.isnan(v) else f"{v:+.2f}")
+        out[f"p vs {label}"] = table[p_column(label)].map(lambda v: "" if math.isnan(v) else f"{v:.3g}")
+    if labels:
+        out["ROI pts/$"] = table.roi_per_usd.map(lambda v: "" if math.isnan(v) else f"{v:+.4g}")
+        out["ROI pts/M params"] = table.roi_per_mparams.map(lambda v: "" if math.isnan(v) else f"{v:+.4g}")
+    marks = {"trainable_params": "P", "cost_usd": "C", "peak_memory_mb": "M"}
+    if any(PARETO_PREFIX + x in table for x in marks):
+        out["Pareto"] = ["".join(m for x, m in marks.items() if row.get(PARETO_PREFIX + x, False))
+                         for _, row in table.iterrows()]
+    return out
+
+
+def rows_table(report: pd.DataFrame) -> pd.DataFrame:
+    shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "params_pct_of_base", "adapters_per_type",
+             "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"]
+    shown += [c for c in report.columns if c.startswith(GAIN_PREFIX)] + ["roi_per_usd", "roi_per_mparams"]
     shown += [c for c in report.columns if c.startswith("proxy_")]
-    lines = ["# lora-search report", "", *[f"- {line}" for line in summary_lines(report, majority_rate)], "",
-             report[shown].to_markdown(index=False, floatfmt=".4g"), "", "## Allocations", ""]
-    lines += [f"- `{row.candidate_id}` ({row.kind}): `{row.allocation}`" for row in
-              report.drop_duplicates("candidate_id").itertuples()]
-    lines += ["", "![accuracy vs trainable params](accuracy_vs_params.png)", ""]
+    return report[[c for c in shown if c in report.columns]]
+
+
+def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, plots: list[str]) -> list[tuple]:
+    """The report as ordered (kind, payload) blocks, rendered by `markdown` and `html`."""
+    context = context or {}
+    report = report if "roi_baseline" in report else add_derived(report)
+    title = "lora-search report" + (f": {context['name']}" if context.get("name") else "")
+    blocks: list[tuple] = [("h1", title)]
+    task = context.get("task") or {}
+    if task:
+        blocks.append(("p", f"Task `{task.get('task')}` ({task.get('train_examples')} train / {task.get('eval_examples')} "
+                            f"eval examples), model `{context.get('model')}`, seeds {sorted(report.seed.unique().tolist())}."))
+    blocks.append(("list", summary_lines(report, majority_rate) + roi_lines(report, context)))
+    blocks += [("h2", "Models (mean ± std over seeds)"), ("table", models_table(report)),
+               ("p", "Gains are in accuracy points. ROI pts/$ = gain over the ROI baseline ÷ training cost per seed; "
+                     "ROI pts/M params = gain ÷ million trainable LoRA params; p = Welch t-test over seeds (blank with "
+                     "< 2 seeds). Pareto: on the front of max accuracy vs min P(arams), C(ost), M(emory).")]
+    rho = proxy_correlations(report)
+    if not rho.empty:
+        blocks += [("h2", "Proxies vs accuracy"), ("table", rho),
+                   ("p", "Signed Spearman ρ over the trained models (NaN with fewer than 3). A negative ρ means the "
+                         "proxy ranks allocations backwards on this task: set `screen.direction` accordingly.")]
+    costs = context.get("costs")
+    if costs:
+        blocks += [("h2", "Screening vs training cost"), ("table", cost_table(costs))]
+        notes = [f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe + its training)."]
+        if not math.isnan(costs["run_wall_s"]):
+            notes.append(f"Run wall time: {costs['run_wall_s']:.0f} s.")
+        blocks.append(("p", " ".join(notes)))
+    blocks.append(("h2", "Plots"))
+    for name in plots:
+        blocks.append(("img", (name, PLOTS.get(name, name))))
+    blocks += [("h2", "Every trained model and seed"), ("table", rows_table(report)), ("h2", "Allocations"),
+               ("list", [f"`{row.candidate_id}` ({row.kind}, {row.label}): `{row.allocation}`"
+                         for row in report.drop_duplicates("candidate_id").itertuples()])]
+    return blocks
+
+
+def _default_plots(report: pd.DataFrame) -> list[str]:
+    names = ["accuracy_vs_params.png", "accuracy_vs_cost.png", "allocation_heatmap.png"]
+    if any(c.startswith("proxy_") for c in report.columns):
+        names.append("proxy_vs_accuracy.png")
+    if _histories(report):
+        names.append("learning_curves.png")
+    return names
+
+
+def markdown(report: pd.DataFrame, majority_rate: float, context: dict | None = None,
+             plots: list[str] | None = None) -> str:
+    lines = []
+    for kind, payload in _sections(report, majority_rate, context, _default_plots(report) if plots is None else plots):
+        if kind == "h1":
+            lines += [f"# {payload}", ""]
+        elif kind == "h2":
+            lines += [f"## {payload}", ""]
+        elif kind == "p":
+            lines += [payload, ""]
+        elif kind == "list":
+            lines += [f"- {item}" for item in payload] + [""]
+        elif kind == "table":
+            lines += [_blank_nan(payload).to_markdown(index=False, floatfmt=".4g", missingval=""), ""]
+        elif kind == "img":
+            lines += [f"![{payload[1]}]({payload[0]})", ""]
     return "\n".join(lines)
 
 
+def _blank_nan(table: pd.DataFrame) -> pd.DataFrame:
+    """NaN → None, which tabulate prints as its `missingval` (blank) instead of `nan`."""
+    return table.astype(object).where(table.notna(), None)
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0;display:block;overflow-x:auto}
+th,td{border:1px solid #d0d0d0;padding:3px 7px;text-align:right;white-space:nowrap}th{background:#f3f3f3}
+tr:nth-child(even) td{background:#fafafa}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+code{background:#f3f3f3;padding:0 3px}li{margin:.2em 0}"""
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html_lib.escape(text, quote=False))
+
+
+def html(report: pd.DataFrame, majority_rate: float, context: dict | None = None, plots: list[str] | None = None) -> str:
+    """A self-contained page (inline CSS; the PNGs by relative path)."""
+    body, title = [], "lora-search report"
+    for kind, payload in _sections(report, majority_rate, context, _default_plots(report) if plots is None else plots):
+        if kind == "h1":
+            title = payload
+            body.append(f"<h1>{html_lib.escape(payload)}</h1>")
+        elif kind == "h2":
+            body.append(f"<h2>{html_lib.escape(payload)}</h2>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(payload)}</p>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in payload) + "</ul>")
+        elif kind == "table":
+            body.append(payload.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}"))
+        elif kind == "img":
+            name, caption = (html_lib.escape(p) for p in payload)
+            body.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- plots (matplotlib Figure objects: no pyplot state)
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=130, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+def _save(fig, path: Path) -> None:
+    write_atomic(path, lambda p: fig.savefig(p, format="png"))
+
+
+def _color(kind: str) -> str:
+    return BASELINE_COLOR if kind == "baseline" else SEARCHED_COLOR
+
+
+def _nz(values) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
+
+
+def _error_bars(ax, position, value, err, horizontal: bool) -> None:
+    """± std whiskers only where std > 0 (a model with one seed gets none, not a zero-width cap)."""
+    position, value, err = (np.asarray(v, dtype=float) for v in (position, value, err))
+    keep = err > 0
+    if keep.any():
+        x, y = (value[keep], position[keep]) if horizontal else (position[keep], value[keep])
+        ax.errorbar(x, y, **{"xerr" if horizontal else "yerr": err[keep]}, fmt="none", ecolor="black", capsize=3, lw=1.2)
+
+
+def _annotate(ax, table: pd.DataFrame, x: str, y: pd.Series) -> None:
+    """Label each model at its point; labels alternate above/below and turn left near the right edge."""
+    xs = table[x].to_numpy(dtype=float)
+    lo, hi = np.nanmin(xs), np.nanmax(xs)
+    for i, k in enumerate(np.argsort(xs, kind="stable")):
+        row = table.iloc[k]
+        right = hi > lo and (xs[k] - lo) / (hi - lo) > 0.7
+        offset = (-9 if right else 9, 7 if i % 2 == 0 else -13)
+        ax.annotate(row.label, (xs[k], y.iloc[k]), textcoords="offset points", xytext=offset,
+                    ha="right" if right else "left", fontsize=8.5, color=_color(row.kind),
+                    fontweight="bold" if row.kind == "baseline" else "normal")
+
+
 def plot_accuracy_vs_params(report: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    """Pareto scatter: per-seed points (faint), model means ± std, baselines as labelled squares, the front drawn."""
+    from matplotlib.ticker import FuncFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for kind, marker, color in (("searched", "o", "tab:blue"), ("baseline", "s", "tab:red")):
-        part = report[report.kind == kind]
-        ax.scatter(part.trainable_params, 100 * part.accuracy, marker=marker, color=color, label=kind, alpha=0.8)
+    table = aggregate(report)
+    fig, axes = _figure(7.2, 4.6)
+    ax = axes[0, 0]
+    for kind, marker in (("searched", "o"), ("baseline", "s")):
+        seeds, part = report[report.kind == kind], table[table.kind == kind]
+        ax.scatter(seeds.trainable_params, 100 * seeds.accuracy, marker=marker, color=_color(kind), alpha=0.25, s=18)
+        ax.errorbar(part.trainable_params, 100 * part.accuracy, yerr=100 * _nz(part.accuracy_std), fmt=marker,
+                    color=_color(kind), ms=8 if kind == "baseline" else 7, capsize=3, label=f"{kind} (mean ± std)")
+    front = table[pareto_front(table, "trainable_params")].sort_values("trainable_params")
+    if len(front):
+        xs, ys = front.trainable_params.to_numpy(float), 100 * front.accuracy.to_numpy()
+        ax.step(np.r_[xs, xs[-1]], np.r_[ys, ys[-1]], where="post", color=FRONT_COLOR, ls="--", lw=1.4, zorder=0,
+                label="Pareto front (max accuracy, min params)")
+        ax.scatter(xs, ys, s=190, facecolors="none", edgecolors=FRONT_COLOR, lw=1.5, zorder=3, label="on the front")
+    _annotate(ax, table, "trainable_params", 100 * table.accuracy)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.1f}k"))
+    ax.margins(x=0.12, y=0.18)
     ax.set_xlabel("trainable LoRA parameters")
     ax.set_ylabel("eval accuracy (%)")
-    ax.set_title("Accuracy vs trainable parameters (one point per model and seed)")
+    ax.set_title("Accuracy vs trainable parameters")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
 
 
-def write(report: pd.DataFrame, run_dir: Path, majority_rate: float) -> None:
+def plot_accuracy_vs_cost(report: pd.DataFrame, path: Path, majority_rate: float | None = None) -> None:
+    """Two bar panels per model: accuracy (axis from the majority-class floor) and training cost per seed, ± std."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    table = aggregate(report).iloc[::-1].reset_index(drop=True)  # best on top
+    n = len(table)
+    fig, axes = _figure(9.0, 1.2 + 0.5 * n, ncols=2, sharey=True)
+    left, right = axes[0]
+    y = np.arange(n)
+    colors = [_color(k) for k in table.kind]
+    acc, acc_std = 100 * table.accuracy.to_numpy(), 100 * _nz(table.accuracy_std)
+    floor = min(100 * majority_rate if majority_rate is not None else np.inf, np.nanmin(acc - acc_std)) - 2
+    floor = max(0.0, math.floor(floor))
+    left.barh(y, acc - floor, left=floor, color=colors, alpha=0.85, height=0.6)
+    _error_bars(left, y, acc, acc_std, horizontal=True)
+    for yi, value, std in zip(y, acc, acc_std):
+        left.text(value + std + 0.2, yi, f"{value:.2f}", va="center", fontsize=8)
+    if majority_rate is not None:
+        left.axvline(100 * majority_rate, color="0.4", ls=":", lw=1)
+        left.text(100 * majority_rate, n - 0.45, " majority class", fontsize=7.5, color="0.35", va="bottom")
+    left.set_xlim(floor, np.nanmax(acc + acc_std) + 0.12 * (np.nanmax(acc + acc_std) - floor) + 0.5)
+    left.set_xlabel("eval accuracy (%)" + (", axis from the majority-class rate" if majority_rate is not None else ""))
+    cost = table.get("cost_usd_mean", table.cost_usd / table.seeds).to_numpy(float)
+    cost_std = _nz(table.get("cost_usd_std", pd.Series(np.nan, index=table.index)))
+    right.barh(y, cost, color=colors, alpha=0.85, height=0.6)
+    _error_bars(right, y, cost, cost_std, horizontal=True)
+    for yi, value, std in zip(y, cost, cost_std):
+        right.text(value + std, yi, f" ${value:.3g}", va="center", fontsize=8)
+    right.set_xlim(0, np.nanmax(cost + cost_std) * 1.35 if np.nanmax(cost) > 0 else 1)
+    right.xaxis.set_major_locator(MaxNLocator(4))
+    right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:.2g}" if v else "0"))
+    right.set_xlabel("training cost per seed (USD)")
+    left.set_yticks(y, [f"{r.label}\n{r.candidate_id}" for r in table.itertuples()], fontsize=8)
+    for tick, kind in zip(left.get_yticklabels(), table.kind):
+        tick.set_color(_color(kind))
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    low, high = int(table.seeds.min()), int(table.seeds.max())
+    seeds = f"{high} seed{'s' * (high > 1)} per model" if low == high else f"{low}–{high} seeds per model"
+    fig.suptitle(f"Accuracy and training cost per model (mean ± std over seeds; {seeds})", fontsize=10.5)
+    _save(fig, path)
+
+
+def _heatmap_models(report: pd.DataFrame) -> list:
+    table = aggregate(report)
+    chosen = list(table[table.kind == "searched"].head(1).itertuples()) + list(table[table.kind == "baseline"].itertuples())
+    return chosen
+
+
+def plot_allocation_heatmap(report: pd.DataFrame, path: Path, module_types: list[str] | None = None) -> None:
+    """Layers × module types, colour = rank, for the best searched candidate and each baseline."""
+    import matplotlib
+    from matplotlib.colors import BoundaryNorm
+
+    first = report.drop_duplicates("candidate_id").set_index("candidate_id")
+    cells_of = {cid: allocation_cells(row.get("ranks_json"), row.get("allocation")) for cid, row in first.iterrows()}
+    models = _heatmap_models(report)
+    every = [cell for cells in cells_of.values() for cell in cells]
+    types = ordered_types(set(module_types or []) | {t for _, t in every})
+    layers = list(range(min((l for l, _ in every), default=0), max((l for l, _ in every), default=0) + 1))
+    ranks = sorted({r for cells in cells_of.values() for r in cells.values()}) or [1]
+    bounds = [ranks[0] - 0.5] + [(a + b) / 2 for a, b in zip(ranks, ranks[1:])] + [ranks[-1] + 0.5]
+    cmap = matplotlib.colormaps["viridis"].resampled(max(len(ranks), 2)).with_extremes(bad="#eeeeee")
+    norm = BoundaryNorm(bounds, cmap.N)
+    fig, axes = _figure(0.2 + 2.75 * max(len(models), 1), 1.9 + 0.42 * len(layers), ncols=max(len(models), 1))
+    image = None
+    for ax, row in zip(axes[0], models):
+        cells = cells_of.get(row.candidate_id, {})
+        grid = np.full((len(layers), len(types)), np.nan)
+        for (layer, kind), rank in cells.items():
+            grid[layers.index(layer), types.index(kind)] = rank
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8,
+                        color="white" if ranks.index(int(value)) < len(ranks) / 2 else "black")
+        ax.set_xticks(range(len(types)), [TYPE_LABELS.get(t, t) for t in types], rotation=40, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=8)
+        ax.set_xticks(np.arange(-0.5, len(types)), minor=True)
+        ax.set_yticks(np.arange(-0.5, len(layers)), minor=True)
+        ax.grid(which="minor", color="white", lw=1.5)
+        ax.tick_params(which="minor", length=0)
+        role = "best searched" if row.kind == "searched" else "baseline"
+        ax.set_title(f"{role}: {row.label}\n{row.trainable_params:,} params · acc {100 * row.accuracy:.1f}%",
+                     fontsize=9, color=_color(row.kind))
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes[0]), ticks=ranks, shrink=0.9, pad=0.02, spacing="uniform")
+        bar.set_label("LoRA rank (grey: no adapter)", fontsize=8)
+    fig.suptitle("Allocation: rank per layer and module type", fontsize=10.5)
+    _save(fig, path)
+
+
+def _histories(report: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """(candidate, seed) → per-epoch metrics, only when some model recorded ≥ 2 epochs."""
+    if "history_json" not in report:
+        return {}
+    found = {}
+    for row in report.itertuples():
+        if isinstance(row.history_json, str) and row.history_json:
+            history = pd.DataFrame(json.loads(row.history_json))
+            if not history.empty:
+                if "epoch" not in history:
+                    history["epoch"] = np.arange(1, len(history) + 1)
+                found[(row.candidate_id, row.seed)] = history
+    return found if any(len(h) >= 2 for h in found.values()) else {}
+
+
+def plot_learning_curves(report: pd.DataFrame, path: Path) -> None:
+    """Eval accuracy and loss per epoch, one line per model and seed (train loss dashed)."""
+    histories = _histories(report)
+    fig, axes = _figure(10.0, 4.0, ncols=2)
+    left, right = axes[0]
+    first = report.drop_duplicates("candidate_id").set_index("candidate_id")
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"]
+    order = {cid: i for i, cid in enumerate(first.index)}
+    labelled = set()
+    for (cid, seed), history in histories.items():
+        color = palette(order[cid] % 10)
+        name = f"{first.loc[cid, 'label']} · {cid}"
+        label = None if cid in labelled else name
+        labelled.add(cid)
+        if "accuracy" in history:
+            left.plot(history.epoch, 100 * history.accuracy, marker="o", color=color, label=label, alpha=0.9)
+        if "eval_loss" in history:
+            right.plot(history.epoch, history.eval_loss, marker="o", color=color, alpha=0.9)
+        if "train_loss" in history:
+            right.plot(history.epoch, history.train_loss, ls="--", color=color, alpha=0.6)
+    left.set(xlabel="epoch", ylabel="eval accuracy (%)", title="Eval accuracy")
+    right.set(xlabel="epoch", ylabel="loss", title="Loss (solid: eval, dashed: train)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    left.legend(fontsize=7.5)
+    _save(fig, path)
+
+
+def plot_proxy_vs_accuracy(report: pd.DataFrame, path: Path, rank_by: str | None = None,
+                           direction: str | None = None) -> None:
+    """One panel per proxy: its score vs mean accuracy ± std per trained model, Spearman ρ in the title.
+
+    The proxy the screen ranked by (`rank_by`, with its `direction`) is marked in its panel's x label.
+    """
+    table = aggregate(report)
+    proxies = [c for c in table.columns if c.startswith("proxy_")]
+    rho = proxy_correlations(report).set_index("proxy")
+    cols = min(3, max(1, len(proxies)))
+    rows = max(1, math.ceil(len(proxies) / cols))
+    fig, axes = _figure(4.4 * cols + 0.3, 3.7 * rows, ncols=cols, nrows=rows)
+    flat = list(axes.flat)
+    for ax, proxy in zip(flat, proxies):
+        name = proxy.removeprefix("proxy_")
+        for kind, marker in (("searched", "o"), ("baseline", "s")):
+            part = table[table.kind == kind]
+            ax.errorbar(part[proxy], 100 * part.accuracy, yerr=100 * _nz(part.accuracy_std), fmt=marker,
+                        color=_color(kind), capsize=3, ms=7, label=kind)
+        _annotate(ax, table, proxy, 100 * table.accuracy)
+        r = rho.loc[name, "spearman_rho"] if name in rho.index else float("nan")
+        title = (f"{name}: Spearman ρ = {r:+.2f} ({int(rho.loc[name, 'models'])} models)" if not math.isnan(r)
+                 else f"{name}: ρ needs ≥ 3 models")
+        if name == rank_by and direction:
+            title += f"\nthe screen ranked by it ({direction})"
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel(f"proxy score ({name})")
+        ax.set_ylabel("eval accuracy (%)")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 5))
+        ax.margins(x=0.15, y=0.2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5)
+    for ax in flat[len(proxies):]:
+        ax.set_visible(False)
+    fig.suptitle("Zero-cost proxy vs trained accuracy (one point per model, mean ± std over seeds)", fontsize=10.5)
+    _save(fig, path)
+
+
+def write_plots(report: pd.DataFrame, run_dir: Path, majority_rate: float | None = None,
+                module_types: list[str] | None = None, screen: dict | None = None) -> list[str]:
+    """Every plot this report supports; returns the file names written (stale optional ones are removed)."""
     run_dir = Path(run_dir)
-    write_atomic(run_dir / "report.parquet", lambda p: report.to_parquet(p, index=False))
-    write_atomic(run_dir / "report.csv", lambda p: report.to_csv(p, index=False))
+    names = _default_plots(report)
     plot_accuracy_vs_params(report, run_dir / "accuracy_vs_params.png")
-    write_atomic(run_dir / "report.md", lambda p: Path(p).write_text(markdown(report, majority_rate), encoding="utf-8"))
+    plot_accuracy_vs_cost(report, run_dir / "accuracy_vs_cost.png", majority_rate)
+    plot_allocation_heatmap(report, run_dir / "allocation_heatmap.png", module_types)
+    screen = screen or {}
+    optional = {"proxy_vs_accuracy.png":
+                lambda p: plot_proxy_vs_accuracy(report, p, screen.get("rank_by"), screen.get("direction")),
+                "learning_curves.png": lambda p: plot_learning_curves(report, p)}
+    for name, plot in optional.items():
+        if name in names:
+            plot(run_dir / name)
+        else:
+            (run_dir / name).unlink(missing_ok=True)  # a stale one from an earlier report
+    return names
+
+
+# ---------------------------------------------------------------- files
+
+
+def write(report: pd.DataFrame, run_dir: Path, majority_rate: float) -> pd.DataFrame:
+    """report.{parquet,csv,md,html} and the PNGs; run.json, module_scores.json, screen.csv are read when present.
+
+    The derived columns are recomputed with run.json's `base_params` and `train.baselines`, so the
+    caller may pass `build`'s table with or without them. Returns the table as written to Parquet.
+    """
+    run_dir = Path(run_dir)
+    context = run_context(run_dir, report)
+    report = add_derived(report, context["base_params"], context["baselines"])
+    write_atomic(run_dir / "report.parquet", lambda p: report.to_parquet(p, index=False))
+    flat = report.drop(columns=[c for c in JSON_COLUMNS if c in report])
+    write_atomic(run_dir / "report.csv", lambda p: flat.to_csv(p, index=False))
+    plots = write_plots(report, run_dir, majority_rate, context["module_types"], context["run"].get("config", {}).get("screen"))
+    write_atomic(run_dir / "report.md", lambda p: Path(p).write_text(markdown(report, majority_rate, context, plots),
+                                                                     encoding="utf-8"))
+    write_atomic(run_dir / "report.html", lambda p: Path(p).write_text(html(report, majority_rate, context, plots),
+                                                                       encoding="utf-8"))
+    return report
 
 
 def load(run_dir: str | Path) -> pd.DataFrame:
@@ -128,18 +942,186 @@ def read_run_json(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run.json").read_text())
 
 
-def print_summary(report: pd.DataFrame, majority_rate: float, console=None) -> None:
+def rebuild(run_dir: str | Path) -> pd.DataFrame:
+    """Write every report file again from the stored results, without training; returns the table.
+
+    Reads trials/*.json (the seeds of run.json `seeds.train`), module_scores.json (proxy score of a
+    candidate = Σ rank × per-unit module score, as the screen computes it), screen.csv and run.json,
+    and calls `build` and `write` with the inputs `pipeline.run` gives them.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise UserError(f"report: '{run_dir}' has no run.json; give a run directory such as results/quickstart")
+    run_info = read_run_json(run_dir)
+    trials = [json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))]
+    seeds = (run_info.get("seeds") or {}).get("train")
+    if seeds is not None:
+        trials = [t for t in trials if t.get("seed") in seeds]
+    if not any(t.get("accuracy") is not None for t in trials):
+        raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; run `lora-search run ... --resume` "
+                        "to train them")
+    scores = _read_json(run_dir / "module_scores.json") or {}
+    unit = scores.get("unit") or {}
+    order = list(next(iter(unit.values()), {}))
+    ranks = {t["candidate_id"]: t.get("ranks") or {} for t in trials}
+    proxy_scores = {cid: {proxy: float(sum(r * per_module[name] for name, r in sorted(rank.items()) if r > 0))
+                          for proxy, per_module in unit.items()} for cid, rank in ranks.items()} if unit else {}
+    compact = {cid: compact_allocation(rank, order) for cid, rank in ranks.items()}
+    if (run_dir / "screen.csv").is_file():
+        screen = pd.read_csv(run_dir / "screen.csv", usecols=lambda c: c in ("candidate_id", "allocation"))
+        compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
+    majority = run_info["task"]["majority_rate"]
+    table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"),
+                  baselines=run_info.get("config", {}).get("train", {}).get("baselines"))
+    return write(table, run_dir, majority)
+
+
+# ---------------------------------------------------------------- terminal
+
+
+def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, run_dir: str | Path | None = None) -> None:
+    """One screen: the models (mean over seeds) with gain, p-value and ROI, then the summary lines."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title="lora-search: trained models (mean over seeds)")
-    for column in ("model", "kind", "params", "accuracy", "± std", "F1", "cost $"):
-        table.add_column(column, justify="left" if column in ("model", "kind") else "right")
+    report = report if "roi_baseline" in report else add_derived(report)
+    labels = baseline_labels(report)
+    primary = labels[0] if labels else None
+    title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    columns = ["model", "kind", "params", "acc %", "± std", "F1 %", "cost $"] + (["Δ pts", "p", "pts/$"] if primary else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "kind") else "right",
+                         no_wrap=column != "model", min_width=11 if column == "model" else None)
     for row in aggregate(report).itertuples():
         std = "" if np.isnan(row.accuracy_std) else f"{100 * row.accuracy_std:.2f}"
-        table.add_row(f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
-                      std, f"{100 * row.f1:.2f}", f"{row.cost_usd:.4f}")
+        cells = [f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
+                 std, f"{100 * row.f1:.2f}", f"{row.cost_usd:.4f}"]
+        if primary:
+            gain, p = getattr(row, gain_column(primary)), getattr(row, p_column(primary))
+            cells += ["" if math.isnan(gain) else f"{gain:+.2f}", "" if math.isnan(p) else f"{p:.3g}",
+                      "" if math.isnan(row.roi_per_usd) else f"{row.roi_per_usd:+.4g}"]
+        table.add_row(*cells)
     console.print(table)
     for line in summary_lines(report, majority_rate):
         console.print(line)
+    context = run_context(run_dir, report) if run_dir else None
+    for line in roi_lines(report, context):
+        console.print(line)
+
+
+# ---------------------------------------------------------------- several runs side by side
+
+
+def default_compare_dir(run_dirs: list[str | Path]) -> Path:
+    """results/compare-<name>-<name>…, beside the first run."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return Path(run_dirs[0]).parent / ("compare-" + "-".join(names))
+
+
+def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per run: task, best searched model, the baselines, gain over the ROI baseline and cost."""
+    rows, seen = [], {}
+    for run_dir in map(Path, run_dirs):
+        report = load(run_dir)
+        context = run_context(run_dir, report)
+        report = add_derived(report, context["base_params"], context["baselines"])
+        table, labels = aggregate(report), baseline_labels(report, context["baselines"])
+        name = context["name"] or run_dir.name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name]}"
+        searched = table[table.kind == "searched"]
+        best = searched.iloc[0] if not searched.empty else None
+        primary = table[(table.kind == "baseline") & (table.label == labels[0])].iloc[0] if labels else None
+        costs = context["costs"]
+        rows.append({
+            "run": name, "task": context["task"].get("task"), "model": context["model"], "seeds": int(report.seed.nunique()),
+            "models": int(table.shape[0]),
+            "best_searched": f"{best.label} · {best.candidate_id}" if best is not None else None,
+            "best_accuracy": best.accuracy if best is not None else np.nan,
+            "best_accuracy_std": best.accuracy_std if best is not None else np.nan,
+            "best_params": int(best.trainable_params) if best is not None else None,
+            "baseline": labels[0] if labels else None,
+            "baseline_accuracy": primary.accuracy if primary is not None else np.nan,
+            "baseline_accuracy_std": primary.accuracy_std if primary is not None else np.nan,
+            "baselines": "; ".join(f"{r.label} {100 * r.accuracy:.2f}%" for r in table[table.kind == "baseline"].itertuples()),
+            "gain_points": best[gain_column(labels[0])] if best is not None and labels else np.nan,
+            "p_value": best[p_column(labels[0])] if best is not None and labels else np.nan,
+            "roi_per_usd": best.roi_per_usd if best is not None and labels else np.nan,
+            "train_cost_usd": costs["train_cost_usd"], "screen_cost_usd": costs["screen_cost_usd"],
+            "total_cost_usd": costs["total_cost_usd"], "device_hours": costs["train_device_hours"],
+            "run_dir": str(run_dir),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_compare(table: pd.DataFrame, path: Path) -> None:
+    """Left: best searched vs ROI baseline accuracy per run (± std). Right: gain vs total cost per run."""
+    fig, axes = _figure(10.5, 4.3, ncols=2)
+    left, right = axes[0]
+    x = np.arange(len(table))
+    width = 0.38
+    best, base = 100 * table.best_accuracy.to_numpy(float), 100 * table.baseline_accuracy.to_numpy(float)
+    left.bar(x - width / 2, best, width, color=SEARCHED_COLOR, label="best searched")
+    left.bar(x + width / 2, base, width, color=BASELINE_COLOR, label="ROI baseline")
+    _error_bars(left, x - width / 2, best, 100 * _nz(table.best_accuracy_std), horizontal=False)
+    _error_bars(left, x + width / 2, base, 100 * _nz(table.baseline_accuracy_std), horizontal=False)
+    values = np.concatenate([best[~np.isnan(best)], base[~np.isnan(base)]])
+    if len(values):
+        left.set_ylim(max(0, values.min() - 5), min(100, values.max() + 3))
+    for xi, b, a, label in zip(x, best, base, table.baseline):
+        if not np.isnan(a):
+            left.text(xi + width / 2, a + 0.3, str(label), ha="center", va="bottom", fontsize=7.5, color=BASELINE_COLOR)
+    left.set_xticks(x, [f"{r}\n({t})" for r, t in zip(table.run, table.task)], fontsize=8)
+    left.set_ylabel("eval accuracy (%)")
+    left.set_title("Best searched vs baseline per run", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    left.grid(axis="y", alpha=0.3)
+    right.axhline(0, color="0.4", lw=1)
+    right.scatter(table.total_cost_usd, table.gain_points, s=60, color=SEARCHED_COLOR, zorder=3)
+    for i, row in enumerate(table.itertuples()):
+        right.annotate(row.run, (row.total_cost_usd, row.gain_points), textcoords="offset points",
+                       xytext=(7, 7 if i % 2 == 0 else -13), fontsize=8.5)
+    right.set_xlabel("total run cost (screen + train, USD)")
+    right.set_ylabel("gain of best searched over baseline (points)")
+    right.set_title("What the search bought, per run", fontsize=10)
+    right.margins(x=0.25, y=0.35)
+    right.grid(alpha=0.3)
+    fig.suptitle("lora-search runs compared", fontsize=11)
+    _save(fig, path)
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> pd.DataFrame:
+    """compare.{csv,md} and compare.png of several runs in `out_dir` (default `default_compare_dir`)."""
+    if len(run_dirs) < 1:
+        raise UserError("compare: give at least one run directory, e.g. results/quickstart results/qs3")
+    out_dir = Path(out_dir) if out_dir else default_compare_dir(run_dirs)
+    table = compare_table(run_dirs)
+    write_atomic(out_dir / "compare.csv", lambda p: table.to_csv(p, index=False))
+    plot_compare(table, out_dir / "compare.png")
+    shown = table.drop(columns=["run_dir"])
+    shown = _blank_nan(shown).to_markdown(index=False, floatfmt=".4g", missingval="")
+    text = "\n".join(["# lora-search: runs compared", "", shown, "",
+                      "Gain = best searched − the run's ROI baseline, in accuracy points; p = Welch t-test over seeds.", "",
+                      "![runs compared](compare.png)", ""])
+    write_atomic(out_dir / "compare.md", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return table
+
+
+def print_compare(table: pd.DataFrame, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    out = Table(title="lora-search: runs compared")
+    for column in ("run", "task", "best searched", "acc %", "baseline", "base acc %", "gain pts", "p", "cost $"):
+        out.add_column(column, justify="left" if column in ("run", "task", "best searched", "baseline") else "right")
+    for row in table.itertuples():
+        out.add_row(str(row.run), str(row.task), str(row.best_searched), _pm(row.best_accuracy, row.best_accuracy_std, 100),
+                    str(row.baseline), _pm(row.baseline_accuracy, row.baseline_accuracy_std, 100),
+                    "" if math.isnan(row.gain_points) else f"{row.gain_points:+.2f}",
+                    "" if math.isnan(row.p_value) else f"{row.p_value:.3g}", f"{row.total_cost_usd:.4f}")
+    console.print(out)

@@ -1,0 +1,156 @@
+"""How well do the proxies rank allocations? Train a spread of allocations and measure it.
+
+`lora-search validate-proxies CONFIG` draws N allocations at the budget (±tolerance) spanning the
+search space, plus a few at half and double the budget, trains them all on Ray Train, and writes
+`proxy_validation.{csv,md,png}`: signed Spearman ρ and Kendall τ of every proxy against trained
+accuracy (at the fixed budget and across budgets), top-k hit rate, and each proxy's cost per
+candidate next to the cost of training one. `params` and a seeded random score are the floors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from orchestrator import report
+from orchestrator.allocation import Allocation
+from orchestrator.allocators import Budget, make_budget, sample_allocations, space_modules
+from orchestrator.config import RunConfig
+from orchestrator.proxies import PROXIES, ModuleScores
+from orchestrator.train import TrainJob
+
+OFF_BUDGET_SCALES = (0.5, 2.0)
+
+
+def draw_spread(modules, ranks: list[int], budget: Budget, count: int, seed: int) -> list[Allocation]:
+    """`count` distinct allocations, each from a fresh random distribution, so they span the space."""
+    rng = np.random.default_rng(seed)
+    types = sorted({m.type for m in modules})
+    found: dict[str, Allocation] = {}
+    for _ in range(count * 20):
+        if len(found) == count:
+            break
+        params = {f"w_{t}": rng.uniform() for t in types} | {"depth_bias": rng.uniform(-1, 1), "max_rank": rng.choice(ranks)}
+        for allocation in sample_allocations(params, modules, ranks, budget, 1, rng):
+            found.setdefault(allocation.candidate_id, allocation)
+    return list(found.values())
+
+
+def validation_jobs(cfg: RunConfig, modules, n: int, n_off_budget: int) -> dict[str, tuple[str, Allocation]]:
+    """candidate id → (budget label, allocation): n at the budget, n_off_budget split over other budgets."""
+    searchable = space_modules(modules, cfg.space)
+    budget = make_budget(modules, cfg.space)
+    chosen = {a.candidate_id: ("budget", a) for a in draw_spread(searchable, cfg.space.ranks, budget, n, cfg.screen.seed)}
+    for i, scale in enumerate(OFF_BUDGET_SCALES):
+        other = Budget(int(budget.target * scale), budget.tolerance)
+        share = n_off_budget // len(OFF_BUDGET_SCALES) + (i < n_off_budget % len(OFF_BUDGET_SCALES))
+        for a in draw_spread(searchable, cfg.space.ranks, other, share, cfg.screen.seed + i + 1):
+            chosen.setdefault(a.candidate_id, (f"budget×{scale:g}", a))
+    return chosen
+
+
+def agreement(table: pd.DataFrame, proxies: list[str], top_k: int) -> pd.DataFrame:
+    """Signed rank agreement of each proxy score with accuracy, per scope (fixed budget, all budgets)."""
+    rows = []
+    for scope, part in (("fixed_budget", table[table.budget == "budget"]), ("all_budgets", table)):
+        true_top = set(part.nlargest(top_k, "accuracy").candidate_id)
+        for proxy in proxies:
+            score = part[f"proxy_{proxy}"]
+            rho = stats.spearmanr(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
+            tau = stats.kendalltau(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
+            hits = len(true_top & set(part.nlargest(top_k, f"proxy_{proxy}").candidate_id)) / top_k
+            rows.append({"scope": scope, "proxy": proxy, "spearman_rho": rho, "kendall_tau": tau,
+                         f"top{top_k}_hit_rate": hits, "models": len(part)})
+    return pd.DataFrame(rows)
+
+
+def validation_table(trials: dict[str, dict], chosen: dict, scores: ModuleScores, modules, seed: int) -> pd.DataFrame:
+    rows = []
+    for cid, (label, allocation) in chosen.items():
+        trained = [t for t in trials.values() if t["candidate_id"] == cid and t.get("status") == "completed"]
+        if not trained:
+            continue
+        rows.append({"candidate_id": cid, "budget": label, "allocation": allocation.compact(modules),
+                     "trainable_params": allocation.trainable_params(modules),
+                     "accuracy": float(np.mean([t["accuracy"] for t in trained])),
+                     "train_wall_s": float(np.mean([t["train_wall_s"] for t in trained])),
+                     **{f"proxy_{name}": value for name, value in scores.scores(allocation).items()}})
+    table = pd.DataFrame(rows)
+    table["proxy_random"] = np.random.default_rng(seed).random(len(table))  # the floor every proxy must beat
+    return table
+
+
+def cost_table(scores: ModuleScores, table: pd.DataFrame, candidates_screened: int) -> pd.DataFrame:
+    """Probe seconds amortised over the candidates a screen scores, vs seconds to train one candidate."""
+    train_s = float(table.train_wall_s.mean())
+    return pd.DataFrame([{"proxy": name, "probe_seconds": seconds,
+                          "seconds_per_candidate": seconds / candidates_screened,
+                          "train_seconds_per_candidate": train_s,
+                          "ratio_train_to_proxy": train_s / max(seconds / candidates_screened, 1e-9)}
+                         for name, seconds in scores.seconds.items()])
+
+
+def plot_grid(table: pd.DataFrame, proxies: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(proxies) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax, proxy in zip(axes.flat, proxies):
+        for label, part in table.groupby("budget"):
+            ax.scatter(part[f"proxy_{proxy}"], 100 * part.accuracy, s=18, label=label, alpha=0.8)
+        rho = stats.spearmanr(table[f"proxy_{proxy}"], table.accuracy).statistic if table[f"proxy_{proxy}"].nunique() > 1 else float("nan")
+        ax.set_title(f"{proxy}  (ρ all = {rho:+.2f})", fontsize=10)
+        ax.set_xlabel("proxy score")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(proxies):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Proxy score vs trained accuracy (one point per allocation)")
+    fig.tight_layout()
+    report.write_atomic(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, address: str | None) -> pd.DataFrame:
+    from orchestrator import pipeline
+    from orchestrator.data import load_task
+    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.train import run_training
+
+    cfg.screen.proxies = sorted(PROXIES)  # validate every registered proxy, whatever the config screens with
+    pipeline.prepare_run_dir(cfg, resume)
+    task = load_task(cfg.data)
+    modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
+    chosen = validation_jobs(cfg, modules, n, n_off_budget)
+    pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
+    pipeline.set_runtime_env()
+    pipeline.init_ray(address)
+    scores = pipeline.module_scores(cfg, task, modules)
+    jobs = [TrainJob(cid, "searched", label, a.as_dict(), seed) for cid, (label, a) in chosen.items() for seed in cfg.train.seeds]
+    trials = run_training(cfg, task, jobs)
+    table = validation_table(trials, chosen, scores, modules, cfg.screen.seed)
+    proxies = sorted(PROXIES) + ["random"]
+    summary = agreement(table, proxies, top_k=max(1, n // 5))
+    costs = cost_table(scores, table, cfg.screen.num_trials * cfg.screen.candidates_per_trial)
+    write_outputs(cfg.run_dir, table, summary, costs, proxies)
+    return summary
+
+
+def write_outputs(run_dir: Path, table: pd.DataFrame, summary: pd.DataFrame, costs: pd.DataFrame, proxies: list[str]) -> None:
+    report.write_atomic(run_dir / "proxy_validation.csv", lambda p: summary.to_csv(p, index=False))
+    report.write_atomic(run_dir / "proxy_validation_models.csv", lambda p: table.to_csv(p, index=False))
+    plot_grid(table, proxies, run_dir / "proxy_validation.png")
+    text = ["# Proxy validation", "",
+            f"{len(table)} trained allocations ({(table.budget == 'budget').sum()} at the budget). Signed ρ: a negative "
+            "value means the proxy ranks allocations backwards (screen with `direction: minimize`).", "",
+            summary.to_markdown(index=False, floatfmt=".3f"), "", "## Cost per candidate", "",
+            costs.to_markdown(index=False, floatfmt=".4g"), "", "![proxy vs accuracy](proxy_validation.png)", ""]
+    report.write_atomic(run_dir / "proxy_validation.md", lambda p: Path(p).write_text("\n".join(text), encoding="utf-8"))

@@ -1,0 +1,239 @@
+"""Report: golden values of build / aggregate / summary_lines on synthetic trials, atomic writes, files, load."""
+
+from __future__ import annotations
+
+import errno
+import math
+
+import pandas as pd
+import pytest
+
+from orchestrator import report
+from orchestrator.errors import UserError
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+V1 = "bert.encoder.layer.1.attention.self.value"
+K0 = "bert.encoder.layer.0.attention.self.key"
+MAJORITY = 0.55
+
+
+def trial(cid, kind, label, seed, acc, f1, params, wall, device_hours, cost, memory, ranks) -> dict:
+    """A trial row as train.keep_result writes it (trials/<job>.json)."""
+    return dict(candidate_id=cid, kind=kind, label=label, ranks=ranks, seed=seed, accuracy=acc, f1=f1,
+                eval_loss=round(1 - acc, 2), latency_ms_per_batch=2.0, epoch=1, train_loss=0.5, train_wall_s=wall,
+                peak_memory_mb=memory, trainable_params=params, head_params=66, device="cpu", resumed_from_epoch=0,
+                history=[{"epoch": 1, "accuracy": acc}], status="completed", adapter_dir=f"adapters/{cid}",
+                device_hours=device_hours, cost_usd=cost)
+
+
+def make_trials() -> list[dict]:
+    # two searched candidates × 2 seeds, one baseline × 1 seed; a2's seed 1 is below the majority rate
+    return [
+        trial("b1", "baseline", "uniform_qv", 0, 0.65, 0.60, 1024, 36.0, 0.010, 0.25, 305.0, {Q0: 8, V1: 8}),
+        trial("a2", "searched", "screen#2", 1, 0.50, 0.45, 960, 18.0, 0.005, 0.125, 290.0, {K0: 15}),
+        trial("a1", "searched", "screen#1", 0, 0.80, 0.75, 1024, 36.0, 0.010, 0.25, 300.0, {Q0: 8, V1: 8}),
+        trial("a2", "searched", "screen#2", 0, 0.60, 0.55, 960, 18.0, 0.005, 0.125, 290.0, {K0: 15}),
+        trial("a1", "searched", "screen#1", 1, 0.70, 0.65, 1024, 72.0, 0.020, 0.50, 310.0, {Q0: 8, V1: 8}),
+    ]
+
+
+SCORES = {"a1": {"grad_norm": 3.5, "params": 1024.0}, "a2": {"grad_norm": 1.25, "params": 960.0},
+          "b1": {"grad_norm": 2.0, "params": 1024.0}}
+COMPACT = {"a1": "L0.query:8,L1.value:8", "a2": "L0.key:15", "b1": "L0.query:8,L1.value:8"}
+
+
+@pytest.fixture
+def table() -> pd.DataFrame:
+    return report.build(make_trials(), SCORES, COMPACT, MAJORITY)
+
+
+def test_build_columns_and_order(table):
+    assert table.columns[: len(report.CONTRACT_COLUMNS)].tolist() == report.CONTRACT_COLUMNS
+    assert "ranks" not in table and "history" not in table
+    assert {"proxy_grad_norm", "proxy_params", "beats_majority"} <= set(table.columns)
+    # searched first (best accuracy first), then the baseline
+    assert list(zip(table.candidate_id, table.seed)) == [("a1", 0), ("a1", 1), ("a2", 0), ("a2", 1), ("b1", 0)]
+    assert table.kind.tolist() == ["searched"] * 4 + ["baseline"]
+    assert len(table) == 5
+
+
+def test_build_golden_values(table):
+    assert table.accuracy.tolist() == [0.80, 0.70, 0.60, 0.50, 0.65]
+    assert table.allocation.tolist() == ["L0.query:8,L1.value:8"] * 2 + ["L0.key:15"] * 2 + ["L0.query:8,L1.value:8"]
+    assert table.trainable_params.tolist() == [1024, 1024, 960, 960, 1024]
+    assert table.trainable_params.dtype.kind == "i"
+    assert table.proxy_grad_norm.tolist() == [3.5, 3.5, 1.25, 1.25, 2.0]
+    assert table.proxy_params.tolist() == [1024.0, 1024.0, 960.0, 960.0, 1024.0]
+    assert table.beats_majority.tolist() == [True, True, True, False, True]
+    assert table.cost_usd.tolist() == [0.25, 0.5, 0.125, 0.125, 0.25]
+
+
+def test_build_derived_columns(table):
+    assert table.num_adapted_modules.tolist() == [2, 2, 1, 1, 2]
+    assert table.total_rank.tolist() == [16, 16, 15, 15, 16]
+    assert table.adapters_per_type.tolist() == ["query:1,value:1"] * 2 + ["key:1"] * 2 + ["query:1,value:1"]
+    gain = table.gain_vs_uniform_qv.tolist()  # 100 · (accuracy − 0.65); NaN on the baseline's own row
+    assert gain[:4] == pytest.approx([15.0, 5.0, -5.0, -15.0]) and math.isnan(gain[4])
+    assert table.roi_baseline.tolist() == ["uniform_qv"] * 5
+    assert table.roi_per_usd.tolist()[:4] == pytest.approx([60.0, 10.0, -40.0, -120.0])  # gain / cost_usd
+    assert table.roi_per_mparams.tolist()[:4] == pytest.approx([15 / 1024e-6, 5 / 1024e-6, -5 / 960e-6, -15 / 960e-6])
+    assert table.params_pct_of_base.isna().all()
+    with_base = report.build(make_trials(), SCORES, COMPACT, MAJORITY, base_params=102_400)
+    assert with_base.params_pct_of_base.tolist() == pytest.approx([1.0, 1.0, 0.9375, 0.9375, 1.0])
+
+
+def test_aggregate_golden_values(table):
+    agg = report.aggregate(table)
+    assert agg.candidate_id.tolist() == ["a1", "b1", "a2"]  # by mean accuracy
+    assert agg.kind.tolist() == ["searched", "baseline", "searched"]
+    assert agg.label.tolist() == ["screen#1", "uniform_qv", "screen#2"]
+    assert agg.trainable_params.tolist() == [1024, 1024, 960]
+    assert agg.accuracy.tolist() == pytest.approx([0.75, 0.65, 0.55])
+    std = agg.accuracy_std.tolist()
+    assert std[0] == pytest.approx(0.1 / math.sqrt(2)) and math.isnan(std[1]) and std[2] == pytest.approx(0.1 / math.sqrt(2))
+    assert agg.f1.tolist() == pytest.approx([0.70, 0.60, 0.50])
+    assert agg.seeds.tolist() == [2, 1, 2]
+    assert agg.cost_usd.tolist() == pytest.approx([0.75, 0.25, 0.25])  # totals over seeds
+    assert agg.device_hours.tolist() == pytest.approx([0.03, 0.01, 0.01])
+    assert agg.cost_usd_mean.tolist() == pytest.approx([0.375, 0.25, 0.125])
+    assert agg.peak_memory_mb.tolist() == pytest.approx([305.0, 305.0, 290.0])
+    assert agg.proxy_grad_norm.tolist() == [3.5, 2.0, 1.25]
+    gain = agg.gain_vs_uniform_qv.tolist()
+    assert gain[0] == pytest.approx(10.0) and math.isnan(gain[1]) and gain[2] == pytest.approx(-10.0)
+    assert agg.roi_per_usd[0] == pytest.approx(10.0 / 0.375)
+    assert agg.p_vs_uniform_qv.isna().all()  # the baseline has one seed: no t-test
+    # Pareto fronts: maximise accuracy, minimise the cost axis
+    assert agg.pareto_trainable_params.tolist() == [True, False, True]
+    assert agg.pareto_cost_usd.tolist() == [True, True, True]
+    assert agg.pareto_peak_memory_mb.tolist() == [True, False, True]
+
+
+def test_aggregate_welch_p_with_two_baseline_seeds():
+    from scipy.stats import ttest_ind
+
+    trials = make_trials() + [trial("b1", "baseline", "uniform_qv", 1, 0.61, 0.60, 1024, 36.0, 0.01, 0.25, 305.0,
+                                    {Q0: 8, V1: 8})]
+    agg = report.aggregate(report.build(trials, SCORES, COMPACT, MAJORITY)).set_index("candidate_id")
+    expected = ttest_ind([0.80, 0.70], [0.65, 0.61], equal_var=False).pvalue
+    assert agg.loc["a1", "p_vs_uniform_qv"] == pytest.approx(expected)
+    assert math.isnan(agg.loc["b1", "p_vs_uniform_qv"])
+    assert agg.loc["b1", "accuracy"] == pytest.approx(0.63)
+
+
+def test_summary_lines_golden(table):
+    assert report.summary_lines(table, MAJORITY) == [
+        "Majority-class accuracy (the floor): 0.5500",
+        "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)",
+        "Gain over uniform_qv (0.6500, 1,024 params): +10.00 points",
+        "Training cost: 0.0500 device-hours, $1.2500",
+        "WARNING: 1 model(s) do not beat the majority class: a2",
+    ]
+
+
+def test_summary_lines_without_losers_or_baseline():
+    trials = [t for t in make_trials() if t["kind"] == "searched"]
+    lines = report.summary_lines(report.build(trials, SCORES, COMPACT, 0.4), 0.4)
+    assert lines == ["Majority-class accuracy (the floor): 0.4000",
+                     "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)",
+                     "Training cost: 0.0400 device-hours, $1.0000"]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def disk_full(tmp: str) -> None:
+    with open(tmp, "w") as handle:
+        handle.write("half a rep")  # a partial temporary file...
+    raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk fills up
+
+
+def test_write_atomic_keeps_old_content_on_disk_full(tmp_path):
+    path = tmp_path / "report.csv"
+    path.write_text("old content")
+    with pytest.raises(UserError) as err:
+        report.write_atomic(path, disk_full)
+    assert "No space left on device" in str(err.value) and "free disk space" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert path.read_text() == "old content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # no temporary file left
+
+
+def test_write_atomic_leaves_no_file_on_disk_full(tmp_path):
+    path = tmp_path / "sub" / "report.md"
+    with pytest.raises(UserError):
+        report.write_atomic(path, disk_full)
+    assert not path.exists()
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_write_atomic_other_errors_propagate_and_clean_up(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("old")
+
+    def broken(tmp: str) -> None:
+        open(tmp, "w").write("partial")
+        raise ValueError("bug in the writer")
+
+    with pytest.raises(ValueError, match="bug in the writer"):
+        report.write_atomic(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_write_atomic_replaces(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("old")
+    report.write_atomic(path, lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+# ---------------------------------------------------------------- files and load
+
+
+def test_write_files_and_load_round_trip(table, tmp_path):
+    written = report.write(table, tmp_path, MAJORITY)
+    for name in ("report.parquet", "report.csv", "report.md", "accuracy_vs_params.png"):
+        assert (tmp_path / name).is_file(), name
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 5_000 for p in pngs), [(p.name, p.stat().st_size) for p in pngs]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    loaded = report.load(tmp_path)
+    pd.testing.assert_frame_equal(loaded, written)
+    assert loaded.candidate_id.tolist() == ["a1", "a1", "a2", "a2", "b1"]
+    assert loaded.accuracy.tolist() == [0.80, 0.70, 0.60, 0.50, 0.65]
+
+    csv = pd.read_csv(tmp_path / "report.csv")
+    assert csv.columns[: len(report.CONTRACT_COLUMNS)].tolist() == report.CONTRACT_COLUMNS
+    assert csv.accuracy.tolist() == [0.80, 0.70, 0.60, 0.50, 0.65]
+    assert len(csv) == 5
+
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)" in md
+    assert "accuracy_vs_params.png" in md
+
+
+def test_load_missing_report(tmp_path):
+    with pytest.raises(UserError, match="report.parquet' not found"):
+        report.load(tmp_path)
+
+
+# ---------------------------------------------------------------- known defects (see the test report)
+
+
+def test_warning_names_each_losing_model_once():
+    table = report.build(make_trials(), SCORES, COMPACT, 0.62)  # both seeds of a2 (0.60, 0.50) are below 0.62
+    lines = report.summary_lines(table, 0.62)
+    warning = [line for line in lines if line.startswith("WARNING")]
+    assert warning == ["WARNING: 1 model(s) do not beat the majority class: a2"]
+
+
+def test_failed_trial_does_not_corrupt_the_summary():
+    failed = dict(candidate_id="b1", kind="baseline", label="uniform_qv", ranks={Q0: 8, V1: 8}, seed=0,
+                  status="failed", error="OutOfMemoryError: ...")
+    trials = [t for t in make_trials() if t["kind"] == "searched"] + [failed]
+    lines = report.summary_lines(report.build(trials, SCORES, COMPACT, MAJORITY), MAJORITY)
+    assert "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)" in lines
+    assert not any("nan" in line for line in lines), lines

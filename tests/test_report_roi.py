@@ -1,0 +1,303 @@
+"""ROI report: golden values on a synthetic results table, the plots and pages, rebuild and compare.
+
+No model and no Ray: every input is a hand-made trial row, run.json, screen.csv and module_scores.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator import report
+
+TYPES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+FULL = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value"}
+MODULES = [f"bert.encoder.layer.{layer}.{FULL.get(t, t)}" for layer in range(2) for t in TYPES]  # model order
+BASE_PARAMS = 1_000_000
+MAJORITY = 0.5
+
+
+def name(layer: int, kind: str) -> str:
+    return f"bert.encoder.layer.{layer}.{FULL.get(kind, kind)}"
+
+
+# candidate → (kind, label, params, ranks, {seed: (accuracy, cost_usd, peak_memory_mb)})
+MODELS = {
+    "aaaa": ("searched", "screen#1", 50_000, {name(0, "query"): 8, name(1, "key"): 4},
+             {0: (0.80, 0.010, 1000.0), 1: (0.82, 0.010, 1100.0)}),
+    "bbbb": ("searched", "screen#2", 100_000, {name(0, "intermediate.dense"): 2}, {0: (0.79, 0.004, 900.0)}),
+    "cccc": ("searched", "screen#3", 120_000, {name(1, "output.dense"): 16, name(0, "value"): 2},
+             {0: (0.85, 0.020, 1200.0)}),
+    "qqqq": ("baseline", "uniform_qv", 73_728, {name(layer, t): 8 for layer in range(2) for t in ("query", "value")},
+             {0: (0.78, 0.008, 1000.0), 1: (0.78, 0.012, 1000.0)}),
+}
+COMPACT = {"aaaa": "L0.query:8,L1.key:4", "bbbb": "L0.intermediate.dense:2", "cccc": "L0.value:2,L1.output.dense:16",
+           "qqqq": "L0.query:8,L0.value:8,L1.query:8,L1.value:8"}
+# per-unit module scores: exact binary fractions, so any summation order gives the same float
+UNIT = {"grad_norm": {m: 0.25 * (i + 1) for i, m in enumerate(MODULES)}, "params": {m: 64.0 for m in MODULES}}
+
+
+def trials(history: bool = False) -> list[dict]:
+    rows = []
+    for cid, (kind, label, params, ranks, seeds) in MODELS.items():
+        for seed, (accuracy, cost, memory) in seeds.items():
+            row = {"candidate_id": cid, "kind": kind, "label": label, "ranks": ranks, "seed": seed, "status": "completed",
+                   "adapter_dir": f"adapters/{cid}", "device_hours": cost / 0.0446, "cost_usd": cost, "accuracy": accuracy,
+                   "f1": accuracy - 0.01, "eval_loss": 1.0 - accuracy, "latency_ms_per_batch": 5.0, "epoch": 2,
+                   "train_loss": 0.9 - accuracy, "train_wall_s": 3600 * cost / 0.0446, "peak_memory_mb": memory,
+                   "trainable_params": params, "head_params": 770, "device": "cpu"}
+            if history:
+                row["history"] = [{"epoch": 1, "accuracy": accuracy - 0.05, "eval_loss": 1.1 - accuracy, "train_loss": 1.0},
+                                  {"epoch": 2, "accuracy": accuracy, "eval_loss": 1.0 - accuracy, "train_loss": 0.9 - accuracy}]
+            rows.append(row)
+    return rows
+
+
+def proxy_scores() -> dict[str, dict[str, float]]:
+    return {cid: {p: sum(r * UNIT[p][m] for m, r in ranks.items()) for p in UNIT} for cid, (_, _, _, ranks, _) in MODELS.items()}
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip drawing the run's PNGs where a test is about the tables (drawing is tested once, below)."""
+    monkeypatch.setattr(report, "write_plots", lambda frame, run_dir, *args, **kwargs: report._default_plots(frame))
+
+
+@pytest.fixture
+def table() -> pd.DataFrame:
+    return report.build(trials(), proxy_scores(), COMPACT, MAJORITY, base_params=BASE_PARAMS)
+
+
+def row(frame: pd.DataFrame, cid: str, seed: int | None = None) -> pd.Series:
+    part = frame[frame.candidate_id == cid]
+    return (part if seed is None else part[part.seed == seed]).iloc[0]
+
+
+# ---------------------------------------------------------------- golden values
+
+
+def test_pareto_front_golden():
+    frame = pd.DataFrame({"x": [1, 2, 2, 3, np.nan, 1], "accuracy": [1, 3, 3, 2, 5, 0.5]}, index=list("abcdef"))
+    mask = report.pareto_front(frame, "x")
+    assert mask.dtype == bool and list(mask.index) == list("abcdef")
+    assert mask.tolist() == [True, True, True, False, False, False]  # ties both stay; NaN never on the front
+    assert report.pareto_front(frame, "accuracy", y="x").tolist() == [False, False, False, True, False, True]
+
+
+def test_row_columns_gain_and_roi(table):
+    a0, a1, b, c, q = row(table, "aaaa", 0), row(table, "aaaa", 1), row(table, "bbbb"), row(table, "cccc"), row(table, "qqqq")
+    assert list(table.columns[:len(report.CONTRACT_COLUMNS)]) == report.CONTRACT_COLUMNS
+    assert a0.gain_vs_uniform_qv == pytest.approx(2.0) and a1.gain_vs_uniform_qv == pytest.approx(4.0)
+    assert b.gain_vs_uniform_qv == pytest.approx(1.0) and c.gain_vs_uniform_qv == pytest.approx(7.0)
+    assert math.isnan(q.gain_vs_uniform_qv) and q.roi_baseline == "uniform_qv"
+    assert a0.roi_per_usd == pytest.approx(200.0) and a1.roi_per_usd == pytest.approx(400.0)
+    assert b.roi_per_usd == pytest.approx(250.0) and c.roi_per_usd == pytest.approx(350.0)
+    assert a0.roi_per_mparams == pytest.approx(40.0) and b.roi_per_mparams == pytest.approx(10.0)
+    assert c.roi_per_mparams == pytest.approx(7.0 / 0.12)
+    assert a0.params_pct_of_base == pytest.approx(5.0) and q.params_pct_of_base == pytest.approx(7.3728)
+    assert (a0.num_adapted_modules, a0.total_rank, a0.adapters_per_type) == (2, 12, "query:1,key:1")
+    assert (q.num_adapted_modules, q.total_rank, q.adapters_per_type) == (4, 32, "query:2,value:2")
+    assert c.adapters_per_type == "value:1,output.dense:1"
+    assert json.loads(q.ranks_json) == MODELS["qqqq"][3]
+    assert "ranks" not in table and "history" not in table
+
+
+def test_base_params_unknown_gives_nan_and_no_baseline_gives_nan_roi():
+    plain = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
+    assert plain.params_pct_of_base.isna().all()
+    searched_only = report.build([t for t in trials() if t["kind"] == "searched"], proxy_scores(), COMPACT, MAJORITY)
+    assert searched_only.roi_per_usd.isna().all() and not any(c.startswith("gain_vs_") for c in searched_only)
+
+
+def test_aggregate_mean_std_welch_and_pareto(table):
+    agg = report.aggregate(table).set_index("candidate_id")
+    assert agg.index.tolist() == ["cccc", "aaaa", "bbbb", "qqqq"]  # by mean accuracy
+    a = agg.loc["aaaa"]
+    assert a.accuracy == pytest.approx(0.81) and a.accuracy_std == pytest.approx(math.sqrt(2) * 0.01)
+    assert a.seeds == 2 and a.cost_usd == pytest.approx(0.02) and a.cost_usd_mean == pytest.approx(0.01)
+    assert a.cost_usd_std == pytest.approx(0.0) and a.peak_memory_mb == pytest.approx(1050.0)
+    assert a.peak_memory_mb_std == pytest.approx(50 * math.sqrt(2))
+    assert a.eval_loss == pytest.approx(0.19) and a.f1_std == pytest.approx(math.sqrt(2) * 0.01)
+    assert agg.loc["qqqq"].cost_usd_std == pytest.approx(0.002 * math.sqrt(2))
+    assert a.gain_vs_uniform_qv == pytest.approx(3.0) and a.roi_per_usd == pytest.approx(300.0)
+    assert a.roi_per_mparams == pytest.approx(60.0)
+    # Welch: t = 0.03 / 0.01 = 3 with 1 degree of freedom (the baseline has zero variance) → p = 1 − 2·atan(3)/π
+    assert a.p_vs_uniform_qv == pytest.approx(1 - 2 * math.atan(3) / math.pi, rel=1e-9)
+    assert math.isnan(agg.loc["bbbb"].p_vs_uniform_qv) and math.isnan(agg.loc["cccc"].p_vs_uniform_qv)  # 1 seed
+    assert math.isnan(agg.loc["bbbb"].accuracy_std) and math.isnan(agg.loc["qqqq"].p_vs_uniform_qv)
+    assert set(agg.index[agg.pareto_trainable_params]) == {"aaaa", "cccc"}
+    assert set(agg.index[agg.pareto_cost_usd]) == {"aaaa", "bbbb", "cccc"}  # qqqq ties aaaa on cost, lower accuracy
+    assert set(agg.index[agg.pareto_peak_memory_mb]) == {"aaaa", "bbbb", "cccc"}
+
+
+def test_welch_p_nan_with_one_seed():
+    assert math.isnan(report.welch_p([0.8], [0.7, 0.72]))
+    assert math.isnan(report.welch_p([0.8, 0.81], [0.7]))
+    assert report.welch_p([0.8, 0.82, 0.81], [0.7, 0.72]) < 0.05
+
+
+def test_spearman_per_proxy():
+    scores = {"aaaa": {"up": 3.0, "down": 1.0, "flat": 5.0}, "bbbb": {"up": 2.0, "down": 3.0, "flat": 5.0},
+              "cccc": {"up": 4.0, "down": 0.5, "flat": 5.0}, "qqqq": {"up": 1.0, "down": 4.0, "flat": 5.0}}
+    frame = report.build(trials(), scores, COMPACT, MAJORITY)
+    rho = report.proxy_correlations(frame).set_index("proxy")
+    assert rho.loc["up", "spearman_rho"] == pytest.approx(1.0) and rho.loc["down", "spearman_rho"] == pytest.approx(-1.0)
+    assert math.isnan(rho.loc["flat", "spearman_rho"]) and (rho.models == 4).all()
+    two = report.proxy_correlations(frame[frame.candidate_id.isin(["aaaa", "qqqq"])])
+    assert two.spearman_rho.isna().all()  # fewer than 3 distinct models
+
+
+def test_failed_runs_are_left_out_and_named_stopped_runs_stay():
+    rows = trials()
+    rows[1] = dict(rows[1], status="stopped")  # ASHA stopped it early: a real result
+    failed = {"candidate_id": "bbbb", "kind": "searched", "label": "screen#2", "ranks": MODELS["bbbb"][3], "seed": 1,
+              "status": "failed", "error": "OutOfMemoryError: CUDA out of memory"}
+    frame = report.build(rows + [failed], proxy_scores(), COMPACT, MAJORITY)
+    assert len(frame) == len(rows) and frame.trainable_params.dtype.kind == "i" and frame.seed.dtype.kind == "i"
+    assert "stopped" in set(frame.status)
+    lines = report.summary_lines(frame, MAJORITY)
+    assert lines[-1] == "WARNING: 1 training run(s) failed and are left out: bbbb-s1 (OutOfMemoryError: CUDA out of memory)"
+    assert not any("nan" in line for line in lines)
+    below = report.summary_lines(report.build(rows, proxy_scores(), COMPACT, 0.83), 0.83)  # aaaa: 2 seeds, named once
+    assert "WARNING: 3 model(s) do not beat the majority class: aaaa, bbbb, qqqq" in below
+
+
+def test_compact_allocation_follows_model_order():
+    ranks = {name(1, "key"): 4, name(0, "output.dense"): 2, name(0, "query"): 8, name(1, "value"): 0}
+    assert report.compact_allocation(ranks, MODULES) == "L0.query:8,L0.output.dense:2,L1.key:4"
+    assert report.compact_allocation(ranks) == "L0.query:8,L0.output.dense:2,L1.key:4"  # without the order: by type
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_write_renders_every_plot_and_page(tmp_path):
+    frame = report.build(trials(history=True), proxy_scores(), COMPACT, MAJORITY, base_params=BASE_PARAMS)
+    written = report.write(frame, tmp_path, MAJORITY)
+    pngs = ["accuracy_vs_params.png", "accuracy_vs_cost.png", "allocation_heatmap.png", "proxy_vs_accuracy.png",
+            "learning_curves.png"]
+    for png in pngs:
+        path = tmp_path / png
+        assert path.is_file() and path.stat().st_size > 5_000, png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page, text = (tmp_path / "report.html").read_text(), (tmp_path / "report.md").read_text()
+    assert page.startswith("<!doctype html>") and "<style>" in page and "<table" in page
+    for png in pngs:
+        assert f'src="{png}"' in page and f"]({png})" in text
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(pngs)
+    assert not list(tmp_path.glob(".*.tmp"))
+    on_disk = pd.read_parquet(tmp_path / "report.parquet")
+    assert {"ranks_json", "history_json", "roi_per_usd", "gain_vs_uniform_qv"} <= set(on_disk.columns)
+    pd.testing.assert_frame_equal(on_disk, written)
+    csv = pd.read_csv(tmp_path / "report.csv")
+    assert "ranks_json" not in csv and "history_json" not in csv and len(csv) == len(frame)
+    assert "ranks_json" not in text and " nan " not in text  # missing values print blank
+    # without history the learning-curve plot is not drawn, and a stale one goes away
+    report.write(report.build(trials(), proxy_scores(), COMPACT, MAJORITY), tmp_path, MAJORITY)
+    assert not (tmp_path / "learning_curves.png").exists()
+    assert "learning_curves.png" not in (tmp_path / "report.html").read_text()
+
+
+def test_print_summary_fits_one_screen(table, tmp_path):
+    from rich.console import Console
+
+    console = Console(width=100, record=True)
+    report.print_summary(table, MAJORITY, console)
+    out = console.export_text()
+    assert "uniform_qv" in out and "Spearman" in out and "Pareto front" in out and "+3.00" in out
+    assert len(out.splitlines()) <= 40 and max(len(line) for line in out.splitlines()) <= 100
+
+
+def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str = "synthetic_task"):
+    """A finished run as pipeline.run leaves it (without adapters): trials/, run.json, screen.csv, module_scores.json."""
+    (path / "trials").mkdir(parents=True)
+    rows = trials()
+    for t in rows:
+        t = dict(t, accuracy=min(1.0, t["accuracy"] * scale))
+        (path / "trials" / f"{t['candidate_id']}-s{t['seed']}.json").write_text(json.dumps(t, indent=1))
+    (path / "trials" / "aaaa-s7.json").write_text(json.dumps(dict(rows[0], seed=7)))  # a seed the config dropped
+    failed = {"candidate_id": "bbbb", "kind": "searched", "label": "screen#2", "ranks": MODELS["bbbb"][3], "seed": 1,
+              "status": "failed", "error": "RuntimeError: worker died"}
+    (path / "trials" / "bbbb-s1.json").write_text(json.dumps(failed))  # as train.keep_failure writes it
+    run = {"config": {"name": name, "model": {"name": "tiny"}, "space": {"module_types": TYPES},
+                      "train": {"baselines": ["uniform_qv"], "seeds": [0, 1]},
+                      "cost": {"price_per_device_hour": {"cpu": 0.0446, "gpu": 1.006}}},
+           "seeds": {"train": [0, 1], "screen": 0, "split": 0},
+           "task": {"task": task, "train_examples": 100, "eval_examples": 50, "majority_rate": MAJORITY},
+           "base_params": BASE_PARAMS, "started_at": "2026-01-01T10:00:00+0000", "finished_at": "2026-01-01T10:30:00+0000"}
+    (path / "run.json").write_text(json.dumps(run))
+    (path / "module_scores.json").write_text(json.dumps({"unit": UNIT, "seconds": {"grad_norm": 36.0, "params": 0.0}}))
+    screen = pd.DataFrame({"candidate_id": ["aaaa", "bbbb", "cccc", "dddd"],
+                           "allocation": [COMPACT["aaaa"], COMPACT["bbbb"], COMPACT["cccc"], "L1.value:4"],
+                           "trainable_params": [50_000, 100_000, 120_000, 4_000], "survivor": [True, True, True, False]})
+    screen.to_csv(path / "screen.csv", index=False)
+    return path
+
+
+def test_rebuild_reproduces_the_pipeline_report(tmp_path, no_plots):
+    run_dir = make_run_dir(tmp_path / "run")
+    run = json.loads((run_dir / "run.json").read_text())
+    # what pipeline.run does: build from the finished trials of the configured seeds, then write
+    kept = [json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))]
+    kept = [t for t in kept if t["seed"] in run["seeds"]["train"]]
+    report.write(report.build(kept, proxy_scores(), COMPACT, MAJORITY), run_dir, MAJORITY)
+    expected = pd.read_parquet(run_dir / "report.parquet")
+    assert expected.params_pct_of_base.notna().all()  # write took base_params from run.json
+
+    rebuilt = report.rebuild(run_dir)
+    again = pd.read_parquet(run_dir / "report.parquet")
+    pd.testing.assert_frame_equal(again, expected)
+    pd.testing.assert_frame_equal(rebuilt, expected)
+    assert 7 not in set(again.seed) and len(again) == 6  # the failed run is left out
+    assert rebuilt.attrs["failed"] == ["bbbb-s1 (RuntimeError: worker died)"]
+    assert row(again, "aaaa").proxy_grad_norm == 8 * 0.25 + 4 * 2.0  # Σ rank × unit score (L0.query 0.25, L1.key 2.0)
+    text = (run_dir / "report.md").read_text()
+    assert "Screening vs training cost" in text and "Run wall time: 1800 s" in text
+    costs = report.cost_breakdown(again, run, json.loads((run_dir / "module_scores.json").read_text()),
+                                  pd.read_csv(run_dir / "screen.csv"))
+    assert costs["candidates_screened"] == 4 and costs["screen_seconds"] == 36.0
+    assert costs["screen_cost_usd"] == pytest.approx(0.01 * 0.0446)
+    assert costs["train_cost_usd"] == pytest.approx(0.064)
+    assert costs["compute_to_best_s"] == pytest.approx(36.0 + 3600 * 0.020 / 0.0446)  # best searched: cccc
+
+
+def test_rebuild_refuses_a_directory_without_results(tmp_path):
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError, match="run.json"):
+        report.rebuild(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"task": {"majority_rate": 0.5}}))
+    with pytest.raises(UserError, match="no finished model"):
+        report.rebuild(tmp_path)
+
+
+def test_compare_two_runs(tmp_path, no_plots):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    first = make_run_dir(tmp_path / "results" / "one", name="one")
+    second = make_run_dir(tmp_path / "results" / "two", name="two", task="other_task", scale=0.9)
+    for run_dir in (first, second):
+        report.rebuild(run_dir)
+    table = report.compare([first, second], tmp_path / "cmp")
+    assert table.run.tolist() == ["one", "two"] and table.task.tolist() == ["synthetic_task", "other_task"]
+    assert table.best_searched.tolist() == ["screen#3 · cccc", "screen#3 · cccc"]
+    assert table.gain_points[0] == pytest.approx(7.0) and table.gain_points[1] == pytest.approx(100 * 0.9 * 0.07)
+    assert table.baseline.tolist() == ["uniform_qv", "uniform_qv"]
+    assert table.total_cost_usd[0] == pytest.approx(0.064 + 0.01 * 0.0446)
+    for name in ("compare.csv", "compare.md", "compare.png"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000
+    assert report.default_compare_dir([first, second]) == tmp_path / "results" / "compare-one-two"
+
+    result = CliRunner().invoke(app, ["compare", str(first), str(second)], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    assert "runs compared" in result.output and (tmp_path / "results" / "compare-one-two" / "compare.png").is_file()
+    result = CliRunner().invoke(app, ["report", str(first)], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    assert "uniform_qv" in result.output and "Screening" in result.output
