@@ -10,6 +10,7 @@ verifies that every key matches exactly one module of the model.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ class Allocation:
         for item in filter(None, (part.strip() for part in text.split(","))):
             short, _, rank = item.rpartition(":")
             if short not in by_short or not rank.isdigit():
+                example = f"{modules[0].short}:8" if modules else "L0.query:8"
                 raise UserError(f"allocation: '{item}' is not `L<layer>.<module type>:<rank>` for this model; "
-                                f"e.g. {modules[0].short}:8")
+                                f"e.g. {example} (see `lora-search modules`)")
             ranks[by_short[short]] = int(rank)
         return cls.from_ranks(ranks)
 
@@ -104,6 +106,24 @@ def budget_params(modules: list[AdaptableModule], params: int | None, qv_rank: i
     if params is not None:
         return params
     return uniform(modules, ("query", "value"), qv_rank).trainable_params(modules)
+
+
+def apply_adalora(model: nn.Module, allocation: Allocation, total_steps: int):
+    """AdaLoRA baseline (PEFT) at the allocation's budget.
+
+    Every module starts at 1.5× the target rank and AdaLoRA masks singular values down on its cubic
+    schedule until the total rank is target_r × modules, i.e. the allocation's own parameter count
+    (DESIGN §5). It trains more parameters than it keeps: the report shows both counts.
+    """
+    from peft import AdaLoraConfig, get_peft_model
+
+    allocation.check_against(model)
+    target_r = max(r for _, r in allocation.ranks)
+    config = AdaLoraConfig(init_r=math.ceil(1.5 * target_r), target_r=target_r, lora_alpha=allocation.alpha_ratio * target_r,
+                           target_modules=[name for name, _ in allocation.ranks], lora_dropout=0.0,
+                           total_step=total_steps, tinit=int(0.1 * total_steps), tfinal=int(0.2 * total_steps),
+                           deltaT=max(1, total_steps // 50), modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
+    return get_peft_model(model, config)
 
 
 def apply_lora(model: nn.Module, allocation: Allocation):

@@ -22,7 +22,7 @@ from orchestrator.errors import UserError
 
 MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
-BASELINES = ("uniform_qv", "uniform_all")
+BASELINES = ("uniform_qv", "uniform_all", "adalora")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -110,6 +110,19 @@ class ScreenConfig:
         _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")
         _require(self.sampler in ("tpe", "random"), "screen.sampler", f"'{self.sampler}' is unknown", "use tpe or random")
         _require(self.rank_by in self.proxies, "screen.rank_by", f"'{self.rank_by}' is not in screen.proxies", "add it to screen.proxies")
+        from orchestrator.proxies import PROXIES  # lazy: the registry imports torch
+
+        unknown = [p for p in self.proxies if p not in PROXIES]
+        _require(not unknown, "screen.proxies", f"unknown proxy {unknown}", f"choose from {sorted(PROXIES)}")
+        if self.storage is not None:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(self.storage)
+            except ArgumentError:
+                raise UserError(f"screen.storage: {self.storage!r} is not a SQLAlchemy URL; "
+                                "use e.g. sqlite:///study.db or postgresql://user@host/db, or null for the run's study.db") from None
         for name in ("num_trials", "candidates_per_trial", "survivors", "proxy_batches", "batch_size", "probe_rank"):
             _require(getattr(self, name) > 0, f"screen.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
 
@@ -123,7 +136,7 @@ class TrainConfig:
     warmup_ratio: float = _help("share of steps with linear warm-up before linear decay", 0.06)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     seeds: list[int] = _help("every model trains once per seed; ≥ 3 seeds for any claim", factory=lambda: [0])
-    baselines: list[str] = _help("baselines trained at the same budget: uniform_qv, uniform_all", factory=lambda: ["uniform_qv"])
+    baselines: list[str] = _help("baselines trained at the same budget: uniform_qv, uniform_all, adalora", factory=lambda: ["uniform_qv"])
     num_workers: int = _help("Ray Train workers per model (>1 runs DDP)", 1)
     cpus_per_worker: int = _help("CPU threads per worker", 1)
     max_concurrent: int = _help("models training at the same time", 2)
@@ -169,8 +182,11 @@ class RunConfig:
     cost: CostConfig = _help("price table of the cost model", factory=CostConfig)
 
     def __post_init__(self):
-        _require(bool(RUN_NAME_PATTERN.match(self.name)) and ".." not in self.name, "name", f"'{self.name}' is not a safe run name",
-                 "use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
+        _require(bool(RUN_NAME_PATTERN.fullmatch(self.name)) and ".." not in self.name, "name", f"{self.name!r} is not a safe run name",
+                 "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
+        results = Path(self.results_dir)
+        _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
+                 "point results_dir at a directory (it is created if missing)")
 
     @property
     def run_dir(self) -> Path:
@@ -191,8 +207,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise UserError(f"config: file '{path}' not found; give the path of a YAML file, e.g. search_spaces/quickstart.yaml")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"config: '{path}' is not valid YAML (not UTF-8 text); re-encode it as UTF-8") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             line = f" at line {where.line + 1}" if where else ""
             raise UserError(f"config: '{path}' is not valid YAML{line}; fix the syntax there") from None
@@ -260,11 +280,11 @@ def _coerce(hint, value, name: str):
         return build(hint, value, name + ".")
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{name}: expected a list, got {value!r}; write it as [a, b, ...]")
+            raise UserError(f"{name}: expected a list, got {_shown(value)}; write it as [a, b, ...]")
         return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{name}: expected a mapping, got {value!r}; write it as `key: value` lines")
+            raise UserError(f"{name}: expected a mapping, got {_shown(value)}; write it as `key: value` lines")
         return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -275,6 +295,21 @@ def _coerce(hint, value, name: str):
         return float(value)
     if hint is str and isinstance(value, (bool, int, float)):
         return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, dict):
+        raise UserError(f"{name}: expected {hint.__name__}, got the section {_shown(value)}; "
+                        f"give one {hint.__name__} value (it has no sub-keys)")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise UserError(f"{name}: expected {hint.__name__}, got {value!r}; give a {hint.__name__}")
+        article = "an" if hint.__name__[0] in "aeiou" else "a"
+        raise UserError(f"{name}: expected {hint.__name__}, got {_shown(value)}; give {article} {hint.__name__}")
     return value
+
+
+def _shown(value) -> str:
+    """A value as the user wrote it (override text unwrapped), on one line."""
+    if isinstance(value, _OverrideText):
+        return repr(value.text)
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_shown(v)}" for k, v in value.items()) + "}"
+    return repr(value)

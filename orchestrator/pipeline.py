@@ -121,7 +121,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         write_screen(screen, cfg.run_dir)
 
     allocations = _allocations_to_train(screen, modules, budget, cfg)
-    jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed)
+    jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed, "adalora" if label == "adalora" else "lora")
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
@@ -139,5 +139,7 @@ def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig)
     for rank, row in enumerate(screen[screen.survivor].itertuples(), start=1):
         chosen[row.candidate_id] = ("searched", f"screen#{rank}", Allocation.from_compact(row.allocation, modules))
     for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
-        chosen.setdefault(allocation.candidate_id, ("baseline", name, allocation))
+        # AdaLoRA shares uniform_qv's final allocation but is a different model: give it its own id
+        cid = f"adalora-{allocation.candidate_id}" if name == "adalora" else allocation.candidate_id
+        chosen.setdefault(cid, ("baseline", name, allocation))
     return chosen

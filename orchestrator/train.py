@@ -23,10 +23,10 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.allocation import Allocation, apply_lora
+from orchestrator.allocation import Allocation, apply_adalora, apply_lora
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData, make_loader
-from orchestrator.models import head_params, load_model, load_tokenizer
+from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
 
 TRAIN_STATE = "train_state.pt"
 HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
@@ -39,6 +39,7 @@ class TrainJob:
     label: str  # the baseline's name, or the screen rank of a searched candidate
     ranks: dict[str, int]
     seed: int
+    method: str = "lora"  # lora | adalora (the AdaLoRA baseline)
 
     @property
     def job_id(self) -> str:
@@ -71,12 +72,13 @@ def evaluate(model, loader, device: torch.device, num_labels: int) -> dict:
     predictions, labels, losses, batch_seconds = [], [], [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
+        target = batch.pop("labels")  # loss computed here: AdaLoRA's forward adds a training-only term to it
         start = time.perf_counter()
-        output = model(**batch)
+        logits = model(**batch).logits
         batch_seconds.append(time.perf_counter() - start)
-        losses.append(float(output.loss) * len(batch["labels"]))
-        predictions.append(output.logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
+        losses.append(float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")))
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(target.cpu())
     predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
     return {"accuracy": float(np.mean(predicted == truth)),
             "f1": float(f1_score(truth, predicted, average="macro", labels=list(range(num_labels)), zero_division=0)),
@@ -102,30 +104,34 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(t.cpus_per_worker)
     torch.manual_seed(job.seed)
 
-    base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
-    n_head = head_params(base)
-    model = apply_lora(base, Allocation.from_ranks(job.ranks))
-    peft_model = model
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(cfg.model.name)
     train_loader = ray.train.torch.prepare_data_loader(
         make_loader(task.train, tokenizer, cfg.model.max_length, t.batch_size, shuffle=True, seed=job.seed))
     eval_loader = make_loader(task.eval, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
+    total_steps = t.epochs * len(train_loader)
+
+    base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
+    n_head = head_params(base)
+    allocation = Allocation.from_ranks(job.ranks)
+    kept_params = allocation.trainable_params(adaptable_modules(base))  # AdaLoRA trains more, keeps this many
+    adalora = job.method == "adalora"
+    peft_model = apply_adalora(base, allocation, total_steps) if adalora else apply_lora(base, allocation)
+    model = ray.train.torch.prepare_model(peft_model)
+    device = ray.train.torch.get_device()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = _linear_warmup_decay(optimizer, t.epochs * len(train_loader), t.warmup_ratio)
+    scheduler = _linear_warmup_decay(optimizer, total_steps, t.warmup_ratio)
     start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), peft_model, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
+    trained_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
 
     for epoch in range(start_epoch, t.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
         started, losses = time.perf_counter(), []
-        for batch in train_loader:
+        for step, batch in enumerate(train_loader, start=epoch * len(train_loader)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
             if not math.isfinite(float(loss)):
@@ -133,12 +139,15 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if adalora:  # prune ranks on AdaLoRA's schedule: after backward, before zero_grad
+                peft_model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
-                       peak_memory_mb=_max_over_workers(_peak_memory_mb(device)), trainable_params=lora_params,
+                       peak_memory_mb=_max_over_workers(_peak_memory_mb(device)),
+                       trainable_params=kept_params, trained_params=trained_params,
                        head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch)  # > 0: this worker group restarted from a checkpoint
         history.append({k: metrics[k] for k in HISTORY_KEYS})

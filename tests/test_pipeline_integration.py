@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SLICE = ["name=slice", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
          "screen.num_trials=2", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
-         "train.batch_size=32", "train.eval_batch_size=32"]
+         "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[uniform_qv,uniform_all,adalora]"]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,22 @@ def test_report_files_and_columns(finished_run):
     for name in ("report.csv", "report.parquet", "report.md", "screen.csv", "study.db", "run.json", "accuracy_vs_params.png"):
         assert (run_dir / name).is_file(), name
     on_disk = pd.read_parquet(run_dir / "report.parquet")
-    assert len(on_disk) == 2  # one survivor + the uniform q,v baseline, one seed
+    assert len(on_disk) == 4  # one survivor + three baselines, one seed
     assert set(on_disk.kind) == {"searched", "baseline"}
+    assert set(on_disk[on_disk.kind == "baseline"].label) == {"uniform_qv", "uniform_all", "adalora"}
     for column in report.CONTRACT_COLUMNS + ["proxy_grad_norm", "proxy_params"]:
         assert column in on_disk.columns, column
         assert on_disk[column].notna().all(), column
     assert (on_disk.head_params == 770).all()
-    baseline = on_disk[on_disk.kind == "baseline"].iloc[0]
+    baseline = on_disk[on_disk.label == "uniform_qv"].iloc[0]
     searched = on_disk[on_disk.kind == "searched"].iloc[0]
     assert baseline.trainable_params == 73728  # q,v at r=8 on MiniLM-L6
     assert abs(searched.trainable_params - baseline.trainable_params) <= 0.05 * baseline.trainable_params
     assert searched.proxy_params == searched.trainable_params
+    adalora = on_disk[on_disk.label == "adalora"].iloc[0]
+    assert adalora.trainable_params == 73728  # what AdaLoRA keeps: q,v at target_r = 8
+    assert adalora.trained_params > adalora.trainable_params  # it trains init_r = 12 plus singular values
+    assert (on_disk[on_disk.label != "adalora"].trained_params == on_disk[on_disk.label != "adalora"].trainable_params).all()
 
 
 def test_screen_table_and_study(finished_run):
