@@ -19,6 +19,7 @@ from torch import nn
 
 from orchestrator.errors import UserError
 from orchestrator.models import HEAD_MODULES, AdaptableModule
+from orchestrator.shortcuts import ShortcutSpec, attach_shortcuts, check_specs, is_shortcut_item, shortcut_sites
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,14 @@ class Allocation:
 
     @classmethod
     def from_compact(cls, text: str, modules: list[AdaptableModule]) -> Allocation:
-        """Parse `L0.query:8,L3.output.dense:4` (the report's `allocation` column)."""
+        """Parse `L0.query:8,L3.output.dense:4,L3.shortcut.residual:2` (the report's `allocation` column)."""
         by_short = {m.short: m.name for m in modules}
         ranks = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
+            if is_shortcut_item(item):
+                spec = ShortcutSpec.parse(item)
+                ranks[spec.name] = spec.rank
+                continue
             short, _, rank = item.rpartition(":")
             if short not in by_short or not rank.isdigit():
                 example = f"{modules[0].short}:8" if modules else "L0.query:8"
@@ -50,14 +55,30 @@ class Allocation:
     def as_dict(self) -> dict[str, int]:
         return dict(self.ranks)
 
+    @property
+    def lora_ranks(self) -> tuple[tuple[str, int], ...]:
+        """The PEFT LoRA part: every entry that is not a shortcut."""
+        return tuple(item for item in self.ranks if not is_shortcut_item(item[0]))
+
+    @property
+    def shortcuts(self) -> tuple[ShortcutSpec, ...]:
+        """HeteroLoRA shortcut connections, stored as `L<layer>.shortcut.<kind>` entries of `ranks`."""
+        return tuple(ShortcutSpec.parse(f"{name}:{r}") for name, r in self.ranks if is_shortcut_item(name))
+
     def trainable_params(self, modules: list[AdaptableModule]) -> int:
-        """Exact LoRA parameter count: A is r×in, B is out×r."""
+        """Exact LoRA (+ shortcut) parameter count: A is r×in, B is out×r.
+
+        `modules` must hold every entry's module or shortcut site (see `searchable_units`)."""
         by_name = {m.name: m for m in modules}
+        missing = [name for name, _ in self.ranks if name not in by_name]
+        if missing:
+            raise UserError(f"allocation: {missing[:3]} are not modules or shortcut sites of this model; check the names")
         return sum(r * by_name[name].params_per_rank for name, r in self.ranks)
 
     def compact(self, modules: list[AdaptableModule]) -> str:
         rank = self.as_dict()
-        return ",".join(f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank)
+        lora = [f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank]
+        return ",".join(lora + [spec.compact for spec in self.shortcuts])
 
     @property
     def candidate_id(self) -> str:
@@ -70,10 +91,11 @@ class Allocation:
 
     def check_against(self, model: nn.Module) -> None:
         """Every key must match exactly one Linear module by PEFT's own suffix rule."""
-        if not self.ranks:
-            raise UserError("allocation: no module has a rank > 0; switch on at least one module")
+        if not self.lora_ranks:
+            raise UserError("allocation: no LoRA module has a rank > 0; switch on at least one module")
+        check_specs(model, self.shortcuts)
         names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        for key, _ in self.ranks:
+        for key, _ in self.lora_ranks:
             pattern = re.compile(rf"(.*\.)?({re.escape(key)})$")
             hits = [name for name in names if pattern.match(name)]
             if len(hits) != 1:
@@ -84,13 +106,13 @@ class Allocation:
         """PEFT LoraConfig: exact target list, one escaped rank/alpha pattern per module."""
         from peft import LoraConfig
 
-        default_rank = Counter(r for _, r in self.ranks).most_common(1)[0][0]
+        default_rank = Counter(r for _, r in self.lora_ranks).most_common(1)[0][0]
         return LoraConfig(
             r=default_rank,
             lora_alpha=self.alpha_ratio * default_rank,
-            target_modules=[name for name, _ in self.ranks],
-            rank_pattern={re.escape(name): r for name, r in self.ranks},
-            alpha_pattern={re.escape(name): self.alpha_ratio * r for name, r in self.ranks},
+            target_modules=[name for name, _ in self.lora_ranks],
+            rank_pattern={re.escape(name): r for name, r in self.lora_ranks},
+            alpha_pattern={re.escape(name): self.alpha_ratio * r for name, r in self.lora_ranks},
             lora_dropout=0.0,
             modules_to_save=list(HEAD_MODULES),
             task_type="SEQ_CLS",
@@ -118,17 +140,31 @@ def apply_adalora(model: nn.Module, allocation: Allocation, total_steps: int):
     from peft import AdaLoraConfig, get_peft_model
 
     allocation.check_against(model)
-    target_r = max(r for _, r in allocation.ranks)
+    target_r = max(r for _, r in allocation.lora_ranks)
     config = AdaLoraConfig(init_r=math.ceil(1.5 * target_r), target_r=target_r, lora_alpha=allocation.alpha_ratio * target_r,
-                           target_modules=[name for name, _ in allocation.ranks], lora_dropout=0.0,
+                           target_modules=[name for name, _ in allocation.lora_ranks], lora_dropout=0.0,
                            total_step=total_steps, tinit=int(0.1 * total_steps), tfinal=int(0.2 * total_steps),
                            deltaT=max(1, total_steps // 50), modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
     return get_peft_model(model, config)
 
 
 def apply_lora(model: nn.Module, allocation: Allocation):
-    """Wrap `model` in a PeftModel carrying `allocation` (checked first) with a trainable head."""
+    """Wrap `model` in a PeftModel carrying the allocation's LoRA modules (checked first) with a trainable head.
+
+    Its shortcuts, if any, go on afterwards with `attach_allocation_shortcuts` (PEFT freezes all else when it wraps)."""
     from peft import get_peft_model
 
     allocation.check_against(model)
     return get_peft_model(model, allocation.to_lora_config())
+
+
+def attach_allocation_shortcuts(peft_model: nn.Module, allocation: Allocation, seed: int):
+    """The allocation's shortcut modules on a PEFT model, or None when it has none."""
+    if not allocation.shortcuts:
+        return None
+    return attach_shortcuts(peft_model, allocation.shortcuts, alpha_ratio=allocation.alpha_ratio, seed=seed)
+
+
+def searchable_units(model: nn.Module, modules: list[AdaptableModule], shortcut_kinds=(), layers=None) -> list:
+    """Adaptable modules plus the shortcut sites of the allowed kinds (same interface for allocators)."""
+    return list(modules) + (shortcut_sites(model, shortcut_kinds, layers) if shortcut_kinds else [])

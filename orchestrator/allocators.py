@@ -8,6 +8,8 @@ band, and the sampler learns which distributions give the best proxy scores.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,9 @@ from orchestrator.allocation import Allocation, budget_params, uniform
 from orchestrator.config import SpaceConfig
 from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
+
+__all__ = ["Budget", "space_modules", "make_budget", "distribution_space", "sample_allocations", "baseline_allocations",
+           "Allocator", "ALLOCATORS", "register_allocator", "get_allocator", "summed_score"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,14 @@ class Budget:
 
 
 def space_modules(modules: list[AdaptableModule], space: SpaceConfig) -> list[AdaptableModule]:
-    """The modules the search may put an adapter on."""
+    """The modules (and, with `space.shortcuts`, the shortcut sites) the search may put an adapter on."""
     layers = sorted({m.layer for m in modules})
     if space.layers is not None:
         missing = [i for i in space.layers if i not in layers]
         if missing:
             raise UserError(f"space.layers: layers {missing} do not exist; this model has layers {layers[0]}..{layers[-1]}")
-    chosen = [m for m in modules if m.type in space.module_types and (space.layers is None or m.layer in space.layers)]
+    types = set(space.module_types) | {f"shortcut.{kind}" for kind in space.shortcuts}
+    chosen = [m for m in modules if m.type in types and (space.layers is None or m.layer in space.layers)]
     if not chosen:
         raise UserError("space.module_types: no module of the model matches the space; check module_types and layers")
     too_big = [r for r in space.ranks if r > min(min(m.in_features, m.out_features) for m in chosen)]
@@ -69,7 +75,8 @@ def distribution_space(space: SpaceConfig) -> dict:
     """Ray Tune search space of the allocation distribution (given to OptunaSearch)."""
     from ray import tune
 
-    params = {f"w_{t}": tune.uniform(0.0, 1.0) for t in space.module_types}
+    types = list(space.module_types) + [f"shortcut.{kind}" for kind in space.shortcuts]
+    params = {f"w_{t}": tune.uniform(0.0, 1.0) for t in types}
     params["depth_bias"] = tune.uniform(-1.0, 1.0)
     params["max_rank"] = tune.choice(space.ranks)
     return params
@@ -117,10 +124,351 @@ def baseline_allocations(modules: list[AdaptableModule], budget: Budget, names: 
     uniform_qv is the habit (query+value); uniform_all puts the same rank on every Linear of every
     layer, so on small budgets its nearest integer rank can miss the band: its exact count is reported.
     """
-    types = {"uniform_qv": ("query", "value"),
+    types = {"uniform_qv": ("query", "value"), "adalora": ("query", "value"),  # AdaLoRA ends at q,v's budget
              "uniform_all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")}
     baselines = {}
     for name in names:
         per_rank = uniform(modules, types[name], 1).trainable_params(modules)
         baselines[name] = uniform(modules, types[name], max(1, round(budget.target / per_rank)))
     return baselines
+
+
+# ---------------------------------------------------------------- the allocator registry
+#
+# An allocator turns the per-module, per-unit-of-rank scores of one proxy into candidate allocations
+# inside the budget band. Shaped like the proxy registry (and Optuna's samplers): one narrow base
+# class, a name → class table, a decorator that fills it and a lookup that names the YAML field.
+
+_MAX_DP_CELLS = 20_000_000  # max(modules, rank choices) × kept solutions × budget units of the knapsack table
+
+
+class Allocator(ABC):
+    """Scores + budget → candidate allocations.
+
+    `propose` is the contract the screen relies on: every allocation it returns lies inside the band
+    (`budget.admits` of its exact parameter count), no two share a candidate id, at most `count` come
+    back, and the same rng seed gives the same list. Subclasses implement `generate`; `propose`
+    checks the inputs and enforces the contract on what `generate` yields.
+    """
+
+    name: str = ""
+    uses_scores: bool = True  # False: placement ignores the proxy (controls: random, optuna)
+    deterministic: bool = False  # True: the rng is not used, so one call gives everything it can give
+
+    def propose(self, unit_scores: dict[str, float], modules: list[AdaptableModule], ranks: list[int], budget: Budget,
+                count: int, rng: np.random.Generator, sign: float = 1.0) -> list[Allocation]:
+        """Up to `count` distinct allocations inside the band; `sign`×score higher is better."""
+        if count <= 0 or not modules:
+            return []
+        ranks = _check_ranks(ranks)
+        values = _signed_values(unit_scores, modules, sign) if self.uses_scores else np.zeros(len(modules))
+        found: dict[str, Allocation] = {}
+        for allocation in self.generate(values, modules, ranks, budget, count, rng):
+            if budget.admits(allocation.trainable_params(modules)):
+                found.setdefault(allocation.candidate_id, allocation)
+                if len(found) == count:
+                    break
+        return list(found.values())
+
+    @abstractmethod
+    def generate(self, values: np.ndarray, modules: list[AdaptableModule], ranks: list[int], budget: Budget,
+                 count: int, rng: np.random.Generator) -> Iterable[Allocation]:
+        """Allocations, best first. `values[i]` is sign × unit score of `modules[i]` (higher is better)."""
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {}
+
+
+def register_allocator(cls: type[Allocator]) -> type[Allocator]:
+    ALLOCATORS[cls.name] = cls
+    return cls
+
+
+def get_allocator(name: str) -> Allocator:
+    if name not in ALLOCATORS:
+        raise UserError(f"screen.allocator: unknown allocator '{name}'; choose from {sorted(ALLOCATORS)}")
+    return ALLOCATORS[name]()
+
+
+def summed_score(unit_scores: dict[str, float], allocation: Allocation) -> float:
+    """Σ rank × unit score: the candidate score every rank-linear proxy gives (proxies/base.py)."""
+    return float(sum(r * unit_scores[name] for name, r in allocation.ranks))
+
+
+def _check_ranks(ranks: list[int]) -> list[int]:
+    if not ranks or any(not isinstance(r, (int, np.integer)) or r <= 0 for r in ranks):
+        raise UserError(f"space.ranks: {list(ranks)} must be positive integers; e.g. [1, 2, 4, 8]")
+    return sorted({int(r) for r in ranks})
+
+
+def _signed_values(unit_scores: dict[str, float], modules: list[AdaptableModule], sign: float) -> np.ndarray:
+    """sign × score per module; a NaN or infinite score ranks below every finite one."""
+    missing = [m.name for m in modules if m.name not in unit_scores]
+    if missing:
+        raise UserError(f"screen.rank_by: the proxy scores have no entry for {len(missing)} searchable modules "
+                        f"(e.g. {missing[0]}); delete module_scores.json of the run so the probe runs again")
+    values = np.array([float(unit_scores[m.name]) for m in modules]) * (1.0 if sign >= 0 else -1.0)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values[~finite] = values[finite].min() - 1.0 if finite.any() else 0.0
+    return values
+
+
+def _order(values: np.ndarray) -> np.ndarray:
+    """Module indices, best value first; ties keep model order."""
+    return np.argsort(-values, kind="stable")
+
+
+@register_allocator
+class TopP(Allocator):
+    """HeteroLoRA's static recipe: switch on the best-scored p% of modules, all at one fixed rank.
+
+    For each allowed rank r the modules are taken in score order while they fit under the band's top
+    (one that would overflow is skipped, a cheaper one further down may still fit); every prefix that
+    lands inside the band is a candidate (r, p). O(|ranks| · n) after an O(n log n) sort; at most
+    |ranks| · n candidates, so it may give fewer than `count`, or none in a band no prefix hits.
+    """
+
+    name = "top_p"
+    deterministic = True
+
+    def generate(self, values, modules, ranks, budget, count, rng):
+        order = _order(values)
+        found = []
+        for rank in ranks:
+            chosen, total, value = {}, 0, 0.0
+            for i in order:
+                cost = rank * modules[i].params_per_rank
+                if total + cost > budget.high:
+                    continue
+                chosen[modules[i].name] = rank
+                total += cost
+                value += rank * values[i]
+                if budget.admits(total):
+                    found.append((value, Allocation.from_ranks(chosen)))
+        found.sort(key=lambda item: -item[0])  # stable: equal values keep (rank, p) scan order
+        return [allocation for _, allocation in found]
+
+
+@register_allocator
+class Knapsack(Allocator):
+    """Maximise Σ value × rank under the band: a multiple-choice knapsack (one rank or off per module).
+
+    Exact dynamic programme over the parameter count in units of g = gcd of every module's cost at
+    every allowed rank (gcd(768, 1920) = 384 on MiniLM, so a 74k budget is ~200 units). It keeps the
+    `count` best partial solutions per (module, units) state, so it returns the optimum followed by
+    the next-best distinct allocations in order (the exact top-`count` of the whole band).
+    Time O(n · H · k log k) with k = (|ranks|+1) · count, memory O(n · count · H), H = high / g;
+    `count` is cut down when the table would pass 20 M cells, and refused if even one solution would.
+    """
+
+    name = "knapsack"
+    deterministic = True
+
+    def generate(self, values, modules, ranks, budget, count, rng):
+        choices = np.array([0, *ranks])
+        gains = values[:, None] * choices[None, :]
+        solutions = _knapsack(gains, _costs(modules, choices), budget, count)
+        if solutions is None:
+            raise UserError(f"screen.allocator: knapsack needs too large a table for a budget of {budget.target} params "
+                            "with these module shapes; use proportional or top_p")
+        return [_allocation(modules, choices, picks) for _, picks in solutions]
+
+
+@register_allocator
+class Proportional(Allocator):
+    """Ranks proportional to the (shifted, positive) scores, fitted to the band.
+
+    Target rank x_i = λ · w_i with w_i = s_i^γ, s_i the value rescaled to (0, 1]; each target is
+    rounded to the nearest allowed rank (0 = off for tiny shares). λ is found by bisection (the
+    parameter count is monotone in λ); a greedy fix-up then raises (or lowers) the module whose
+    target is closest to its next (previous) allowed rank until the count is inside the band — that
+    keeps higher scores on equal or higher ranks among modules of one shape. If the greedy step
+    cannot land in the band, the exact knapsack picks the in-band ranks nearest to the targets.
+    Candidates: γ = 1 first, then a fixed ladder of sharpnesses, then rng-jittered weights.
+    O(n · (60 + |ranks|)) per candidate plus the fix-up's O(n²) worst case.
+    """
+
+    name = "proportional"
+    SHARPNESS = (1.0, 0.5, 2.0, 0.25, 4.0, 0.7, 1.4, 3.0, 0.35)
+    JITTER = 0.5  # std of the log-normal weight noise of the later candidates
+    TRIES_PER_CANDIDATE = 20
+
+    def generate(self, values, modules, ranks, budget, count, rng):
+        if not _feasible(modules, ranks, budget):
+            return
+        spread = values.max() - values.min()
+        shares = (values - values.min()) / spread if spread > 0 else np.ones(len(values))
+        shares = shares + 1e-6  # positive: the worst module gets a tiny share, so it is rounded off
+        for gamma in self.SHARPNESS:
+            yield from self._fit(shares ** gamma, modules, ranks, budget)
+        for _ in range(count * self.TRIES_PER_CANDIDATE):
+            gamma = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+            weights = shares ** gamma * np.exp(self.JITTER * rng.standard_normal(len(shares)))
+            yield from self._fit(weights, modules, ranks, budget)
+
+    def _fit(self, weights, modules, ranks, budget) -> list[Allocation]:
+        choices = np.array([0, *ranks])
+        midpoints = (choices[:-1] + choices[1:]) / 2
+        per_rank = np.array([m.params_per_rank for m in modules])
+
+        def rounded(scale):
+            targets = scale * weights
+            picks = np.searchsorted(midpoints, targets, side="left")  # nearest allowed rank, ties to the lower
+            return targets, picks, int(per_rank @ choices[picks])
+
+        # bisection on log λ: at `low` every target rounds to 0, at `high` every module is at the top rank
+        low, high = np.log(0.25 * ranks[0] / weights.max()), np.log(2.0 * ranks[-1] / weights.min())
+        if rounded(np.exp(high))[2] < budget.low:
+            return []
+        for _ in range(60):  # the smallest scale whose count reaches the band's bottom
+            middle = (low + high) / 2
+            low, high = (low, middle) if rounded(np.exp(middle))[2] >= budget.low else (middle, high)
+        low, high = np.exp(low), np.exp(high)
+        targets, picks, total = rounded(high)
+        if budget.admits(total):
+            return [_allocation(modules, choices, picks)]
+        for scale in (low, high):  # raise from just below the band, else lower from just above
+            targets, picks, _ = rounded(scale)
+            picks = _fix_up(picks, targets, choices, per_rank, budget)
+            if picks is not None:
+                return [_allocation(modules, choices, picks)]
+        nearest = -(choices[None, :] - targets[:, None]) ** 2
+        solutions = _knapsack(nearest, _costs(modules, choices), budget, 1)
+        return [_allocation(modules, choices, picks) for _, picks in solutions or []]
+
+
+@register_allocator
+class RandomAllocator(Allocator):
+    """The control: uniform random placement and ranks inside the band (scores unused)."""
+
+    name = "random"
+    uses_scores = False
+    TRIES_PER_CANDIDATE = 20
+
+    def generate(self, values, modules, ranks, budget, count, rng):
+        probs = np.full(len(modules), 1.0 / len(modules))
+        for _ in range(count * self.TRIES_PER_CANDIDATE if _feasible(modules, ranks, budget) else 0):
+            allocation = _draw(modules, probs, ranks, budget, rng)
+            if allocation is not None:
+                yield allocation
+
+
+@register_allocator
+class OptunaDistribution(Allocator):
+    """The Optuna-driven distribution sampler (module docstring) as an allocator.
+
+    In the screen, Optuna picks the distribution's parameters per Tune trial and calls
+    `sample_allocations` itself; here they are drawn from the rng (uniform over `distribution_space`,
+    rank caps too low to ever fill the band left out), a fresh distribution whenever one runs dry,
+    so the allocator also works outside Tune.
+    """
+
+    name = "optuna"
+    uses_scores = False
+    DISTRIBUTIONS = 20
+
+    def generate(self, values, modules, ranks, budget, count, rng):
+        types = list(dict.fromkeys(m.type for m in modules))
+        everything = sum(m.params_per_rank for m in modules)
+        reachable = [r for r in ranks if everything * r >= budget.low]  # a lower cap can never fill the band
+        if not reachable or not _feasible(modules, ranks, budget):
+            return
+        seen: set[str] = set()
+        for _ in range(self.DISTRIBUTIONS):
+            params = {f"w_{t}": float(rng.uniform(0.0, 1.0)) for t in types}
+            params["depth_bias"] = float(rng.uniform(-1.0, 1.0))
+            params["max_rank"] = int(rng.choice(reachable))
+            for allocation in sample_allocations(params, modules, ranks, budget, count - len(seen), rng):
+                if allocation.candidate_id not in seen:
+                    seen.add(allocation.candidate_id)
+                    yield allocation
+            if len(seen) >= count:
+                return
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _costs(modules: list[AdaptableModule], choices: np.ndarray) -> np.ndarray:
+    return np.array([m.params_per_rank for m in modules])[:, None] * choices[None, :]
+
+
+def _allocation(modules: list[AdaptableModule], choices: np.ndarray, picks) -> Allocation:
+    return Allocation.from_ranks({m.name: int(choices[j]) for m, j in zip(modules, picks)})
+
+
+def _feasible(modules: list[AdaptableModule], ranks: list[int], budget: Budget) -> bool:
+    """Whether any allocation lands in the band (assumed so when the exact check is too large)."""
+    choices = np.array([0, *ranks])
+    costs = _costs(modules, choices)
+    return _knapsack(np.zeros(costs.shape), costs, budget, 1) != []
+
+
+def _knapsack(gains: np.ndarray, costs: np.ndarray, budget: Budget, keep: int) -> list[tuple[float, list[int]]] | None:
+    """The `keep` best picks (one column per row of `gains`) whose cost sum lies in the band.
+
+    Exact multiple-choice knapsack with a k-best table: best[k, c] is the k-th best gain of the
+    modules so far at exactly c cost units. Any path in the top `keep` of a state extends a path in
+    the top `keep` of its predecessor state, so the table loses nothing. Distinct paths are distinct
+    allocations. Returns [(gain, picks)], best first, or None when the table would be too large.
+    """
+    unit = int(np.gcd.reduce(costs[costs > 0])) if (costs > 0).any() else 1
+    low, high = -(-budget.low // unit), budget.high // unit
+    if low > high:
+        return []
+    n, m = gains.shape
+    keep = min(keep, _MAX_DP_CELLS // (max(n, m) * (high + 1)))  # fewer solutions rather than a huge table
+    if keep < 1:
+        return None
+    steps = costs // unit
+    best = np.full((keep, high + 1), -np.inf)
+    best[0, 0] = 0.0
+    back = np.zeros((n, keep, high + 1), dtype=np.int32)  # index into the stacked (choice, previous k) axis
+    for i in range(n):
+        stacked = np.full((m * keep, high + 1), -np.inf)
+        for j in range(m):
+            step = int(steps[i, j])
+            if step <= high:
+                stacked[j * keep:(j + 1) * keep, step:] = best[:, :high + 1 - step] + gains[i, j]
+        top = np.argsort(-stacked, axis=0, kind="stable")[:keep]
+        best = np.take_along_axis(stacked, top, axis=0)
+        back[i] = top
+    ks, cs = np.nonzero(np.isfinite(best[:, low:]))
+    cs = cs + low
+    ends = np.lexsort((ks, cs, -best[ks, cs]))[:keep]  # best gain first; ties by cost, then table order
+    solutions = []
+    for k, c in zip(ks[ends].tolist(), cs[ends].tolist()):
+        gain, picks = float(best[k, c]), [0] * n
+        for i in range(n - 1, -1, -1):
+            j, k = divmod(int(back[i, k, c]), keep)
+            picks[i] = j
+            c -= int(steps[i, j])
+        solutions.append((gain, picks))
+    return solutions
+
+
+def _fix_up(picks: np.ndarray, targets: np.ndarray, choices: np.ndarray, per_rank: np.ndarray,
+            budget: Budget) -> np.ndarray | None:
+    """Step single modules between adjacent allowed ranks until the count is in the band, or None.
+
+    Lowering takes the module whose target is nearest its previous rank, raising the one whose target
+    is nearest its next rank: among modules of one shape the higher target never ends lower.
+    """
+    picks = picks.copy()
+    total = int(per_rank @ choices[picks])
+    while total > budget.high:
+        movable = np.flatnonzero(picks > 0)
+        i = movable[np.argmin(targets[movable] - choices[picks[movable] - 1])]
+        total -= int(per_rank[i] * (choices[picks[i]] - choices[picks[i] - 1]))
+        picks[i] -= 1
+    while total < budget.low:
+        top = picks < len(choices) - 1
+        step = np.where(top, choices[np.minimum(picks + 1, len(choices) - 1)] - choices[picks], 0) * per_rank
+        movable = np.flatnonzero(top & (total + step <= budget.high))
+        if not len(movable):
+            return None
+        i = movable[np.argmin(choices[picks[movable] + 1] - targets[movable])]
+        total += int(step[i])
+        picks[i] += 1
+    return picks

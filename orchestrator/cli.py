@@ -28,17 +28,35 @@ def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_
 
     cfg = load_config(config, overrides or [])
     table = pipeline.run(cfg, resume=resume, address=address)
-    report.print_summary(table, report.read_run_json(cfg.run_dir)["task"]["majority_rate"], console)
+    report.print_summary(table, report.read_run_json(cfg.run_dir)["task"]["majority_rate"], console, run_dir=cfg.run_dir)
     console.print(f"Results: {cfg.run_dir}/ (report.md, report.csv, report.parquet, screen.csv, study.db, adapters/)")
 
 
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory, e.g. results/quickstart")):
-    """Print the summary of a finished run from its stored report."""
+    """Rebuild the report files of a finished run from its stored results (no training) and print the summary."""
     from orchestrator import report
 
-    table = report.load(run_dir)
-    report.print_summary(table, report.read_run_json(run_dir)["task"]["majority_rate"], console)
+    table = report.rebuild(run_dir)
+    report.print_summary(table, report.read_run_json(run_dir)["task"]["majority_rate"], console, run_dir=run_dir)
+    console.print(f"Report: {run_dir}/ (report.html, report.md, report.csv, report.parquet, *.png)")
+
+
+@app.command("validate-proxies")
+def validate_proxies(config: Path = typer.Argument(..., help="search space YAML (its budget, space and training recipe)"),
+                     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+                     n: int = typer.Option(20, "--n", help="allocations trained at the budget (±tolerance)"),
+                     off_budget: int = typer.Option(4, "--off-budget", help="extra allocations at half and double the budget"),
+                     resume: bool = typer.Option(False, "--resume", help="continue an interrupted validation"),
+                     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address")):
+    """Train a spread of allocations and measure how well every proxy ranks them (ρ, τ, top-k, cost)."""
+    from orchestrator.config import load_config
+    from orchestrator.validate import run_validation
+
+    cfg = load_config(config, overrides or [])
+    summary = run_validation(cfg, n, off_budget, resume, address)
+    console.print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+    console.print(f"Written: {cfg.run_dir}/proxy_validation.{{csv,md,png}}")
 
 
 @app.command()
@@ -48,6 +66,163 @@ def modules(model: str = typer.Option("minilm-l6", help="packaged model name or 
 
     for module in adaptable_modules(load_model(model, num_labels=2)):
         console.print(f"{module.short:<28} {module.name:<50} {module.params_per_rank:>6} params/rank")
+
+
+@app.command()
+def dashboard(run_dir: Path = typer.Argument(..., help="a run directory, e.g. results/quickstart"),
+              port: int = typer.Option(8080, "--port", help="port to listen on"),
+              host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but 127.0.0.1 exposes the dashboard")):
+    """Serve optuna-dashboard on the run's screen study (works while the run is still writing it)."""
+    from orchestrator.dashboard import serve
+
+    serve(run_dir, host=host, port=port)
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories, e.g. results/quickstart results/qs3"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: results/compare-<names>)")):
+    """Put finished runs side by side: best searched vs baselines, gain and cost, one table and one plot."""
+    from orchestrator import report
+
+    out_dir = out or report.default_compare_dir(run_dirs)
+    table = report.compare(run_dirs, out_dir)
+    report.print_compare(table, console)
+    console.print(f"Comparison: {out_dir}/ (compare.md, compare.csv, compare.png)")
+
+
+# ---------------------------------------------------------------- registry (orchestrator/registry.py)
+
+registry_app = typer.Typer(no_args_is_help=True,
+                           help="Versioned, checksummed store of trained adapters (safetensors only; fp32, fp16 or int8).")
+
+
+def _root_option():
+    return typer.Option(Path("results/registry"), "--root", help="registry directory: registry.db (SQLite) + <name>/v<version>/")
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _entry_line(entry) -> str:
+    accuracy = entry.metrics.get("accuracy")
+    acc = f", accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    return (f"{entry.name} v{entry.version} ({entry.precision}, {entry.size_bytes:,} bytes{acc})"
+            f"{' — current' if entry.current else ''}")
+
+
+@registry_app.command("add")
+def registry_add(run_dir: Path = typer.Argument(..., help="a finished run directory, e.g. results/quickstart"),
+                 name: Optional[str] = typer.Option(None, "--name", help="registry name (default: the run's task)"),
+                 candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy)"),
+                 precision: str = typer.Option("fp32", "--precision", help="storage precision: fp32, fp16 or int8"),
+                 promote: bool = typer.Option(True, "--promote/--no-promote", help="make the new version current"),
+                 root: Path = _root_option()):
+    """Store a run's adapter as the next version of NAME (checksummed, safetensors only)."""
+    from orchestrator.registry import Registry
+
+    entry = Registry(root).add_from_run(run_dir, candidate, name=name, precision=precision, promote=promote)
+    _say(f"Added {_entry_line(entry)}; candidate {entry.metrics.get('candidate_id')} of {run_dir}")
+    _say(f"Stored in {entry.path}/")
+
+
+@registry_app.command("list")
+def registry_list(root: Path = _root_option()):
+    """Every stored version: name, version, current, precision, task, base model, accuracy, size."""
+    from rich.table import Table
+
+    from orchestrator.registry import Registry
+
+    entries = Registry(root).list()
+    if not entries:
+        _say(f"The registry at {root} is empty; add an adapter with `lora-search registry add results/<run>`")
+        return
+    table = Table("name", "version", "current", "precision", "task", "base model", "accuracy", "bytes", "parent", "created")
+    for e in entries:
+        accuracy = e.metrics.get("accuracy")
+        table.add_row(e.name, str(e.version), "*" if e.current else "", e.precision, e.task, e.base_model,
+                      f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "", f"{e.size_bytes:,}",
+                      f"v{e.parent_version}" if e.parent_version else "", e.created_at)
+    console.print(table, soft_wrap=True)
+
+
+@registry_app.command("show")
+def registry_show(name: str = typer.Argument(..., help="registry name"),
+                  version: Optional[int] = typer.Option(None, "--version", help="version (default: the current one)"),
+                  root: Path = _root_option()):
+    """Everything recorded about one version, with the SHA-256 of each stored file."""
+    from orchestrator.registry import Registry
+
+    e = Registry(root).show(name, version)
+    _say(_entry_line(e))
+    for label, value in (("task", e.task), ("base model", f"{e.base_model} (SHA-256 {e.base_model_sha256})"),
+                         ("parent", f"v{e.parent_version}" if e.parent_version else "-"), ("created", e.created_at),
+                         ("source", e.source or "-"), ("allocation", e.allocation), ("path", f"{e.path}/")):
+        _say(f"  {label:<11} {value}")
+    _say("  metrics     " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.metrics.items()))
+    for file, digest in e.files.items():
+        _say(f"  file        {file}  SHA-256 {digest}")
+
+
+@registry_app.command("promote")
+def registry_promote(name: str = typer.Argument(..., help="registry name"),
+                     version: int = typer.Argument(..., help="the version to make current"),
+                     root: Path = _root_option()):
+    """Make VERSION the current version of NAME."""
+    from orchestrator.registry import Registry
+
+    _say(f"Current: {_entry_line(Registry(root).promote(name, version))}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: str = typer.Argument(..., help="registry name"), root: Path = _root_option()):
+    """Make the version before the current one current again (later versions are kept)."""
+    from orchestrator.registry import Registry
+
+    entry = Registry(root).rollback(name)
+    _say(f"Rolled back: {_entry_line(entry)}; later versions are kept (`lora-search registry promote {name} <version>`)")
+
+
+@registry_app.command("remove")
+def registry_remove(name: str = typer.Argument(..., help="registry name"),
+                    version: int = typer.Argument(..., help="the version to delete (not the current one)"),
+                    root: Path = _root_option()):
+    """Delete one version's files (its number is never reused)."""
+    from orchestrator.registry import Registry
+
+    Registry(root).remove(name, version)
+    _say(f"Removed {name} v{version}")
+
+
+@registry_app.command("export")
+def registry_export(name: str = typer.Argument(..., help="registry name"),
+                    out_dir: Path = typer.Argument(..., help="new directory for the plain PEFT adapter"),
+                    version: Optional[int] = typer.Option(None, "--version", help="version (default: the current one)"),
+                    root: Path = _root_option()):
+    """Write a version as a plain PEFT adapter directory (checksums verified; int8 dequantised) + registry_entry.json."""
+    from orchestrator.registry import Registry
+
+    out = Registry(root).export(name, version, out_dir)
+    _say(f"Exported to {out}/ (adapter_model.safetensors, adapter_config.json, registry_entry.json)")
+
+
+@registry_app.command("quantise")
+def registry_quantise(run_dir: Path = typer.Argument(..., help="a finished run directory, e.g. results/quickstart"),
+                      candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy)"),
+                      out: Optional[Path] = typer.Option(None, "--out", help="where quantisation.csv/.md go (default: RUN_DIR)")):
+    """Size on disk and eval accuracy of the adapter stored as fp32, fp16 and int8 (re-evaluated on the run's eval split)."""
+    from orchestrator.registry import quantisation_report, write_quantisation_report
+
+    table = quantisation_report(run_dir, candidate)
+    shown = table[["precision", "size_bytes", "size_vs_fp32", "accuracy", "accuracy_change_pts", "f1", "max_abs_weight_error"]]
+    _say(f"Candidate {table.attrs['candidate_id']} ({table.attrs['label']}) of {run_dir}, "
+         f"{table.attrs['eval_examples']} eval examples on {table.attrs['device']}; report accuracy {table.attrs['report_accuracy']}")
+    _say(shown.to_markdown(index=False, floatfmt=".4g"))
+    paths = write_quantisation_report(table, out or run_dir)
+    _say(f"Written: {', '.join(str(p) for p in paths)}")
+
+
+app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:

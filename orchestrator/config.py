@@ -20,6 +20,7 @@ import yaml
 
 from orchestrator.errors import UserError
 
+SHORTCUT_KINDS = ("residual", "cross_block", "cross_layer")  # orchestrator.shortcuts.KINDS
 MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
 BASELINES = ("uniform_qv", "uniform_all", "adalora")
@@ -81,12 +82,16 @@ class SpaceConfig:
     module_types: list[str] = _help(f"module types that may get an adapter: {', '.join(MODULE_TYPES)}", factory=lambda: list(MODULE_TYPES))
     layers: list[int] | None = _help("layer indices that may get an adapter; null: all layers", None)
     ranks: list[int] = _help("rank choices per module; higher ranks cost more parameters", factory=lambda: [1, 2, 4, 8, 16])
+    shortcuts: list[str] = _help("HeteroLoRA shortcut kinds the search may switch on: residual, cross_block, cross_layer",
+                                 factory=list)
     budget: BudgetConfig = _help("trainable-parameter budget every candidate must meet", factory=BudgetConfig)
 
     def __post_init__(self):
         unknown = [t for t in self.module_types if t not in MODULE_TYPES]
         _require(not unknown and self.module_types, "space.module_types", f"unknown or empty {unknown}", f"choose from {list(MODULE_TYPES)}")
         _require(bool(self.ranks) and all(r > 0 for r in self.ranks), "space.ranks", f"{self.ranks} must be positive integers", "e.g. [1, 2, 4, 8]")
+        bad_kinds = [k for k in self.shortcuts if k not in SHORTCUT_KINDS]
+        _require(not bad_kinds, "space.shortcuts", f"unknown kinds {bad_kinds}", f"choose from {list(SHORTCUT_KINDS)}")
         _require(self.layers is None or all(i >= 0 for i in self.layers), "space.layers", f"{self.layers} has a negative index", "use indices from 0")
         self.ranks = sorted(set(self.ranks))
 
@@ -102,13 +107,20 @@ class ScreenConfig:
     proxy_batches: int = _help("minibatches the proxies see; more is steadier and slower", 8)
     batch_size: int = _help("examples per proxy minibatch", 16)
     probe_rank: int = _help("rank of the probe adapter on every module when scoring per module", 4)
-    sampler: str = _help("Optuna sampler: 'tpe' or 'random'", "tpe")
+    allocator: str = _help("how candidates are made from the rank_by scores: 'optuna' (Tune trials sample allocations "
+                           "from a distribution that `sampler` tunes), 'top_p' (HeteroLoRA: the best-scored p% of modules "
+                           "at one rank), 'proportional' (ranks ∝ score), 'knapsack' (exact best summed score), 'random' (control)",
+                           "optuna")
+    sampler: str = _help("Optuna sampler of the 'optuna' allocator: 'tpe' or 'random'", "tpe")
     seed: int = _help("seed of the sampler and the candidate generator", 0)
     storage: str | None = _help("Optuna storage URL (any SQLAlchemy URL); default sqlite:///<run dir>/study.db", None)
 
     def __post_init__(self):
         _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")
         _require(self.sampler in ("tpe", "random"), "screen.sampler", f"'{self.sampler}' is unknown", "use tpe or random")
+        from orchestrator.allocators import ALLOCATORS  # lazy: allocators imports this module
+
+        _require(self.allocator in ALLOCATORS, "screen.allocator", f"'{self.allocator}' is unknown", f"choose from {sorted(ALLOCATORS)}")
         _require(self.rank_by in self.proxies, "screen.rank_by", f"'{self.rank_by}' is not in screen.proxies", "add it to screen.proxies")
         from orchestrator.proxies import PROXIES  # lazy: the registry imports torch
 

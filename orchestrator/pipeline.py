@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator import report
-from orchestrator.allocation import Allocation
+from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, space_modules
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData, load_task, task_summary
@@ -38,9 +38,15 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS for the driver
     if address:
-        ray.init(address=address, runtime_env={"env_vars": dict(RUNTIME_ENV)})
+        # Ray refuses to merge a ray.init env var that the submitted job's runtime_env also sets: leave those to the job.
+        try:
+            job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+            taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+        except (ValueError, AttributeError, TypeError):
+            taken = set()
+        ray.init(address=address, runtime_env={"env_vars": {k: v for k, v in RUNTIME_ENV.items() if k not in taken}})
     else:
         # Train-inside-Tune on a small machine deadlocks unless the Tune trials have a spare CPU (DESIGN §4).
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
@@ -100,7 +106,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     prepare_run_dir(cfg, resume)
     task = load_task(cfg.data)
     base = load_model(cfg.model.name, task.num_labels)
-    modules = adaptable_modules(base)
+    modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},

@@ -20,7 +20,8 @@ import ray
 from ray import tune
 
 from orchestrator.allocation import Allocation
-from orchestrator.allocators import Budget, distribution_space, sample_allocations
+from orchestrator.allocators import Budget, distribution_space, get_allocator, sample_allocations
+from orchestrator.errors import UserError
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
 from orchestrator.models import AdaptableModule
@@ -85,6 +86,8 @@ def _probe_in_worker(cfg: RunConfig, task: TaskData, modules: list[AdaptableModu
 
 def run_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
     """Tune run over allocation distributions → one row per distinct candidate, survivors marked."""
+    if cfg.screen.allocator != "optuna":
+        return allocator_screen(cfg, context)
     path = (cfg.run_dir / "tune").resolve()
     trainable = tune.with_resources(tune.with_parameters(screen_trial, context=context), {"CPU": 1})
     if tune.Tuner.can_restore(path / "screen"):
@@ -100,16 +103,38 @@ def run_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
     return screen_table(results, context, cfg.screen.survivors)
 
 
+def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
+    """A score-driven allocator (top_p, proportional, knapsack) or the random control: no sampler to tune,
+    so one call in the driver (milliseconds) makes num_trials × candidates_per_trial candidates."""
+    allocator = get_allocator(cfg.screen.allocator)
+    count = cfg.screen.num_trials * cfg.screen.candidates_per_trial
+    allocations = allocator.propose(context.scores.unit[context.rank_by], context.modules, context.ranks, context.budget,
+                                    count, np.random.default_rng(context.seed), context.sign)
+    if not allocations:
+        raise UserError(f"screen.allocator: '{allocator.name}' found no allocation inside the budget band "
+                        f"{context.budget.low}..{context.budget.high} params; widen space.budget.tolerance or add space.ranks")
+    rows = [_row(a, context, allocator.name, {f"proxy_{k}": v for k, v in context.scores.scores(a).items()})
+            for a in allocations]
+    return _survivors(rows, context, cfg.screen.survivors)
+
+
+def _row(allocation: Allocation, context: ScreenContext, trial: str, proxies: dict) -> dict:
+    return {"candidate_id": allocation.candidate_id, "allocation": allocation.compact(context.modules),
+            "trainable_params": allocation.trainable_params(context.modules), "num_modules": len(allocation.ranks),
+            "total_rank": allocation.total_rank, "screen_trial": trial, **proxies}
+
+
 def screen_table(results, context: ScreenContext, survivors: int) -> pd.DataFrame:
     rows = []
     for result in results:
         if result.error or not result.metrics or "candidates" not in result.metrics:
             continue
         for row in json.loads(result.metrics["candidates"]):
-            allocation = Allocation.from_ranks(row.pop("ranks"))
-            rows.append({"candidate_id": allocation.candidate_id, "allocation": allocation.compact(context.modules),
-                         "trainable_params": allocation.trainable_params(context.modules), "num_modules": len(allocation.ranks),
-                         "total_rank": allocation.total_rank, "screen_trial": result.metrics["trial_id"], **row})
+            rows.append(_row(Allocation.from_ranks(row.pop("ranks")), context, result.metrics["trial_id"], row))
+    return _survivors(rows, context, survivors)
+
+
+def _survivors(rows: list[dict], context: ScreenContext, survivors: int) -> pd.DataFrame:
     table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
     order = (context.sign * table[f"proxy_{context.rank_by}"]).rank(ascending=False, method="first")
     table["survivor"] = order <= survivors

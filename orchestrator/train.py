@@ -23,10 +23,13 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.allocation import Allocation, apply_adalora, apply_lora
+from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, attach_allocation_shortcuts,
+                                     searchable_units)
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData, make_loader
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
+from orchestrator.shortcuts import KINDS, SPECS_FILE as SHORTCUT_SPECS, SUBMODULE as SHORTCUTS_MODULE
+from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortcuts
 
 TRAIN_STATE = "train_state.pt"
 HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
@@ -113,18 +116,21 @@ def train_loop_per_worker(config: dict) -> None:
     base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
     n_head = head_params(base)
     allocation = Allocation.from_ranks(job.ranks)
-    kept_params = allocation.trainable_params(adaptable_modules(base))  # AdaLoRA trains more, keeps this many
+    units = searchable_units(base, adaptable_modules(base), shortcut_kinds=KINDS)
+    kept_params = allocation.trainable_params(units)  # AdaLoRA trains more, keeps this many
     adalora = job.method == "adalora"
     peft_model = apply_adalora(base, allocation, total_steps) if adalora else apply_lora(base, allocation)
+    shortcut_set = attach_allocation_shortcuts(peft_model, allocation, seed=job.seed)
     model = ray.train.torch.prepare_model(peft_model)
     device = ray.train.torch.get_device()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = _linear_warmup_decay(optimizer, total_steps, t.warmup_ratio)
-    start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), peft_model, optimizer, scheduler)
+    start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), peft_model, shortcut_set, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    trained_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)
+    trained_params = sum(p.numel() for n, p in peft_model.named_parameters()
+                         if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
 
     for epoch in range(start_epoch, t.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
@@ -152,10 +158,10 @@ def train_loop_per_worker(config: dict) -> None:
                        resumed_from_epoch=start_epoch)  # > 0: this worker group restarted from a checkpoint
         history.append({k: metrics[k] for k in HISTORY_KEYS})
         metrics["history"] = json.dumps(history)
-        _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epoch + 1, elapsed, history)
+        _report_with_checkpoint(metrics, peft_model, shortcut_set, optimizer, scheduler, epoch + 1, elapsed, history)
 
 
-def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_done: int, elapsed: float,
+def _report_with_checkpoint(metrics, peft_model, shortcut_set, optimizer, scheduler, epochs_done: int, elapsed: float,
                             history: list[dict]) -> None:
     import ray.train
 
@@ -163,6 +169,8 @@ def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_do
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
             peft_model.save_pretrained(tmp)  # adapter + head only, as safetensors
+            if shortcut_set is not None:
+                save_shortcuts(shortcut_set, tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history)},
                        Path(tmp) / TRAIN_STATE)
@@ -170,7 +178,7 @@ def _report_with_checkpoint(metrics, peft_model, optimizer, scheduler, epochs_do
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _restore(checkpoint, peft_model, optimizer, scheduler) -> tuple[int, float, list[dict]]:
+def _restore(checkpoint, peft_model, shortcut_set, optimizer, scheduler) -> tuple[int, float, list[dict]]:
     """Continue from the last epoch checkpoint after a failure; (0, 0.0, []) on a fresh start."""
     if checkpoint is None:
         return 0, 0.0, []
@@ -179,6 +187,8 @@ def _restore(checkpoint, peft_model, optimizer, scheduler) -> tuple[int, float, 
 
     with checkpoint.as_directory() as path:
         set_peft_model_state_dict(peft_model, load_file(Path(path) / "adapter_model.safetensors"))
+        if shortcut_set is not None:
+            shortcut_set.load_weights(path)
         state = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -238,8 +248,9 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, checkpoint_path: s
 
     target = adapter_dir(cfg.run_dir, job, cfg.train.seeds[0])
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy2(Path(checkpoint_path) / name, target / name)
+    for name in ("adapter_model.safetensors", "adapter_config.json", SHORTCUT_WEIGHTS, SHORTCUT_SPECS):
+        if (Path(checkpoint_path) / name).is_file():  # shortcut files only when the allocation has shortcuts
+            shutil.copy2(Path(checkpoint_path) / name, target / name)
     device_hours = metrics["train_wall_s"] * device_count / 3600
     row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in ("checkpoint_path", "history")},
            "history": json.loads(metrics["history"]), "status": status, "adapter_dir": str(target.relative_to(cfg.run_dir)),

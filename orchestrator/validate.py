@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from orchestrator import report
-from orchestrator.allocation import Allocation
+from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import Budget, make_budget, sample_allocations, space_modules
 from orchestrator.config import RunConfig
 from orchestrator.proxies import PROXIES, ModuleScores
@@ -128,7 +128,8 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
     cfg.screen.proxies = sorted(PROXIES)  # validate every registered proxy, whatever the config screens with
     pipeline.prepare_run_dir(cfg, resume)
     task = load_task(cfg.data)
-    modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
+    base = load_model(cfg.model.name, task.num_labels)
+    modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)
     chosen = validation_jobs(cfg, modules, n, n_off_budget)
     pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
     pipeline.set_runtime_env()

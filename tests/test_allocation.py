@@ -169,7 +169,7 @@ def test_check_against_refuses_ambiguous_or_missing(key, hits, tiny_model):
 
 
 def test_check_against_refuses_empty(tiny_model):
-    with pytest.raises(UserError, match="no module has a rank > 0"):
+    with pytest.raises(UserError, match="no LoRA module has a rank > 0"):
         Allocation.from_ranks({full("L0.query"): 0}).check_against(tiny_model)
 
 

@@ -185,7 +185,7 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["screen.rank_by=synflow"], "screen.rank_by"),
     (["screen.direction=up"], "screen.direction"),
     (["train.seeds=[]"], "train.seeds"),
-    (["train.baselines=[adalora]"], "train.baselines"),
+    (["train.baselines=[lora_plus]"], "train.baselines"),
     (["model.max_length=4"], "model.max_length"),
     (["data.train_size=4"], "data.train_size"),
     (["cost.price_per_device_hour={cpu: -1, gpu: 1}"], "cost.price_per_device_hour.cpu"),

@@ -15,6 +15,7 @@ per batch; per-example gradients come from forward hooks, not extra passes.
 import torch
 
 from orchestrator.proxies.base import Proxy, register
+from orchestrator.proxies.grad_norm import adapter_parts
 from orchestrator.proxies.scoring import batch_loss, per_unit, scoring_mode
 
 
@@ -23,7 +24,6 @@ class FisherProxy(Proxy):
     name = "fisher"
 
     def module_scores(self, model, batches, modules, probe_rank):
-        root = model.base_model.model
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def hook_for(name):
@@ -31,7 +31,7 @@ class FisherProxy(Proxy):
                 captured[name] = (inputs[0].detach(), output)
             return hook
 
-        handles = [root.get_submodule(m.name).lora_B["default"].register_forward_hook(hook_for(m.name))
+        handles = [adapter_parts(model, m.name)[2].register_forward_hook(hook_for(m.name))
                    for m in modules]
         totals = {m.name: 0.0 for m in modules}
         try:

@@ -2,13 +2,25 @@
 
 import torch
 
+from orchestrator.shortcuts import SUBMODULE, is_shortcut_item
+
 from orchestrator.proxies.base import Proxy, register
 
 
-def lora_factors(model, module_name: str):
-    """The (A, B) weights of the default adapter on `module_name` inside a PeftModel."""
-    layer = model.base_model.model.get_submodule(module_name)
-    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+def adapter_parts(model, name: str):
+    """(module whose output carries the adapter, A, B) for a LoRA module or a shortcut site of a PeftModel."""
+    root = model.base_model.model
+    if is_shortcut_item(name):  # L3.shortcut.residual → the LowRankShortcut registered under root.shortcuts
+        shortcut = root.get_submodule(SUBMODULE)[name.replace(".", "_")]
+        return shortcut, shortcut.A, shortcut.B
+    layer = root.get_submodule(name)
+    return layer, layer.lora_A["default"], layer.lora_B["default"]
+
+
+def lora_factors(model, name: str):
+    """The (A, B) weights of the adapter on module `name` (or of the shortcut `name`) inside a PeftModel."""
+    _, a, b = adapter_parts(model, name)
+    return a.weight, b.weight
 
 
 @register

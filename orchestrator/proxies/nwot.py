@@ -18,6 +18,7 @@ forward hooks and dropout off: one forward per batch, deterministic.
 import torch
 
 from orchestrator.proxies.base import Proxy, register
+from orchestrator.proxies.grad_norm import adapter_parts
 from orchestrator.proxies.scoring import scoring_mode
 
 
@@ -40,7 +41,6 @@ class NwotProxy(Proxy):
     ridge: float = 1e-3
 
     def module_scores(self, model, batches, modules, probe_rank):
-        root = model.base_model.model
         state: dict = {}
         totals = {m.name: 0.0 for m in modules}
 
@@ -53,7 +53,7 @@ class NwotProxy(Proxy):
                 totals[module.name] += log_det_score(kernel, self.ridge)
             return hook
 
-        handles = [root.get_submodule(m.name).register_forward_hook(hook_for(m)) for m in modules]
+        handles = [adapter_parts(model, m.name)[0].register_forward_hook(hook_for(m)) for m in modules]
         try:
             with torch.no_grad(), scoring_mode(model):
                 for batch in batches:

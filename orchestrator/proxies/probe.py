@@ -8,7 +8,7 @@ from itertools import islice
 
 import torch
 
-from orchestrator.allocation import Allocation, apply_lora
+from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
 from orchestrator.data import Split, make_loader
 from orchestrator.models import AdaptableModule, load_model, load_tokenizer
 from orchestrator.proxies.base import get_proxy
@@ -31,9 +31,11 @@ class ModuleScores:
 def score_modules(model_name: str, num_labels: int, split: Split, modules: list[AdaptableModule],
                   proxies: list[str], *, probe_rank: int, num_batches: int, batch_size: int,
                   max_length: int, seed: int) -> ModuleScores:
-    """One probe adapter of rank `probe_rank` on every searchable module; each proxy scores it once."""
+    """One probe adapter of rank `probe_rank` on every searchable module and shortcut site; each proxy scores it once."""
     torch.manual_seed(seed)
-    model = apply_lora(load_model(model_name, num_labels, seed), Allocation.from_ranks({m.name: probe_rank for m in modules}))
+    probe = Allocation.from_ranks({m.name: probe_rank for m in modules})
+    model = apply_lora(load_model(model_name, num_labels, seed), probe)
+    attach_allocation_shortcuts(model, probe, seed)
     loader = make_loader(split, load_tokenizer(model_name), max_length, batch_size, shuffle=True, seed=seed)
     batches = list(islice(loader, num_batches))
     result = ModuleScores({})
