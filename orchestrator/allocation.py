@@ -77,7 +77,7 @@ class Allocation:
 
     def compact(self, modules: list[AdaptableModule]) -> str:
         rank = self.as_dict()
-        lora = [f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank]
+        lora = [f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank and not is_shortcut_item(m.name)]
         return ",".join(lora + [spec.compact for spec in self.shortcuts])
 
     @property

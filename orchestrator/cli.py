@@ -21,12 +21,13 @@ console = Console()
 def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_spaces/quickstart.yaml"),
         overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.epochs=2"),
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same name"),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")):
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)"),
+        warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="earlier run whose best allocations are trained too")):
     """Screen candidates with zero-cost proxies, train the survivors and baselines, write the report."""
     from orchestrator import pipeline, report
     from orchestrator.config import load_config
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, (overrides or []) + ([f"screen.warm_start_from={warm_start}"] if warm_start else []))
     table = pipeline.run(cfg, resume=resume, address=address)
     report.print_summary(table, report.read_run_json(cfg.run_dir)["task"]["majority_rate"], console, run_dir=cfg.run_dir)
     console.print(f"Results: {cfg.run_dir}/ (report.md, report.csv, report.parquet, screen.csv, study.db, adapters/)")

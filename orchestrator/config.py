@@ -114,6 +114,8 @@ class ScreenConfig:
     sampler: str = _help("Optuna sampler of the 'optuna' allocator: 'tpe' or 'random'", "tpe")
     seed: int = _help("seed of the sampler and the candidate generator", 0)
     storage: str | None = _help("Optuna storage URL (any SQLAlchemy URL); default sqlite:///<run dir>/study.db", None)
+    warm_start_from: str | None = _help("an earlier run directory: its best searched allocations are trained here too "
+                                        "(labelled warm#k), to see whether they transfer to this task", None)
 
     def __post_init__(self):
         _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")

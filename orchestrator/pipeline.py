@@ -103,12 +103,13 @@ def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
 def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.DataFrame:
     from orchestrator.screen import ScreenContext, run_screen, write_screen
 
-    prepare_run_dir(cfg, resume)
-    task = load_task(cfg.data)
+    task = load_task(cfg.data)  # validate everything before the run directory exists
     base = load_model(cfg.model.name, task.num_labels)
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
+    warm = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
+    prepare_run_dir(cfg, resume)
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -126,7 +127,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         screen = run_screen(cfg, context)
         write_screen(screen, cfg.run_dir)
 
-    allocations = _allocations_to_train(screen, modules, budget, cfg)
+    allocations = _allocations_to_train(screen, modules, budget, cfg, warm)
     jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed, "adalora" if label == "adalora" else "lora")
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
@@ -139,11 +140,32 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     return table
 
 
-def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig) -> dict[str, tuple[str, str, Allocation]]:
-    """Survivors (in screen order) and baselines, keyed by candidate id."""
+def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
+    """The best `count` searched allocations (mean accuracy over seeds) of an earlier run, for this model."""
+    if run_dir is None:
+        return []
+    table = report.load(run_dir)
+    searched = table[table.kind == "searched"].groupby("allocation").accuracy.mean().sort_values(ascending=False)
+    if searched.empty:
+        raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
+    allocations = [Allocation.from_compact(text, modules) for text in searched.index[:count]]
+    known = {m.name for m in modules}
+    for allocation in allocations:
+        outside = [name for name, _ in allocation.ranks if name not in known]
+        if outside:
+            raise UserError(f"screen.warm_start_from: an allocation of '{run_dir}' uses {outside[:2]}, outside this "
+                            "space; add those shortcut kinds to space.shortcuts")
+    return allocations
+
+
+def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,
+                          warm: list[Allocation]) -> dict[str, tuple[str, str, Allocation]]:
+    """Survivors (in screen order), warm-start allocations from an earlier run, and baselines, by candidate id."""
     chosen = {}
     for rank, row in enumerate(screen[screen.survivor].itertuples(), start=1):
         chosen[row.candidate_id] = ("searched", f"screen#{rank}", Allocation.from_compact(row.allocation, modules))
+    for rank, allocation in enumerate(warm, start=1):
+        chosen.setdefault(allocation.candidate_id, ("searched", f"warm#{rank}", allocation))
     for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
         # AdaLoRA shares uniform_qv's final allocation but is a different model: give it its own id
         cid = f"adalora-{allocation.candidate_id}" if name == "adalora" else allocation.candidate_id
