@@ -155,6 +155,9 @@ class TrainConfig:
     cpus_per_worker: int = _help("CPU threads per worker", 1)
     max_concurrent: int = _help("models training at the same time", 2)
     max_failures: int = _help("worker failures tolerated per model before it is marked failed", 1)
+    dynamic_every: float | None = _help("HeteroLoRA dynamic: re-allocate rank every this fraction of an epoch (e.g. 0.2); "
+                                        "each survivor then also trains dynamically, beside its static run. null: static only", None)
+    dynamic_allocator: str = _help("allocator that moves rank during dynamic training (knapsack, top_p, proportional)", "knapsack")
     early_stopping: bool = _help("ASHA on eval accuracy across searched models when epochs > 1 (baselines always finish)", True)
     use_gpu: str = _help("'auto' (GPU when the cluster has one), 'true' or 'false'", "auto")
 
@@ -167,6 +170,10 @@ class TrainConfig:
         unknown = [b for b in self.baselines if b not in BASELINES]
         _require(not unknown, "train.baselines", f"unknown {unknown}", f"choose from {list(BASELINES)}")
         _require(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", f"'{self.use_gpu}' is unknown", "use auto, true or false")
+        _require(self.dynamic_every is None or 0 < self.dynamic_every <= 1, "train.dynamic_every",
+                 f"{self.dynamic_every} is not in (0, 1]", "use a fraction of an epoch, e.g. 0.2, or null")
+        _require(self.dynamic_allocator in ("knapsack", "top_p", "proportional"), "train.dynamic_allocator",
+                 f"'{self.dynamic_allocator}' is unknown", "use knapsack, top_p or proportional")
         _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
 
 

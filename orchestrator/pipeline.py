@@ -128,7 +128,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         write_screen(screen, cfg.run_dir)
 
     allocations = _allocations_to_train(screen, modules, budget, cfg, warm)
-    jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed, "adalora" if label == "adalora" else "lora")
+    jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed, _method(cid, label))
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
@@ -138,6 +138,12 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     report.write(table, cfg.run_dir, task.majority_rate())
     write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return table
+
+
+def _method(candidate_id: str, label: str) -> str:
+    if label == "adalora":
+        return "adalora"
+    return "dynamic" if candidate_id.startswith("dyn-") else "lora"
 
 
 def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
@@ -166,6 +172,10 @@ def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,
         chosen[row.candidate_id] = ("searched", f"screen#{rank}", Allocation.from_compact(row.allocation, modules))
     for rank, allocation in enumerate(warm, start=1):
         chosen.setdefault(allocation.candidate_id, ("searched", f"warm#{rank}", allocation))
+    if cfg.train.dynamic_every is not None:  # each searched model again, re-allocated while it trains
+        for cid, (kind, label, allocation) in list(chosen.items()):
+            if not allocation.shortcuts:
+                chosen[f"dyn-{cid}"] = (kind, f"{label}+dynamic", allocation)
     for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
         # AdaLoRA shares uniform_qv's final allocation but is a different model: give it its own id
         cid = f"adalora-{allocation.candidate_id}" if name == "adalora" else allocation.candidate_id

@@ -25,8 +25,10 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, attach_allocation_shortcuts,
                                      searchable_units)
+from orchestrator.allocators import make_budget, space_modules
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData, make_loader
+from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
 from orchestrator.shortcuts import KINDS, SPECS_FILE as SHORTCUT_SPECS, SUBMODULE as SHORTCUTS_MODULE
 from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortcuts
@@ -42,7 +44,7 @@ class TrainJob:
     label: str  # the baseline's name, or the screen rank of a searched candidate
     ranks: dict[str, int]
     seed: int
-    method: str = "lora"  # lora | adalora (the AdaLoRA baseline)
+    method: str = "lora"  # lora | adalora (the AdaLoRA baseline) | dynamic (re-allocated while training)
 
     @property
     def job_id(self) -> str:
@@ -95,6 +97,53 @@ def _linear_warmup_decay(optimizer, total_steps: int, warmup_ratio: float):
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
 
 
+@dataclass
+class Adapted:
+    """The model in training and what rides along: shortcuts, AdaLoRA's pruning, dynamic re-allocation."""
+
+    peft_model: torch.nn.Module
+    allocation: Allocation
+    units: list  # every module and shortcut site, for exact parameter counts
+    shortcuts: object = None  # ShortcutSet
+    dynamic: DynamicReallocator | None = None
+    adalora: bool = False
+
+    def after_backward(self) -> None:
+        if self.dynamic is not None:
+            self.dynamic.after_backward()
+
+    def after_step(self, step: int, optimizer) -> None:
+        if self.adalora:  # prune ranks on AdaLoRA's schedule: after the step, before zero_grad
+            self.peft_model.base_model.update_and_allocate(step)
+        if self.dynamic is not None:
+            self.dynamic.after_step(step, optimizer)
+
+    def kept(self) -> dict:
+        """Parameters the model keeps (AdaLoRA and dynamic models train more than they keep)."""
+        if self.dynamic is None:
+            return {"trainable_params": self.allocation.trainable_params(self.units)}
+        final = self.dynamic.allocation
+        return {"trainable_params": final.trainable_params(self.units), "reallocations": self.dynamic.reallocations,
+                "moved_rank": self.dynamic.moved_rank, "final_allocation": final.compact(self.units)}
+
+
+def build_adapted(cfg: RunConfig, job: TrainJob, base, steps_per_epoch: int) -> Adapted:
+    allocation = Allocation.from_ranks(job.ranks)
+    units = searchable_units(base, adaptable_modules(base), shortcut_kinds=KINDS)
+    if job.method == "adalora":
+        return Adapted(apply_adalora(base, allocation, cfg.train.epochs * steps_per_epoch), allocation, units, adalora=True)
+    if job.method == "dynamic":
+        modules = space_modules(adaptable_modules(base), cfg.space)
+        peft_model = apply_lora(base, full_rank_allocation(modules, max(cfg.space.ranks)))
+        dynamic = DynamicReallocator(
+            peft_model, modules, cfg.space.ranks, make_budget(units, cfg.space), allocation,
+            interval_steps=round(cfg.train.dynamic_every * steps_per_epoch), allocator=cfg.train.dynamic_allocator,
+            sign=1.0 if cfg.screen.direction == "maximize" else -1.0, seed=job.seed)
+        return Adapted(peft_model, allocation, units, dynamic=dynamic)
+    peft_model = apply_lora(base, allocation)
+    return Adapted(peft_model, allocation, units, shortcuts=attach_allocation_shortcuts(peft_model, allocation, job.seed))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One model: PEFT LoRA on the base model, AdamW with warm-up + linear decay, eval every epoch."""
     import ray.train
@@ -115,19 +164,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
     n_head = head_params(base)
-    allocation = Allocation.from_ranks(job.ranks)
-    units = searchable_units(base, adaptable_modules(base), shortcut_kinds=KINDS)
-    kept_params = allocation.trainable_params(units)  # AdaLoRA trains more, keeps this many
-    adalora = job.method == "adalora"
-    peft_model = apply_adalora(base, allocation, total_steps) if adalora else apply_lora(base, allocation)
-    shortcut_set = attach_allocation_shortcuts(peft_model, allocation, seed=job.seed)
+    adapted = build_adapted(cfg, job, base, len(train_loader))
+    peft_model = adapted.peft_model
     model = ray.train.torch.prepare_model(peft_model)
     device = ray.train.torch.get_device()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = _linear_warmup_decay(optimizer, total_steps, t.warmup_ratio)
-    start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), peft_model, shortcut_set, optimizer, scheduler)
+    start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), adapted, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     trained_params = sum(p.numel() for n, p in peft_model.named_parameters()
                          if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
@@ -143,42 +188,43 @@ def train_loop_per_worker(config: dict) -> None:
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(f"non-finite training loss {float(loss)} at epoch {epoch}")
             loss.backward()
+            adapted.after_backward()
             optimizer.step()
             scheduler.step()
-            if adalora:  # prune ranks on AdaLoRA's schedule: after backward, before zero_grad
-                peft_model.base_model.update_and_allocate(step)
+            adapted.after_step(step, optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        peak_memory_mb=_max_over_workers(_peak_memory_mb(device)),
-                       trainable_params=kept_params, trained_params=trained_params,
-                       head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
-                       resumed_from_epoch=start_epoch)  # > 0: this worker group restarted from a checkpoint
+                       trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
+                       resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
+                       **adapted.kept())
         history.append({k: metrics[k] for k in HISTORY_KEYS})
         metrics["history"] = json.dumps(history)
-        _report_with_checkpoint(metrics, peft_model, shortcut_set, optimizer, scheduler, epoch + 1, elapsed, history)
+        _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
 
 
-def _report_with_checkpoint(metrics, peft_model, shortcut_set, optimizer, scheduler, epochs_done: int, elapsed: float,
+def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epochs_done: int, elapsed: float,
                             history: list[dict]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            peft_model.save_pretrained(tmp)  # adapter + head only, as safetensors
-            if shortcut_set is not None:
-                save_shortcuts(shortcut_set, tmp)
+            adapted.peft_model.save_pretrained(tmp)  # adapter + head only, as safetensors
+            if adapted.shortcuts is not None:
+                save_shortcuts(adapted.shortcuts, tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history)},
+                        "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history),
+                        "active_ranks": json.dumps(adapted.dynamic.active if adapted.dynamic else {})},
                        Path(tmp) / TRAIN_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _restore(checkpoint, peft_model, shortcut_set, optimizer, scheduler) -> tuple[int, float, list[dict]]:
+def _restore(checkpoint, adapted: Adapted, optimizer, scheduler) -> tuple[int, float, list[dict]]:
     """Continue from the last epoch checkpoint after a failure; (0, 0.0, []) on a fresh start."""
     if checkpoint is None:
         return 0, 0.0, []
@@ -186,10 +232,12 @@ def _restore(checkpoint, peft_model, shortcut_set, optimizer, scheduler) -> tupl
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as path:
-        set_peft_model_state_dict(peft_model, load_file(Path(path) / "adapter_model.safetensors"))
-        if shortcut_set is not None:
-            shortcut_set.load_weights(path)
+        set_peft_model_state_dict(adapted.peft_model, load_file(Path(path) / "adapter_model.safetensors"))
+        if adapted.shortcuts is not None:
+            adapted.shortcuts.load_weights(path)
         state = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
+    if adapted.dynamic is not None:
+        adapted.dynamic.active = json.loads(state["active_ranks"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epochs_done"]), float(state["elapsed"]), json.loads(state["history"])

@@ -1,0 +1,73 @@
+"""Dynamic re-allocation: rank moves during training, the budget holds, masked columns stay dead."""
+
+import numpy as np
+import torch
+
+from orchestrator.allocation import Allocation, apply_lora
+from orchestrator.allocators import Budget
+from orchestrator.data import make_loader
+from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
+from orchestrator.models import adaptable_modules, load_model, load_tokenizer
+from orchestrator.proxies.grad_norm import lora_factors
+
+
+def _setup(tiny_model_dir, tiny_split, allocator="knapsack"):
+    base = load_model(str(tiny_model_dir), 2, seed=0)
+    modules = adaptable_modules(base)
+    q = next(m for m in modules if m.type == "query")
+    initial = Allocation.from_ranks({q.name: 2})
+    budget = Budget(initial.trainable_params(modules), 0.0)  # exactly one rank-2 attention-sized module
+    model = apply_lora(base, full_rank_allocation(modules, 2))
+    dynamic = DynamicReallocator(model, modules, [1, 2], budget, initial, interval_steps=2, allocator=allocator,
+                                 sign=1.0, seed=0)
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=True)
+    return model, modules, budget, dynamic, loader
+
+
+def _train(model, dynamic, loader, steps):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step, batch in zip(range(steps), loader):
+        model(**batch).loss.backward()
+        dynamic.after_backward()
+        optimizer.step()
+        dynamic.after_step(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def test_masked_columns_stay_zero_and_budget_holds(tiny_model_dir, tiny_split):
+    model, modules, budget, dynamic, loader = _setup(tiny_model_dir, tiny_split)
+    _train(model, dynamic, loader, steps=6)
+    assert dynamic.reallocations == 3
+    assert budget.admits(dynamic.allocation.trainable_params(modules))
+    for m in modules:
+        _, b = lora_factors(model, m.name)
+        assert torch.count_nonzero(b[:, dynamic.active[m.name]:]) == 0, m.name
+
+
+def test_masked_model_computes_what_the_current_allocation_would(tiny_model_dir, tiny_split):
+    model, modules, _, dynamic, loader = _setup(tiny_model_dir, tiny_split)
+    _train(model, dynamic, loader, steps=4)
+    static = apply_lora(load_model(str(tiny_model_dir), 2, seed=0), dynamic.allocation)
+    with torch.no_grad():  # copy the live columns of every active module, and the trained head
+        for name, rank in dynamic.allocation.ranks:
+            a, b = lora_factors(model, name)
+            sa, sb = lora_factors(static, name)
+            sa.copy_(a[:rank]), sb.copy_(b[:, :rank])
+        live = {k: v for k, v in model.state_dict().items() if "classifier" in k}
+        static.load_state_dict(live, strict=False)
+    model.eval(), static.eval()
+    batch = next(iter(loader))
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, static(**batch).logits, atol=1e-5)
+
+
+def test_rank_moves_to_the_modules_the_scores_favour(tiny_model_dir, tiny_split):
+    model, modules, budget, dynamic, _ = _setup(tiny_model_dir, tiny_split)
+    value = next(m for m in modules if m.type == "value")
+    dynamic.scores = {m.name: (10.0 if m.name == value.name else 0.1) for m in modules}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    dynamic.reallocate(optimizer)
+    assert dynamic.active[value.name] == 2 and sum(np.array(list(dynamic.active.values())) > 0) == 1
+    assert dynamic.moved_rank == 4  # query 2 → 0, value 0 → 2
