@@ -1,0 +1,127 @@
+"""optuna-dashboard for a run's screen study, bound to 127.0.0.1 unless told otherwise.
+
+The study lives in `screen.storage` from the run's run.json, else `sqlite:///<run dir>/study.db`.
+A search may be writing the SQLite file while the dashboard reads it. SQLite allows one writer and
+many readers in its default (rollback-journal) mode; a reader that meets the writer's commit waits
+for it (busy timeout) instead of failing with "database is locked". The file's journal mode is left
+alone: WAL is unsafe on network file systems, where multi-node results may live.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref import simple_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from orchestrator.errors import UserError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SQLITE_BUSY_TIMEOUT_S = 30.0
+STUDY_NAME = "screen"  # orchestrator.screen.STUDY_NAME (not imported: it pulls in Ray)
+
+
+class _ThreadedWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # Ctrl-C does not wait for open browser connections
+
+
+class _ThreadedWSGIServer6(_ThreadedWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the browser polls every few seconds: no access log
+        pass
+
+
+def storage_url(run_dir: str | Path) -> str:
+    """The run's Optuna storage URL; UserError (one line) when `run_dir` holds no run or no study."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR: '{run_dir}' is not a directory; give a run directory, e.g. results/quickstart")
+    url = None
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        try:
+            url = (json.loads(run_json.read_text()).get("config") or {}).get("screen", {}).get("storage")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
+    elif not (run_dir / "study.db").is_file():
+        raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
+    if url:
+        return url
+    db = (run_dir / "study.db").resolve()
+    if not db.is_file():
+        raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
+    return f"sqlite:///{db}"
+
+
+def open_storage(url: str):
+    """An RDBStorage that never creates tables or files and waits out a writer's commit on SQLite."""
+    import optuna
+
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1].split("?", 1)[0]
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).is_file():
+            raise UserError(f"screen.storage: SQLite file '{path}' does not exist; check the run's storage URL")
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True,
+                                          skip_table_creation=True)
+    except Exception as err:  # bad URL, missing driver, unreachable database
+        raise UserError(f"screen.storage: cannot open '{_shown_url(url)}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
+    """A threaded WSGI server of optuna-dashboard on the run's study; call serve_forever() / shutdown()."""
+    from optuna_dashboard import wsgi
+
+    storage = open_storage(storage_url(run_dir))
+    server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
+    try:
+        server = simple_server.make_server(host, port, wsgi(storage), server_class=server_class, handler_class=_QuietHandler)
+    except OSError as err:
+        raise UserError(f"--port/--host: cannot listen on {host}:{port} ({err.strerror or err}); "
+                        "pick a free port with --port") from None
+    server.storage = storage
+    return server
+
+
+def study_path(storage) -> str:
+    """The dashboard page of the screen study, or the study list when it is not there (yet)."""
+    try:
+        return f"/dashboard/studies/{storage.get_study_id_from_name(STUDY_NAME)}"
+    except Exception:  # KeyError when the study is missing; anything else: just show the list
+        return "/dashboard"
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the run's storage"
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until Ctrl-C."""
+    if host not in LOCAL_HOSTS:
+        print(f"warning: binding the dashboard to {host}: anyone who can reach port {port} can read, rename and "
+              "delete studies (it has no authentication); prefer 127.0.0.1 and an SSH tunnel", file=sys.stderr)
+    server = make_server(run_dir, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"optuna-dashboard for {run_dir} ({_shown_url(server.storage.url)}) at "
+          f"http://{shown}:{bound_port}{study_path(server.storage)}", flush=True)
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,217 @@
+"""`lora-search dashboard`: optuna-dashboard on a run's SQLite study, bound to 127.0.0.1, readable while a
+search writes the study."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+
+from orchestrator.dashboard import make_server, storage_url
+from orchestrator.errors import UserError
+
+STUDY = "screen"
+SERVER_START_S = 120  # importing optuna-dashboard pulls in scikit-learn: seconds on a cold disk
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 30) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, json.loads(response.read())
+
+
+def make_run_dir(root: Path, trials: int = 5, storage: str | None = None) -> Path:
+    """A run directory as the pipeline leaves it: run.json (config.screen.storage) and an Optuna study."""
+    run_dir = root / "run"
+    run_dir.mkdir()
+    url = storage or f"sqlite:///{run_dir / 'study.db'}"
+    study = optuna.create_study(study_name=STUDY, storage=url, direction="minimize")
+    study.optimize(lambda trial: (trial.suggest_float("x", -3, 3) - 1) ** 2, n_trials=trials)
+    (run_dir / "run.json").write_text(json.dumps({"config": {"name": "run", "screen": {"storage": storage}}}))
+    return run_dir
+
+
+@pytest.fixture(autouse=True)
+def quiet_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(server, base URL, run dir): the dashboard in a thread on a free port of 127.0.0.1."""
+    run_dir = make_run_dir(tmp_path)
+    server = make_server(run_dir, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield server, f"http://{host}:{port}", run_dir
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+# ---------------------------------------------------------------- storage lookup and errors
+
+
+def test_storage_url_default_and_from_run_json(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    assert storage_url(run_dir) == f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    elsewhere = tmp_path / "elsewhere.db"
+    (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": f"sqlite:///{elsewhere}"}}}))
+    assert storage_url(run_dir) == f"sqlite:///{elsewhere}"
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet"])
+def test_bad_run_dir_is_a_user_error(tmp_path, case):
+    run_dir = tmp_path / "run"
+    if case != "missing":
+        run_dir.mkdir()
+    if case == "bad_json":
+        (run_dir / "run.json").write_text("{not json")
+    if case == "no_study_yet":
+        (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None}}}))
+    with pytest.raises(UserError) as err:
+        storage_url(run_dir)
+    assert str(err.value).startswith("RUN_DIR: ") and "\n" not in str(err.value)
+    assert not (run_dir / "study.db").exists()  # nothing was created
+
+
+def test_missing_sqlite_file_named_in_run_json_is_a_user_error(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": f"sqlite:///{tmp_path / 'gone.db'}"}}}))
+    with pytest.raises(UserError, match="does not exist"):
+        make_server(run_dir, "127.0.0.1", 0)
+    assert not (tmp_path / "gone.db").exists()
+
+
+def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "dashboard", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: RUN_DIR: ")
+
+
+# ---------------------------------------------------------------- serving
+
+
+def test_server_in_thread_lists_the_study_on_loopback(served):
+    server, base, _ = served
+    assert server.server_address[0] == "127.0.0.1"
+    status, body = get_json(f"{base}/api/studies")
+    assert status == 200
+    assert [s["study_name"] for s in body["study_summaries"]] == [STUDY]
+    study_id = body["study_summaries"][0]["study_id"]
+    status, detail = get_json(f"{base}/api/studies/{study_id}")
+    assert status == 200 and len(detail["trials"]) == 5
+    with urllib.request.urlopen(f"{base}/dashboard/studies/{study_id}", timeout=30) as page:  # the web app itself
+        assert page.status == 200 and b"<html" in page.read().lower()
+
+
+def test_cli_serves_the_study_bound_to_loopback_only(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dashboard", str(run_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                status, body = get_json(f"http://127.0.0.1:{port}/api/studies", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "dashboard did not answer"
+                time.sleep(0.5)
+        assert status == 200 and STUDY in [s["study_name"] for s in body["study_summaries"]]
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and {addr.ip for addr in listening} == {"127.0.0.1"}, listening
+        assert {addr.port for addr in listening} == {port}
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/dashboard/studies/1" in output
+    assert "warning" not in output.lower()
+
+
+def test_binding_elsewhere_warns(tmp_path, capsys, monkeypatch):
+    import orchestrator.dashboard as dashboard
+
+    class Stop(Exception):
+        pass
+
+    def no_serve(self):
+        raise Stop
+
+    monkeypatch.setattr(dashboard._ThreadedWSGIServer, "serve_forever", no_serve)
+    with pytest.raises(Stop):
+        dashboard.serve(make_run_dir(tmp_path), host="0.0.0.0", port=0)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: binding the dashboard to 0.0.0.0") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- a search writing while the dashboard reads
+
+WRITER = textwrap.dedent("""
+    import sys, optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # As the screen stage opens it (orchestrator/screen.py): a plain RDBStorage on the URL.
+    storage = optuna.storages.RDBStorage(sys.argv[1])
+    study = optuna.load_study(study_name="screen", storage=storage)
+    print("ready", flush=True)
+    for _ in range(int(sys.argv[2])):
+        trial = study.ask()
+        x = trial.suggest_float("x", -3, 3)
+        trial.set_user_attr("candidates", "[" + ",".join(["0.5"] * 200) + "]")
+        study.tell(trial, (x - 1) ** 2)
+    print("done", flush=True)
+""")
+
+
+def test_dashboard_reads_while_a_writer_adds_trials(served):
+    _, base, run_dir = served
+    writes = 60
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, storage_url(run_dir), str(writes)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    statuses, counts = [], []
+    try:
+        assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+        while writer.poll() is None:
+            for path in ("/api/studies", "/api/studies/1"):
+                try:
+                    status, body = get_json(base + path)
+                except urllib.error.HTTPError as err:  # a 500 is what a lock error in a view becomes
+                    status, body = err.code, {}
+                statuses.append(status)
+                if "trials" in body:
+                    counts.append(len(body["trials"]))
+        out, err = writer.communicate(timeout=120)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    print(f"{len(statuses)} dashboard requests while the writer added {writes} trials")
+    assert writer.returncode == 0 and "done" in out, err
+    assert "locked" not in err.lower()
+    assert len(statuses) >= 20, "the dashboard was hardly polled while the writer ran"
+    assert set(statuses) == {200}
+    assert counts == sorted(counts) and counts[-1] > counts[0]  # it saw the study grow, never shrink
+    status, body = get_json(f"{base}/api/studies/1")
+    assert len(body["trials"]) == 5 + writes
