@@ -51,9 +51,11 @@ def space_modules(modules: list[AdaptableModule], space: SpaceConfig) -> list[Ad
     chosen = [m for m in modules if m.type in types and (space.layers is None or m.layer in space.layers)]
     if not chosen:
         raise UserError("space.module_types: no module of the model matches the space; check module_types and layers")
-    too_big = [r for r in space.ranks if r > min(min(m.in_features, m.out_features) for m in chosen)]
+    limit = min(min(m.in_features, m.out_features) for m in chosen)
+    too_big = [r for r in space.ranks if r > limit]
     if too_big:
-        raise UserError(f"space.ranks: {too_big} exceed the smallest module dimension; use smaller ranks")
+        raise UserError(f"space.ranks: {too_big} exceed {limit}, the smallest dimension of the searched modules; "
+                        f"use ranks ≤ {limit}")
     return chosen
 
 

@@ -57,9 +57,14 @@ def init_ray(address: str | None) -> None:
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """Create (or, with resume, reopen) results/<name>, refusing to overwrite a finished or running run."""
     root = Path(cfg.results_dir).resolve()
-    run_dir = cfg.run_dir.resolve()
+    try:
+        run_dir = cfg.run_dir.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise UserError(f"name: '{cfg.run_dir}' is a broken or looping link; remove it or choose another name") from None
     if root not in run_dir.parents:
-        raise UserError(f"name: '{cfg.name}' leaves the results directory; use a plain name")
+        raise UserError(f"name: '{cfg.name}' leaves the results directory (through a link?); use a plain name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"name: '{cfg.run_dir}' is a file, not a run directory; move it or choose another name")
     exists = (run_dir / "run.json").is_file()
     if exists and not resume:
         raise UserError(f"name: run directory '{cfg.run_dir}' already exists; pass --resume to continue it "

@@ -73,7 +73,8 @@ def test_space_modules_refuses_ranks_above_module_dimension(tiny_modules):
     space_modules(tiny_modules, space(ranks=[1, 32]))  # 32 = the smallest dimension: allowed
     with pytest.raises(UserError) as err:
         space_modules(tiny_modules, space(ranks=[4, 33, 64]))
-    assert str(err.value) == "space.ranks: [33, 64] exceed the smallest module dimension; use smaller ranks"
+    assert str(err.value) == ("space.ranks: [33, 64] exceed 32, the smallest dimension of the searched modules; "
+                              "use ranks ≤ 32")
 
 
 def test_sample_allocations_inside_band(tiny_modules):
