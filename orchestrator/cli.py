@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -227,16 +226,12 @@ app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:
+    """Usage errors (unknown option, bad argument type) are click's: usage line, exit 2. Ours: one line, exit 2."""
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as err:  # usage errors: unknown option, missing argument
-        err.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

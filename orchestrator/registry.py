@@ -1,0 +1,766 @@
+"""Adapter registry: versioned, checksummed, safetensors-only storage of trained adapters.
+
+Layout under the root (default `results/registry`):
+
+    registry.db                      SQLite (WAL): table `entries` (one row per name and version) and a
+                                     cache of base-model hashes keyed by path, mtime and size
+    <name>/v<version>/               adapter_config.json + the weights, safetensors only:
+        adapter_model.safetensors        fp32 or fp16 (a plain PEFT adapter file), or
+        adapter_model.int8.safetensors   int8: `<key>.qweight` (int8) + `<key>.scale` (fp32, one per
+                                         output channel) for every 2-D lora_A/lora_B weight; the other
+                                         tensors (the classifier head) in fp16. Named apart on purpose:
+                                         PEFT must not load it as if it were a plain adapter.
+
+Every entry records its task, base model id and the SHA-256 of the base model's weights, the
+allocation, metrics, parent version, precision, a current flag (at most one per name) and the SHA-256
+of every stored file. `load` checks all of them before it builds a model. Versions of a name only
+go up: a removed version keeps its row (marked removed, files deleted), so its number is never reused.
+
+Nothing half-done is ever visible: files are written to a staging directory inside the root and
+renamed into place inside the same write transaction that records them; any error rolls both back.
+Pickled weights (`.bin`, `.pt`, ...) are refused and never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchestrator.errors import UserError
+
+DEFAULT_ROOT = Path("results") / "registry"
+PRECISIONS = ("fp32", "fp16", "int8")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+INT8_WEIGHTS_FILE = "adapter_model.int8.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+FP16_MAX = 65504.0
+_LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    task TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    base_model_sha256 TEXT NOT NULL,
+    allocation TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    parent_version INTEGER,
+    created_at TEXT NOT NULL,
+    precision TEXT NOT NULL CHECK (precision IN ('fp32', 'fp16', 'int8')),
+    is_current INTEGER NOT NULL DEFAULT 0,
+    files TEXT NOT NULL,
+    source TEXT,
+    removed_at TEXT,
+    PRIMARY KEY (name, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_current_per_name ON entries (name) WHERE is_current = 1;
+CREATE TABLE IF NOT EXISTS base_model_hashes (
+    path TEXT PRIMARY KEY, mtime_ns INTEGER NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored adapter version."""
+
+    name: str
+    version: int
+    task: str
+    base_model: str
+    base_model_sha256: str
+    allocation: str
+    metrics: dict
+    parent_version: int | None
+    created_at: str
+    precision: str
+    current: bool
+    files: dict  # file name → SHA-256
+    source: str | None
+    path: Path  # root/<name>/v<version>
+
+    @property
+    def weights_file(self) -> str:
+        return INT8_WEIGHTS_FILE if self.precision == "int8" else WEIGHTS_FILE
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files if (self.path / f).is_file())
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"path": str(self.path)}
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model_files(base_model: str) -> list[Path]:
+    """The base model's weights: model.safetensors, else every *.safetensors (sharded), sorted."""
+    from orchestrator.models import resolve_model_path
+
+    path = resolve_model_path(base_model)
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+
+
+def base_model_id(base_model: str) -> str:
+    """What an entry records: a packaged name as is, a directory as an absolute path."""
+    from orchestrator.models import PACKAGED_MODELS
+
+    return base_model if base_model in PACKAGED_MODELS else str(Path(base_model).expanduser().resolve())
+
+
+# ---------------------------------------------------------------- precision: encode / decode
+
+
+def quantise_int8(weight):
+    """Symmetric per-output-channel (per row) int8: w ≈ q · scale, |w − q · scale| ≤ scale / 2."""
+    import torch
+
+    w = weight.detach().to(torch.float64)
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scale.to(torch.float32).contiguous()
+
+
+def dequantise_int8(q, scale):
+    import torch
+
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).contiguous()
+
+
+def encode(tensors: dict, precision: str) -> tuple[str, bytes]:
+    """A PEFT adapter state dict → (file name, safetensors bytes) at the given storage precision."""
+    import torch
+    from safetensors.torch import save
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+    stored = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        if not tensor.is_floating_point() or precision == "fp32":
+            stored[key] = tensor.contiguous()
+        elif precision == "int8" and tensor.ndim == 2 and _LORA_WEIGHT.search(key):
+            stored[f"{key}.qweight"], stored[f"{key}.scale"] = quantise_int8(tensor)
+        else:
+            if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+                raise UserError(f"precision: tensor '{key}' has values beyond the fp16 range (±65504); "
+                                "store this adapter as fp32")
+            stored[key] = tensor.to(torch.float16).contiguous()
+    name = INT8_WEIGHTS_FILE if precision == "int8" else WEIGHTS_FILE
+    return name, save(stored, metadata={"format": "pt", "lora_search_precision": precision})
+
+
+def decode(data: bytes, precision: str) -> dict:
+    """Stored safetensors bytes → a plain fp32 PEFT adapter state dict (int8 dequantised)."""
+    import torch
+    from safetensors.torch import load
+
+    stored = load(data)
+    tensors = {}
+    for key, tensor in stored.items():
+        if key.endswith(".scale") and precision == "int8":
+            continue
+        if key.endswith(".qweight") and precision == "int8":
+            base = key[: -len(".qweight")]
+            tensors[base] = dequantise_int8(tensor, stored[f"{base}.scale"])
+        else:
+            tensors[key] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    return tensors
+
+
+# ---------------------------------------------------------------- reading an adapter directory safely
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """What a PEFT adapter directory holds, read once (the bytes that are hashed are the bytes that are used)."""
+
+    config: dict
+    config_bytes: bytes
+    weights: bytes
+    precision: str | None  # fp32 / fp16 / int8 (registry files say so), fp32 when every float is fp32, else None
+    tensors: dict  # decoded, fp32
+
+
+def _header_metadata(data: bytes) -> dict:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+
+
+def read_adapter_dir(source_dir: str | Path) -> AdapterFiles:
+    """Config and weights of a PEFT adapter directory, safetensors only.
+
+    Only `adapter_config.json` and `adapter_model.safetensors` (or a registry int8 file) are read; a
+    directory whose weights are a pickle (`.bin`, `.pt`, ...) is refused without opening it, and a
+    pickle renamed to `.safetensors` fails the safetensors parser, which never executes anything.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise UserError(f"registry: adapter directory '{source}' not found; give a directory holding "
+                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (e.g. results/<run>/adapters/<candidate_id>)")
+    weights = next((source / n for n in (WEIGHTS_FILE, INT8_WEIGHTS_FILE) if (source / n).is_file()), None)
+    if weights is None:
+        pickles = sorted(p.name for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"registry: '{source}' holds pickled weights ({', '.join(pickles)}), not {WEIGHTS_FILE}; "
+                            "pickles can run code when loaded and are refused: re-save the adapter with "
+                            "save_pretrained(..., safe_serialization=True)")
+        raise UserError(f"registry: '{source}' has no {WEIGHTS_FILE}; give a PEFT adapter directory saved with "
+                        "save_pretrained(..., safe_serialization=True)")
+    if not (source / CONFIG_FILE).is_file():
+        raise UserError(f"registry: '{source}' has no {CONFIG_FILE}; save the adapter with PEFT's save_pretrained")
+    config_bytes = (source / CONFIG_FILE).read_bytes()
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"registry: '{source / CONFIG_FILE}' is not valid JSON; re-save the adapter with save_pretrained") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise UserError(f"registry: '{source / CONFIG_FILE}' is not a PEFT adapter config (no peft_type); "
+                        "re-save the adapter with save_pretrained")
+    data = weights.read_bytes()
+    try:
+        raw = load(data)
+        metadata = _header_metadata(data)
+    except (SafetensorError, ValueError, struct.error) as err:
+        raise UserError(f"registry: '{weights}' is not a valid safetensors file ({str(err).splitlines()[0][:120]}); "
+                        "re-save the adapter with save_pretrained(..., safe_serialization=True)") from None
+    precision = metadata.get("lora_search_precision")
+    if weights.name == INT8_WEIGHTS_FILE and precision != "int8":
+        raise UserError(f"registry: '{weights}' does not say it is int8; re-export the adapter from the registry")
+    if precision not in PRECISIONS:
+        floats = [t.dtype for t in raw.values() if t.is_floating_point()]
+        precision = "fp32" if all(d == torch.float32 for d in floats) else None
+    if not raw:
+        raise UserError(f"registry: '{weights}' holds no tensors; save a trained adapter")
+    return AdapterFiles(config, config_bytes, data, precision, decode(data, precision or "fp32"))
+
+
+def allocation_from_config(config: dict) -> str:
+    """Compact allocation (`L0.query:8,...`) from an adapter config's target_modules and rank_pattern."""
+    from orchestrator.report import compact_allocation
+
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return targets
+    patterns = {re.sub(r"\\(.)", r"\1", k): v for k, v in (config.get("rank_pattern") or {}).items()}
+    return compact_allocation({name: int(patterns.get(name, config.get("r", 8))) for name in targets})
+
+
+def num_labels_of(tensors: dict) -> int:
+    from orchestrator.models import HEAD_MODULES
+
+    heads = [t.shape[0] for k, t in tensors.items()
+             if any(f".{head}." in k for head in HEAD_MODULES) and k.endswith("weight") and t.ndim == 2]
+    if heads:
+        return int(min(heads))  # classifier.weight, or out_proj of a two-layer head
+    raise UserError("registry: the adapter has no classifier head (modules_to_save); "
+                    "store adapters trained by lora-search or saved with modules_to_save=['classifier']")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise UserError(f"registry: '{name}' is not a valid adapter name; use letters, digits, '-', '_' and '.' "
+                        "(no slashes), e.g. rotten_tomatoes")
+    return name
+
+
+def _safe_name(text: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.") or "adapter"
+    return _check_name(cleaned[:100])
+
+
+class Registry:
+    """Versioned adapter store rooted at a directory. Every failing call raises UserError and changes nothing."""
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT):
+        self.root = Path(root)
+        self.db_path = self.root / "registry.db"
+
+    # -------------------------------------------------------- plumbing
+
+    @contextlib.contextmanager
+    def _connect(self, write: bool):
+        """A connection; `write` takes the database's write lock (BEGIN IMMEDIATE) and commits at the end."""
+        if not write and not self.db_path.is_file():
+            yield None
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            try:
+                conn.row_factory = sqlite3.Row
+                self._init(conn)
+                if write:
+                    conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as err:
+                raise self._db_error(err) from None
+            if write:
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            else:
+                yield conn
+        except sqlite3.OperationalError as err:
+            raise self._db_error(err) from None
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _init(conn) -> None:
+        """WAL mode and the schema. Switching a new database to WAL fails at once (no busy wait) while
+        another connection does the same, so that one step retries."""
+        for attempt in range(200):
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 199:
+                    raise
+                time.sleep(0.05)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+
+    def _db_error(self, err: sqlite3.DatabaseError) -> UserError:
+        if "locked" in str(err) or "busy" in str(err):
+            return UserError(f"registry: {self.db_path} stayed locked by another process for 30 s; try again when it is done")
+        return UserError(f"registry: {self.db_path} cannot be used ({err}); restore it from a backup or point --root "
+                         "at another directory")
+
+    def _entry(self, row: sqlite3.Row) -> Entry:
+        return Entry(name=row["name"], version=row["version"], task=row["task"], base_model=row["base_model"],
+                     base_model_sha256=row["base_model_sha256"], allocation=row["allocation"],
+                     metrics=json.loads(row["metrics"]), parent_version=row["parent_version"],
+                     created_at=row["created_at"], precision=row["precision"], current=bool(row["is_current"]),
+                     files=json.loads(row["files"]), source=row["source"],
+                     path=self.root / row["name"] / f"v{row['version']}")
+
+    def _rows(self, conn, name: str) -> list[sqlite3.Row]:
+        if conn is None:
+            return []
+        return conn.execute("SELECT * FROM entries WHERE name = ? AND removed_at IS NULL ORDER BY version",
+                            (name,)).fetchall()
+
+    def _pick(self, conn, name: str, version: int | None) -> sqlite3.Row:
+        """The live row of name/version; version None → the current one (else the latest)."""
+        _check_name(name)
+        rows = self._rows(conn, name)
+        if not rows:
+            raise UserError(f"registry: no adapter named '{name}' in {self.root}; "
+                            f"see `lora-search registry list --root {self.root}`")
+        if version is None:
+            return next((r for r in rows if r["is_current"]), rows[-1])
+        for row in rows:
+            if row["version"] == version:
+                return row
+        live = ", ".join(f"v{r['version']}" for r in rows)
+        raise UserError(f"registry: '{name}' has no version {version} (it has {live}); pick one of those")
+
+    def _base_hash(self, conn, base_model: str) -> str:
+        """SHA-256 of the base model's weights, cached in the database by path, mtime and size."""
+        parts = []
+        for path in base_model_files(base_model):
+            stat = path.stat()
+            key = str(path.resolve())
+            row = conn.execute("SELECT sha256 FROM base_model_hashes WHERE path = ? AND mtime_ns = ? AND size = ?",
+                               (key, stat.st_mtime_ns, stat.st_size)).fetchone()
+            digest = row["sha256"] if row else sha256_file(path)
+            if row is None:
+                conn.execute("INSERT OR REPLACE INTO base_model_hashes VALUES (?, ?, ?, ?)",
+                             (key, stat.st_mtime_ns, stat.st_size, digest))
+            parts.append((path.name, digest))
+        if len(parts) == 1:
+            return parts[0][1]
+        return sha256_bytes("\n".join(f"{n}:{d}" for n, d in parts).encode())
+
+    def base_model_hash(self, base_model: str) -> str:
+        with self._connect(write=True) as conn:
+            return self._base_hash(conn, base_model)
+
+    def _staging(self) -> Path:
+        """A fresh directory on the root's file system (so that os.replace into place is atomic)."""
+        staging = self.root / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=staging))
+        path.chmod(0o755)  # mkdtemp makes 0700; stored versions are as readable as any other result
+        return path
+
+    # -------------------------------------------------------- writing
+
+    def add(self, name: str, source_dir: str | Path, task: str, base_model: str, allocation: str | dict | None = None,
+            metrics: dict | None = None, precision: str = "fp32", *, parent_version: int | None = None,
+            promote: bool = True, source: str | None = None) -> Entry:
+        """Store the adapter in `source_dir` as the next version of `name` (current unless promote=False).
+
+        parent_version defaults to the version that was current when this one was added.
+        """
+        _check_name(name)
+        if precision not in PRECISIONS:
+            raise UserError(f"registry: precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+        adapter = read_adapter_dir(source_dir)
+        num_labels_of(adapter.tensors)  # refuse an adapter without a classifier head now, not at load time
+        if isinstance(allocation, dict):
+            from orchestrator.report import compact_allocation
+
+            allocation = compact_allocation(allocation)
+        allocation = allocation or allocation_from_config(adapter.config)
+        # An fp32 source stored as fp32 keeps its bytes; anything else is encoded from the fp32 tensors.
+        if precision == "fp32" and adapter.precision == "fp32":
+            weights_name, weights = WEIGHTS_FILE, adapter.weights
+        else:
+            weights_name, weights = encode(adapter.tensors, precision)
+        files = {CONFIG_FILE: sha256_bytes(adapter.config_bytes), weights_name: sha256_bytes(weights)}
+        metrics_text = json.dumps(metrics or {}, sort_keys=True, default=float)
+        base_hash = self.base_model_hash(base_model)  # hashed (once per file version) before taking the write lock
+
+        staged, target = self._staging(), None
+        try:
+            (staged / CONFIG_FILE).write_bytes(adapter.config_bytes)
+            (staged / weights_name).write_bytes(weights)
+            for path in staged.iterdir():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+            with self._connect(write=True) as conn:
+                top = conn.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()[0]
+                version = (top or 0) + 1
+                current = conn.execute("SELECT version FROM entries WHERE name = ? AND is_current = 1",
+                                       (name,)).fetchone()
+                parent = parent_version if parent_version is not None else (current[0] if current else None)
+                make_current = promote or current is None
+                if make_current:
+                    conn.execute("UPDATE entries SET is_current = 0 WHERE name = ?", (name,))
+                conn.execute("INSERT INTO entries (name, version, task, base_model, base_model_sha256, allocation, "
+                             "metrics, parent_version, created_at, precision, is_current, files, source) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (name, version, str(task), base_model_id(base_model), base_hash, allocation,
+                              metrics_text, parent, _now(), precision, int(make_current), json.dumps(files),
+                              source or str(Path(source_dir))))
+                row = conn.execute("SELECT * FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
+                folder = self.root / name / f"v{version}"
+                if folder.exists():  # left by a crash between rename and commit: no row owns it
+                    shutil.rmtree(folder)
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, folder)
+                target = folder  # from here on, a failed commit must take the files out again
+        except BaseException:
+            if target is not None:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return self._entry(row)
+
+    def add_from_run(self, run_dir: str | Path, candidate_id: str | None = None, *, name: str | None = None,
+                     precision: str = "fp32", promote: bool = True) -> Entry:
+        """Store a finished run's adapter: `candidate_id`, or the searched candidate with the best accuracy."""
+        run_dir = Path(run_dir)
+        row, run = best_candidate(run_dir, candidate_id)
+        metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "eval_loss", "trainable_params", "head_params",
+                                                     "seed", "latency_ms_per_batch", "train_wall_s", "cost_usd")
+                   if row.get(k) is not None}
+        metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
+                    "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage
+        task_name = run.get("task", {}).get("task") or run["config"]["data"]["task"]
+        return self.add(name or _safe_name(task_name), run_dir / row["adapter_dir"], run["config"]["data"]["task"],
+                        run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
+                        source=f"{run_dir}:{row['candidate_id']}:seed{row.get('seed')}")
+
+    def promote(self, name: str, version: int) -> Entry:
+        """Make `version` the current one of `name`."""
+        with self._connect(write=True) as conn:
+            self._pick(conn, name, version)
+            conn.execute("UPDATE entries SET is_current = 0 WHERE name = ?", (name,))
+            conn.execute("UPDATE entries SET is_current = 1 WHERE name = ? AND version = ?", (name, version))
+            row = conn.execute("SELECT * FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return self._entry(row)
+
+    def rollback(self, name: str) -> Entry:
+        """Make the highest version below the current one current again; later versions are kept."""
+        with self._connect(write=True) as conn:
+            _check_name(name)
+            rows = self._rows(conn, name)
+            if not rows:
+                raise UserError(f"registry: no adapter named '{name}' in {self.root}; "
+                                f"see `lora-search registry list --root {self.root}`")
+            current = next((r for r in rows if r["is_current"]), None)
+            if current is None:
+                raise UserError(f"registry: '{name}' has no current version; make one current with "
+                                f"`lora-search registry promote {name} <version>`")
+            earlier = [r for r in rows if r["version"] < current["version"]]
+            if not earlier:
+                raise UserError(f"registry: '{name}' v{current['version']} is its oldest version, there is nothing to "
+                                f"roll back to; promote a later version with `lora-search registry promote {name} <version>`")
+            target = earlier[-1]["version"]
+            conn.execute("UPDATE entries SET is_current = 0 WHERE name = ?", (name,))
+            conn.execute("UPDATE entries SET is_current = 1 WHERE name = ? AND version = ?", (name, target))
+            row = conn.execute("SELECT * FROM entries WHERE name = ? AND version = ?", (name, target)).fetchone()
+        return self._entry(row)
+
+    def remove(self, name: str, version: int) -> None:
+        """Delete a version's files; its row stays (marked removed) so the number is never reused.
+
+        The current version can only be removed when it is the last one left.
+        """
+        folder, trash = self.root / name / f"v{version}", None
+        try:
+            with self._connect(write=True) as conn:
+                row = self._pick(conn, name, version)
+                others = [r for r in self._rows(conn, name) if r["version"] != version]
+                if row["is_current"] and others:
+                    raise UserError(f"registry: '{name}' v{version} is the current version; make another current first "
+                                    f"(`lora-search registry rollback {name}` or `promote {name} <version>`), then remove it")
+                conn.execute("UPDATE entries SET removed_at = ?, is_current = 0 WHERE name = ? AND version = ?",
+                             (_now(), name, version))
+                if folder.exists():
+                    trash = self._staging() / "removed"
+                    os.replace(folder, trash)
+        except BaseException:
+            if trash is not None and trash.exists():  # the commit failed: put the files back
+                os.replace(trash, folder)
+            raise
+        if trash is not None:
+            shutil.rmtree(trash.parent, ignore_errors=True)
+
+    # -------------------------------------------------------- reading
+
+    def list(self, name: str | None = None) -> list[Entry]:
+        with self._connect(write=False) as conn:
+            if conn is None:
+                return []
+            if name is None:
+                rows = conn.execute("SELECT * FROM entries WHERE removed_at IS NULL ORDER BY name, version").fetchall()
+            else:
+                rows = self._rows(conn, _check_name(name))
+        return [self._entry(r) for r in rows]
+
+    def show(self, name: str, version: int | None = None) -> Entry:
+        """An entry; version None → the current version."""
+        with self._connect(write=False) as conn:
+            return self._entry(self._pick(conn, name, version))
+
+    def verified_files(self, name: str, version: int | None = None) -> tuple[Entry, dict[str, bytes]]:
+        """The entry and its files' bytes, each checked against its recorded SHA-256."""
+        entry = self.show(name, version)
+        contents = {}
+        for file, expected in entry.files.items():
+            path = entry.path / file
+            if not path.is_file():
+                raise UserError(f"registry: {entry.name} v{entry.version} is missing {file}; restore it from an export "
+                                f"or remove the version (`lora-search registry remove {entry.name} {entry.version}`)")
+            data = path.read_bytes()
+            digest = sha256_bytes(data)
+            if digest != expected:
+                raise UserError(f"registry: {entry.name} v{entry.version} {file} is corrupt or was modified (SHA-256 "
+                                f"{digest[:12]}… ≠ recorded {expected[:12]}…); restore it from an export or remove the "
+                                f"version (`lora-search registry remove {entry.name} {entry.version}`)")
+            contents[file] = data
+        return entry, contents
+
+    def verify(self, name: str, version: int | None = None) -> Entry:
+        return self.verified_files(name, version)[0]
+
+    def export(self, name: str, version: int | None, out_dir: str | Path) -> Path:
+        """A plain PEFT adapter directory (int8 dequantised to fp32) plus registry_entry.json; checksums checked first."""
+        entry, contents = self.verified_files(name, version)
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"registry: export target '{out}' exists and is not empty; give a new directory")
+        weights = contents[entry.weights_file]
+        if entry.precision == "int8":
+            from safetensors.torch import save
+
+            weights = save(decode(weights, "int8"), metadata={"format": "pt", "lora_search_precision": "int8-dequantised"})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            (staged / CONFIG_FILE).write_bytes(contents[CONFIG_FILE])
+            (staged / WEIGHTS_FILE).write_bytes(weights)
+            (staged / "registry_entry.json").write_text(json.dumps(entry.to_dict(), indent=1, default=str))
+            if out.exists():
+                out.rmdir()
+            os.replace(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return out
+
+    def load(self, name: str, version: int | None = None, base_model: str | None = None):
+        """A PeftModel (eval mode) of the stored adapter on `base_model` (default: the recorded one).
+
+        Refuses, with UserError, a stored file whose SHA-256 changed and a base model whose weights
+        differ from the ones the adapter was stored with.
+        """
+        entry, contents = self.verified_files(name, version)
+        base = base_model if base_model is not None else entry.base_model
+        with self._connect(write=True) as conn:
+            actual = self._base_hash(conn, str(base))
+        if actual != entry.base_model_sha256:
+            raise UserError(f"registry: base model '{base}' (SHA-256 {actual[:12]}…) is not the one {entry.name} "
+                            f"v{entry.version} was stored with ('{entry.base_model}', SHA-256 "
+                            f"{entry.base_model_sha256[:12]}…); load it on that model")
+        tensors = decode(contents[entry.weights_file], entry.precision)
+        return peft_model_from_tensors(str(base), contents[CONFIG_FILE], tensors)
+
+
+def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict):
+    """PeftModel.from_pretrained on a private temporary directory holding these tensors as safetensors."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from orchestrator.models import load_model
+
+    model = load_model(base_model, num_labels=num_labels_of(tensors))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # transformers 5.23 warns about its own deprecated name whenever PEFT wraps a model
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        (Path(tmp) / CONFIG_FILE).write_bytes(config_bytes)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        peft_model = PeftModel.from_pretrained(model, tmp)
+    return peft_model.eval()
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict, dict]:
+    """(report row, run.json) of `candidate_id`, or of the searched candidate with the best accuracy."""
+    import pandas as pd
+
+    from orchestrator.report import load as load_report, read_run_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise UserError(f"registry: '{run_dir}' has no run.json; give a finished run directory, e.g. results/quickstart")
+    table = load_report(run_dir)
+    usable = table[table.adapter_dir.notna() & table.accuracy.notna()]
+    if candidate_id is not None:
+        rows = usable[usable.candidate_id == candidate_id]
+        if rows.empty:
+            known = ", ".join(sorted(usable.candidate_id.unique()))
+            raise UserError(f"registry: candidate '{candidate_id}' has no trained adapter in {run_dir}; "
+                            f"choose one of {known}")
+    else:
+        rows = usable[usable.kind == "searched"]
+        if rows.empty:
+            raise UserError(f"registry: {run_dir} has no trained searched candidate; pass --candidate with a baseline id")
+    best = rows.sort_values(["accuracy", "f1"], ascending=False, kind="stable").iloc[0]
+    return {k: (None if (not isinstance(v, (list, dict)) and pd.isna(v)) else v) for k, v in best.to_dict().items()}, \
+        read_run_json(run_dir)
+
+
+def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
+                        precisions: tuple[str, ...] = PRECISIONS, device: str | None = None):
+    """Per storage precision: weights file size and accuracy/F1 on the run's eval split, change vs fp32.
+
+    The adapter is encoded exactly as the registry stores it, decoded back, loaded with
+    PeftModel.from_pretrained and evaluated with orchestrator.train.evaluate on the eval split the
+    run used (orchestrator.data.load_task on run.json's data config).
+    """
+    import pandas as pd
+    import torch
+
+    from orchestrator.config import DataConfig, build
+    from orchestrator.data import load_task, make_loader
+    from orchestrator.models import load_tokenizer
+    from orchestrator.train import evaluate
+
+    run_dir = Path(run_dir)
+    row, run = best_candidate(run_dir, candidate_id)
+    cfg = run["config"]
+    adapter = read_adapter_dir(run_dir / row["adapter_dir"])
+    reference, config_bytes = adapter.tensors, adapter.config_bytes
+
+    task = load_task(build(DataConfig, cfg["data"], "data."))
+    tokenizer = load_tokenizer(cfg["model"]["name"])
+    loader = make_loader(task.eval, tokenizer, cfg["model"]["max_length"], cfg["train"]["eval_batch_size"], shuffle=False)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    rows = []
+    for precision in precisions:
+        name, blob = encode(reference, precision)
+        with tempfile.TemporaryDirectory() as tmp:  # size as it lands on disk
+            (Path(tmp) / name).write_bytes(blob)
+            size = (Path(tmp) / name).stat().st_size
+        tensors = decode(blob, precision)
+        error = max(float((tensors[k] - reference[k]).abs().max()) for k in reference if reference[k].is_floating_point())
+        model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors).to(device)
+        metrics = evaluate(model, loader, device, task.num_labels)
+        rows.append({"precision": precision, "weights_file": name, "size_bytes": size,
+                     "accuracy": metrics["accuracy"], "f1": metrics["f1"], "eval_loss": metrics["eval_loss"],
+                     "max_abs_weight_error": error})
+        del model
+    table = pd.DataFrame(rows)
+    fp32 = table.loc[table.precision == "fp32"]
+    base_acc = float(fp32.accuracy.iloc[0]) if not fp32.empty else float("nan")
+    base_size = float(fp32.size_bytes.iloc[0]) if not fp32.empty else float("nan")
+    table.insert(3, "size_vs_fp32", table.size_bytes / base_size)
+    table["accuracy_change_pts"] = 100 * (table.accuracy - base_acc)
+    table.attrs = {"run_dir": str(run_dir), "candidate_id": row["candidate_id"], "label": row["label"],
+                   "report_accuracy": row.get("accuracy"), "eval_examples": len(task.eval), "device": device.type}
+    return table
+
+
+def write_quantisation_report(table, out_dir: str | Path) -> list[Path]:
+    """quantisation.csv and quantisation.md in out_dir (atomic writes)."""
+    from orchestrator.report import write_atomic
+
+    out_dir = Path(out_dir)
+    a = table.attrs
+    md = [f"# Low-precision adapter storage: {a.get('candidate_id')} ({a.get('label')})", "",
+          f"Run `{a.get('run_dir')}`, {a.get('eval_examples')} eval examples, evaluated on {a.get('device')}; "
+          f"accuracy in the run's report: {a.get('report_accuracy')}. Size is the weights file on disk "
+          "(adapter_config.json, the same for all, is not counted). int8: symmetric per-output-channel "
+          "quantisation of lora_A/lora_B (fp32 scale per row), other tensors fp16.", "",
+          table.to_markdown(index=False, floatfmt=".4g"), ""]
+    csv_path, md_path = out_dir / "quantisation.csv", out_dir / "quantisation.md"
+    write_atomic(csv_path, lambda p: table.to_csv(p, index=False))
+    write_atomic(md_path, lambda p: Path(p).write_text("\n".join(md), encoding="utf-8"))
+    return [csv_path, md_path]

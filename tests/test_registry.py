@@ -1,0 +1,455 @@
+"""Adapter registry: versions, promote/rollback, remove, export, checksums, base-model check, pickles
+refused, fp16/int8 storage round trips, the CLI, and the quantisation report (tiny model; the real run is slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator.errors import UserError
+from orchestrator.registry import (CONFIG_FILE, INT8_WEIGHTS_FILE, WEIGHTS_FILE, Registry, decode, encode,
+                                   quantisation_report, quantise_int8)
+
+TYPES = ("query", "value", "intermediate.dense")
+RANK = 16
+QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"
+
+
+class WritesMarker:
+    """A pickle payload: unpickling it calls open(path, "w"), i.e. creates the marker file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int = 0):
+    """A real PEFT adapter (rank 16 on query, value, intermediate.dense + classifier head) with random weights."""
+    from orchestrator.allocation import apply_lora, uniform
+    from orchestrator.models import adaptable_modules, load_model
+
+    base = load_model(str(model_dir), 2)
+    modules = adaptable_modules(base)
+    allocation = uniform(modules, TYPES, RANK)
+    model = apply_lora(base, allocation)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(out)
+    return model.eval(), allocation.compact(modules)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from orchestrator.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    """(adapter directory, reference PeftModel, compact allocation)."""
+    out = tmp_path_factory.mktemp("adapter")
+    model, compact = make_adapter(tiny_model_dir, out)
+    return out, model, compact
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["the movie was good and very great!", "this plot was dull.", "a cold sad film"],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def add(registry: Registry, adapter, model_dir, precision="fp32", name="sentiment", **kwargs):
+    directory, _, compact = adapter
+    return registry.add(name, directory, "tiny.csv", str(model_dir), compact, {"accuracy": 0.75, "f1": 0.7},
+                        precision, **kwargs)
+
+
+def snapshot(root: Path) -> tuple[list, list[tuple[str, str]]]:
+    """Every entry row and every stored file with its hash (the database file itself, WAL and staging aside)."""
+    with sqlite3.connect(root / "registry.db") as conn:
+        dump = conn.execute("SELECT * FROM entries ORDER BY name, version").fetchall()
+    files = sorted((str(p.relative_to(root)), sha(p)) for p in root.rglob("*")
+                   if p.is_file() and not p.name.startswith("registry.db") and ".staging" not in p.parts)
+    return dump, files
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+# ---------------------------------------------------------------- versions, metadata, current
+
+
+def test_add_list_versions_monotonic(registry, adapter, tiny_model_dir):
+    directory, _, compact = adapter
+    entries = [add(registry, adapter, tiny_model_dir) for _ in range(3)]
+    assert [e.version for e in entries] == [1, 2, 3]
+    assert [e.parent_version for e in entries] == [None, 1, 2]
+    listed = registry.list()
+    assert [(e.name, e.version, e.current) for e in listed] == [("sentiment", 1, False), ("sentiment", 2, False),
+                                                                  ("sentiment", 3, True)]
+    first = listed[0]
+    assert first.task == "tiny.csv" and first.precision == "fp32" and first.metrics == {"accuracy": 0.75, "f1": 0.7}
+    assert first.allocation == compact and compact.startswith("L0.query:16,L0.value:16,L0.intermediate.dense:16")
+    assert first.base_model == str(Path(tiny_model_dir).resolve())
+    assert first.base_model_sha256 == sha(Path(tiny_model_dir) / "model.safetensors")
+    assert first.path == registry.root / "sentiment" / "v1"
+    assert sorted(p.name for p in first.path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert (first.path / WEIGHTS_FILE).read_bytes() == (directory / WEIGHTS_FILE).read_bytes()  # fp32: bytes kept
+    assert first.files == {name: sha(first.path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    # a removed version's number is never reused
+    registry.remove("sentiment", 2)
+    assert add(registry, adapter, tiny_model_dir).version == 4
+    assert add(registry, adapter, tiny_model_dir, name="other").version == 1
+    assert [(e.name, e.version) for e in registry.list()] == [("other", 1), ("sentiment", 1), ("sentiment", 3),
+                                                              ("sentiment", 4)]
+    with sqlite3.connect(registry.db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_promote_and_rollback_keep_later_versions(registry, adapter, tiny_model_dir):
+    for _ in range(3):
+        add(registry, adapter, tiny_model_dir)
+    assert registry.show("sentiment").version == 3
+    assert registry.rollback("sentiment").version == 2
+    assert [e.version for e in registry.list()] == [1, 2, 3]  # v3 kept
+    assert registry.show("sentiment").version == 2 and not registry.show("sentiment", 3).current
+    assert registry.rollback("sentiment").version == 1
+    before = snapshot(registry.root)
+    with pytest.raises(UserError, match="oldest version.*promote"):
+        registry.rollback("sentiment")
+    assert snapshot(registry.root) == before
+    assert registry.promote("sentiment", 3).current
+    assert [e.version for e in registry.list() if e.current] == [3]
+    # a version added without --promote does not take over, but records the current one as its parent
+    fourth = add(registry, adapter, tiny_model_dir, promote=False)
+    assert not fourth.current and fourth.parent_version == 3 and registry.show("sentiment").version == 3
+    with pytest.raises(UserError, match="no version 9"):
+        registry.promote("sentiment", 9)
+    assert registry.show("sentiment").version == 3
+
+
+def test_concurrent_adds_get_distinct_versions(registry, adapter, tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        versions = sorted(pool.map(lambda _: add(registry, adapter, tiny_model_dir).version, range(4)))
+    assert versions == [1, 2, 3, 4]
+    assert sum(e.current for e in registry.list()) == 1
+    assert sorted(p.name for p in (registry.root / "sentiment").iterdir()) == ["v1", "v2", "v3", "v4"]
+
+
+def test_remove(registry, adapter, tiny_model_dir):
+    add(registry, adapter, tiny_model_dir)
+    add(registry, adapter, tiny_model_dir)
+    before = snapshot(registry.root)
+    with pytest.raises(UserError, match="v2 is the current version"):
+        registry.remove("sentiment", 2)
+    assert snapshot(registry.root) == before
+    registry.remove("sentiment", 1)
+    assert not (registry.root / "sentiment" / "v1").exists()
+    assert [e.version for e in registry.list()] == [2]
+    with pytest.raises(UserError, match="no version 1"):
+        registry.show("sentiment", 1)
+    registry.remove("sentiment", 2)  # the last one left may go, current or not
+    assert registry.list() == []
+    assert not list((registry.root / ".staging").iterdir())
+
+
+def test_unknown_names_and_versions(registry, adapter, tiny_model_dir):
+    assert registry.list() == [] and not registry.root.exists()  # reading creates nothing
+    with pytest.raises(UserError, match="no adapter named 'nope'.*registry list"):
+        registry.show("nope")
+    add(registry, adapter, tiny_model_dir)
+    with pytest.raises(UserError, match="no version 7 \\(it has v1\\)"):
+        registry.load("sentiment", 7)
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(UserError, match="not a valid adapter name"):
+            add(registry, adapter, tiny_model_dir, name=bad)
+    with pytest.raises(UserError, match="precision 'bf16' is unknown"):
+        add(registry, adapter, tiny_model_dir, precision="bf16")
+    assert [e.version for e in registry.list()] == [1]
+    registry.db_path.write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="registry.db cannot be used.*restore it from a backup"):
+        registry.list()
+
+
+# ---------------------------------------------------------------- load, export, integrity
+
+
+def test_load_reproduces_the_adapter(registry, adapter, tiny_model_dir, tokenizer):
+    _, reference, _ = adapter
+    add(registry, adapter, tiny_model_dir)
+    model = registry.load("sentiment")
+    from peft import PeftModel
+
+    assert isinstance(model, PeftModel)
+    torch.testing.assert_close(logits(model, tokenizer), logits(reference, tokenizer), rtol=0, atol=1e-6)
+
+
+def test_export_round_trip(registry, adapter, tiny_model_dir, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    from orchestrator.models import load_model
+
+    directory, reference, compact = adapter
+    add(registry, adapter, tiny_model_dir)
+    out = registry.export("sentiment", None, tmp_path / "exported")
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, "registry_entry.json"]
+    assert sha(out / WEIGHTS_FILE) == sha(directory / WEIGHTS_FILE)
+    assert json.loads((out / "registry_entry.json").read_text())["version"] == 1
+    plain = PeftModel.from_pretrained(load_model(str(tiny_model_dir), 2), out)  # a plain PEFT adapter directory
+    torch.testing.assert_close(logits(plain, tokenizer), logits(reference, tokenizer), rtol=0, atol=1e-6)
+    again = registry.add("reimported", out, "tiny.csv", str(tiny_model_dir))  # allocation read from the config
+    assert again.files[WEIGHTS_FILE] == sha(directory / WEIGHTS_FILE) and again.allocation == compact
+    with pytest.raises(UserError, match="exists and is not empty"):
+        registry.export("sentiment", 1, out)
+
+
+def test_tampered_file_is_refused_and_nothing_changes(registry, adapter, tiny_model_dir, tmp_path):
+    entry = add(registry, adapter, tiny_model_dir)
+    weights = entry.path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one tensor value
+    weights.write_bytes(bytes(data))
+    before = snapshot(registry.root)
+    with pytest.raises(UserError, match="adapter_model.safetensors is corrupt or was modified.*remove sentiment 1") as err:
+        registry.load("sentiment")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="corrupt"):
+        registry.export("sentiment", 1, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert snapshot(registry.root) == before
+    (entry.path / CONFIG_FILE).unlink()
+    with pytest.raises(UserError, match="missing adapter_config.json"):
+        registry.load("sentiment")
+
+
+def test_base_model_mismatch_is_refused(registry, adapter, tiny_model_dir, tmp_path):
+    other = tmp_path / "other_bert"
+    shutil.copytree(tiny_model_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(other / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("query.weight"))
+    tensors[key] = tensors[key] + 1e-3  # same architecture, different weights
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    add(registry, adapter, tiny_model_dir)
+    before = snapshot(registry.root)
+    with pytest.raises(UserError, match="is not the one sentiment v1 was stored with.*load it on that model"):
+        registry.load("sentiment", base_model=str(other))
+    assert snapshot(registry.root) == before
+    assert registry.load("sentiment", base_model=str(tiny_model_dir)) is not None
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(registry, adapter, tiny_model_dir, tmp_path):
+    armed = tmp_path / "armed-check"  # prove the payload is live: unpickling it does create its marker
+    torch.save(WritesMarker(armed), tmp_path / "armed.pt")
+    torch.load(tmp_path / "armed.pt", weights_only=False)
+    assert armed.exists()
+
+    marker = tmp_path / "pwned"
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    shutil.copy(adapter[0] / CONFIG_FILE, directory / CONFIG_FILE)
+    for name in ("adapter_model.bin", "adapter_model.pt"):
+        torch.save(WritesMarker(marker), directory / name)
+        with pytest.raises(UserError, match="pickled weights.*refused.*safe_serialization=True"):
+            registry.add("evil", directory, "tiny.csv", str(tiny_model_dir))
+        (directory / name).unlink()
+    # a pickle renamed to .safetensors fails the safetensors parser, which runs nothing
+    torch.save(WritesMarker(marker), directory / WEIGHTS_FILE)
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        registry.add("evil", directory, "tiny.csv", str(tiny_model_dir))
+    assert not marker.exists()
+    assert registry.list() == [] and not (registry.root / "evil").exists()
+
+
+# ---------------------------------------------------------------- low-precision storage
+
+
+def test_fp16_and_int8_round_trips(registry, adapter, tiny_model_dir, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    _, reference, _ = adapter
+    tensors = load_file(adapter[0] / WEIGHTS_FILE)
+    lora = [k for k in tensors if ".lora_" in k]
+    assert lora and all(tensors[k].ndim == 2 for k in lora)
+
+    name, blob = encode(tensors, "fp16")
+    assert name == WEIGHTS_FILE
+    for key, value in decode(blob, "fp16").items():
+        torch.testing.assert_close(value, tensors[key], rtol=2**-10, atol=1e-7)
+
+    name, blob = encode(tensors, "int8")
+    assert name == INT8_WEIGHTS_FILE
+    from safetensors.torch import load
+
+    stored = load(blob)
+    restored = decode(blob, "int8")
+    assert set(restored) == set(tensors)
+    for key in lora:
+        assert stored[f"{key}.qweight"].dtype == torch.int8 and key not in stored
+        scale = stored[f"{key}.scale"]
+        assert scale.dtype == torch.float32 and scale.shape == (tensors[key].shape[0],)  # one per output channel
+        error = (restored[key] - tensors[key]).abs().amax(dim=1)
+        assert torch.all(error <= scale / 2 * (1 + 1e-5) + 1e-8), key
+        torch.testing.assert_close(scale, tensors[key].abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+    head = next(k for k in tensors if "classifier" in k and k.endswith("weight"))
+    assert stored[head].dtype == torch.float16
+
+    sizes = {}
+    for precision in ("fp32", "fp16", "int8"):
+        entry = add(registry, adapter, tiny_model_dir, precision)
+        sizes[precision] = (entry.path / entry.weights_file).stat().st_size
+        model = registry.load("sentiment", entry.version)
+        tolerance = {"fp32": 1e-6, "fp16": 1e-2, "int8": 5e-2}[precision]
+        torch.testing.assert_close(logits(model, tokenizer), logits(reference, tokenizer), rtol=0, atol=tolerance)
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"], sizes
+    # an int8 version exports as a plain (dequantised fp32) PEFT adapter
+    out = registry.export("sentiment", 3, tmp_path / "int8-export")
+    assert load_file(out / WEIGHTS_FILE)[lora[0]].dtype == torch.float32
+
+
+def test_int8_zero_rows_and_exact_bound():
+    weight = torch.tensor([[0.0, 0.0, 0.0], [1.0, -0.5, 0.25], [-3.0, 2.0, 1e-4]])
+    q, scale = quantise_int8(weight)
+    assert scale[0] == 0 and torch.all(q[0] == 0) and q[1, 0] == 127 and q[2, 0] == -127
+    assert torch.all((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7)
+
+
+# ---------------------------------------------------------------- runs and the CLI
+
+
+@pytest.fixture(scope="module")
+def fake_run(tiny_model_dir, tmp_path_factory, sentences):
+    """A finished run as the pipeline leaves it: run.json, report.parquet, adapters/<candidate_id>/, a CSV task."""
+    run = tmp_path_factory.mktemp("results") / "tiny-run"
+    texts, labels = sentences
+    (run / "adapters").mkdir(parents=True)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(run.parent / "tiny.csv", index=False)
+    rows = []
+    for seed, (cid, kind, label, accuracy) in enumerate([("a1", "searched", "screen#1", 0.60),
+                                                         ("a2", "searched", "screen#2", 0.70),
+                                                         ("b1", "baseline", "uniform_qv", 0.90)]):
+        _, compact = make_adapter(tiny_model_dir, run / "adapters" / cid, seed=seed)
+        rows.append(dict(candidate_id=cid, kind=kind, label=label, allocation=compact, trainable_params=1000,
+                         head_params=66, accuracy=accuracy, f1=accuracy - 0.05, eval_loss=0.6, seed=0,
+                         status="completed", adapter_dir=f"adapters/{cid}"))
+    pd.DataFrame(rows).to_parquet(run / "report.parquet")
+    config = {"name": "tiny-run", "model": {"name": str(tiny_model_dir), "max_length": 32},
+              "data": {"task": str(run.parent / "tiny.csv"), "eval_path": None, "train_size": None, "eval_size": None,
+                       "eval_fraction": 0.25, "split_seed": 0},
+              "train": {"eval_batch_size": 16}}
+    (run / "run.json").write_text(json.dumps({"config": config, "task": {"task": "tiny"}}))
+    return run
+
+
+def test_add_from_run_picks_best_searched(registry, fake_run):
+    entry = registry.add_from_run(fake_run)
+    assert (entry.name, entry.version, entry.metrics["candidate_id"], entry.metrics["accuracy"]) == ("tiny", 1, "a2", 0.70)
+    assert entry.metrics["run"] == "tiny-run" and entry.metrics["evaluated_at"] == "fp32"
+    assert entry.source.endswith(":a2:seed0")
+    assert entry.files[WEIGHTS_FILE] == sha(fake_run / "adapters" / "a2" / WEIGHTS_FILE)
+    baseline = registry.add_from_run(fake_run, "b1", name="tiny-base", precision="int8")
+    assert baseline.metrics["kind"] == "baseline" and baseline.precision == "int8"
+    with pytest.raises(UserError, match="candidate 'zz' has no trained adapter.*a1, a2, b1"):
+        registry.add_from_run(fake_run, "zz")
+
+
+def test_quantisation_report_on_a_run(fake_run):
+    table = quantisation_report(fake_run)
+    assert list(table.precision) == ["fp32", "fp16", "int8"]
+    assert table.attrs["candidate_id"] == "a2" and table.attrs["eval_examples"] == 16
+    sizes = table.set_index("precision").size_bytes
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    assert table.accuracy_change_pts.iloc[0] == 0 and table.max_abs_weight_error.iloc[0] == 0
+    assert table.accuracy.between(0, 1).all()
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `lora-search ARGS` in this process through cli.main: (exit code, stdout, stderr)."""
+    from orchestrator import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["lora-search", *map(str, args)])
+    code = 0
+    try:
+        cli_module.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_commands(monkeypatch, capsys, fake_run, tmp_path):
+    root = ["--root", tmp_path / "reg"]
+    code, out, _ = cli(monkeypatch, capsys, "registry", "add", fake_run, *root)
+    assert code == 0 and "Added tiny v1 (fp32" in out and "current" in out and "candidate a2" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "add", fake_run, "--candidate", "a1", "--precision", "int8", *root)
+    assert code == 0 and "Added tiny v2 (int8" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "list", *root)
+    assert code == 0 and "tiny" in out and "int8" in out and "fp32" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "show", "tiny", "--version", "1", *root)
+    assert code == 0 and "SHA-256" in out and "candidate_id=a2" in out and "allocation  L0.query:16" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "rollback", "tiny", *root)
+    assert code == 0 and "tiny v1" in out
+    code, out, err = cli(monkeypatch, capsys, "registry", "rollback", "tiny", *root)
+    assert code == 2 and err.startswith("error: registry: 'tiny' v1 is its oldest version") and err.count("\n") == 1
+    code, out, _ = cli(monkeypatch, capsys, "registry", "promote", "tiny", 2, *root)
+    assert code == 0 and "Current: tiny v2" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "export", "tiny", tmp_path / "exp", "--version", 1, *root)
+    assert code == 0 and sha(tmp_path / "exp" / WEIGHTS_FILE) == sha(fake_run / "adapters" / "a2" / WEIGHTS_FILE)
+    for args, message in ((("show", "tiny", "--version", "5"), "no version 5 (it has v1, v2)"),
+                          (("remove", "tiny", "2"), "v2 is the current version"),
+                          (("add", tmp_path / "no-run"), "has no run.json"),
+                          (("add", fake_run, "--precision", "int4"), "precision 'int4' is unknown")):
+        code, _, err = cli(monkeypatch, capsys, "registry", *args, *root)
+        assert code == 2 and message in err, (args, err)
+    code, out, _ = cli(monkeypatch, capsys, "registry", "remove", "tiny", 1, *root)
+    assert code == 0 and "Removed tiny v1" in out
+    code, out, _ = cli(monkeypatch, capsys, "registry", "quantise", fake_run, "--out", tmp_path / "q")
+    assert code == 0 and "int8" in out and "accuracy_change_pts" in out
+    assert pd.read_csv(tmp_path / "q" / "quantisation.csv").precision.tolist() == ["fp32", "fp16", "int8"]
+    assert "Low-precision adapter storage" in (tmp_path / "q" / "quantisation.md").read_text()
+
+
+def test_cli_entry_point_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "registry", "show", "nope", "--root", str(tmp_path)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: registry: no adapter named 'nope'") and done.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the real quickstart run
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (QUICKSTART / "report.parquet").is_file(), reason="results/quickstart is not there (run the quickstart)")
+def test_quantisation_report_on_quickstart():
+    table = quantisation_report(QUICKSTART).set_index("precision")
+    assert table.size_bytes["int8"] < 0.45 * table.size_bytes["fp32"] and table.size_bytes["fp16"] < 0.55 * table.size_bytes["fp32"]
+    if table.attrs["device"] == "cpu":  # the run's own eval ran on CPU in fp32: the same number comes back
+        assert table.accuracy["fp32"] == pytest.approx(table.attrs["report_accuracy"], abs=1e-9)
+    assert abs(table.accuracy_change_pts["fp16"]) <= 0.5
+    assert abs(table.accuracy_change_pts["int8"]) <= 2.0
