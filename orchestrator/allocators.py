@@ -8,6 +8,8 @@ band, and the sampler learns which distributions give the best proxy scores.
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,9 +66,11 @@ def make_budget(modules: list[AdaptableModule], space: SpaceConfig) -> Budget:
     searchable = space_modules(modules, space)
     smallest = min(m.params_per_rank for m in searchable) * min(space.ranks)
     largest = sum(m.params_per_rank for m in searchable) * max(space.ranks)
-    if budget.high < smallest or budget.low > largest:
+    step = math.gcd(*(m.params_per_rank * r for m in searchable for r in space.ranks))  # every count is a multiple
+    if budget.high < smallest or budget.low > largest or budget.high // step * step < budget.low:
         raise UserError(f"space.budget: {budget.target} params cannot be met by this space "
-                        f"(possible: {smallest}..{largest}); change the budget, ranks or module_types")
+                        f"(possible: {smallest}..{largest}), in steps of {step} within ±{budget.tolerance:g}; "
+                        "change the budget, tolerance, ranks or module_types")
     return budget
 
 
