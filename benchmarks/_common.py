@@ -1,0 +1,179 @@
+"""Shared pieces of the benchmarks: the plain PEFT training loop, machine context, table writing.
+
+The plain loop is `orchestrator.train.train_loop_per_worker` without Ray: the same loaders
+(`make_loader`), the same model (`load_model` + `apply_lora`), AdamW with `_linear_warmup_decay`,
+and `evaluate` after every epoch. It is the yardstick the Ray paths are compared with.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+RESULTS = ROOT / "results" / "benchmarks"
+NOISE_NOTE = ("Measured on a 2-core CPU machine shared with other engineers' test runs: every wall time "
+              "carries load noise (the load average is given beside each run); compare ratios taken in the same "
+              "run, not absolute seconds across runs.")
+
+
+def machine_context() -> dict:
+    """What the numbers were measured on, and how loaded the machine was."""
+    found = {"python": platform.python_version(), "cpus": os.cpu_count(),
+             "load_avg_1_5_15": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
+    for name in ("torch", "transformers", "peft", "ray", "optuna"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def context_line(ctx: dict) -> str:
+    return (f"Python {ctx['python']}, {ctx['cpus']} CPU cores, torch {ctx['torch']}, transformers {ctx['transformers']}, "
+            f"peft {ctx['peft']}, ray {ctx['ray']}, optuna {ctx['optuna']}; load average (1/5/15 min) at start "
+            f"{ctx['load_avg_1_5_15']}")
+
+
+def load_now() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def rss_mb() -> float:
+    import psutil
+
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def set_env() -> None:
+    """The runtime variables the product sets (orchestrator.pipeline.RUNTIME_ENV)."""
+    from orchestrator.pipeline import set_runtime_env
+
+    set_runtime_env()
+
+
+def md_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    return frame.to_markdown(index=False, floatfmt=floatfmt)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the plain PEFT loop
+
+
+@dataclass
+class PlainResult:
+    setup_s: float = 0.0  # tokenizer, tokenised loaders, model load, apply_lora
+    epoch_train_s: list[float] = field(default_factory=list)
+    epoch_eval_s: list[float] = field(default_factory=list)
+    epoch_train_cpu_s: list[float] = field(default_factory=list)  # process CPU time: what load distorts least
+    checkpoint_s: float = float("nan")  # one checkpoint as train.py writes it (measured apart, not in total_s)
+    total_s: float = 0.0  # setup + train + eval of every epoch
+    steps_per_epoch: int = 0
+    trainable_params: int = 0
+    metrics: list[dict] = field(default_factory=list)
+
+
+def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: int = 64, epochs: int = 1,
+                batch_size: int = 32, eval_batch_size: int = 64, lr: float = 2e-3, warmup_ratio: float = 0.06,
+                seed: int = 0, threads: int = 1, evaluate_every_epoch: bool = True,
+                measure_checkpoint: bool = False) -> PlainResult:
+    """Train one allocation in-process exactly as a Ray Train worker would, timing each piece."""
+    import torch
+
+    from orchestrator.allocation import apply_lora
+    from orchestrator.data import make_loader
+    from orchestrator.models import load_model, load_tokenizer
+    from orchestrator.train import _linear_warmup_decay, evaluate
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = PlainResult()
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model_name)
+    train_loader = make_loader(task.train, tokenizer, max_length, batch_size, shuffle=True, seed=seed)
+    eval_loader = make_loader(task.eval, tokenizer, max_length, eval_batch_size, shuffle=False)
+    model = apply_lora(load_model(model_name, task.num_labels, seed=seed), allocation)
+    out.setup_s = time.perf_counter() - started
+    out.steps_per_epoch = len(train_loader)
+    out.trainable_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    scheduler = _linear_warmup_decay(optimizer, epochs * len(train_loader), warmup_ratio)
+    device = torch.device("cpu")
+    for epoch in range(epochs):
+        model.train()
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses = []
+        for batch in train_loader:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        out.epoch_train_s.append(time.perf_counter() - t0)
+        out.epoch_train_cpu_s.append(time.process_time() - c0)
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        if evaluate_every_epoch:
+            t0 = time.perf_counter()
+            metrics.update(evaluate(model, eval_loader, device, task.num_labels))
+            out.epoch_eval_s.append(time.perf_counter() - t0)
+        out.metrics.append(metrics)
+    out.total_s = time.perf_counter() - started
+    if measure_checkpoint:
+        out.checkpoint_s = _checkpoint_seconds(model, optimizer, scheduler)
+    return out
+
+
+def _checkpoint_seconds(peft_model, optimizer, scheduler) -> float:
+    """One epoch checkpoint as `train._report_with_checkpoint` writes it (adapter + optimizer state), to a temp dir.
+
+    Ray then copies the directory into the run's storage (`ray.train.report`); that copy is not counted here."""
+    import torch
+
+    tmp = tempfile.mkdtemp()
+    try:
+        t0 = time.perf_counter()
+        peft_model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "train_state.pt")
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def linear_fit(xs, ys) -> tuple[float, float, float]:
+    """slope, intercept, R² of a least-squares line."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    residual = ys - (slope * xs + intercept)
+    total = ((ys - ys.mean()) ** 2).sum()
+    r2 = 1.0 - (residual ** 2).sum() / total if total > 0 else float("nan")
+    return float(slope), float(intercept), float(r2)

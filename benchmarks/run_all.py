@@ -1,0 +1,296 @@
+"""Run every benchmark in sequence and write benchmarks/README.md (index, latest results, scaling model).
+
+What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py and,
+when present, sparse_adapters.py (owned by another engineer), each in its own subprocess (its own
+process group, killed whole on timeout) with a time limit, logs in results/benchmarks/logs/, then
+writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target),
+the latest results pasted from results/benchmarks/*.md, and a scaling model whose numbers are read
+from results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
+
+Run (from the repository root):
+    python benchmarks/run_all.py --quick          # every script with --quick; < 30 min on 2 shared cores
+    python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
+    python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
+    python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
+
+Targets: --quick finishes inside --deadline-min (default 30 in quick mode); each script's own
+targets are listed in the index it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import pandas as pd  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+STATUS_FILE = C.RESULTS / "logs" / "run_all_status.json"
+
+# name, what it measures, its target, per-script time cap in minutes (quick, full)
+SCRIPTS = [
+    ("screening_cost", "wall time of the proxy probe + screening N = 100/500/2000 candidates (Ray Tune/Optuna path "
+     "and pure arithmetic) against one training epoch of one candidate; cost curve; driver RSS across N",
+     "screen 500 / one epoch < 1; near-linear in N; flat driver RSS", (8, 60)),
+    ("orchestration_overhead", "the same LoRA training (uniform q,v r=8, 3 epochs) as a plain PEFT loop and through "
+     "`run_training` (Ray Tune + Ray Train); where the overhead goes; optional 2-worker DDP",
+     "Ray path ≤ 1.10 × plain", (11, 60)),
+    ("search_quality", "lora-search vs random search vs uniform_qv / uniform_all / AdaLoRA at equal budget on "
+     "20 Newsgroups (9,216 params): best accuracy, device-hours, ROI", "lora-search beats uniform_qv and random "
+     "search (seed-averaged), ROI > 0", (10, 240)),
+    ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
+     "latency, memory (another engineer's script)", "see its own header", (10, 120)),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
+    parser.add_argument("--only", nargs="+", help="run only these scripts (names without .py)")
+    parser.add_argument("--deadline-min", type=float, help="total time limit (default 30 in quick mode, none in full)")
+    parser.add_argument("--ddp", action="store_true", help="pass --ddp to orchestration_overhead.py (1 vs 2 workers)")
+    parser.add_argument("--readme-only", action="store_true", help="write benchmarks/README.md from stored results")
+    args = parser.parse_args()
+    if args.deadline_min is None and args.quick:
+        args.deadline_min = 30.0
+    return args
+
+
+def run_script(name: str, args, cap_s: float) -> dict:
+    script = HERE / f"{name}.py"
+    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+    if name == "orchestration_overhead" and args.ddp:
+        cmd.append("--ddp")
+    log = C.RESULTS / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    shown = " ".join(["python", f"benchmarks/{name}.py"] + cmd[2:])
+    print(f"[run_all] {shown} (limit {cap_s / 60:.1f} min, log {log.relative_to(C.ROOT)})", flush=True)
+    started = time.time()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=C.ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap_s)
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # the script's own process group: it and the Ray processes it started
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            status = f"timed out after {cap_s / 60:.1f} min"
+    wall = time.time() - started
+    print(f"[run_all] {name}: {status} in {wall / 60:.1f} min", flush=True)
+    return {"script": name, "command": shown, "status": status, "wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M"),
+            "load_avg_after": C.load_now()}
+
+
+def main() -> None:
+    args = parse_args()
+    statuses = json.loads(STATUS_FILE.read_text()) if STATUS_FILE.is_file() else {}
+    if not args.readme_only:
+        started = time.time()
+        for name, _, _, caps in SCRIPTS:
+            if args.only and name not in args.only:
+                continue
+            if not (HERE / f"{name}.py").is_file():
+                continue
+            cap = 60 * caps[0 if args.quick else 1]
+            if args.deadline_min is not None:
+                left = 60 * args.deadline_min - (time.time() - started) - 45  # keep time to write the README
+                if left < 60:
+                    statuses[name] = {"script": name, "status": "skipped: deadline reached", "wall_s": 0.0,
+                                      "command": f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""),
+                                      "finished": time.strftime("%Y-%m-%d %H:%M")}
+                    continue
+                cap = min(cap, left)
+            statuses[name] = run_script(name, args, cap)
+            statuses[name]["mode"] = "quick" if args.quick else "full"
+            STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
+            STATUS_FILE.write_text(json.dumps(statuses, indent=1))
+        total = time.time() - started
+        statuses["_run_all"] = {"status": "ok", "wall_s": total, "mode": "quick" if args.quick else "full",
+                                "finished": time.strftime("%Y-%m-%d %H:%M"),
+                                "deadline_min": args.deadline_min}
+        STATUS_FILE.write_text(json.dumps(statuses, indent=1))
+        print(f"[run_all] all done in {total / 60:.1f} min", flush=True)
+    C.write_text(HERE / "README.md", readme(statuses))
+    print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
+
+
+# ---------------------------------------------------------------- README
+
+
+def _results_md(name: str) -> str | None:
+    path = C.RESULTS / f"{name}.md"
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", text, flags=re.M)  # under README's ##
+    return re.sub(r"\]\(([\w.-]+\.png)\)", r"](../results/benchmarks/\1)", text)
+
+
+def readme(statuses: dict) -> str:
+    run = statuses.get("_run_all", {})
+    lines = ["# Benchmarks", "",
+             "Scripts that measure what lora-search costs and what it returns, on the packaged MiniLM-L6 and the "
+             "real data sets the product ships. Each script opens with a docstring saying what it measures, the exact "
+             "command and its targets; each writes `results/benchmarks/<name>.{csv,md}`. This file is written by "
+             "`python benchmarks/run_all.py [--quick]`, which runs them all in sequence (each in a subprocess with a "
+             "time limit, logs in `results/benchmarks/logs/`).", "",
+             f"> {C.NOISE_NOTE} Tests never assert on these timings.", ""]
+    if run:
+        lines += [f"Latest `run_all.py{' --quick' if run.get('mode') == 'quick' else ''}`: finished {run.get('finished')}, "
+                  f"{run.get('wall_s', 0) / 60:.1f} min in all"
+                  + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "") + ".", ""]
+    lines += ["## Index", "", "| script | measures | command | target | latest run |", "|---|---|---|---|---|"]
+    for name, what, target, _ in SCRIPTS:
+        if not (HERE / f"{name}.py").is_file():
+            continue
+        s = statuses.get(name, {})
+        latest = f"{s.get('status', 'not run by run_all')}" + (f", {s['wall_s'] / 60:.1f} min, {s.get('finished')}"
+                                                               if s.get("wall_s") else "")
+        lines.append(f"| [`{name}.py`]({name}.py) | {what} | `python benchmarks/{name}.py --quick` · full: "
+                     f"`python benchmarks/{name}.py` | {target} | {latest} |")
+    lines += ["| [`run_all.py`](run_all.py) | all of the above in sequence, then this README | "
+              "`python benchmarks/run_all.py --quick` | --quick < 30 min on 2 cores | "
+              + (f"{run.get('wall_s', 0) / 60:.1f} min" if run else "") + " |", ""]
+    lines += scaling_model()
+    lines += ["## Latest results", "",
+              "Pasted from `results/benchmarks/<name>.md` as the last run left them (the CSVs beside them hold every "
+              "number).", ""]
+    for name, _, _, _ in SCRIPTS:
+        text = _results_md(name)
+        if text is not None:
+            lines += [text.strip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _num(frame: pd.DataFrame | None, kind_col: str, kind: str, column: str, **where) -> float:
+    if frame is None or column not in frame:
+        return float("nan")
+    part = frame[frame[kind_col] == kind]
+    for key, value in where.items():
+        part = part[part[key] == value]
+    values = part[column].dropna()
+    return float(values.median()) if len(values) else float("nan")
+
+
+def scaling_model() -> list[str]:
+    """The scaling section, with its numbers read from the stored CSVs (NaN-safe: says what is missing)."""
+    sc = pd.read_csv(C.RESULTS / "screening_cost.csv") if (C.RESULTS / "screening_cost.csv").is_file() else None
+    oo = pd.read_csv(C.RESULTS / "orchestration_overhead.csv") if (C.RESULTS / "orchestration_overhead.csv").is_file() else None
+    probe = _num(sc, "kind", "probe", "seconds")
+    probe_cpu = _num(sc, "kind", "probe", "cpu_seconds")
+    epoch = _num(sc, "kind", "epoch", "seconds")
+    epoch_cpu = _num(sc, "kind", "epoch", "cpu_seconds")
+    ray_start = _num(sc, "kind", "ray_start", "seconds")
+    arith_ms = _num(sc, "kind", "arithmetic", "ms_per_candidate")
+    slope = intercept = cpt = float("nan")
+    if sc is not None and (sc.kind == "tune").sum() >= 2:
+        tune = sc[sc.kind == "tune"]
+        slope, intercept, _ = C.linear_fit(tune.num_trials, tune.seconds)
+        cpt = float(tune.candidates_per_trial.iloc[0])
+    plain_total = _num(oo, "path", "plain", "total_s")
+    ray_total = _num(oo, "path", "ray_tune_train", "total_s")
+    train1 = _num(oo, "path", "ray_tune_train", "train_s")
+    train2 = _num(oo, "path", "ray_tune_train_ddp", "train_s")
+    total2 = _num(oo, "path", "ray_tune_train_ddp", "total_s")
+    orchestration = ckpt = job_fixed = eval_per_example = normalised = float("nan")
+    if oo is not None and {"plain", "ray_tune_train"} <= set(oo.path) and "eval_examples" in oo:
+        from types import SimpleNamespace
+
+        from orchestration_overhead import overhead_model
+
+        plain = oo[oo.path == "plain"].median(numeric_only=True)
+        ray = oo[oo.path == "ray_tune_train"].median(numeric_only=True)
+        epochs = int(plain.epochs)
+        task = SimpleNamespace(eval=range(int(plain.eval_examples)))
+        model = overhead_model(plain, ray, SimpleNamespace(epochs=epochs), task)
+        orchestration = model["orchestration_s"]
+        ckpt = max(model["ckpt_report_per_epoch_s"], 0.0)
+        job_fixed = orchestration - ray.ray_start_s - epochs * ckpt
+        eval_per_example = plain.eval_per_epoch_s / plain.eval_examples
+        normalised = max(model["normalised_on_plain"], model["normalised_on_ray"])
+    cpu_factor = epoch_cpu / epoch if epoch > 0 else float("nan")  # < 1 under load: CPU time ≈ unloaded wall
+
+    def f(x, fmt=".1f"):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    lines = ["## Scaling model: screening and training on N nodes", "",
+             "The numbers below are read from `results/benchmarks/screening_cost.csv` and "
+             "`orchestration_overhead.csv` of the latest run (2 shared CPU cores, 1 torch thread per job; wall seconds, "
+             "with the process CPU seconds where the load distorts them).", "",
+             "| quantity | symbol | measured | source |", "|---|---|---|---|",
+             f"| proxy probe, once (grad_norm + params + fisher, 8 batches of 16, incl. model load) | T_probe | {f(probe)} s wall, "
+             f"{f(probe_cpu)} s CPU | screening_cost |",
+             f"| scoring one candidate (random allocator + Σ rank × unit score) | c_arith | {f(arith_ms, '.2f')} ms | screening_cost |",
+             f"| Tune screen: fixed cost per screen (Tuner start/stop) | a_tune | {f(intercept)} s | screening_cost (line through seconds vs trials) |",
+             f"| Tune screen: cost per trial ({f(cpt, '.0f')} candidates per trial, 2 trials at a time) | t_trial | {f(slope, '.2f')} s | screening_cost |",
+             f"| one training epoch, one candidate (4,000 examples, uniform q,v r=8, 1 thread) | T_epoch | {f(epoch)} s wall, "
+             f"{f(epoch_cpu)} s CPU | screening_cost |",
+             f"| Ray start (embedded local) | T_ray | {f(ray_start)} s | screening_cost |",
+             f"| orchestration of one 3-epoch job (Ray path − plain, compute excluded) | | {f(orchestration)} s | orchestration_overhead |",
+             f"| of which per job, Ray start excluded: Tune wait, worker start, imports, model load in the worker, teardown | T_job | {f(job_fixed)} s | orchestration_overhead |",
+             f"| per epoch: checkpoint + `ray.train.report` | T_ckpt | {f(ckpt)} s | orchestration_overhead |",
+             f"| plain vs Ray, same 3-epoch job (raw wall; load-normalised ratio {f(normalised, '.2f')}×) | | {f(plain_total)} s vs {f(ray_total)} s | orchestration_overhead |",
+             f"| 1 vs 2 Ray Train workers (DDP on CPU): training loop; whole job | | {f(train1)} s vs {f(train2)} s; "
+             f"{f(ray_total)} s vs {f(total2)} s | orchestration_overhead --ddp |",
+             "",
+             "**Screening.** T_screen(N) = T_probe + a_tune + (N / cpt) · t_trial + N · c_arith, where t_trial is the "
+             "measured cost per trial with `max_concurrent_trials` = 2 (fixed in `screen.py`). The arithmetic term is milliseconds per hundred "
+             "candidates; the cost is the probe (one Ray task on one CPU or GPU, independent of N) and Tune's per-trial "
+             "orchestration. More nodes do not shorten it as written, because the screen runs at most 2 trials at a "
+             "time and each trial does milliseconds of work: the lever is `screen.candidates_per_trial` (fewer, "
+             "fatter trials), not nodes. "
+             + (f"At the measured numbers, screening 2,000 candidates at {f(cpt, '.0f')} per trial costs about "
+                f"{f(probe + intercept + 2000 / cpt * slope)} s, at 25 per trial about "
+                f"{f(probe + intercept + 2000 / 25 * slope)} s, at 500 per trial about "
+                f"{f(probe + intercept + 2000 / 500 * slope)} s (per-trial cost assumed unchanged by the "
+                "candidate count, which the ms-scale arithmetic supports). "
+                if not any(math.isnan(x) for x in (probe, intercept, slope, cpt)) else "")
+             + "On a GPU node the probe's 8 forward/backward batches take well under a second of compute, so the "
+               "screen is Ray/Tune start-up plus trial bookkeeping: seconds to tens of seconds whatever N is.", "",
+             "**Training.** J = (survivors + baselines) × seeds independent jobs, each T_job + E · (T_epoch + T_eval + "
+             "T_ckpt). With N nodes of g GPUs (or slots) and `train.max_concurrent` ≥ N · g, wall ≈ T_ray + "
+             "T_screen + ⌈J / (N · g)⌉ · (T_job + E · (T_epoch + T_eval + T_ckpt)). Jobs share nothing but the "
+             "storage path (multi-node needs shared storage: DESIGN §4), so this is linear in nodes until N · g ≥ J; "
+             "past that, only data parallelism inside a job helps (`train.num_workers` > 1, DDP), whose gain the "
+             "1-vs-2-worker row measures on CPU.", "",
+             "**What moves to GPUs.** T_epoch and T_eval shrink by the GPU's speed-up over one CPU thread; T_job (worker "
+             "process start, imports, model load from the package, Tune bookkeeping) and T_ray do not. For a 22.7 M-param "
+             "encoder, a quickstart epoch (125 steps of 32 × 64 tokens) is a few seconds of GPU time, so on GPU nodes "
+             "T_job dominates each job and the useful levers are fewer, longer jobs (more data or epochs per job, "
+             "several seeds per trial) and a warm cluster (Ray start paid once). Device-hours scale with J × job time "
+             "whatever N is; N only divides the wall time.", ""]
+    if not any(math.isnan(x) for x in (epoch_cpu, job_fixed, ckpt, eval_per_example, cpu_factor)):
+        eval_1000 = eval_per_example * 1000 * cpu_factor
+        job = job_fixed + epoch_cpu + eval_1000 + ckpt
+        lines += ["Worked example: J = 27 quickstart-sized jobs (1 epoch of 4,000 examples, eval on 1,000; 27 = as many "
+                  "trainings as search_quality's full mode), one 1-thread CPU slot per job. Compute at its process-CPU time "
+                  f"(≈ the wall time of an unloaded slot: epoch {epoch_cpu:.0f} s, eval ≈ {eval_1000:.0f} s), orchestration "
+                  f"at its measured wall time under load (T_job {job_fixed:.0f} s + T_ckpt {ckpt:.1f} s): one job ≈ "
+                  f"{job:.0f} s, of which {100 * (job_fixed + ckpt) / job:.0f}% orchestration.", "",
+                  "| slots (nodes × g) | training wall | device-hours (slot-hours) |", "|---|---|---|"]
+        for n in (1, 2, 4, 8, 16, 27, 32):
+            wall = math.ceil(27 / n) * job
+            lines.append(f"| {n} | {wall / 60:.1f} min | {27 * job / 3600:.2f} |")
+        lines += ["", "Beyond 27 slots nothing improves: every job already has its own. On GPU slots the compute part "
+                  "shrinks and the orchestration part stays, so the orchestration share rises; no GPU was available to "
+                  "measure it here.", ""]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
