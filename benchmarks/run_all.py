@@ -141,6 +141,13 @@ def _results_md(name: str) -> str | None:
     return re.sub(r"\]\(([\w.-]+\.png)\)", r"](../results/benchmarks/\1)", text)
 
 
+def _results_stamp(name: str) -> str | None:
+    """The `YYYY-MM-DD HH:MM` a script wrote into the Command line of its results .md, if any."""
+    path = C.RESULTS / f"{name}.md"
+    found = re.search(r"· (\d{4}-\d{2}-\d{2} \d{2}:\d{2})", path.read_text(encoding="utf-8")) if path.is_file() else None
+    return found.group(1) if found else None
+
+
 def readme(statuses: dict) -> str:
     run = statuses.get("_run_all", {})
     lines = ["# Benchmarks", "",
@@ -159,8 +166,11 @@ def readme(statuses: dict) -> str:
         if not (HERE / f"{name}.py").is_file():
             continue
         s = statuses.get(name, {})
-        latest = f"{s.get('status', 'not run by run_all')}" + (f", {s['wall_s'] / 60:.1f} min, {s.get('finished')}"
-                                                               if s.get("wall_s") else "")
+        latest = f"run_all: {s.get('status', 'not run')}" + (f", {s['wall_s'] / 60:.1f} min, {s.get('finished')}"
+                                                             if s.get("wall_s") else "")
+        stamp = _results_stamp(name)
+        if stamp and stamp != s.get("finished"):
+            latest += f"; results file from a later run on its own: {stamp}"
         lines.append(f"| [`{name}.py`]({name}.py) | {what} | `python benchmarks/{name}.py --quick` · full: "
                      f"`python benchmarks/{name}.py` | {target} | {latest} |")
     lines += ["| [`run_all.py`](run_all.py) | all of the above in sequence, then this README | "
@@ -169,7 +179,8 @@ def readme(statuses: dict) -> str:
     lines += scaling_model()
     lines += ["## Latest results", "",
               "Pasted from `results/benchmarks/<name>.md` as the last run left them (the CSVs beside them hold every "
-              "number).", ""]
+              "number). A script run on its own after `run_all.py` replaces its results file: each section's own "
+              "Command line and timestamp say which run it is.", ""]
     for name, _, _, _ in SCRIPTS:
         text = _results_md(name)
         if text is not None:
@@ -223,8 +234,6 @@ def scaling_model() -> list[str]:
         job_fixed = orchestration - ray.ray_start_s - epochs * ckpt
         eval_per_example = plain.eval_per_epoch_s / plain.eval_examples
         normalised = max(model["normalised_on_plain"], model["normalised_on_ray"])
-    cpu_factor = epoch_cpu / epoch if epoch > 0 else float("nan")  # < 1 under load: CPU time ≈ unloaded wall
-
     def f(x, fmt=".1f"):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -274,13 +283,14 @@ def scaling_model() -> list[str]:
              "T_job dominates each job and the useful levers are fewer, longer jobs (more data or epochs per job, "
              "several seeds per trial) and a warm cluster (Ray start paid once). Device-hours scale with J × job time "
              "whatever N is; N only divides the wall time.", ""]
-    if not any(math.isnan(x) for x in (epoch_cpu, job_fixed, ckpt, eval_per_example, cpu_factor)):
-        eval_1000 = eval_per_example * 1000 * cpu_factor
+    if not any(math.isnan(x) for x in (epoch_cpu, job_fixed, ckpt, eval_per_example)):
+        eval_1000 = eval_per_example * 1000
         job = job_fixed + epoch_cpu + eval_1000 + ckpt
         lines += ["Worked example: J = 27 quickstart-sized jobs (1 epoch of 4,000 examples, eval on 1,000; 27 = as many "
                   "trainings as search_quality's full mode), one 1-thread CPU slot per job. Compute at its process-CPU time "
-                  f"(≈ the wall time of an unloaded slot: epoch {epoch_cpu:.0f} s, eval ≈ {eval_1000:.0f} s), orchestration "
-                  f"at its measured wall time under load (T_job {job_fixed:.0f} s + T_ckpt {ckpt:.1f} s): one job ≈ "
+                  f"(≈ the wall time of an unloaded slot: epoch {epoch_cpu:.0f} s), eval ≈ {eval_1000:.0f} s and the "
+                  f"orchestration at the wall times orchestration_overhead measured (T_job {job_fixed:.0f} s + T_ckpt "
+                  f"{ckpt:.1f} s; see its load average): one job ≈ "
                   f"{job:.0f} s, of which {100 * (job_fixed + ckpt) / job:.0f}% orchestration.", "",
                   "| slots (nodes × g) | training wall | device-hours (slot-hours) |", "|---|---|---|"]
         for n in (1, 2, 4, 8, 16, 27, 32):
