@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--expert-rank", type=int, default=2)
     parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--raw-gate", action="store_true",
+                        help="gate = router probability (Switch) instead of renormalised top-k (1.0 at k=1)")
     parser.add_argument("--mode", default="per_input", choices=["per_input", "per_token"])
     parser.add_argument("--aux", default="balance", choices=["balance", "entropy", "none"])
     parser.add_argument("--aux-weight", type=float, default=0.01, help="Switch Transformer used 0.01")
@@ -119,10 +121,12 @@ def run_seed(args, seed: int, task, tokenizer, names: list[str], lora_rank: int,
         model = load_model(args.model, task.num_labels, seed=seed)
         torch.manual_seed(seed)
         state = attach_routed_adapters(model, names, args.experts, args.expert_rank, args.top_k, mode=args.mode,
-                                       gating=gating, aux=args.aux if gating == "topk" else "none")
+                                       gating=gating, aux=args.aux if gating == "topk" else "none",
+                                       renormalize=not args.raw_gate)
         aux_weight = args.aux_weight if gating == "topk" else 0.0
         result = train_routed(model, state, train_loader, eval_loader, aux_weight=aux_weight, **common)
-        label = (f"sparse E={args.experts} r={args.expert_rank} k={args.top_k} {args.mode}" if gating == "topk"
+        label = (f"sparse E={args.experts} r={args.expert_rank} k={args.top_k} {args.mode}"
+                 f"{', raw gate' if args.raw_gate else ''}" if gating == "topk"
                  else f"dense E={args.experts} r={args.expert_rank} (all active)")
         log(row(label, seed, result, majority, lora_params))
         if gating == "topk":
@@ -157,7 +161,7 @@ def markdown(frame: pd.DataFrame, args, lora_rank: int, lora_params: int, routed
         f"total {wall / 60:.1f} min",
         "",
         f"Adapters on {', '.join(args.module_types)} of every layer. Routed: E={args.experts} experts of rank "
-        f"{args.expert_rank}, router {args.mode}, top-k {args.top_k}, aux `{args.aux}` × {args.aux_weight} "
+        f"{args.expert_rank}, router {args.mode}, top-k {args.top_k} ({'raw' if args.raw_gate else 'renormalised'} gates), aux `{args.aux}` × {args.aux_weight} "
         f"(sparse only): {routed_params:,} trainable params (experts + routers). Plain LoRA r={lora_rank}: "
         f"{lora_params:,} ({100 * (routed_params / lora_params - 1):+.1f}%). Head params are apart.",
         "",

@@ -11,9 +11,12 @@ starts on the same footing) and a router, a Linear to E logits. The router reads
 
 Gating: softmax over the router logits; `topk` keeps the k largest and zeroes the rest, `dense` keeps
 all (a soft mixture, for comparison). output = base(x) + Σ_e g_e · B_e A_e x · scaling_e.
-With k > 1 the kept probabilities are renormalised to sum to 1 (Mixtral). With k = 1 they are not
-(Switch Transformer): a renormalised single gate is always 1.0, so the task loss would never reach
-the router; `renormalize=True` forces it anyway. One expert with k = 1 is exactly plain LoRA.
+The kept probabilities are renormalised to sum to 1 (Mixtral). With k = 1 that makes the gate 1.0, so
+only the aux term trains the router; `renormalize=False` keeps the raw probability as the gate
+(Switch Transformer), which lets the task loss reach the router but scales the expert down (p ≈ 1/E
+at the start). Measured on Rotten Tomatoes (4,000 train, 1 epoch, 1 seed, E=4 r=2 on q,v): k=1
+renormalised 74.6%, k=1 raw gate 70.7%, k=2 77.3%, dense 76.9%, plain LoRA r=10 77.8%.
+One expert with k = 1 is exactly plain LoRA.
 By default all experts run in one pair of matmuls with zero gates for the unselected ones (cheapest
 at small ranks); `RoutingState.set_sparse_compute(True)` runs each expert only on the rows routed to
 it instead (what pays with large experts). Outputs are the same either way.
@@ -72,7 +75,7 @@ class RoutedLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, expert_ranks: Sequence[int], top_k: int, mode: str = "per_input",
                  gating: str = "topk", router_in_features: int | None = None, alpha_ratio: float = 2.0,
-                 renormalize: bool | None = None):
+                 renormalize: bool = True):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -80,7 +83,7 @@ class RoutedLoRALinear(nn.Module):
         self.num_experts = len(self.expert_ranks)
         self.top_k = self.num_experts if gating == "dense" else int(top_k)
         self.mode, self.gating = mode, gating
-        self.renormalize = self.top_k > 1 if renormalize is None else bool(renormalize)
+        self.renormalize = bool(renormalize)
         self.scaling = [alpha_ratio * r / r for r in self.expert_ranks]  # lora_alpha / r as PEFT computes it
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.ModuleList(nn.Linear(self.in_features, r, bias=False, **factory) for r in self.expert_ranks)
@@ -249,7 +252,7 @@ class RoutingConfig:
     mode: str = "per_input"
     gating: str = "topk"
     aux: str = "balance"
-    renormalize: bool | None = None
+    renormalize: bool = True
     alpha_ratio: float = 2.0
 
     @property
@@ -375,7 +378,7 @@ def _embeddings_of(model: nn.Module) -> nn.Module:
 
 def attach_routed_adapters(model: nn.Module, module_names: Sequence[str], num_experts: int,
                            expert_rank: int | Sequence[int], top_k: int = 1, mode: str = "per_input",
-                           gating: str = "topk", aux: str = "balance", renormalize: bool | None = None,
+                           gating: str = "topk", aux: str = "balance", renormalize: bool = True,
                            alpha_ratio: float = 2.0) -> RoutingState:
     """Replace the named Linear modules in place by routed LoRA experts; train only them and the head.
 

@@ -82,12 +82,21 @@ def test_top_k_activates_exactly_k_experts(tiny_model_dir, batches, mode, top_k)
         probs = module.last_probs.reshape(-1, 4)
         assert gates.shape[0] == rows_expected
         assert ((gates > 0).sum(-1) == top_k).all()
-        if top_k == 1:  # Switch style: the gate is the router probability, so the router gets a gradient
-            assert torch.equal(gates.max(-1).values, probs.max(-1).values)
-        else:  # the kept probabilities are renormalised
-            torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0]))
+        torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0]))  # kept probabilities renormalised
         assert torch.equal((gates > 0), probs >= probs.topk(top_k, -1).values[:, -1:])
     assert state.stats()["fraction_active"] == pytest.approx(top_k / 4)
+
+
+def test_raw_gate_with_k1_is_the_router_probability(tiny_model_dir, batches):
+    model, state = routed(tiny_model_dir, top_k=1, renormalize=False)  # Switch Transformer gating
+    randomise_experts(state)
+    model(**inputs(batches[0]))
+    for module in state.modules.values():
+        gates, probs = module.last_gates, module.last_probs
+        assert ((gates > 0).sum(-1) == 1).all()
+        assert torch.equal(gates.max(-1).values, probs.max(-1).values)
+    model(**batches[0]).loss.backward()  # the task loss reaches the router through the raw gate
+    assert all(m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in state.modules.values())
 
 
 def test_dense_gating_uses_every_expert(tiny_model_dir, batches):
