@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.allocation import Allocation
 from orchestrator.allocators import Budget, distribution_space, get_allocator, sample_allocations
@@ -26,6 +28,7 @@ from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
 from orchestrator.models import AdaptableModule
 from orchestrator.proxies import ModuleScores, score_modules
+from orchestrator.storage import open_storage
 
 STUDY_NAME = "screen"
 
@@ -59,14 +62,24 @@ def storage_url(cfg: RunConfig) -> str:
     return cfg.screen.storage or f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
 
 
+class RecordingOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch tells the study a nan value, Optuna refuses it, and the trial stays RUNNING
+    forever; a trial whose distribution drew no candidate inside the budget is recorded as FAIL instead."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        value = (result or {}).get(self.metric)
+        if isinstance(value, float) and math.isnan(value):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result, error)
+
+
 def _searcher(cfg: RunConfig):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    return OptunaSearch(metric="objective", mode=cfg.screen.direction[:3], study_name=STUDY_NAME,
-                        sampler=samplers[cfg.screen.sampler](seed=cfg.screen.seed),
-                        storage=optuna.storages.RDBStorage(storage_url(cfg)))
+    return RecordingOptunaSearch(metric="objective", mode=cfg.screen.direction[:3], study_name=STUDY_NAME,
+                                 sampler=samplers[cfg.screen.sampler](seed=cfg.screen.seed),
+                                 storage=open_storage(storage_url(cfg), create=True))
 
 
 def probe_scores(cfg: RunConfig, task: TaskData, modules: list[AdaptableModule]) -> ModuleScores:

@@ -1,0 +1,90 @@
+"""The screen's Optuna study storage: SQLAlchemy URLs and Optuna journal files, for writers and readers."""
+
+import optuna
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.errors import UserError
+from orchestrator.storage import check_url, open_storage, shown_url
+
+
+@pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:pw@db.example/lora", "journal:study.log",
+                                 "journal:/shared/runs/study.log"])
+def test_valid_urls_pass(url):
+    check_url(url)
+    assert load_config(None, [f"screen.storage={url}"]).screen.storage == url
+
+
+@pytest.mark.parametrize("url, message", [("journal:", "needs a file path"), ("journal:  ", "needs a file path"),
+                                          ("my study db", "is not a SQLAlchemy URL")])
+def test_bad_urls_name_the_field(url, message):
+    with pytest.raises(UserError, match=f"^screen.storage: .*{message}"):
+        check_url(url)
+
+
+def test_bad_url_in_config_is_refused_at_load_time():
+    with pytest.raises(UserError, match="^screen.storage: 'my study db' is not a SQLAlchemy URL"):
+        load_config(None, ["screen.storage=my study db"])
+
+
+def test_password_is_hidden_in_messages():
+    assert "pw" not in shown_url("postgresql://user:pw@db.example/lora")
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_reader_never_creates_and_writer_round_trips(kind, tmp_path):
+    url = f"journal:{tmp_path}/study.log" if kind == "journal" else f"sqlite:///{tmp_path}/study.db"
+    with pytest.raises(UserError, match="does not exist"):
+        open_storage(url, create=False)
+    assert list(tmp_path.iterdir()) == []
+    study = optuna.create_study(study_name="screen", storage=open_storage(url, create=True))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    reread = optuna.load_study(study_name="screen", storage=open_storage(url, create=False))
+    assert [t.value for t in reread.trials] == [t.value for t in study.trials]
+
+
+@pytest.mark.slow
+def test_tune_screen_writes_a_journal_study(tmp_path, tiny_model_dir, tiny_modules):
+    """The real Tune + OptunaSearch screen on a local Ray cluster, with the study in a journal file."""
+    import ray
+
+    from orchestrator import pipeline
+    from orchestrator.allocators import make_budget, space_modules
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import STUDY_NAME, ScreenContext, run_screen
+
+    journal = tmp_path / "shared" / "study.log"
+    cfg = load_config(None, [f"results_dir={tmp_path}", "name=journal", f"model.name={tiny_model_dir}",
+                             "space.ranks=[2,4]", "screen.proxies=[params]", "screen.rank_by=params",
+                             "screen.num_trials=3", "screen.candidates_per_trial=4", f"screen.storage=journal:{journal}"])
+    pipeline.prepare_run_dir(cfg, resume=False)
+    searchable = space_modules(tiny_modules, cfg.space)
+    scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules}})
+    context = ScreenContext(searchable, cfg.space.ranks, make_budget(tiny_modules, cfg.space), scores, 4, "params", 1.0, 0)
+    pipeline.set_runtime_env()
+    pipeline.init_ray(None)
+    try:
+        screen = run_screen(cfg, context)
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(f"journal:{journal}", create=False))
+    # a trial whose distribution drew nothing inside the budget reports nan and is kept as FAIL, not lost
+    assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert not (cfg.run_dir / "study.db").exists()
+    assert screen.survivor.sum() == cfg.screen.survivors and len(screen) > 1
+
+
+def test_a_nan_screen_trial_is_recorded_as_failed_not_left_running(tmp_path):
+    from ray import tune
+
+    from orchestrator.screen import RecordingOptunaSearch
+
+    url = f"sqlite:///{tmp_path}/study.db"
+    searcher = RecordingOptunaSearch(space={"x": tune.uniform(0, 1)}, metric="objective", mode="max",
+                                     study_name="screen", storage=open_storage(url, create=True))
+    for trial_id, value in (("a", 0.5), ("b", float("nan"))):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, {"objective": value})
+    states = [t.state for t in optuna.load_study(study_name="screen", storage=url).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
