@@ -54,8 +54,10 @@ def screen_trial(config: dict, context: ScreenContext) -> None:
                                      context.candidates_per_trial, np.random.default_rng(trial_seed))
     rows = [{"ranks": a.as_dict(), **{f"proxy_{k}": v for k, v in context.scores.scores(a).items()}} for a in allocations]
     key = f"proxy_{context.rank_by}"
-    best = max((context.sign * row[key] for row in rows), default=float("nan"))
-    tune.report({"objective": context.sign * best, "num_candidates": len(rows), "candidates": json.dumps(rows)})
+    best = max(zip(allocations, rows), key=lambda pair: context.sign * pair[1][key], default=None)
+    objective = best[1][key] if best else float("nan")
+    params = float(best[0].trainable_params(context.modules)) if best else float("nan")  # NSGA-II's 2nd objective
+    tune.report({"objective": objective, "params": params, "num_candidates": len(rows), "candidates": json.dumps(rows)})
 
 
 def storage_url(cfg: RunConfig) -> str:
@@ -67,18 +69,30 @@ class RecordingOptunaSearch(OptunaSearch):
     forever; a trial whose distribution drew no candidate inside the budget is recorded as FAIL instead."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        value = (result or {}).get(self.metric)
-        if isinstance(value, float) and math.isnan(value):
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if any(isinstance(v, float) and math.isnan(v) for v in ((result or {}).get(m) for m in metrics)):
             result, error = None, True
         super().on_trial_complete(trial_id, result, error)
 
 
-def _searcher(cfg: RunConfig):
+def _sampler(name: str, seed: int):
     import optuna
 
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    return RecordingOptunaSearch(metric="objective", mode=cfg.screen.direction[:3], study_name=STUDY_NAME,
-                                 sampler=samplers[cfg.screen.sampler](seed=cfg.screen.seed),
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                # max_rank is categorical: CMA-ES samples it independently (that is expected, not worth a warning)
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed)}
+    return samplers[name]()
+
+
+def _searcher(cfg: RunConfig) -> RecordingOptunaSearch:
+    """Single objective: the best rank_by score of a trial's candidates. NSGA-II adds that candidate's params
+    (minimised), so the study maps the score/size trade-off across the budget band."""
+    mode = cfg.screen.direction[:3]
+    metric, mode = (["objective", "params"], [mode, "min"]) if cfg.screen.sampler == "nsga2" else ("objective", mode)
+    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=STUDY_NAME,
+                                 sampler=_sampler(cfg.screen.sampler, cfg.screen.seed),
                                  storage=open_storage(storage_url(cfg), create=True))
 
 

@@ -43,6 +43,26 @@ def test_reader_never_creates_and_writer_round_trips(kind, tmp_path):
     assert [t.value for t in reread.trials] == [t.value for t in study.trials]
 
 
+@pytest.mark.parametrize("sampler, cls, objectives", [("tpe", "TPESampler", 1), ("random", "RandomSampler", 1),
+                                                      ("cmaes", "CmaEsSampler", 1), ("nsga2", "NSGAIISampler", 2)])
+def test_each_sampler_drives_the_study(sampler, cls, objectives, tmp_path):
+    from orchestrator.allocators import distribution_space
+    from orchestrator.screen import _searcher
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", f"screen.sampler={sampler}", "screen.direction=minimize"])
+    cfg.run_dir.mkdir(parents=True)
+    searcher = _searcher(cfg)
+    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    for i in range(4):
+        config = searcher.suggest(f"t{i}")
+        assert 0 <= config["w_query"] <= 1 and config["max_rank"] in cfg.space.ranks
+        searcher.on_trial_complete(f"t{i}", {"objective": config["w_query"], "params": 1000.0 + i})
+    study = optuna.load_study(study_name="screen", storage=f"sqlite:///{cfg.run_dir / 'study.db'}")
+    assert type(searcher._ot_study.sampler).__name__ == cls
+    assert len(study.directions) == objectives and study.directions[0] == optuna.study.StudyDirection.MINIMIZE
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
 @pytest.mark.slow
 def test_tune_screen_writes_a_journal_study(tmp_path, tiny_model_dir, tiny_modules):
     """The real Tune + OptunaSearch screen on a local Ray cluster, with the study in a journal file."""
@@ -56,7 +76,8 @@ def test_tune_screen_writes_a_journal_study(tmp_path, tiny_model_dir, tiny_modul
     journal = tmp_path / "shared" / "study.log"
     cfg = load_config(None, [f"results_dir={tmp_path}", "name=journal", f"model.name={tiny_model_dir}",
                              "space.ranks=[2,4]", "screen.proxies=[params]", "screen.rank_by=params",
-                             "screen.num_trials=3", "screen.candidates_per_trial=4", f"screen.storage=journal:{journal}"])
+                             "screen.num_trials=3", "screen.candidates_per_trial=4", f"screen.storage=journal:{journal}",
+                             "screen.sampler=nsga2"])
     pipeline.prepare_run_dir(cfg, resume=False)
     searchable = space_modules(tiny_modules, cfg.space)
     scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules}})
@@ -71,6 +92,8 @@ def test_tune_screen_writes_a_journal_study(tmp_path, tiny_model_dir, tiny_modul
     # a trial whose distribution drew nothing inside the budget reports nan and is kept as FAIL, not lost
     assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert all(len(t.values) == 2 for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert not (cfg.run_dir / "study.db").exists()
     assert screen.survivor.sum() == cfg.screen.survivors and len(screen) > 1
 

@@ -267,7 +267,7 @@ CASES = [
          ("screen.rank_by: 'grad_norm' is not in screen.proxies", "add it to screen.proxies")),
     Case("proxy_unknown", {"screen": {"proxies": ["grad_norm", "gard_norm"]}},
          ("screen.proxies: unknown proxy ['gard_norm']", "choose from [", "'grad_norm'")),
-    Case("sampler_unknown", {"screen": {"sampler": "cmaes"}}, ("screen.sampler: 'cmaes' is unknown", "use tpe or random")),
+    Case("sampler_unknown", {"screen": {"sampler": "bayes"}}, ("screen.sampler: 'bayes' is unknown", "use one of tpe")),
     Case("direction_typo", {"screen": {"direction": "maximise"}}, ("screen.direction: 'maximise'", "use maximize or minimize")),
     Case("survivors_zero", {"screen": {"survivors": 0}}, ("screen.survivors: 0 is not positive", "use 1 or more")),
     Case("storage_not_a_url", {"screen": {"storage": "my study db"}},
