@@ -6,6 +6,14 @@ computes what the current allocation would. Their gradient is not zero, though: 
 with A random, i.e. the `grad_norm` proxy of a module that is off. Every `every` fraction of an
 epoch the accumulated per-unit scores go to an allocator (the same registry the screen uses), the
 masks move, and the optimizer state of dropped columns is cleared; surviving columns keep theirs.
+
+Damping (a trust region): every switched-on column restarts at B = 0, so moving a lot of rank often
+throws training away (undamped, knapsack moved 336 rank units in 5 steps on Rotten Tomatoes and the
+model never left the majority class). A re-allocation therefore picks, among the allocator's best
+proposals, the best one whose moved share of rank, Σ|Δr| / (Σr_old + Σr_new), is at most `max_move`
+and that beats the current allocation's accumulated score by more than `min_gain` (relative); if
+none does, nothing moves.
+max_move = 1, min_gain = 0 is the undamped rule.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.allocation import Allocation
-from orchestrator.allocators import Budget, get_allocator
+from orchestrator.allocators import Budget, get_allocator, summed_score
 from orchestrator.models import AdaptableModule
 from orchestrator.proxies.grad_norm import lora_factors
 
@@ -24,10 +32,25 @@ def full_rank_allocation(modules: list[AdaptableModule], max_rank: int) -> Alloc
     return Allocation.from_ranks({m.name: max_rank for m in modules})
 
 
+PROPOSALS = 32  # near-best allocations the trust region chooses from
+
+
+def moved_rank(old: dict[str, int], new: dict[str, int]) -> int:
+    """Σ |Δr| over every module either allocation adapts."""
+    return sum(abs(new.get(name, 0) - old.get(name, 0)) for name in old.keys() | new.keys())
+
+
+def moved_fraction(old: dict[str, int], new: dict[str, int]) -> float:
+    """Share of all rank that changes: 0 = nothing moves, 1 = every old column off and every new one fresh."""
+    return moved_rank(old, new) / max(1, sum(old.values()) + sum(new.values()))
+
+
 class DynamicReallocator:
     def __init__(self, peft_model, modules: list[AdaptableModule], ranks: list[int], budget: Budget,
-                 initial: Allocation, *, interval_steps: int, allocator: str, sign: float, seed: int):
+                 initial: Allocation, *, interval_steps: int, allocator: str, sign: float, seed: int,
+                 max_move: float = 1.0, min_gain: float = 0.0):
         self.modules, self.ranks, self.budget = modules, ranks, budget
+        self.max_move, self.min_gain = max_move, min_gain
         self.max_rank = max(ranks)
         self.interval = max(1, interval_steps)
         self.allocator, self.sign = get_allocator(allocator), sign
@@ -35,7 +58,8 @@ class DynamicReallocator:
         self.factors = {m.name: lora_factors(peft_model, m.name) for m in modules}  # (A, B) weights
         self.active = {m.name: initial.as_dict().get(m.name, 0) for m in modules}
         self.scores = {m.name: 0.0 for m in modules}
-        self.reallocations = 0
+        self.reallocations = 0  # re-allocations that moved rank
+        self.held = 0  # re-allocations the trust region refused (no proposal close and good enough)
         self.moved_rank = 0  # Σ |Δr| over all re-allocations
         self._zero_masked_weights()
 
@@ -60,18 +84,29 @@ class DynamicReallocator:
             self.reallocate(optimizer)
 
     def reallocate(self, optimizer: torch.optim.Optimizer) -> None:
-        proposals = self.allocator.propose(self.scores, self.modules, self.ranks, self.budget, 1, self.rng, self.sign)
-        if not proposals:
-            return  # nothing fits the band: keep the current allocation
-        new = {m.name: proposals[0].as_dict().get(m.name, 0) for m in self.modules}
+        new = self._damped_proposal()
+        self.scores = {name: 0.0 for name in self.scores}
+        if new is None:
+            self.held += 1
+            return
         for name, rank in new.items():
             if rank < self.active[name]:
                 self._clear_columns(name, rank, optimizer)
-            self.moved_rank += abs(rank - self.active[name])
+        self.moved_rank += moved_rank(self.active, new)
         self.active = new
-        self.scores = {name: 0.0 for name in self.scores}
         self.reallocations += 1
         self._zero_masked_weights()
+
+    def _damped_proposal(self) -> dict[str, int] | None:
+        """The best proposal inside the trust region (module docstring), or None to stay put."""
+        proposals = self.allocator.propose(self.scores, self.modules, self.ranks, self.budget, PROPOSALS, self.rng,
+                                           self.sign)
+        value = lambda ranks: self.sign * summed_score(self.scores, Allocation.from_ranks(ranks))  # noqa: E731
+        current = value(self.active)
+        fits = [{m.name: p.as_dict().get(m.name, 0) for m in self.modules} for p in proposals]
+        fits = [ranks for ranks in fits if moved_fraction(self.active, ranks) <= self.max_move
+                and value(ranks) > current + self.min_gain * abs(current)]  # strictly better: ties stay put
+        return max(fits, key=value, default=None)
 
     @torch.no_grad()
     def _zero_masked_weights(self) -> None:

@@ -71,3 +71,44 @@ def test_rank_moves_to_the_modules_the_scores_favour(tiny_model_dir, tiny_split)
     dynamic.reallocate(optimizer)
     assert dynamic.active[value.name] == 2 and sum(np.array(list(dynamic.active.values())) > 0) == 1
     assert dynamic.moved_rank == 4  # query 2 → 0, value 0 → 2
+
+
+def _favour_value(model, modules, dynamic):
+    value = next(m for m in modules if m.type == "value")
+    dynamic.scores = {m.name: (10.0 if m.name == value.name else 0.1) for m in modules}
+    return value, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+
+def test_trust_region_holds_a_move_that_is_too_large(tiny_model_dir, tiny_split):
+    model, modules, _, dynamic, _ = _setup(tiny_model_dir, tiny_split)
+    before = dict(dynamic.active)
+    dynamic.max_move = 0.4  # query 2 → value 2 moves a share 4 / (2 + 2) = 1; query 1 + value 1 moves 0.5
+    value, optimizer = _favour_value(model, modules, dynamic)
+    dynamic.reallocate(optimizer)
+    assert dynamic.active == before and (dynamic.held, dynamic.reallocations, dynamic.moved_rank) == (1, 0, 0)
+    assert all(v == 0.0 for v in dynamic.scores.values())  # each interval scores afresh
+    dynamic.max_move = 0.5  # now the half move fits, the full swap still does not
+    _favour_value(model, modules, dynamic)
+    dynamic.reallocate(optimizer)
+    query = next(name for name, rank in before.items() if rank)
+    assert (dynamic.active[query], dynamic.active[value.name], dynamic.moved_rank) == (1, 1, 2)
+
+
+def test_min_gain_holds_a_move_that_gains_too_little(tiny_model_dir, tiny_split):
+    model, modules, _, dynamic, _ = _setup(tiny_model_dir, tiny_split)
+    value, optimizer = _favour_value(model, modules, dynamic)
+    dynamic.min_gain = 100.0  # value's 10 × 2 is 100× query's 0.1 × 2: not more than 100× better
+    dynamic.reallocate(optimizer)
+    assert dynamic.held == 1 and dynamic.active[value.name] == 0
+    _favour_value(model, modules, dynamic)
+    dynamic.min_gain = 98.0
+    dynamic.reallocate(optimizer)
+    assert dynamic.reallocations == 1 and dynamic.active[value.name] == 2
+
+
+def test_moved_fraction():
+    from orchestrator.dynamic import moved_fraction, moved_rank
+
+    assert moved_rank({"a": 4, "b": 4}, {"a": 4, "c": 4}) == 8
+    assert moved_fraction({"a": 4, "b": 4}, {"a": 4, "c": 4}) == 0.5
+    assert moved_fraction({"a": 4}, {"a": 4}) == 0.0 and moved_fraction({"a": 2}, {"b": 2}) == 1.0
