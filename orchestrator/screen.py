@@ -86,12 +86,13 @@ def _sampler(name: str, seed: int):
     return samplers[name]()
 
 
-def _searcher(cfg: RunConfig) -> RecordingOptunaSearch:
+def _searcher(cfg: RunConfig, points: list[dict]) -> RecordingOptunaSearch:
     """Single objective: the best rank_by score of a trial's candidates. NSGA-II adds that candidate's params
-    (minimised), so the study maps the score/size trade-off across the budget band."""
+    (minimised), so the study maps the score/size trade-off across the budget band. `points` (a warm start's
+    distributions) are enqueued as the first trials."""
     mode = cfg.screen.direction[:3]
     metric, mode = (["objective", "params"], [mode, "min"]) if cfg.screen.sampler == "nsga2" else ("objective", mode)
-    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=STUDY_NAME,
+    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=STUDY_NAME, points_to_evaluate=points or None,
                                  sampler=_sampler(cfg.screen.sampler, cfg.screen.seed),
                                  storage=open_storage(storage_url(cfg), create=True))
 
@@ -108,10 +109,11 @@ def _probe_in_worker(cfg: RunConfig, task: TaskData, modules: list[AdaptableModu
     torch.set_num_threads(1)
     s = cfg.screen
     return score_modules(cfg.model.name, task.num_labels, task.train, modules, s.proxies, probe_rank=s.probe_rank,
-                         num_batches=s.proxy_batches, batch_size=s.batch_size, max_length=cfg.model.max_length, seed=s.seed)
+                         num_batches=s.proxy_batches, batch_size=s.batch_size, max_length=cfg.model.max_length, seed=s.seed,
+                         warmup_steps=s.probe_warmup_steps, warmup_lr=cfg.train.lr)
 
 
-def run_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
+def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) -> pd.DataFrame:
     """Tune run over allocation distributions → one row per distinct candidate, survivors marked."""
     if cfg.screen.allocator != "optuna":
         return allocator_screen(cfg, context)
@@ -123,11 +125,11 @@ def run_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
         tuner = tune.Tuner(
             trainable,
             param_space=distribution_space(cfg.space),
-            tune_config=tune.TuneConfig(search_alg=_searcher(cfg), num_samples=cfg.screen.num_trials, max_concurrent_trials=2),
+            tune_config=tune.TuneConfig(search_alg=_searcher(cfg, list(points)), num_samples=cfg.screen.num_trials, max_concurrent_trials=2),
             run_config=tune.RunConfig(name="screen", storage_path=str(path), verbose=1),
         )
     results = tuner.fit()
-    return screen_table(results, context, cfg.screen.survivors)
+    return screen_table(results, context, cfg.screen.survivors, list(points))
 
 
 def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
@@ -151,13 +153,16 @@ def _row(allocation: Allocation, context: ScreenContext, trial: str, proxies: di
             "total_rank": allocation.total_rank, "screen_trial": trial, **proxies}
 
 
-def screen_table(results, context: ScreenContext, survivors: int) -> pd.DataFrame:
+def screen_table(results, context: ScreenContext, survivors: int, points: list[dict] = ()) -> pd.DataFrame:
+    """One row per distinct candidate; `warm_start` marks those drawn from an enqueued earlier distribution."""
     rows = []
     for result in results:
         if result.error or not result.metrics or "candidates" not in result.metrics:
             continue
+        warm = any(all(result.config.get(k) == v for k, v in point.items()) for point in points)
         for row in json.loads(result.metrics["candidates"]):
-            rows.append(_row(Allocation.from_ranks(row.pop("ranks")), context, result.metrics["trial_id"], row))
+            rows.append(_row(Allocation.from_ranks(row.pop("ranks")), context, result.metrics["trial_id"], row)
+                        | {"warm_start": warm})
     return _survivors(rows, context, survivors)
 
 

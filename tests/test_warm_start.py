@@ -45,3 +45,62 @@ def test_refuses_runs_without_searched_models_or_outside_the_space(tmp_path, mod
                                                         "accuracy": 0.9}]), modules, count=1)
     with pytest.raises(UserError, match="report"):
         warm_start_allocations(str(tmp_path / "missing"), modules, count=1)
+
+
+def _earlier_study(run_dir, space, values, direction="maximize"):
+    """An earlier run's screen study, one trial per value, with the parameters OptunaSearch stores."""
+    import json
+
+    import optuna
+
+    from orchestrator.allocators import distribution_space
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None}}}))
+    study = optuna.create_study(study_name="screen", storage=f"sqlite:///{run_dir / 'study.db'}", direction=direction)
+    keys = list(distribution_space(space))
+    for value in values:
+        trial = study.ask()
+        for key in keys:  # the same names and distributions as the Tune space the screen gives OptunaSearch
+            trial.suggest_categorical(key, space.ranks) if key == "max_rank" else trial.suggest_float(
+                key, -1.0 if key == "depth_bias" else 0.0, 1.0)
+        study.tell(trial, value)
+    return [t.params for t in optuna.load_study(study_name="screen", storage=f"sqlite:///{run_dir / 'study.db'}").trials]
+
+
+def test_warm_start_points_are_the_best_earlier_distributions(tmp_path):
+    from orchestrator.config import SpaceConfig
+    from orchestrator.pipeline import warm_start_points
+
+    space = SpaceConfig(ranks=[2, 4, 8])
+    params = _earlier_study(tmp_path / "earlier", space, [0.1, 0.9, 0.5])
+    assert warm_start_points(str(tmp_path / "earlier"), space, count=2) == [params[1], params[2]]
+    assert warm_start_points(None, space, count=2) == []
+    # another space (other module types, or ranks the earlier max_rank is not among): nothing to enqueue
+    assert warm_start_points(str(tmp_path / "earlier"), SpaceConfig(module_types=["query", "value"], ranks=[2, 4, 8]), 2) == []
+    assert warm_start_points(str(tmp_path / "earlier"), SpaceConfig(ranks=[3, 5]), 2) == []
+
+
+def test_minimised_study_gives_its_lowest_values_first(tmp_path):
+    from orchestrator.config import SpaceConfig
+    from orchestrator.pipeline import warm_start_points
+
+    space = SpaceConfig(ranks=[2, 4, 8])
+    params = _earlier_study(tmp_path / "earlier", space, [0.1, 0.9], direction="minimize")
+    assert warm_start_points(str(tmp_path / "earlier"), space, count=1) == [params[0]]
+
+
+def test_enqueued_points_are_the_first_trials_and_marked(tmp_path):
+    from orchestrator.allocators import distribution_space
+    from orchestrator.config import load_config
+    from orchestrator.screen import _searcher
+
+    cfg = load_config(None, [f"results_dir={tmp_path}"])
+    cfg.run_dir.mkdir(parents=True)
+    point = {"w_query": 0.9, "w_key": 0.1, "w_value": 0.8, "w_attention.output.dense": 0.2,
+             "w_intermediate.dense": 0.3, "w_output.dense": 0.4, "depth_bias": -0.5, "max_rank": cfg.space.ranks[0]}
+    point = {k: point[k] for k in distribution_space(cfg.space)}
+    searcher = _searcher(cfg, [point])
+    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    assert searcher.suggest("first") == point
+    assert searcher.suggest("second") != point
