@@ -90,6 +90,36 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories, e.
     console.print(f"Comparison: {out_dir}/ (compare.md, compare.csv, compare.png)")
 
 
+@app.command()
+def compose(adapters: str = typer.Option(..., "--adapters", help="registered adapters, comma-separated: NAME or NAME@VERSION"),
+            task: str = typer.Option(..., "--task", help="the new task: built-in, a CSV/JSONL/Parquet file, or TASK:GROUP,GROUP "
+                                     "(labels or patterns, '+' joins, e.g. newsgroups20:sci.med,sci.space)"),
+            shots: int = typer.Option(16, "--shots", help="labelled examples per class the methods see"),
+            method: str = typer.Option("all", "--method", help="uniform, learned or all (+ zero_shot, single_best, few_shot_training)"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: results/compose-<task>)"),
+            register: Optional[str] = typer.Option(None, "--register", help="store the composed adapter (learned, else uniform) under NAME"),
+            registry: Path = typer.Option(Path("results/registry"), "--registry", help="registry directory holding the adapters"),
+            trials: int = typer.Option(40, "--trials", help="Optuna TPE trials of the learned weights"),
+            l1: float = typer.Option(0.05, "--l1", help="penalty on the sum of |weights| (LoraHub)"),
+            eval_size: int = typer.Option(1000, "--eval-size", help="cap on held-out eval examples"),
+            max_length: int = typer.Option(128, "--max-length", help="tokens per example"),
+            seed: int = typer.Option(0, "--seed", help="seed of the few-shot sample and the search"),
+            model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one the adapters were stored with)")):
+    """Compose registered LoRA adapters for a new task from a few labelled examples; compare with the baselines."""
+    from orchestrator.compose import METHODS, ComposeConfig, run_compose, summarise
+
+    methods = METHODS if method == "all" else tuple(m.strip() for m in method.split(","))
+    cfg = ComposeConfig(shots=shots, methods=methods, trials=trials, l1=l1, eval_size=eval_size, max_length=max_length,
+                        seed=seed)
+    out_dir = out or Path("results") / f"compose-{''.join(c if c.isalnum() or c in '-_.' else '-' for c in task)}"
+    table, done = run_compose(registry, [a.strip() for a in adapters.split(",") if a.strip()], task, cfg, out_dir,
+                              register, model)
+    _say(summarise(table).drop(columns=["accuracy_std", "seeds"]).to_markdown(index=False, floatfmt=".4g"))
+    if done["entry"] is not None:
+        _say(f"Registered {_entry_line(done['entry'])}")
+    _say(f"Written: {out_dir}/ (compose.csv, compose.md, compose.png, adapters/)")
+
+
 # ---------------------------------------------------------------- registry (orchestrator/registry.py)
 
 registry_app = typer.Typer(no_args_is_help=True,

@@ -1,0 +1,585 @@
+"""Adapter composition: registered LoRA adapters of other tasks, mixed for a new task from a few labelled examples.
+
+Every composed adapter is exact: per module, the sources' LoRA factors are concatenated, A = [A_1; …; A_k]
+(rows) and B = [w_1 s_1 B_1, …, w_k s_k B_k] (columns), so B·A = Σ w_i s_i B_i A_i at rank Σ r_i with
+scaling 1, whatever the sources' ranks. A module only some sources adapt gets only their blocks. It is
+saved as a plain PEFT LoRA adapter (rank_pattern / alpha_pattern per module) and registered like any other.
+
+The new task needs its own classification head (the sources' heads are for other label sets). Every
+method gets it the same way: a logistic regression on the classifier's input features (the pooled
+output) of the few-shot examples, with the encoder frozen; its coefficients become the adapter's head.
+
+Methods compared (`METHODS`):
+  zero_shot          the base model, no adapter, + the head fit
+  single_best        the one source whose features give the lowest cross-validated few-shot loss
+  uniform            w_i = 1/k
+  learned            w ∈ [-bound, bound]^k searched gradient-free with Optuna TPE (LoraHub): minimise the
+                     few-shot head's cross-validated cross-entropy + l1 · Σ|w_i|, starting from uniform
+  few_shot_training  a fresh LoRA (query, value, r=8) + head trained with AdamW on the same examples
+
+Candidate weights are scored cheaply: ΔW = Σ w_i ΔW_i (precomputed dense per source) merged into the
+base weights, one forward pass over the few-shot examples, k-fold logistic regressions on the pooled
+features. Accuracy and F1 are measured on the task's eval split, never on the few-shot examples.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from orchestrator.data import Split, TaskData
+from orchestrator.errors import UserError
+
+METHODS = ("zero_shot", "single_best", "uniform", "learned", "few_shot_training")
+COMPOSED = ("uniform", "learned")  # the methods that produce an adapter to save
+_LORA_A = re.compile(r"^base_model\.model\.(.+)\.lora_A\.weight$")
+HEAD_C = 1.0  # inverse L2 strength of the logistic-regression head (sklearn's default)
+
+
+@dataclass
+class ComposeConfig:
+    shots: int = 16  # labelled examples per class
+    methods: tuple[str, ...] = METHODS
+    trials: int = 40  # Optuna trials of the learned search (one forward over the few-shot examples each)
+    l1: float = 0.05  # LoraHub's penalty on Σ|w_i|
+    bound: float = 1.5  # w_i ∈ [-bound, bound]
+    folds: int = 4  # cross-validation folds of the few-shot head loss (fewer when a class has fewer shots)
+    max_length: int = 128
+    eval_size: int | None = 1000
+    batch_size: int = 32
+    train_epochs: int = 20  # few_shot_training
+    train_lr: float = 2e-3
+    seed: int = 0  # the few-shot sample, the search and the fresh LoRA
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        checks = [(self.shots >= 2, "shots", f"{self.shots} is too few", "give at least 2 examples per class "
+                   "(the head's loss is cross-validated)"),
+                  (bool(self.methods) and set(self.methods) <= set(METHODS), "method", f"{list(self.methods)} is not "
+                   "a list of known methods", f"use uniform, learned or all ({', '.join(METHODS)})"),
+                  (self.trials >= 1, "trials", f"{self.trials} is not positive", "use e.g. 40"),
+                  (self.l1 >= 0, "l1", f"{self.l1} is negative", "use 0 or more, e.g. 0.05"),
+                  (self.bound > 0, "bound", f"{self.bound} is not positive", "use e.g. 1.5"),
+                  (self.folds >= 2, "folds", f"{self.folds} is below 2", "use e.g. 4"),
+                  (8 <= self.max_length <= 4096, "max_length", f"{self.max_length} is out of range", "use 8..4096"),
+                  (self.eval_size is None or self.eval_size >= 8, "eval_size", f"{self.eval_size} is too small",
+                   "use at least 8 or None for all"),
+                  (self.batch_size >= 1 and self.train_epochs >= 1, "batch_size/train_epochs", "must be positive",
+                   "use 1 or more"),
+                  (0 < self.train_lr < 1, "train_lr", f"{self.train_lr} is out of range", "use e.g. 2e-3")]
+        for ok, name, problem, fix in checks:
+            if not ok:
+                raise UserError(f"compose.{name}: {problem}; {fix}")
+
+
+# ---------------------------------------------------------------- sources: registered LoRA adapters
+
+
+@dataclass(frozen=True)
+class LoraBlock:
+    A: torch.Tensor  # r × in
+    B: torch.Tensor  # out × r
+    scaling: float  # PEFT's lora_alpha / r (or / √r with rsLoRA)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # registry name@version
+    task: str
+    blocks: dict[str, LoraBlock]  # module name inside the base model → its LoRA factors
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a rank/alpha pattern key applies to a module whose name ends with it at a dot."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_blocks(config: dict, tensors: dict, label: str) -> dict[str, LoraBlock]:
+    """The LoRA factors and scaling of every adapted module of a PEFT adapter (config + state dict)."""
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
+        raise UserError(f"compose: '{label}' is not a plain LoRA adapter (peft_type {config.get('peft_type')}, "
+                        "DoRA or fan_in_fan_out); compose LoRA adapters trained by lora-search")
+    blocks = {}
+    for key, A in tensors.items():
+        match = _LORA_A.match(key)
+        if match:
+            module = match.group(1)
+            rank = A.shape[0]
+            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            blocks[module] = LoraBlock(A.float(), tensors[key.replace(".lora_A.", ".lora_B.")].float(), float(scaling))
+    if not blocks:
+        raise UserError(f"compose: '{label}' holds no lora_A/lora_B weights; compose LoRA adapters")
+    return blocks
+
+
+def load_sources(registry, specs: list[str], base_model: str | None = None) -> tuple[list[Source], str]:
+    """Registered adapters (`name` = current version, `name@3` = version 3), checksums and base model checked.
+
+    Returns the sources and the base model they share (default: the one they were stored with)."""
+    from orchestrator.registry import CONFIG_FILE, decode
+
+    if len(specs) < 2:
+        raise UserError(f"compose --adapters: {len(specs)} adapter(s) given; give at least 2 registered names, "
+                        "comma-separated (see `lora-search registry list`)")
+    if len(set(specs)) != len(specs):
+        raise UserError(f"compose --adapters: {specs} names an adapter twice; give each once")
+    sources, entries = [], []
+    for spec in specs:
+        name, _, version = spec.partition("@")
+        if version and not version.isdigit():
+            raise UserError(f"compose --adapters: '{spec}' is not NAME or NAME@VERSION; e.g. rotten_tomatoes@2")
+        entry, contents = registry.verified_files(name, int(version) if version else None)
+        tensors = decode(contents[entry.weights_file], entry.precision)
+        label = f"{entry.name}@{entry.version}"
+        sources.append(Source(label, entry.task, lora_blocks(json.loads(contents[CONFIG_FILE]), tensors, label)))
+        entries.append(entry)
+    shas = {e.base_model_sha256 for e in entries}
+    if len(shas) > 1:
+        found = ", ".join(f"{s.name} on {e.base_model}" for s, e in zip(sources, entries))
+        raise UserError(f"compose --adapters: the adapters were trained on different base models ({found}); "
+                        "compose adapters of one base model")
+    base = base_model or entries[0].base_model
+    if registry.base_model_hash(base) != entries[0].base_model_sha256:
+        raise UserError(f"compose --model: '{base}' is not the base model the adapters were stored with "
+                        f"('{entries[0].base_model}'); leave --model out or give that model")
+    return sources, base
+
+
+def modules_of(sources: list[Source]) -> list[str]:
+    return sorted({name for s in sources for name in s.blocks})
+
+
+def concatenate(sources: list[Source], weights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module (A, B) with B·A = Σ w_i s_i B_i A_i exactly: A stacks the A_i, B the scaled B_i side by side."""
+    composed = {}
+    for name in modules_of(sources):
+        parts = [(float(w), s.blocks[name]) for w, s in zip(weights, sources) if name in s.blocks]
+        composed[name] = (torch.cat([b.A for _, b in parts], dim=0),
+                          torch.cat([w * b.scaling * b.B for w, b in parts], dim=1))
+    return composed
+
+
+# ---------------------------------------------------------------- tasks: built-in, files, regrouped labels
+
+
+def _cap(split: Split, size: int | None, seed: int) -> Split:
+    if size is None or len(split) <= size:
+        return split
+    return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), size, replace=False)))
+
+
+def regroup(task: TaskData, groups: list[str], name: str) -> TaskData:
+    """A task whose classes are groups of the original labels (names or fnmatch patterns joined by '+');
+    examples of labels in no group are dropped."""
+    members = [[i for i, label in enumerate(task.label_names) if any(fnmatch.fnmatchcase(label, p) for p in g.split("+"))]
+               for g in groups]
+    for group, found in zip(groups, members):
+        if not found:
+            raise UserError(f"compose --task: group '{group}' matches no label of {task.name} "
+                            f"({', '.join(task.label_names[:8])}{', …' if task.num_labels > 8 else ''}); "
+                            "use label names or patterns such as 'comp.*'")
+    mapping = {old: new for new, found in enumerate(members) for old in found}
+    if len(groups) < 2 or sum(map(len, members)) != len(mapping):
+        raise UserError(f"compose --task: groups {groups} must be at least 2 and must not share a label; "
+                        "e.g. newsgroups20:sci.med,sci.space")
+
+    def keep(split: Split) -> Split:
+        kept = split.subset([i for i, label in enumerate(split.labels) if label in mapping])
+        return Split(kept.texts, [mapping[label] for label in kept.labels], kept.texts_b)
+
+    return TaskData(name, list(groups), keep(task.train), keep(task.eval))
+
+
+def load_task_spec(spec: str, eval_size: int | None = None, seed: int = 0, train_size: int | None = None) -> TaskData:
+    """`rotten_tomatoes` (a built-in task), a CSV/JSONL/Parquet file, or `<task>:<group>,<group>,…`;
+    splits capped to seeded samples of train_size / eval_size."""
+    from orchestrator.config import DataConfig
+    from orchestrator.data import BUILTIN_TASKS, load_task
+
+    base, colon, groups = spec.partition(":")
+    if not colon or base not in BUILTIN_TASKS:  # a plain task or a file path (which may hold a colon)
+        return load_task(DataConfig(task=spec, train_size=train_size, eval_size=eval_size, split_seed=seed))
+    task = regroup(load_task(DataConfig(task=base, train_size=None, eval_size=None, split_seed=seed)),
+                   [g.strip() for g in groups.split(",") if g.strip()], spec)
+    task.train, task.eval = _cap(task.train, train_size, seed), _cap(task.eval, eval_size, seed)
+    return task
+
+
+def few_shot_sample(split: Split, num_labels: int, shots: int, seed: int) -> Split:
+    """`shots` examples of every class, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    picked = []
+    for label in range(num_labels):
+        pool = np.flatnonzero(labels == label)
+        if len(pool) < shots:
+            raise UserError(f"compose --shots: class {label} has only {len(pool)} training examples, fewer than "
+                            f"{shots}; use --shots {max(2, len(pool))} or fewer")
+        picked += rng.choice(pool, shots, replace=False).tolist()
+    return split.subset(sorted(picked))
+
+
+# ---------------------------------------------------------------- the head
+
+
+@dataclass(frozen=True)
+class Head:
+    weight: np.ndarray  # num_labels × hidden
+    bias: np.ndarray  # num_labels
+
+
+def fit_head(features: np.ndarray, labels, num_labels: int) -> Head:
+    """Multinomial logistic regression as classifier weights (a binary model as ±half logits: same softmax)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=HEAD_C, max_iter=2000).fit(features, labels)
+    weight, bias = model.coef_, model.intercept_
+    if num_labels == 2 and weight.shape[0] == 1:
+        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
+    return Head(weight.astype(np.float32), bias.astype(np.float32))
+
+
+def head_cv_loss(features: np.ndarray, labels, num_labels: int, folds: int, seed: int) -> float:
+    """Cross-entropy of out-of-fold head predictions: the few-shot score of an encoder (a head fit and
+    scored on the same few examples would score ≈ 0 for any encoder)."""
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    folds = min(folds, int(np.bincount(labels, minlength=num_labels).min()))
+    probs = np.zeros((len(labels), num_labels))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
+        head = fit_head(features[train], labels[train], num_labels)
+        logits = features[test] @ head.weight.T + head.bias
+        probs[test] = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+    return float(log_loss(labels, probs, labels=list(range(num_labels))))
+
+
+# ---------------------------------------------------------------- the merged model
+
+
+class MergedModel:
+    """The base classifier with Σ w_i ΔW_i merged into its weights: a candidate costs one plain forward pass."""
+
+    def __init__(self, base_model: str, num_labels: int, sources: list[Source], device: torch.device):
+        from orchestrator.models import load_model
+
+        self.model = load_model(base_model, num_labels).to(device).eval()
+        self.device = device
+        self.modules = {name: self.model.get_submodule(name) for name in modules_of(sources)}
+        self.base = {name: m.weight.detach().clone() for name, m in self.modules.items()}
+        self.deltas = {name: [(i, s.blocks[name].delta.to(device)) for i, s in enumerate(sources) if name in s.blocks]
+                       for name in self.modules}
+        if not isinstance(getattr(self.model, "classifier", None), torch.nn.Linear):
+            raise UserError(f"compose --model: '{base_model}' has no single Linear `classifier` head; "
+                            "compose on a BERT-style sequence classifier such as minilm-l6")
+
+    @torch.no_grad()
+    def set_weights(self, weights) -> None:
+        for name, module in self.modules.items():
+            module.weight.copy_(self.base[name] + sum(float(weights[i]) * d for i, d in self.deltas[name]))
+
+    @torch.no_grad()
+    def set_head(self, head: Head) -> None:
+        self.model.classifier.weight.copy_(torch.from_numpy(head.weight))
+        self.model.classifier.bias.copy_(torch.from_numpy(head.bias))
+
+    @torch.no_grad()
+    def features(self, loader) -> np.ndarray:
+        """The classifier's input (the pooled output) for every example."""
+        captured = []
+        hook = self.model.classifier.register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
+        try:
+            for batch in loader:
+                batch.pop("labels")
+                self.model(**{k: v.to(self.device) for k, v in batch.items()})
+        finally:
+            hook.remove()
+        return torch.cat(captured).numpy()
+
+
+# ---------------------------------------------------------------- the methods
+
+
+@dataclass
+class Outcome:
+    method: str
+    weights: list[float] | None  # None: not a composition (few-shot training)
+    head: Head | None
+    search_s: float
+    few_shot_loss: float | None = None
+    chosen: str | None = None  # single_best: the source picked
+    model: torch.nn.Module | None = None  # few_shot_training: the trained PeftModel
+    extra: dict = field(default_factory=dict)
+
+
+class Few:
+    """The few-shot examples and the scoring of a weight vector on them."""
+
+    def __init__(self, merged: MergedModel, loader, labels: list[int], num_labels: int, cfg: ComposeConfig):
+        self.merged, self.loader, self.labels, self.num_labels, self.cfg = merged, loader, labels, num_labels, cfg
+
+    def score(self, weights) -> tuple[float, np.ndarray]:
+        self.merged.set_weights(weights)
+        features = self.merged.features(self.loader)
+        return head_cv_loss(features, self.labels, self.num_labels, self.cfg.folds, self.cfg.seed), features
+
+    def outcome(self, method: str, weights, started: float, **extra) -> Outcome:
+        loss, features = self.score(weights)
+        head = fit_head(features, self.labels, self.num_labels)
+        return Outcome(method, [float(w) for w in weights], head, time.perf_counter() - started, loss, **extra)
+
+
+def learn_weights(few: Few, k: int, cfg: ComposeConfig):
+    """Optuna TPE over w ∈ [-bound, bound]^k minimising few-shot CV loss + l1 · Σ|w|; starts at uniform."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
+        seed=cfg.seed, multivariate=True, n_startup_trials=min(10, max(1, cfg.trials // 3))))
+    study.enqueue_trial({f"w{i}": 1.0 / k for i in range(k)})
+
+    def objective(trial) -> float:
+        weights = [trial.suggest_float(f"w{i}", -cfg.bound, cfg.bound) for i in range(k)]
+        loss, _ = few.score(weights)
+        trial.set_user_attr("loss", loss)
+        return loss + cfg.l1 * sum(abs(w) for w in weights)
+
+    study.optimize(objective, n_trials=cfg.trials)
+    return [study.best_params[f"w{i}"] for i in range(k)], study
+
+
+def run_method(method: str, few: Few, sources: list[Source], task: TaskData, few_split: Split, base_model: str,
+               cfg: ComposeConfig) -> Outcome:
+    started, k = time.perf_counter(), len(sources)
+    if method == "zero_shot":
+        return few.outcome(method, [0.0] * k, started)
+    if method == "uniform":
+        return few.outcome(method, [1.0 / k] * k, started)
+    if method == "single_best":
+        losses = [few.score(np.eye(k)[i])[0] for i in range(k)]
+        best = int(np.argmin(losses))
+        return few.outcome(method, np.eye(k)[best], started, chosen=sources[best].name,
+                           extra={"source_losses": dict(zip((s.name for s in sources), losses))})
+    if method == "learned":
+        weights, study = learn_weights(few, k, cfg)
+        return few.outcome(method, weights, started, extra={"trials": len(study.trials)})
+    assert method == "few_shot_training", method  # ComposeConfig admits only METHODS
+    model = train_few_shot(base_model, task.num_labels, few_split, cfg, few.merged.device)
+    return Outcome(method, None, None, time.perf_counter() - started, model=model)
+
+
+def train_few_shot(base_model: str, num_labels: int, few_split: Split, cfg: ComposeConfig, device: torch.device):
+    """The reference: a fresh LoRA on query and value (r=8) + head, AdamW with warm-up and decay, on the few examples."""
+    from orchestrator.allocation import apply_lora, uniform
+    from orchestrator.data import make_loader
+    from orchestrator.models import adaptable_modules, load_model, load_tokenizer
+    from orchestrator.train import _linear_warmup_decay
+
+    base = load_model(base_model, num_labels, seed=cfg.seed)
+    model = apply_lora(base, uniform(adaptable_modules(base), ("query", "value"), 8)).to(device)
+    loader = make_loader(few_split, load_tokenizer(base_model), cfg.max_length, min(8, len(few_split)), shuffle=True,
+                         seed=cfg.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train_lr)
+    scheduler = _linear_warmup_decay(optimizer, cfg.train_epochs * len(loader), 0.06)
+    model.train()
+    for _ in range(cfg.train_epochs):
+        for batch in loader:
+            model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def device_price(device: torch.device) -> tuple[int, float]:
+    """(devices charged, USD per device-hour) at the default `cost` prices: torch threads × one vCPU, or one GPU."""
+    from orchestrator.config import DEFAULT_PRICES
+
+    return (1, DEFAULT_PRICES["gpu"]) if device.type == "cuda" else (torch.get_num_threads(), DEFAULT_PRICES["cpu"])
+
+
+def compare(sources: list[Source], base_model: str, task: TaskData, cfg: ComposeConfig,
+            device: torch.device | None = None) -> tuple[pd.DataFrame, dict[str, Outcome]]:
+    """Every method of cfg.methods on one task: one row each (held-out accuracy/F1, search time, cost)."""
+    from orchestrator.data import make_loader
+    from orchestrator.models import load_tokenizer
+    from orchestrator.train import evaluate
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    few_split = few_shot_sample(task.train, task.num_labels, cfg.shots, cfg.seed)
+    tokenizer = load_tokenizer(base_model)
+    few_loader = make_loader(few_split, tokenizer, cfg.max_length, cfg.batch_size, shuffle=False)
+    eval_loader = make_loader(task.eval, tokenizer, cfg.max_length, cfg.batch_size, shuffle=False)
+    merged = MergedModel(base_model, task.num_labels, sources, device)
+    few = Few(merged, few_loader, few_split.labels, task.num_labels, cfg)
+    devices, price = device_price(device)
+
+    rows, outcomes = [], {}
+    for method in cfg.methods:
+        outcome = run_method(method, few, sources, task, few_split, base_model, cfg)
+        started = time.perf_counter()
+        if outcome.model is None:
+            merged.set_weights(outcome.weights)
+            merged.set_head(outcome.head)
+        metrics = evaluate(outcome.model or merged.model, eval_loader, device, task.num_labels)
+        outcome.model = None  # a trained reference model is not kept
+        rows.append({"task": task.name, "shots": cfg.shots, "few_shot_examples": len(few_split), "seed": cfg.seed,
+                     "method": method, "accuracy": metrics["accuracy"], "f1": metrics["f1"],
+                     "eval_loss": metrics["eval_loss"], "few_shot_cv_loss": outcome.few_shot_loss,
+                     "search_s": outcome.search_s, "cost_usd": outcome.search_s / 3600 * devices * price,
+                     "eval_s": time.perf_counter() - started, "eval_examples": len(task.eval),
+                     "chosen": outcome.chosen, "weights": None if outcome.weights is None else
+                     json.dumps({s.name: round(w, 6) for s, w in zip(sources, outcome.weights)})})
+        outcomes[method] = outcome
+    table = pd.DataFrame(rows)
+    table.attrs = {"majority_rate": task.majority_rate(), "device": device.type, "devices": devices, "price": price}
+    return table, outcomes
+
+
+# ---------------------------------------------------------------- the composed adapter on disk
+
+
+def save_composed(sources: list[Source], weights, head: Head, base_model: str, out_dir: str | Path) -> Path:
+    """A plain PEFT LoRA adapter (concatenated factors, scaling 1, the fitted head) that from_pretrained loads."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from orchestrator.models import HEAD_MODULES, load_model
+
+    composed = concatenate(sources, weights)
+    ranks = {name: A.shape[0] for name, (A, _) in composed.items()}
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(composed), lora_dropout=0.0,
+                        rank_pattern={re.escape(n): r for n, r in ranks.items()},
+                        alpha_pattern={re.escape(n): float(r) for n, r in ranks.items()},  # alpha = r: scaling 1
+                        modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
+    model = get_peft_model(load_model(base_model, head.weight.shape[0]), config)
+    state = {f"base_model.model.{n}.lora_{part}.weight": t for n, (A, B) in composed.items() for part, t in (("A", A), ("B", B))}
+    state |= {"base_model.model.classifier.weight": torch.from_numpy(head.weight),
+              "base_model.model.classifier.bias": torch.from_numpy(head.bias)}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if result.unexpected_keys or missing:  # a PEFT key layout this code does not know: fail loudly, not silently
+        raise RuntimeError(f"composed adapter did not load into PEFT: unexpected {result.unexpected_keys[:3]}, "
+                           f"missing {missing[:3]}")
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
+
+
+def register(registry, name: str, adapter_dir: Path, sources: list[Source], base_model: str, task: str,
+             row: dict):
+    """Store the composed adapter as the next version of `name`, with what it was composed from."""
+    metrics = {k: row[k] for k in ("accuracy", "f1", "eval_loss", "search_s", "cost_usd", "shots", "seed")}
+    metrics |= {"method": row["method"], "weights": json.loads(row["weights"]), "sources": [s.name for s in sources],
+                "evaluated_at": "fp32"}
+    return registry.add(name, adapter_dir, task, base_model, None, metrics,
+                        source=f"compose:{row['method']}:{','.join(s.name for s in sources)}")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean (± std over seeds where there are several) per task, shots and method, in METHODS order."""
+    grouped = table.groupby(["task", "shots", "method"], sort=False)
+    summary = grouped.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), f1=("f1", "mean"),
+                          search_s=("search_s", "mean"), cost_usd=("cost_usd", "mean"), seeds=("seed", "nunique")).reset_index()
+    summary["order"] = summary.method.map({m: i for i, m in enumerate(METHODS)})
+    return summary.sort_values(["task", "shots", "order"], kind="stable").drop(columns="order")
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(summary.groupby(["task", "shots"], sort=False))
+    methods = [m for m in METHODS if m in set(summary.method)]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        values = [g.set_index("method").accuracy.get(method, np.nan) for _, g in groups]
+        errors = [g.set_index("method").accuracy_std.get(method, np.nan) for _, g in groups]
+        ax.bar(np.arange(len(groups)) + j * width, values, width, yerr=np.nan_to_num(errors), label=method, capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
+    ax.set_xticklabels([f"{t}\n{s} shots/class" for (t, s), _ in groups], fontsize=7)
+    ax.set_ylabel("eval accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=len(methods), loc="lower center")
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=120)
+    Path(tmp.name).chmod(0o644)  # NamedTemporaryFile makes 0600; results are as readable as any other
+    Path(tmp.name).replace(path)
+    plt.close(fig)
+
+
+def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose", header: list[str] = ()) -> list[Path]:
+    """<stem>.csv (every row), <stem>.md (the mean table + every row) and <stem>.png (accuracy by method)."""
+    from orchestrator.report import write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(table)
+    shown = table.drop(columns=["weights"]).assign(weights=table.weights.fillna("-"))
+    md = [*header, "## Mean over seeds", "", summary.to_markdown(index=False, floatfmt=".4g"), "",
+          "## Every run", "", shown.to_markdown(index=False, floatfmt=".4g"), ""]
+    paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"]
+    write_atomic(paths[0], lambda p: table.to_csv(p, index=False))
+    write_atomic(paths[1], lambda p: Path(p).write_text("\n".join(md), encoding="utf-8"))
+    plot(summary, paths[2])
+    return paths
+
+
+def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, cfg: ComposeConfig, out_dir: str | Path,
+                register_as: str | None = None, base_model: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """`lora-search compose`: compare the methods, save the composed adapters, register one, write the report.
+
+    The registered adapter is the learned composition when it ran, else the uniform one."""
+    from orchestrator.registry import Registry, _check_name
+
+    if register_as is not None:
+        _check_name(register_as)
+    registry = Registry(registry_root)
+    if not registry.db_path.is_file():
+        raise UserError(f"compose --registry: no registry at '{registry_root}'; add adapters with "
+                        "`lora-search registry add` or give the right --registry")
+    sources, base = load_sources(registry, adapters, base_model)
+    task = load_task_spec(task_spec, cfg.eval_size, cfg.seed)
+    table, outcomes = compare(sources, base, task, cfg)
+    out = Path(out_dir)
+    saved = {m: save_composed(sources, outcomes[m].weights, outcomes[m].head, base, out / "adapters" / m)
+             for m in COMPOSED if m in outcomes}
+    entry = None
+    if register_as and saved:
+        method = "learned" if "learned" in saved else "uniform"
+        row = table[table.method == method].iloc[0].to_dict()
+        entry = register(registry, register_as, saved[method], sources, base, task_spec, row)
+    header = [f"# Adapter composition: {task.name}", "",
+              f"Sources: {', '.join(f'{s.name} ({s.task})' for s in sources)}; base model {base}. "
+              f"{cfg.shots} examples per class, {len(task.eval)} eval examples, majority rate "
+              f"{table.attrs['majority_rate']:.4f}; learned: {cfg.trials} TPE trials, l1 {cfg.l1}, bound ±{cfg.bound}. "
+              f"Cost = search_s × {table.attrs['devices']} {table.attrs['device']} device(s) × "
+              f"{table.attrs['price']} USD/device-hour.", ""]
+    paths = write_report(table, out, header=header)
+    return table, {"saved": saved, "entry": entry, "paths": paths}
