@@ -19,7 +19,7 @@ from orchestrator import report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import Budget, make_budget, sample_allocations, space_modules
 from orchestrator.config import RunConfig
-from orchestrator.proxies import PROXIES, ModuleScores
+from orchestrator.proxies import PROXIES, ModuleScores, get_proxy
 from orchestrator.train import TrainJob
 
 OFF_BUDGET_SCALES = (0.5, 2.0)
@@ -84,13 +84,16 @@ def validation_table(trials: dict[str, dict], chosen: dict, scores: ModuleScores
 
 
 def cost_table(scores: ModuleScores, table: pd.DataFrame, candidates_screened: int) -> pd.DataFrame:
-    """Probe seconds amortised over the candidates a screen scores, vs seconds to train one candidate."""
+    """Probe seconds (the shared warm-up included, for proxies that need the model) amortised over the
+    candidates a screen scores, vs seconds to train one candidate."""
     train_s = float(table.train_wall_s.mean())
+    probe_s = {name: seconds + (scores.warmup_seconds if get_proxy(name).needs_model else 0.0)
+               for name, seconds in scores.seconds.items()}
     return pd.DataFrame([{"proxy": name, "probe_seconds": seconds,
                           "seconds_per_candidate": seconds / candidates_screened,
                           "train_seconds_per_candidate": train_s,
                           "ratio_train_to_proxy": train_s / max(seconds / candidates_screened, 1e-9)}
-                         for name, seconds in scores.seconds.items()])
+                         for name, seconds in probe_s.items()])
 
 
 def plot_grid(table: pd.DataFrame, proxies: list[str], path: Path) -> None:

@@ -1,7 +1,5 @@
 """`grad_norm`: how strongly the task loss pulls on each adapter at initialisation."""
 
-import torch
-
 from orchestrator.shortcuts import SUBMODULE, is_shortcut_item
 
 from orchestrator.proxies.base import Proxy, register

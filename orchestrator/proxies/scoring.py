@@ -11,7 +11,8 @@ B ~ N(0, σ²) from a `torch.Generator` seeded explicitly, and restores the orig
 exit. σ is small (1e-3) so the network's function and ∂L/∂B are unchanged to first order; the
 saliencies are then linear in σ, so σ scales every module's score alike and does not change their
 ranking. The same σ is used for every module: B's fan-in is the probe rank, equal everywhere, so a
-width-dependent init would not make modules fairer.
+width-dependent init would not make modules fairer. Only a B that is exactly zero is perturbed: after
+the probe's warm-up (`score_modules(warmup_steps=…)`) B is trained and is scored as it is.
 """
 
 from __future__ import annotations
@@ -45,15 +46,17 @@ def perturbation_seed(seed: int | None) -> int:
 
 @contextmanager
 def perturbed_b(model: nn.Module, modules, std: float = PERTURB_STD, seed: int | None = None):
-    """Temporarily set every B to N(0, std²), drawn in module order from a seeded CPU Generator."""
+    """Temporarily set every all-zero B to N(0, std²), drawn in module order from a seeded CPU Generator
+    (noise is drawn for every module, so which B are zero does not shift the others' draws)."""
     generator = torch.Generator().manual_seed(perturbation_seed(seed))
     saved = []
     with torch.no_grad():
         for m in modules:
             _, b = lora_factors(model, m.name)
-            saved.append((b, b.detach().clone()))
             noise = torch.randn(b.shape, generator=generator, dtype=torch.float32) * std
-            b.copy_(noise.to(device=b.device, dtype=b.dtype))
+            if not b.any():
+                saved.append((b, b.detach().clone()))
+                b.copy_(noise.to(device=b.device, dtype=b.dtype))
     try:
         yield
     finally:
