@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import psutil
 import pytest
@@ -25,10 +26,15 @@ SMALL = ["data.train_size=256", "data.eval_size=64", "model.max_length=32", "scr
 
 
 def _train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this test's embedded cluster only (its processes descend from this one):
+    other Ray clusters may share the machine."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # exited meanwhile
+            pass
     return found
 
 
@@ -78,14 +84,17 @@ def test_driver_killed_then_resumed_loses_and_repeats_nothing(tmp_path):
     args = SMALL + ["name=driverkill", f"results_dir={tmp_path}", "train.max_concurrent=1", "train.seeds=[0,1]"]
     run_dir = tmp_path / "driverkill"
     driver = _run_cli(args)
-    end = time.time() + 300
-    while time.time() < end and not list((run_dir / "trials").glob("*.json")):
-        assert driver.poll() is None, driver.stderr.read()[-2000:]
-        time.sleep(0.5)
+    try:
+        end = time.time() + 300
+        while time.time() < end and not list((run_dir / "trials").glob("*.json")):
+            assert driver.poll() is None, driver.stderr.read()[-2000:]
+            time.sleep(0.5)
+    finally:  # also when the wait fails: never leave a driver and its Ray cluster running
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        driver.wait()
     first = sorted((run_dir / "trials").glob("*.json"))
     assert first, "no model finished before the deadline"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
-    driver.wait()
     stamps = {p.name: p.stat().st_mtime_ns for p in first}
 
     resumed = _run_cli(args + ["--resume"])
@@ -96,4 +105,8 @@ def test_driver_killed_then_resumed_loses_and_repeats_nothing(tmp_path):
     assert len(report) == 4 and set(report.seed) == {0, 1}  # 2 models × 2 seeds, none lost
     screen = pd.read_csv(run_dir / "screen.csv")
     assert screen.survivor.sum() == 1
+    # the resumed run reused the screen: the study holds exactly the screened trials, none added twice
+    study = optuna.load_study(study_name="screen", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert len(study.trials) == screen.screen_trial.nunique() == 1  # screen.num_trials=1
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert json.loads((run_dir / "run.json").read_text())["finished_at"]

@@ -25,3 +25,6 @@ def no_ray(monkeypatch):
         if hasattr(pipeline, name):
             monkeypatch.setattr(pipeline, name, refuse)
     return RayStarted
+
+
+from ._hostile_run import hostile_run  # noqa: E402,F401  (a session fixture: one real run for several files)

@@ -64,7 +64,8 @@ def _restore(checkpoint, optimizer, scheduler):
 
     given = {"checkpoint": checkpoint, "optimizer": optimizer, "scheduler": scheduler, "peft_model": None,
              "shortcut_set": None}
-    nothing = SimpleNamespace(peft_model=None, shortcuts=None, dynamic=None)  # an Adapted without extras
+    # an Adapted without extras, whose adapter weights load (train.Adapted.load) is not under test here
+    nothing = SimpleNamespace(peft_model=None, shortcuts=None, dynamic=None, load=lambda path: None)
     return train._restore(**{name: given.get(name, nothing) for name in inspect.signature(train._restore).parameters})
 
 
