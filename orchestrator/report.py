@@ -53,6 +53,10 @@ JSON_COLUMNS = ["ranks_json", "history_json"]  # Parquet only
 DERIVED_COLUMNS = ["params_pct_of_base", "num_adapted_modules", "total_rank", "adapters_per_type", "roi_baseline",
                    "roi_per_usd", "roi_per_mparams"]
 GAIN_PREFIX, P_PREFIX, PARETO_PREFIX = "gain_vs_", "p_vs_", "pareto_"
+# Runs with `routing.enabled` (kind "routed" rows): which adapter a row is, and how it ran (routed models only
+# have the last two). Latency and peak inference memory come from one measured pass over the eval split.
+ROUTING_COLUMNS = ["adapter", "experts", "latency_ms_mean", "latency_ms_p95", "latency_cpu_ms_mean", "latency_cpu_ms_p95",
+                   "peak_infer_mem_mb", "fraction_active", "router_entropy", "routed_modules", "router_params"]
 PARETO_AXES = {"trainable_params": "trainable params", "cost_usd": "cost per seed ($)", "peak_memory_mb": "peak memory (MB)"}
 MODULE_TYPE_ORDER = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 TYPE_LABELS = {"query": "query", "key": "key", "value": "value", "attention.output.dense": "attn out",
@@ -238,6 +242,8 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
         proxies = pd.DataFrame.from_dict(proxy_scores, orient="index").add_prefix("proxy_")
         frame = frame.join(proxies, on="candidate_id")
     frame["beats_majority"] = frame.accuracy > majority_rate
+    if (frame.kind == "routed").any():
+        frame["adapter"] = [adapter_name(m, g) for m, g in zip(frame.method, frame.get("gating", frame.method))]
     extra = [c for c in frame.columns if c not in CONTRACT_COLUMNS and c not in ("ranks", "history")]
     frame = frame[CONTRACT_COLUMNS + extra].sort_values(["kind", "accuracy"], ascending=[False, False], kind="stable")
     frame = add_derived(frame.reset_index(drop=True), base_params, baselines)
@@ -526,9 +532,45 @@ def models_table(report: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def adapter_name(method, gating) -> str:
+    """plain (PEFT LoRA), sparse top-k or dense (routed experts), else the method (adalora, dynamic)."""
+    if method == "routed":
+        return "sparse top-k" if gating == "topk" else "dense"
+    return "plain" if method == "lora" or pd.isna(method) else str(method)
+
+
+def routing_table(report: pd.DataFrame) -> pd.DataFrame:
+    """Per allocation that was also routed: plain LoRA, sparse top-k and dense experts side by side (seed means)."""
+    routed = report[report.kind == "routed"]
+    rows = report[report.allocation.isin(routed.allocation) & report.kind.isin(["searched", "routed"])
+                  & report.adapter.isin(["plain", "sparse top-k", "dense"])]
+    numbers = ["trainable_params", "accuracy", "f1", "train_wall_s"] + ROUTING_COLUMNS[2:]
+    rows = rows.assign(**{c: np.nan for c in numbers if c not in rows})  # e.g. trials of an older version
+    grouped = rows.groupby(["allocation", "candidate_id", "label", "adapter"], sort=False)
+    table = grouped[numbers].mean().join(grouped.agg(accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"),
+                                                     experts=("experts", "first"))).reset_index()
+    plain = table[table.adapter == "plain"].groupby("allocation").trainable_params.first()
+    table["order"] = table.adapter.map({"plain": 0, "sparse top-k": 1, "dense": 2})
+    table = table.sort_values(["allocation", "order", "experts"], kind="stable")
+    fmt = lambda column, spec: table[column].map(lambda v: "" if pd.isna(v) else format(v, spec))  # noqa: E731
+    pair = lambda a, b: (fmt(a, ".1f") + " / " + fmt(b, ".1f")).str.strip(" /")  # noqa: E731
+    return pd.DataFrame({
+        "model": table.label + " · " + table.candidate_id, "adapter": table.adapter,
+        "E": table.experts.map(lambda v: "" if pd.isna(v) or v == 0 else str(int(v))), "seeds": table.seeds,
+        "params": fmt("trainable_params", ",.0f"),
+        "vs plain": (table.trainable_params / table.allocation.map(plain)).map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+        "accuracy %": [_pm(m, s, 100) for m, s in zip(table.accuracy, table.accuracy_std)],
+        "F1 %": (100 * table.f1).map(lambda v: f"{v:.2f}"), "train s": fmt("train_wall_s", ".1f"),
+        "sites": fmt("routed_modules", ".0f"), "router params": fmt("router_params", ",.0f"),
+        "latency ms mean / p95": pair("latency_ms_mean", "latency_ms_p95"),
+        "CPU ms mean / p95": pair("latency_cpu_ms_mean", "latency_cpu_ms_p95"),
+        "peak infer MB": fmt("peak_infer_mem_mb", ".1f"), "experts active": fmt("fraction_active", ".3f"),
+        "router entropy": fmt("router_entropy", ".3f")})
+
+
 def rows_table(report: pd.DataFrame) -> pd.DataFrame:
     shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "params_pct_of_base", "adapters_per_type",
-             "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"]
+             "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"] + ROUTING_COLUMNS
     shown += [c for c in report.columns if c.startswith(GAIN_PREFIX)] + ["roi_per_usd", "roi_per_mparams"]
     shown += [c for c in report.columns if c.startswith("proxy_")]
     return report[[c for c in shown if c in report.columns]]
@@ -549,6 +591,16 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
                ("p", "Gains are in accuracy points. ROI pts/$ = gain over the ROI baseline ÷ training cost per seed; "
                      "ROI pts/M params = gain ÷ million trainable LoRA params; p = Welch t-test over seeds (blank with "
                      "< 2 seeds). Pareto: on the front of max accuracy vs min P(arams), C(ost), M(emory).")]
+    if "adapter" in report and (report.kind == "routed").any():
+        blocks += [("h2", "Sparse vs dense vs plain LoRA"), ("table", routing_table(report)),
+                   ("p", "Each searched survivor trained three ways at its adapted modules: plain LoRA, routed LoRA "
+                         "experts with the top-k per input active (sparse), and the same experts all active with softmax "
+                         "weights (dense). Experts + routers stay at or under the plain model's parameter count (vs plain). "
+                         "Sites: routed modules (where E rank-1 experts and a router do not fit, the lowest-rank modules "
+                         "stay unadapted). Latency: forward time per eval batch, wall clock and this process's CPU time "
+                         "(steadier on a shared machine); train s is wall clock. Peak infer MB: peak memory of the eval "
+                         "pass above its start; experts active: fraction of a module's experts used per input; "
+                         "router entropy in nats (log E is uniform).")]
     rho = proxy_correlations(report)
     if not rho.empty:
         blocks += [("h2", "Proxies vs accuracy"), ("table", rho),

@@ -32,6 +32,10 @@ Padding tokens are left out of both and of the statistics.
     state.stats()  # fraction of experts active per input, router entropy, expert usage
     save_routed(model, state, "out/")  ->  routed_adapters.safetensors + routed_config.json
     state = load_routed(fresh_base_model, "out/")
+
+In `lora-search run` (config `routing:`): `budget_expert_ranks` turns a searched allocation into
+expert ranks at its modules with experts + routers ≤ its plain LoRA count, and orchestrator/train.py
+trains them (job method "routed") beside the plain survivor.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +59,7 @@ from orchestrator.models import HEAD_MODULES, head_params
 
 __all__ = [
     "RoutedLoRALinear", "RoutingConfig", "RoutingState", "attach_routed_adapters", "save_routed", "load_routed",
-    "load_routed_weights",
+    "load_routed_weights", "budget_expert_ranks",
     "train_routed", "measure_inference", "ROUTER_MODES", "GATINGS", "AUX_KINDS",
 ]
 
@@ -64,7 +68,7 @@ GATINGS = ("topk", "dense")
 AUX_KINDS = ("balance", "entropy", "none")
 WEIGHTS_FILE = "routed_adapters.safetensors"
 CONFIG_FILE = "routed_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: expert_ranks per module (1: one list for every module)
 
 
 # ---------------------------------------------------------------- the routed module
@@ -244,10 +248,13 @@ class RoutedLoRALinear(nn.Module):
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """Everything `load_routed` needs to rebuild the routed modules; written as routed_config.json."""
+    """Everything `load_routed` needs to rebuild the routed modules; written as routed_config.json.
+
+    expert_ranks holds one tuple of E ranks per module (module_names order); every module has E experts.
+    """
 
     module_names: tuple[str, ...]
-    expert_ranks: tuple[int, ...]
+    expert_ranks: tuple[tuple[int, ...], ...]
     top_k: int
     mode: str = "per_input"
     gating: str = "topk"
@@ -257,12 +264,17 @@ class RoutingConfig:
 
     @property
     def num_experts(self) -> int:
-        return len(self.expert_ranks)
+        return len(self.expert_ranks[0]) if self.expert_ranks else 0
 
     def check(self) -> None:
         _need(bool(self.module_names), "routing.modules", "is empty", "name at least one Linear module")
-        _need(len(self.expert_ranks) >= 1 and all(isinstance(r, int) and r > 0 for r in self.expert_ranks),
-              "routing.expert_rank", f"{list(self.expert_ranks)} must be positive integers", "e.g. 2 or [2, 2, 4, 4]")
+        _need(len(self.expert_ranks) == len(self.module_names), "routing.expert_rank",
+              f"gives ranks for {len(self.expert_ranks)} of {len(self.module_names)} modules", "give one list per module")
+        for ranks in self.expert_ranks:
+            _need(len(ranks) >= 1 and all(isinstance(r, int) and r > 0 for r in ranks),
+                  "routing.expert_rank", f"{list(ranks)} must be positive integers", "e.g. 2 or [2, 2, 4, 4]")
+            _need(len(ranks) == self.num_experts, "routing.num_experts", f"{len(ranks)} experts at one module but "
+                  f"{self.num_experts} at another", "give every module the same number of experts")
         _need(self.mode in ROUTER_MODES, "routing.mode", f"'{self.mode}' is unknown", f"use one of {list(ROUTER_MODES)}")
         _need(self.gating in GATINGS, "routing.gating", f"'{self.gating}' is unknown", f"use one of {list(GATINGS)}")
         _need(self.aux in AUX_KINDS, "routing.aux", f"'{self.aux}' is unknown", f"use one of {list(AUX_KINDS)}")
@@ -377,20 +389,26 @@ def _embeddings_of(model: nn.Module) -> nn.Module:
 
 
 def attach_routed_adapters(model: nn.Module, module_names: Sequence[str], num_experts: int,
-                           expert_rank: int | Sequence[int], top_k: int = 1, mode: str = "per_input",
+                           expert_rank: int | Sequence[int] | Mapping[str, Sequence[int]], top_k: int = 1,
+                           mode: str = "per_input",
                            gating: str = "topk", aux: str = "balance", renormalize: bool = True,
                            alpha_ratio: float = 2.0) -> RoutingState:
     """Replace the named Linear modules in place by routed LoRA experts; train only them and the head.
 
-    expert_rank: one rank for every expert or one per expert (len = num_experts). gating="dense"
+    expert_rank: one rank for every expert, one per expert (len = num_experts), or {module name: ranks of
+    its experts} (e.g. from `budget_expert_ranks`). gating="dense"
     activates every expert with softmax weights (top_k is ignored). The initialisation draws from
     torch's global RNG (seed it for reproducible experts, as with PEFT).
     """
-    ranks = [expert_rank] * num_experts if isinstance(expert_rank, int) else list(expert_rank)
-    _need(len(ranks) == num_experts, "routing.expert_rank", f"gives {len(ranks)} ranks for {num_experts} experts",
-          "give one rank or one per expert")
-    config = RoutingConfig(tuple(module_names), tuple(ranks), num_experts if gating == "dense" else top_k, mode, gating,
-                           aux, renormalize, float(alpha_ratio))
+    if isinstance(expert_rank, Mapping):
+        per_module = [tuple(expert_rank.get(name, ())) for name in module_names]
+    else:
+        per_module = [tuple([expert_rank] * num_experts if isinstance(expert_rank, int) else expert_rank)] * len(module_names)
+    for ranks in per_module:
+        _need(len(ranks) == num_experts, "routing.expert_rank", f"gives {len(ranks)} ranks for {num_experts} experts",
+              "give one rank or one per expert")
+    config = RoutingConfig(tuple(module_names), tuple(per_module), num_experts if gating == "dense" else top_k, mode,
+                           gating, aux, renormalize, float(alpha_ratio))
     config.check()
     linears = dict(model.named_modules())
     for name in config.module_names:
@@ -398,19 +416,59 @@ def attach_routed_adapters(model: nn.Module, module_names: Sequence[str], num_ex
         _need(isinstance(module, nn.Linear), "routing.modules",
               f"'{name}' is {'not in the model' if module is None else type(module).__name__ + ', not nn.Linear'}",
               "use full names from `lora-search modules` (and attach once per model)")
-    router_in = None
-    if mode == "per_input":
-        router_in = getattr(getattr(model, "config", None), "hidden_size", None) or _embeddings_width(model)
+    router_in = _router_width(model) if mode == "per_input" else None
     model.requires_grad_(False)
     for head in HEAD_MODULES:
         model.get_submodule(head).requires_grad_(True)
     modules = {}
-    for name in config.module_names:
-        routed = RoutedLoRALinear(linears[name], config.expert_ranks, config.top_k, mode, gating, router_in,
+    for name, ranks in zip(config.module_names, config.expert_ranks):
+        routed = RoutedLoRALinear(linears[name], ranks, config.top_k, mode, gating, router_in,
                                   config.alpha_ratio, renormalize)
         model.set_submodule(name, routed)
         modules[name] = routed
     return RoutingState(model, config, modules)
+
+
+def _router_width(model: nn.Module) -> int:
+    """Input width of a per_input router: the pooled embeddings."""
+    return getattr(getattr(model, "config", None), "hidden_size", None) or _embeddings_width(model)
+
+
+def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts: int,
+                        mode: str = "per_input") -> dict[str, list[int]]:
+    """Expert ranks per routed site so that experts + routers ≈ plain LoRA at `ranks` (never above it).
+
+    The budget is the LoRA allocation's own count, Σ r_m·(in_m + out_m). Sites keep its proportions:
+    site m gets a total expert rank ≈ share·r_m, split as evenly as possible over its E experts, where
+    share is what is left after the routers. Every expert needs rank ≥ 1, so where E rank-1 experts
+    and a router per site do not fit, the sites with the lowest allocated rank are left out. Whatever
+    rounding leaves over goes, one rank at a time, to the sites furthest below their share: the
+    result is under the budget by less than one rank of one site.
+    """
+    linears = dict(model.named_modules())
+    bad = [n for n in ranks if not isinstance(linears.get(n), nn.Linear)]
+    _need(not bad, "routing.modules", f"{bad[:2]} are not nn.Linear modules of the model", "route LoRA modules only")
+    e = num_experts
+    width = {n: linears[n].in_features + linears[n].out_features for n in ranks}
+    router_in = _router_width(model) if mode == "per_input" else None
+    router = {n: e * ((router_in or linears[n].in_features) + 1) for n in ranks}
+    budget = sum(r * width[n] for n, r in ranks.items())
+    sites = sorted(ranks, key=lambda n: -ranks[n])  # stable: model order among equal ranks
+    while sites and sum(e * width[n] + router[n] for n in sites) > budget:
+        sites.pop()
+    _need(bool(sites), "routing.num_experts", f"{e} rank-1 experts and a router do not fit in {budget:,} parameters",
+          "use fewer experts or a larger space.budget")
+    share = (budget - sum(router[n] for n in sites)) / sum(ranks[n] * width[n] for n in sites)
+    total = {n: max(e, int(share * ranks[n])) for n in sites}
+    cost = lambda: sum(total[n] * width[n] + router[n] for n in sites)  # noqa: E731
+    while cost() > budget:  # the rank-≥-1 floor can overshoot: take back from the largest sites
+        total[max((n for n in sites if total[n] > e), key=lambda n: total[n])] -= 1
+    while True:
+        room = [n for n in sites if cost() + width[n] <= budget]
+        if not room:
+            break
+        total[max(room, key=lambda n: share * ranks[n] - total[n])] += 1
+    return {n: [total[n] // e + (i < total[n] % e) for i in range(e)] for n in ranks if n in total}
 
 
 def _embeddings_width(model: nn.Module) -> int:
@@ -460,14 +518,17 @@ def load_routed(base_model: nn.Module, path: str | Path) -> RoutingState:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise UserError(f"routing: '{path}' lacks {CONFIG_FILE} or {WEIGHTS_FILE}; point at a folder written by save_routed")
     raw = json.loads((path / CONFIG_FILE).read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in (1, FORMAT_VERSION):
         raise UserError(f"routing: '{path}' has format_version {raw.get('format_version')}, expected {FORMAT_VERSION}")
     try:
-        config = RoutingConfig(tuple(raw["module_names"]), tuple(raw["expert_ranks"]), raw["top_k"], raw["mode"],
+        names = tuple(raw["module_names"])
+        ranks = [raw["expert_ranks"]] * len(names) if raw["format_version"] == 1 else raw["expert_ranks"]
+        config = RoutingConfig(names, tuple(tuple(r) for r in ranks), raw["top_k"], raw["mode"],
                                raw["gating"], raw["aux"], raw["renormalize"], raw["alpha_ratio"])
     except (KeyError, TypeError) as err:
         raise UserError(f"routing: '{path / CONFIG_FILE}' lacks or mangles {err}; write it again with save_routed") from None
-    state = attach_routed_adapters(base_model, config.module_names, config.num_experts, list(config.expert_ranks),
+    state = attach_routed_adapters(base_model, config.module_names, config.num_experts,
+                                   dict(zip(config.module_names, config.expert_ranks)),
                                    config.top_k, config.mode, config.gating, config.aux, config.renormalize,
                                    config.alpha_ratio)
     load_routed_weights(base_model, state, path)

@@ -13,8 +13,8 @@ from orchestrator.allocation import Allocation, apply_lora
 from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import load_model, load_tokenizer
-from orchestrator.routing import (CONFIG_FILE, WEIGHTS_FILE, RoutedLoRALinear, attach_routed_adapters, load_routed,
-                                  save_routed, train_routed)
+from orchestrator.routing import (CONFIG_FILE, WEIGHTS_FILE, RoutedLoRALinear, attach_routed_adapters,
+                                  budget_expert_ranks, load_routed, save_routed, train_routed)
 
 PREFIX = "bert.encoder.layer."
 QV = [f"{PREFIX}{layer}.attention.self.{kind}" for layer in (0, 1) for kind in ("query", "value")]
@@ -253,7 +253,7 @@ def test_save_load_round_trip_is_bit_exact(tiny_model_dir, batches, tmp_path):
     save_routed(model, state, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [WEIGHTS_FILE, CONFIG_FILE]
     config = json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())
-    assert config["expert_ranks"] == [1, 2, 3] and config["top_k"] == 2 and config["mode"] == "per_token"
+    assert config["expert_ranks"] == [[1, 2, 3]] * len(QV) and config["top_k"] == 2 and config["mode"] == "per_token"
     assert config["trainable_params"] == state.trainable_params()
 
     reloaded = fresh(tiny_model_dir, seed=99)  # another head init: the saved head must win
@@ -265,11 +265,56 @@ def test_save_load_round_trip_is_bit_exact(tiny_model_dir, batches, tmp_path):
     assert new_state.trainable_params() == state.trainable_params()
 
 
+def test_format_1_files_still_load(tiny_model_dir, batches, tmp_path):
+    """Version 1 wrote one list of expert ranks for every module."""
+    model, state = routed(tiny_model_dir, experts=2, rank=[1, 3])
+    randomise_experts(state)
+    save_routed(model, state, tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    config.update(format_version=1, expert_ranks=[1, 3])
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    reloaded = fresh(tiny_model_dir, seed=5)
+    load_routed(reloaded, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs(batches[0])).logits, model(**inputs(batches[0])).logits)
+
+
+def test_per_module_expert_ranks(tiny_model_dir):
+    ranks = {QV[0]: [1, 2], QV[1]: [3, 3]}
+    model, state = routed(tiny_model_dir, modules=QV[:2], experts=2, rank=ranks)
+    assert [m.expert_ranks for m in state.modules.values()] == [(1, 2), (3, 3)]
+    assert state.expert_params() == (1 + 2 + 3 + 3) * 2 * HIDDEN
+    with pytest.raises(UserError, match="routing.expert_rank"):
+        routed(tiny_model_dir, modules=QV[:2], experts=2, rank={QV[0]: [1, 2]})  # QV[1] has none
+
+
+@pytest.mark.parametrize("experts,mode", [(2, "per_input"), (4, "per_input"), (3, "per_token")])
+def test_budget_expert_ranks_meet_the_lora_budget(tiny_model_dir, experts, mode):
+    ranks = {MIXED_SHAPES[0]: 8, MIXED_SHAPES[1]: 4, MIXED_SHAPES[2]: 2, QV[1]: 1}
+    model = fresh(tiny_model_dir)
+    lora = sum(r * (m.in_features + m.out_features) for n, r in ranks.items() for m in [model.get_submodule(n)])
+    sites = budget_expert_ranks(model, ranks, experts, mode)
+    assert set(sites) <= set(ranks) and MIXED_SHAPES[0] in sites
+    assert all(len(r) == experts and min(r) >= 1 and max(r) - min(r) <= 1 for r in sites.values())
+    torch.manual_seed(0)
+    state = attach_routed_adapters(model, list(sites), experts, sites, 1, mode=mode)
+    smallest_step = min(model.get_submodule(n).base_layer.in_features + model.get_submodule(n).base_layer.out_features
+                        for n in sites)
+    assert lora - smallest_step < state.trainable_params() <= lora  # under the budget by less than one rank of a site
+    dropped = set(ranks) - set(sites)
+    assert all(ranks[d] <= min(ranks[n] for n in sites) for d in dropped)  # lowest allocated ranks go first
+
+
+def test_budget_expert_ranks_refuses_what_cannot_fit(tiny_model_dir):
+    with pytest.raises(UserError, match="routing.num_experts"):
+        budget_expert_ranks(fresh(tiny_model_dir), {QV[0]: 1}, 4)
+
+
 def test_load_refuses_files_that_do_not_fit(tiny_model_dir, tmp_path):
     model, state = routed(tiny_model_dir)
     save_routed(model, state, tmp_path)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
-    config["expert_ranks"] = [2, 2, 2, 4]
+    config["expert_ranks"] = [[2, 2, 2, 4]] * len(QV)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UserError, match="shape"):
         load_routed(fresh(tiny_model_dir), tmp_path)

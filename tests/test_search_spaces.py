@@ -12,7 +12,8 @@ SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.
 
 def test_the_expected_spaces_ship():
     names = {p.stem for p in SPACES}
-    assert {"quickstart", "heterolora_static", "full_space", "sms_spam", "reuters_r8", "newsgroups_tight_budget"} <= names
+    assert {"quickstart", "heterolora_static", "heterolora_dynamic", "full_space", "sms_spam", "reuters_r8",
+            "newsgroups_tight_budget", "sparse_adapters"} <= names
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
