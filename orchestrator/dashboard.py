@@ -18,9 +18,9 @@ from wsgiref import simple_server
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from orchestrator.errors import UserError
+from orchestrator.storage import open_storage, shown_url
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-SQLITE_BUSY_TIMEOUT_S = 30.0
 STUDY_NAME = "screen"  # orchestrator.screen.STUDY_NAME (not imported: it pulls in Ray)
 
 
@@ -59,35 +59,19 @@ def storage_url(run_dir: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
-def open_storage(url: str):
-    """An RDBStorage that never creates tables or files and waits out a writer's commit on SQLite."""
-    import optuna
-
-    engine_kwargs = {}
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1].split("?", 1)[0]
-        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).is_file():
-            raise UserError(f"screen.storage: SQLite file '{path}' does not exist; check the run's storage URL")
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True,
-                                          skip_table_creation=True)
-    except Exception as err:  # bad URL, missing driver, unreachable database
-        raise UserError(f"screen.storage: cannot open '{_shown_url(url)}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-
-
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
     """A threaded WSGI server of optuna-dashboard on the run's study; call serve_forever() / shutdown()."""
     from optuna_dashboard import wsgi
 
-    storage = open_storage(storage_url(run_dir))
+    url = storage_url(run_dir)
+    storage = open_storage(url, create=False)
     server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
     try:
         server = simple_server.make_server(host, port, wsgi(storage), server_class=server_class, handler_class=_QuietHandler)
     except OSError as err:
         raise UserError(f"--port/--host: cannot listen on {host}:{port} ({err.strerror or err}); "
                         "pick a free port with --port") from None
-    server.storage = storage
+    server.storage, server.storage_url = storage, url
     return server
 
 
@@ -99,15 +83,6 @@ def study_path(storage) -> str:
         return "/dashboard"
 
 
-def _shown_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the run's storage"
-
-
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve until Ctrl-C."""
     if host not in LOCAL_HOSTS:
@@ -116,7 +91,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> Non
     server = make_server(run_dir, host, port)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"optuna-dashboard for {run_dir} ({_shown_url(server.storage.url)}) at "
+    print(f"optuna-dashboard for {run_dir} ({shown_url(server.storage_url)}) at "
           f"http://{shown}:{bound_port}{study_path(server.storage)}", flush=True)
     print("Ctrl-C to stop.", flush=True)
     try:

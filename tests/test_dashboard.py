@@ -4,7 +4,6 @@ search writes the study."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

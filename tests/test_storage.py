@@ -8,7 +8,7 @@ from orchestrator.errors import UserError
 from orchestrator.storage import check_url, open_storage, shown_url
 
 
-@pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:pw@db.example/lora", "journal:study.log",
+@pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
                                  "journal:/shared/runs/study.log"])
 def test_valid_urls_pass(url):
     check_url(url)
@@ -16,7 +16,8 @@ def test_valid_urls_pass(url):
 
 
 @pytest.mark.parametrize("url, message", [("journal:", "needs a file path"), ("journal:  ", "needs a file path"),
-                                          ("my study db", "is not a SQLAlchemy URL")])
+                                          ("my study db", "is not a SQLAlchemy URL"),
+                                          ("postgresql://user:hunter2@db/lora", "literal password.*DB_PASSWORD")])
 def test_bad_urls_name_the_field(url, message):
     with pytest.raises(UserError, match=f"^screen.storage: .*{message}"):
         check_url(url)
@@ -27,8 +28,22 @@ def test_bad_url_in_config_is_refused_at_load_time():
         load_config(None, ["screen.storage=my study db"])
 
 
+def test_password_reference_is_kept_in_run_json_and_expanded_only_on_open(tmp_path, monkeypatch):
+    from orchestrator.pipeline import write_run_json
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", "screen.storage=sqlite:///${DB_DIR}/study.db"])
+    cfg.run_dir.mkdir(parents=True)
+    write_run_json(cfg)
+    assert "${DB_DIR}" in (cfg.run_dir / "run.json").read_text()
+    with pytest.raises(UserError, match="^screen.storage: environment variable DB_DIR is not set"):
+        open_storage(cfg.screen.storage, create=True)
+    monkeypatch.setenv("DB_DIR", str(tmp_path))
+    optuna.create_study(study_name="screen", storage=open_storage(cfg.screen.storage, create=True))
+    assert (tmp_path / "study.db").is_file() and f"sqlite:///{tmp_path}" not in (cfg.run_dir / "run.json").read_text()
+
+
 def test_password_is_hidden_in_messages():
-    assert "pw" not in shown_url("postgresql://user:pw@db.example/lora")
+    assert "hunter2" not in shown_url("postgresql://user:hunter2@db.example/lora")
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
