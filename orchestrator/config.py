@@ -24,6 +24,7 @@ SHORTCUT_KINDS = ("residual", "cross_block", "cross_layer")  # orchestrator.shor
 MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
 BASELINES = ("uniform_qv", "uniform_all", "adalora")
+SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -107,45 +108,54 @@ class ScreenConfig:
     proxy_batches: int = _help("minibatches the proxies see; more is steadier and slower", 8)
     batch_size: int = _help("examples per proxy minibatch", 16)
     probe_rank: int = _help("rank of the probe adapter on every module when scoring per module", 4)
+    probe_warmup_steps: int = _help("AdamW steps (at train.lr) the shared probe adapter trains before the proxies score it, "
+                                    "so B is no longer zero; 0 scores PEFT's init (benchmarks/proxy_remedies.py)", 0)
+    proxy_normalisation: str = _help("per-module rescaling of the model-based proxies' scores before a candidate's "
+                                     "rank-weighted sum: 'none', 'per_param', 'rank' (global rank in [0, 1]) or 'type_z' "
+                                     "(z-score within a module type); see orchestrator/proxies/normalise.py", "none")
     allocator: str = _help("how candidates are made from the rank_by scores: 'optuna' (Tune trials sample allocations "
                            "from a distribution that `sampler` tunes), 'top_p' (HeteroLoRA: the best-scored p% of modules "
                            "at one rank), 'proportional' (ranks ∝ score), 'knapsack' (exact best summed score), 'random' (control)",
                            "optuna")
-    sampler: str = _help("Optuna sampler of the 'optuna' allocator: 'tpe' or 'random'", "tpe")
+    sampler: str = _help("Optuna sampler of the 'optuna' allocator: 'tpe', 'random', 'cmaes' (CMA-ES), or 'nsga2' "
+                         "(NSGA-II, two objectives: the rank_by score and the candidate's trainable params)", "tpe")
     seed: int = _help("seed of the sampler and the candidate generator", 0)
-    storage: str | None = _help("Optuna storage URL (any SQLAlchemy URL); default sqlite:///<run dir>/study.db", None)
+    storage: str | None = _help("Optuna study storage: any SQLAlchemy URL (postgresql://… for many writers) or "
+                                "journal:<file> (Optuna JournalStorage, fine on NFS); default sqlite:///<run dir>/study.db", None)
     warm_start_from: str | None = _help("an earlier run directory: its best searched allocations are trained here too "
                                         "(labelled warm#k), to see whether they transfer to this task", None)
 
     def __post_init__(self):
         _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")
-        _require(self.sampler in ("tpe", "random"), "screen.sampler", f"'{self.sampler}' is unknown", "use tpe or random")
+        _require(self.sampler in SAMPLERS, "screen.sampler", f"'{self.sampler}' is unknown", f"use one of {', '.join(SAMPLERS)}")
         from orchestrator.allocators import ALLOCATORS  # lazy: allocators imports this module
 
         _require(self.allocator in ALLOCATORS, "screen.allocator", f"'{self.allocator}' is unknown", f"choose from {sorted(ALLOCATORS)}")
         _require(self.rank_by in self.proxies, "screen.rank_by", f"'{self.rank_by}' is not in screen.proxies", "add it to screen.proxies")
-        from orchestrator.proxies import PROXIES  # lazy: the registry imports torch
+        from orchestrator.proxies import NORMALISATIONS, PROXIES  # lazy: the registry imports torch
 
         unknown = [p for p in self.proxies if p not in PROXIES]
         _require(not unknown, "screen.proxies", f"unknown proxy {unknown}", f"choose from {sorted(PROXIES)}")
         if self.storage is not None:
-            from sqlalchemy.engine import make_url
-            from sqlalchemy.exc import ArgumentError
+            from orchestrator.storage import check_url
 
-            try:
-                make_url(self.storage)
-            except ArgumentError:
-                raise UserError(f"screen.storage: {self.storage!r} is not a SQLAlchemy URL; "
-                                "use e.g. sqlite:///study.db or postgresql://user@host/db, or null for the run's study.db") from None
+            check_url(self.storage)
         for name in ("num_trials", "candidates_per_trial", "survivors", "proxy_batches", "batch_size", "probe_rank"):
             _require(getattr(self, name) > 0, f"screen.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
+        _require(self.probe_warmup_steps >= 0, "screen.probe_warmup_steps", f"{self.probe_warmup_steps} is negative", "use 0 or more")
+        _require(self.proxy_normalisation in NORMALISATIONS, "screen.proxy_normalisation",
+                 f"'{self.proxy_normalisation}' is unknown", f"choose from {', '.join(NORMALISATIONS)}")
 
 
 @dataclass
 class TrainConfig:
     epochs: int = _help("passes over the training data", 1)
     lr: float = _help("AdamW learning rate (5e-4 does not learn in one epoch here: DESIGN §9.1)", 2e-3)
-    batch_size: int = _help("examples per optimizer step", 32)
+    batch_size: int = _help("examples per optimizer step, over all workers and accumulation steps (so 1 and N "
+                            "workers train the same recipe)", 32)
+    grad_accum_steps: int = _help("micro-batches per optimizer step: each worker runs batch_size / (num_workers × "
+                                  "grad_accum_steps) examples at a time (less memory, same recipe)", 1)
+    max_steps: int | None = _help("stop after this many optimizer steps (the last epoch may end early); null: all epochs", None)
     eval_batch_size: int = _help("examples per eval batch", 64)
     warmup_ratio: float = _help("share of steps with linear warm-up before linear decay", 0.06)
     weight_decay: float = _help("AdamW weight decay", 0.0)
@@ -158,12 +168,22 @@ class TrainConfig:
     dynamic_every: float | None = _help("HeteroLoRA dynamic: re-allocate rank every this fraction of an epoch (e.g. 0.2); "
                                         "each survivor then also trains dynamically, beside its static run. null: static only", None)
     dynamic_allocator: str = _help("allocator that moves rank during dynamic training (knapsack, top_p, proportional)", "knapsack")
+    dynamic_max_move: float = _help("trust region of a re-allocation: at most this share of all rank changes, "
+                                    "Σ|Δr| / (Σr_old + Σr_new) (1 = undamped)", 0.25)
+    dynamic_min_gain: float = _help("move only when the new allocation's accumulated score beats the current one's by "
+                                    "more than this fraction (0 = any gain)", 0.05)
     early_stopping: bool = _help("ASHA on eval accuracy across searched models when epochs > 1 (baselines always finish)", True)
     use_gpu: str = _help("'auto' (GPU when the cluster has one), 'true' or 'false'", "auto")
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "max_concurrent"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "max_concurrent",
+                     "grad_accum_steps"):
             _require(getattr(self, name) > 0, f"train.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
+        shards = self.num_workers * self.grad_accum_steps
+        _require(self.batch_size % shards == 0, "train.batch_size", f"{self.batch_size} does not split into num_workers × "
+                 f"grad_accum_steps = {shards} equal micro-batches", f"use a multiple of {shards}")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"{self.max_steps} is not positive",
+                 "use 1 or more, or null for all epochs")
         _require(0 < self.lr < 1, "train.lr", f"{self.lr} is out of range", "use e.g. 2e-3")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
         _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
@@ -174,7 +194,41 @@ class TrainConfig:
                  f"{self.dynamic_every} is not in (0, 1]", "use a fraction of an epoch, e.g. 0.2, or null")
         _require(self.dynamic_allocator in ("knapsack", "top_p", "proportional"), "train.dynamic_allocator",
                  f"'{self.dynamic_allocator}' is unknown", "use knapsack, top_p or proportional")
+        _require(0 < self.dynamic_max_move <= 1, "train.dynamic_max_move", f"{self.dynamic_max_move} is not in (0, 1]",
+                 "use a share of the rank, e.g. 0.25 (1 = undamped)")
+        _require(self.dynamic_min_gain >= 0, "train.dynamic_min_gain", f"{self.dynamic_min_gain} is negative",
+                 "use 0 (any gain) or a small fraction such as 0.05")
         _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
+
+
+@dataclass
+class RoutingSpaceConfig:
+    """Sparse modular adapters in the run: each searched survivor also trains as routed LoRA experts."""
+
+    enabled: bool = _help("train every searched survivor again as routed LoRA experts at its adapted modules, "
+                          "at the same trainable parameters (experts + routers ≤ its LoRA count)", False)
+    num_experts: list[int] = _help("experts per routed module; every value is trained (survivors × num_experts × "
+                                   "gating): a searched dimension", factory=lambda: [4])
+    gating: list[str] = _help("'topk' (sparse: the top_k experts per input) and/or 'dense' (all experts, softmax "
+                              "weights); each is trained", factory=lambda: ["topk", "dense"])
+    top_k: int = _help("experts active per input (topk gating)", 1)
+    mode: str = _help("'per_input' (router reads the mean-pooled embeddings: one choice per input) or 'per_token'",
+                      "per_input")
+    aux: str = _help("sparsity term of topk models: 'balance' (Switch load balancing), 'entropy' or 'none'", "balance")
+    aux_weight: float = _help("weight of the aux term in the loss (Switch Transformer: 0.01)", 0.01)
+    renormalize: bool = _help("rescale the kept top-k probabilities to sum to 1 (Mixtral); false: raw gate (Switch)", True)
+
+    def __post_init__(self):
+        from orchestrator.routing import RoutingConfig  # lazy: routing imports torch
+
+        _require(bool(self.num_experts) and all(e >= 1 for e in self.num_experts), "routing.num_experts",
+                 f"{self.num_experts} must be positive integers", "e.g. [4] or [2, 4]")
+        _require(bool(self.gating), "routing.gating", "is empty", "use [topk], [dense] or [topk, dense]")
+        _require(self.aux_weight >= 0, "routing.aux_weight", f"{self.aux_weight} is negative", "use e.g. 0.01, or 0")
+        self.num_experts, self.gating = sorted(set(self.num_experts)), list(dict.fromkeys(self.gating))
+        for experts in self.num_experts:  # the checks of the routed modules themselves, once per trained variant
+            for gating in self.gating:
+                RoutingConfig(("site",), ((1,) * experts,), self.top_k, self.mode, gating, self.aux, self.renormalize).check()
 
 
 @dataclass
@@ -192,6 +246,20 @@ class CostConfig:
 
 
 @dataclass
+class RegisterConfig:
+    best: bool = _help("store the best searched adapter in the adapter registry when the run finishes", True)
+    root: str | None = _help("registry directory; default <results_dir>/registry", None)
+    name: str | None = _help("registry name; default the task's name", None)
+    precision: str = _help("storage precision: fp32, fp16 or int8", "fp32")
+
+    def __post_init__(self):
+        _require(self.precision in ("fp32", "fp16", "int8"), "register.precision", f"'{self.precision}' is unknown",
+                 "use fp32, fp16 or int8")
+        _require(self.name is None or bool(RUN_NAME_PATTERN.fullmatch(self.name)), "register.name",
+                 f"{self.name!r} is not a safe registry name", "use letters, digits, '-', '_' and '.' only")
+
+
+@dataclass
 class RunConfig:
     name: str = _help("run name; results go to <results_dir>/<name>", "run")
     results_dir: str = _help("root directory of all runs", "results")
@@ -201,6 +269,9 @@ class RunConfig:
     screen: ScreenConfig = _help("zero-cost screening stage", factory=ScreenConfig)
     train: TrainConfig = _help("training stage", factory=TrainConfig)
     cost: CostConfig = _help("price table of the cost model", factory=CostConfig)
+    routing: RoutingSpaceConfig = _help("sparse modular adapters: routed LoRA experts vs dense vs plain LoRA",
+                                        factory=RoutingSpaceConfig)
+    register: RegisterConfig = _help("automatic registration of the run's best adapter", factory=RegisterConfig)
 
     def __post_init__(self):
         _require(bool(RUN_NAME_PATTERN.fullmatch(self.name)) and ".." not in self.name, "name", f"{self.name!r} is not a safe run name",
@@ -212,6 +283,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.results_dir) / self.name
+
+    @property
+    def registry_root(self) -> Path:
+        return Path(self.register.root) if self.register.root else Path(self.results_dir) / "registry"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

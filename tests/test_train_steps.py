@@ -1,0 +1,78 @@
+"""The training step: gradient accumulation equals one step on the whole batch; step counts and max_steps."""
+
+import pytest
+import torch
+
+from orchestrator.allocation import Allocation, apply_lora
+from orchestrator.config import TrainConfig, load_config
+from orchestrator.data import make_loader
+from orchestrator.errors import UserError
+from orchestrator.models import adaptable_modules, load_model, load_tokenizer
+from orchestrator.train import Adapted, _linear_warmup_decay, optimizer_step, total_steps
+
+
+def _adapted(tiny_model_dir):
+    base = load_model(str(tiny_model_dir), 2, seed=0)
+    modules = adaptable_modules(base)
+    allocation = Allocation.from_ranks({m.name: 2 for m in modules if m.type in ("query", "value")})
+    model = apply_lora(base, allocation).eval()  # no dropout: the two paths must see the same function
+    return Adapted(model, allocation, modules)
+
+
+def _step(tiny_model_dir, batches):
+    adapted = _adapted(tiny_model_dir)
+    trainable = [p for p in adapted.peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)  # plain SGD: the update is the gradient itself
+    scheduler = _linear_warmup_decay(optimizer, 10, 0.0)
+    losses = optimizer_step(adapted.peft_model, adapted, batches, optimizer, scheduler, 0, use_bf16=False)
+    return losses, {n: p.detach().clone() for n, p in adapted.peft_model.named_parameters() if p.requires_grad}
+
+
+def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_model_dir, tiny_split):
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
+    whole = next(iter(loader))
+    halves = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
+    # equal-length micro-batches (padding to the same width), so the mean of means is the mean
+    losses_one, after_one = _step(tiny_model_dir, [whole])
+    losses_two, after_two = _step(tiny_model_dir, halves)
+    assert len(losses_one) == 1 and len(losses_two) == 2
+    assert sum(losses_two) / 2 == pytest.approx(losses_one[0], rel=1e-5)
+    initial = {n: p for n, p in _adapted(tiny_model_dir).peft_model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(after_one[n], initial[n]) for n in initial)  # the step did update the adapter
+    for name in after_one:
+        torch.testing.assert_close(after_two[name], after_one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_before_any_update(tiny_model_dir, tiny_split):
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
+    adapted = _adapted(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in adapted.peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=0.5)
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
+        optimizer_step(adapted.peft_model, adapted, [next(iter(loader))], optimizer,
+                       _linear_warmup_decay(optimizer, 10, 0.0), 3, use_bf16=False, fault="nan")
+    for name, param in adapted.peft_model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, before[name]), name
+
+
+def test_total_steps_and_max_steps():
+    assert total_steps(TrainConfig(epochs=3), 10) == 30
+    assert total_steps(TrainConfig(epochs=3, max_steps=25), 10) == 25
+    assert total_steps(TrainConfig(epochs=1, max_steps=25), 10) == 10  # epochs come first when shorter
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_workers=3"], "train.batch_size: 32 does not split into num_workers × grad_accum_steps = 3"),
+    (["train.grad_accum_steps=5"], "use a multiple of 5"),
+    (["train.grad_accum_steps=0"], "train.grad_accum_steps: 0 is not positive"),
+    (["train.max_steps=0"], "train.max_steps: 0 is not positive"),
+])
+def test_bad_step_settings_name_the_field(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_global_batch_splits_over_workers_and_accumulation():
+    cfg = load_config(None, ["train.num_workers=2", "train.grad_accum_steps=4"])
+    assert cfg.train.batch_size // (cfg.train.num_workers * cfg.train.grad_accum_steps) == 4
