@@ -1,7 +1,7 @@
 """Run every benchmark in sequence and write benchmarks/README.md (index, latest results, scaling model).
 
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
-sparse_adapters.py, proxy_remedies.py and composition.py, each in its own subprocess (its own
+sparse_adapters.py, strategies.py, proxy_remedies.py and composition.py, each in its own subprocess (its own
 process group, killed whole on timeout) with a time limit, logs in results/benchmarks/logs/, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target),
 the latest results pasted from results/benchmarks/*.md, and a scaling model whose numbers are read
@@ -51,6 +51,9 @@ SCRIPTS = [
      "search (seed-averaged), ROI > 0", (10, 240)),
     ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
      "latency, memory (another engineer's script)", "see its own header", (10, 120)),
+    ("strategies", "every allocator (optuna, top_p, proportional, knapsack, random) proposes from one probe on the "
+     "quickstart space; each one's best candidate and uniform_qv trained side by side: accuracy at equal params",
+     "a score-driven strategy beats random and uniform_qv (seed-averaged)", (15, 60)),
     ("proxy_remedies", "re-scores the 12 trained 20 Newsgroups allocations of `validate-proxies` under LoRA-specific "
      "proxy remedies (more batches, probe warm-up, per-module normalisation, probe seeds): signed Spearman ρ / "
      "Kendall τ, bootstrap CI, permutation test of the best, probe cost",
@@ -58,7 +61,7 @@ SCRIPTS = [
     ("composition", "adapter composition: 4 source LoRA adapters trained by `run_training` and registered, composed "
      "for 2 unseen tasks (uniform, learned Optuna weights) vs zero-shot, single best source and few-shot training: "
      "held-out accuracy/F1, search time, cost", "no accuracy target (the table is what was measured)", (25, 90)),
-]  # the last two come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
+]  # the last three come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
 
 
 def parse_args() -> argparse.Namespace:

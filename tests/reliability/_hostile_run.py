@@ -9,6 +9,7 @@ A small real search (packaged MiniLM, a slice of the shipped data, an embedded R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -177,11 +178,14 @@ def _driver_output_to(path: Path):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "wb") as sink:
+    with open(path, "wb") as sink, open(sink.fileno(), "w", buffering=1, closefd=False) as text:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
-            yield
+            # pytest's capture replaces sys.stdout/err with its own files: Python-level prints (Tune's progress,
+            # the pipeline's lines) must be pointed at the sink too, not only the file descriptors
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

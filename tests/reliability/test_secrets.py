@@ -67,7 +67,8 @@ def test_no_credential_in_the_run_directory(hostile_run):
 @pytest.mark.slow
 def test_no_credential_in_the_driver_output_or_ray_logs(hostile_run):
     output = hostile_run.driver_log.read_bytes()
-    assert b"Trial status" in output  # control: the driver's output (Tune's progress) was captured
+    assert b"Configuration for experiment" in output and b"registry: stored" in output  # control: Tune's and
+    # the pipeline's output were captured
     assert [name for name, value in hostile_run.secrets.items() if value.encode() in output] == []
     assert files_holding(hostile_run.ray_session_dir / "logs", hostile_run.secrets) == {}
 
