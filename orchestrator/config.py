@@ -263,6 +263,9 @@ class RegisterConfig:
 class RunConfig:
     name: str = _help("run name; results go to <results_dir>/<name>", "run")
     results_dir: str = _help("root directory of all runs", "results")
+    storage_path: str | None = _help("where Ray Tune/Train keep checkpoints and trial state: the run directory "
+                                     "(null), or a path/URI every node reaches for multi-node runs: NFS path, "
+                                     "s3://bucket/prefix, gs://bucket/prefix; the finished run is copied there too", None)
     model: ModelConfig = _help("base model", factory=ModelConfig)
     data: DataConfig = _help("task data", factory=DataConfig)
     space: SpaceConfig = _help("search space", factory=SpaceConfig)
@@ -279,6 +282,10 @@ class RunConfig:
         results = Path(self.results_dir)
         _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
                  "point results_dir at a directory (it is created if missing)")
+        if self.storage_path is not None:
+            from orchestrator.storage import check_storage_path
+
+            check_storage_path(self.storage_path)
 
     @property
     def run_dir(self) -> Path:

@@ -21,6 +21,7 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, head_params, load_model
 from orchestrator.proxies import ModuleScores
+from orchestrator.storage import check_run_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
@@ -127,6 +128,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     budget = make_budget(modules, cfg.space)
     warm = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
     points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
+    check_run_storage(cfg.storage_path, cfg.run_dir, resume)
     prepare_run_dir(cfg, resume)
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
@@ -159,7 +161,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     table = report.build(rows, {cid: scores.scores(a) for cid, a in placed.items()},
                          {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
     report.write(table, cfg.run_dir, task.majority_rate())
-    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), registered=register_best(cfg))
+    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), registered=register_best(cfg),
+                   copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)
+    publish_run(cfg.storage_path, cfg.run_dir)
     return table
 
 

@@ -28,7 +28,7 @@ from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
 from orchestrator.models import AdaptableModule
 from orchestrator.proxies import ModuleScores, score_modules
-from orchestrator.storage import open_storage
+from orchestrator.storage import open_storage, run_storage
 
 STUDY_NAME = "screen"
 
@@ -117,16 +117,17 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
     """Tune run over allocation distributions → one row per distinct candidate, survivors marked."""
     if cfg.screen.allocator != "optuna":
         return allocator_screen(cfg, context)
-    path = (cfg.run_dir / "tune").resolve()
+    experiment = run_storage(cfg.storage_path, cfg.run_dir, "tune", "screen")
     trainable = tune.with_resources(tune.with_parameters(screen_trial, context=context), {"CPU": 1})
-    if tune.Tuner.can_restore(path / "screen"):
-        tuner = tune.Tuner.restore(str(path / "screen"), trainable, resume_errored=True)
+    if tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=distribution_space(cfg.space),
             tune_config=tune.TuneConfig(search_alg=_searcher(cfg, list(points)), num_samples=cfg.screen.num_trials, max_concurrent_trials=2),
-            run_config=tune.RunConfig(name="screen", storage_path=str(path), verbose=1),
+            run_config=tune.RunConfig(name="screen", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
+                                      verbose=1),
         )
     results = tuner.fit()
     return screen_table(results, context, cfg.screen.survivors, list(points))

@@ -1,4 +1,6 @@
-"""Where the screen's Optuna study lives: any SQLAlchemy URL, or an Optuna journal file.
+"""Where a run's state lives: the screen's Optuna study, and Ray Tune/Train's checkpoints.
+
+The Optuna study (`screen.storage`) is any SQLAlchemy URL, or an Optuna journal file:
 
 - `sqlite:///<file>` (the default, `<run dir>/study.db`): one writer and many readers on one machine.
 - `postgresql://…`, `mysql://…`: many concurrent writers (a multi-node cluster, several runs).
@@ -7,6 +9,13 @@
 
 The URL is written to run.json, so a password in it must be a reference to an environment variable,
 `postgresql://user:${DB_PASSWORD}@host/db`, expanded only when the storage is opened.
+
+Ray's storage (`storage_path`) holds Tune's experiment state and every TorchTrainer's epoch
+checkpoints. Default: the run directory. On several nodes Ray needs one place every node reaches:
+an NFS path, or a pyarrow URI such as `s3://bucket/prefix` or `gs://bucket/prefix` (credentials from
+each node's environment or instance role, never in the URI). The driver alone writes the run
+directory (it copies each finished adapter out of its checkpoint), and a finished run is copied to
+`<storage_path>/<name>/results/` so the report outlives a driver pod.
 """
 
 from __future__ import annotations
@@ -14,12 +23,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from orchestrator.errors import UserError
 
 JOURNAL = "journal:"
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SQLITE_BUSY_TIMEOUT_S = 60  # a reader waits out the writer's commit instead of failing with "database is locked"
+RAY_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # what pyarrow.fs.FileSystem.from_uri opens
 
 
 def check_url(url: str) -> None:
@@ -88,3 +99,82 @@ def shown_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable storage URL>"
+
+
+# ---------------------------------------------------------------- Ray's storage_path
+
+
+def check_storage_path(value: str) -> None:
+    """Refuse, at config time, a storage_path Ray cannot use (one line naming storage_path)."""
+    if "://" not in value:
+        return  # a local or NFS path
+    parts = urlsplit(value)
+    if parts.scheme not in RAY_STORAGE_SCHEMES:
+        raise UserError(f"storage_path: '{parts.scheme}://' is not a storage Ray can use; use s3://bucket/prefix, "
+                        "gs://bucket/prefix, file:///path or a local/NFS path")
+    if parts.username or parts.password:
+        raise UserError("storage_path: the URI holds credentials, which would be written to run.json; give them through "
+                        "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS) or the instance role")
+    if parts.scheme != "file" and not parts.netloc:
+        raise UserError(f"storage_path: '{value}' names no bucket; use e.g. {parts.scheme}://my-bucket/lora-search")
+
+
+def run_storage(storage_path: str | None, run_dir: Path, *parts: str) -> str:
+    """Where Ray keeps this run's `parts` (e.g. "tune"): under the run directory, or <storage_path>/<run name>/."""
+    if storage_path is None:
+        return str(Path(run_dir).resolve().joinpath(*parts))
+    if "://" not in storage_path:
+        return str(Path(storage_path).expanduser().resolve().joinpath(run_dir.name, *parts))
+    uri = urlsplit(storage_path)  # the sub-path goes before any ?endpoint_override=… query
+    return urlunsplit(uri._replace(path="/".join([uri.path.rstrip("/"), run_dir.name, *parts])))
+
+
+def filesystem(location: str):
+    """(pyarrow filesystem, path inside it) for a local path or a storage URI."""
+    import pyarrow.fs
+
+    if "://" not in location:
+        return pyarrow.fs.LocalFileSystem(), location
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except Exception as err:  # unknown bucket options, missing credentials, unreachable endpoint
+        raise UserError(f"storage_path: cannot open '{location}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def check_run_storage(storage_path: str | None, run_dir: Path, resume: bool) -> None:
+    """A new run must not inherit another run's checkpoints in a shared storage_path (Ray would restore them)."""
+    import pyarrow.fs
+
+    if storage_path is None or resume:
+        return
+    location = run_storage(storage_path, run_dir)
+    fs, path = filesystem(location)
+    bucket = path.split("/", 1)[0] if "://" in storage_path and not storage_path.startswith("file:") else None
+    try:
+        missing_bucket = bucket is not None and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
+        taken = not missing_bucket and fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    except OSError as err:
+        raise UserError(f"storage_path: cannot read '{location}' ({str(err).splitlines()[0][:200]}); "
+                        "check the credentials and the bucket") from None
+    if missing_bucket:
+        raise UserError(f"storage_path: bucket '{bucket}' does not exist (or these credentials cannot see it); "
+                        "create it or fix the name")
+    if taken:
+        raise UserError(f"storage_path: '{location}' already holds a run named '{run_dir.name}'; "
+                        "choose another name (name=...) or pass --resume to continue it")
+
+
+def publish_run(storage_path: str | None, run_dir: Path) -> str | None:
+    """Copy the finished run directory to <storage_path>/<name>/results/; where it went (None: nothing to do)."""
+    import pyarrow.fs
+
+    if storage_path is None:
+        return None
+    location = run_storage(storage_path, run_dir, "results")
+    fs, path = filesystem(location)
+    try:
+        pyarrow.fs.copy_files(str(Path(run_dir).resolve()), path, destination_filesystem=fs)
+    except OSError as err:
+        raise UserError(f"storage_path: the report is in {run_dir} but copying it to '{location}' failed "
+                        f"({str(err).splitlines()[0][:200]}); fix the access and run again with --resume") from None
+    return location

@@ -3,7 +3,8 @@
 Ray 2.60 is Train V2, where `Tuner(trainer)` does not work: each Tune function trainable builds a
 `TorchTrainer` and calls `.fit()`, and `TuneReportCallback` forwards the workers' per-epoch
 metrics to Tune. Every epoch leaves a checkpoint (adapter safetensors + optimizer state), so a
-killed worker resumes from it. A finished model writes `trials/<job>.json`; a resumed run skips it.
+killed worker resumes from it. As each model ends, the driver copies its adapter out of the last
+checkpoint and writes `trials/<job>.json` (KeepFinished); a resumed run skips it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, attach_allocation_shortcuts,
@@ -38,11 +40,14 @@ from orchestrator.routing import (RoutingState, attach_routed_adapters, budget_e
                                   measure_inference, save_routed)
 from orchestrator.shortcuts import KINDS, SPECS_FILE as SHORTCUT_SPECS, SUBMODULE as SHORTCUTS_MODULE
 from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortcuts
+from orchestrator.storage import filesystem, run_storage
 
 TRAIN_STATE = "train_state.pt"
 HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
 FAULT_ENV = "LORA_SEARCH_INJECT_FAULT"  # chaos testing only, see fault_plan
 FAULTS = ("nan", "oom")
+# Keys of a Tune result that are Tune's bookkeeping, not the model's metrics (left out of trials/<job>.json).
+NOT_KEPT = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "checkpoint_path", "history"}
 
 
 @dataclass(frozen=True)
@@ -254,20 +259,20 @@ def train_loop_per_worker(config: dict) -> None:
     if fault == "oom":
         _cap_address_space(32 * 2**20)  # the first training step needs more: it fails as a real OOM does
 
-    for epoch in range(start_epoch, math.ceil(steps / steps_per_epoch)):
+    epochs = math.ceil(steps / steps_per_epoch)
+    for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
         started, losses = time.perf_counter(), []
-        micro_batches = iter(train_loader)
-        for step in range(epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, steps)):
-            group = list(islice(micro_batches, t.grad_accum_steps))
+        groups = accumulation_groups(train_loader, t.grad_accum_steps)
+        for step, group in zip(range(epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, steps)), groups):
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
         if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
             metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
-        metrics.update(epoch=epoch + 1, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
+        metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        peak_memory_mb=_max_over_workers(_peak_memory_mb(device)),
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
@@ -275,6 +280,17 @@ def train_loop_per_worker(config: dict) -> None:
         history.append({k: metrics[k] for k in HISTORY_KEYS})
         metrics["history"] = json.dumps(history)
         _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
+
+
+def accumulation_groups(loader, size: int):
+    """One pass over `loader` in groups of `size` micro-batches (the last group may be shorter).
+
+    Ray Train's prepared loader restarts its epoch whenever iter() is called on it, and islice or zip
+    call iter() each time: slicing the loader itself would hand every step the same first batches.
+    """
+    batches = (batch for batch in loader)  # a generator: iter() on it does not restart the loader
+    while group := list(islice(batches, size)):
+        yield group
 
 
 def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, scheduler, step: int, use_bf16: bool,
@@ -374,12 +390,14 @@ def train_trial(config: dict, context: TrainContext) -> None:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "task": context.task, "job": asdict(job), "fault": context.faults.get(job.job_id)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=context.use_gpu, resources_per_worker=resources),
-        run_config=TrainRunConfig(name=job.job_id, storage_path=str(cfg.run_dir / "train"),
+        run_config=TrainRunConfig(name=job.job_id, storage_path=run_storage(cfg.storage_path, cfg.run_dir, "train"),
                                   callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=t.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
-    keep_result(cfg, job, result.metrics, result.checkpoint.path, context.device_count, "completed")
+    # The final metrics once more: a model restored with all its epochs done (a resumed run whose driver died
+    # before keeping it) reports nothing else. The driver keeps what it heard last (KeepFinished).
+    tune.report({**result.metrics, "checkpoint_path": result.checkpoint.path})
 
 
 def adapter_dir(run_dir: Path, job: TrainJob, first_seed: int) -> Path:
@@ -388,18 +406,26 @@ def adapter_dir(run_dir: Path, job: TrainJob, first_seed: int) -> Path:
     return base if job.seed == first_seed else base / f"seed-{job.seed}"
 
 
-def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, checkpoint_path: str, device_count: int, status: str) -> None:
-    """Copy the adapter out of the checkpoint and write trials/<job>.json (what --resume reads)."""
+def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, device_count: int) -> None:
+    """Copy the adapter out of the last checkpoint (local or in storage_path) and write trials/<job>.json.
+
+    `completed` when the model trained every planned epoch, `stopped` when ASHA ended it earlier.
+    """
+    from ray.train import Checkpoint
+
     from orchestrator.report import write_atomic
 
     target = adapter_dir(cfg.run_dir, job, cfg.train.seeds[0])
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json", SHORTCUT_WEIGHTS, SHORTCUT_SPECS, ROUTED_WEIGHTS,
-                 ROUTED_CONFIG):
-        if (Path(checkpoint_path) / name).is_file():  # only the files this model has
-            shutil.copy2(Path(checkpoint_path) / name, target / name)
+    fs, _ = filesystem(run_storage(cfg.storage_path, cfg.run_dir, "train"))
+    with Checkpoint(metrics["checkpoint_path"], filesystem=fs).as_directory() as checkpoint:
+        for name in ("adapter_model.safetensors", "adapter_config.json", SHORTCUT_WEIGHTS, SHORTCUT_SPECS, ROUTED_WEIGHTS,
+                     ROUTED_CONFIG):
+            if (Path(checkpoint) / name).is_file():  # only the files this model has
+                shutil.copy2(Path(checkpoint) / name, target / name)
     device_hours = metrics["train_wall_s"] * device_count / 3600
-    row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in ("checkpoint_path", "history")},
+    status = "completed" if metrics["epoch"] >= metrics["epochs_planned"] else "stopped"
+    row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in NOT_KEPT},
            "history": json.loads(metrics["history"]), "status": status, "adapter_dir": str(target.relative_to(cfg.run_dir)),
            "device_hours": device_hours, "cost_usd": device_hours * cfg.cost.price_per_device_hour[metrics["device"]]}
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
@@ -452,6 +478,20 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+class KeepFinished(tune.Callback):
+    """On the driver, as each model ends (trained through or stopped by ASHA): keep its adapter and result row.
+
+    The driver alone writes the run directory, so only storage_path has to be shared between nodes.
+    """
+
+    def __init__(self, cfg: RunConfig, device_count: int):
+        self.cfg, self.device_count = cfg, device_count
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.last_result.get("checkpoint_path"):  # a model that failed before its first epoch has none
+            keep_result(self.cfg, TrainJob(**trial.config["job"]), trial.last_result, self.device_count)
+
+
 class BaselineSafeASHA(ASHAScheduler):
     """ASHA on eval accuracy across searched models; baselines always run to the end (they are the yardstick)."""
 
@@ -478,14 +518,11 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             trainable,
             param_space={"job": tune.grid_search([asdict(job) for job in pending.values()])},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.train.max_concurrent, scheduler=scheduler),
-            run_config=tune.RunConfig(name="train", storage_path=str(cfg.run_dir / "tune"), verbose=1),
+            run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
+                                      callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
         )
         for result in tuner.fit():
             job = TrainJob(**result.config["job"])
-            if (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
-                continue
-            if result.error:
+            if result.error and not (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
                 keep_failure(cfg, job, result.error)
-            elif result.metrics and result.metrics.get("checkpoint_path"):  # stopped early by ASHA
-                keep_result(cfg, job, result.metrics, result.metrics["checkpoint_path"], context.device_count, "stopped")
     return finished_jobs(cfg.run_dir)

@@ -100,3 +100,59 @@ def tiny_modules(tiny_model):
     from orchestrator.models import adaptable_modules
 
     return adaptable_modules(tiny_model)
+
+
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def fake_aws(monkeypatch):
+    """Fake AWS credentials in the environment (what a local S3 API accepts); no instance-metadata lookups."""
+    for key, value in FAKE_AWS.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """host:port of a real S3 API (moto's server) on 127.0.0.1, for storage_path=s3://… tests; stopped afterwards."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    server = shutil.which("moto_server")
+    if server is None:
+        pytest.skip("moto[server] (a test dependency) is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, fake_aws):
+    """(storage URI, pyarrow S3 filesystem) of a fresh, empty bucket on the local S3 API; fake credentials set."""
+    import uuid
+
+    import pyarrow.fs
+
+    bucket = f"lora-{uuid.uuid4().hex[:12]}"
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", allow_bucket_creation=True,
+                                 access_key="testing", secret_key="testing", region="us-east-1")
+    fs.create_dir(bucket)
+    return f"s3://{bucket}/runs?endpoint_override={s3_endpoint}&scheme=http", fs

@@ -131,7 +131,7 @@ def test_unknown_nested_key_in_yaml_suggests_nearest(tmp_path):
 def test_unknown_key_without_close_match_lists_valid_keys():
     with pytest.raises(UserError) as err:
         load_config(None, ["zzzzzz=1"])
-    assert str(err.value).startswith("zzzzzz: unknown key; valid keys: name, results_dir, model, data")
+    assert str(err.value).startswith("zzzzzz: unknown key; valid keys: name, results_dir, storage_path, model, data")
 
 
 @pytest.mark.parametrize("override, message", [

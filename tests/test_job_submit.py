@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pyarrow.fs
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -59,8 +60,11 @@ def _kill_leftovers(session_id: int, marker: str) -> list[int]:
 
 
 @pytest.fixture
-def ray_head(monkeypatch):
-    """(dashboard URL, temp dir) of a fresh local head with 3 logical CPUs; stopped and removed afterwards."""
+def ray_head(monkeypatch, fake_aws):
+    """(dashboard URL, temp dir) of a fresh local head with 3 logical CPUs; stopped and removed afterwards.
+
+    Its processes see fake AWS credentials (fake_aws), as a cloud node sees its instance role's.
+    """
     ray_bin = shutil.which("ray")
     if ray_bin is None:
         pytest.skip("the `ray` command is not installed")
@@ -104,15 +108,18 @@ def ray_head(monkeypatch):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_run_submitted_as_a_ray_job(ray_head):
+def test_run_submitted_as_a_ray_job(s3_bucket, ray_head):
+    """Checkpoints and Tune state go to storage_path on S3 (a local S3 API), the report to results_dir and S3."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     url, temp = ray_head
+    storage, fs = s3_bucket
     results = temp / "results"
     started = time.monotonic()
     client = JobSubmissionClient(url)
     job_id = client.submit_job(
-        entrypoint=" ".join(["lora-search", "run", "search_spaces/quickstart.yaml", "name=jobtest", f"results_dir={results}"] + SMALL),
+        entrypoint=" ".join(["lora-search", "run", "search_spaces/quickstart.yaml", "name=jobtest", f"results_dir={results}",
+                             f"'storage_path={storage}'"] + SMALL),
         runtime_env={
             "working_dir": str(REPO),
             "excludes": ["results/", ".git/", "*.egg-info/", "__pycache__/", ".pytest_cache/"],
@@ -137,3 +144,12 @@ def test_run_submitted_as_a_ray_job(ray_head):
     run_dir = results / "jobtest"
     for name in ("report.csv", "report.md", "screen.csv", "study.db", "run.json"):
         assert (run_dir / name).is_file(), name
+    assert not (run_dir / "train").exists() and not (run_dir / "tune").exists()  # Ray's state went to S3
+    in_s3 = {info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(storage[5:].split("?")[0], recursive=True))}
+    prefix = storage[5:].split("?")[0] + "/jobtest"
+    trials = sorted(p.stem for p in (run_dir / "trials").glob("*.json"))
+    assert trials and all(any(p.startswith(f"{prefix}/train/{job}/checkpoint_") and p.endswith("adapter_model.safetensors")
+                              for p in in_s3) for job in trials)
+    assert any(p.startswith(f"{prefix}/tune/screen/") for p in in_s3) and any(p.startswith(f"{prefix}/tune/train/") for p in in_s3)
+    for name in ("report.md", "report.csv", "run.json", f"trials/{trials[0]}.json"):
+        assert f"{prefix}/results/{name}" in in_s3, name

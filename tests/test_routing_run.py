@@ -127,8 +127,9 @@ def test_checkpoint_round_trip_and_kept_files(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(resumed.peft_model(**batch).logits, expected)
 
-    metrics = {"accuracy": 0.5, "train_wall_s": 2.0, "device": "cpu", "history": "[]", **adapted.kept()}
-    keep_result(cfg, job, metrics, str(checkpoint), 1, "completed")
+    metrics = {"accuracy": 0.5, "train_wall_s": 2.0, "device": "cpu", "history": "[]", "epoch": 1, "epochs_planned": 1,
+               "checkpoint_path": str(checkpoint), **adapted.kept()}
+    keep_result(cfg, job, metrics, 1)
     kept = cfg.run_dir / "adapters" / job.candidate_id
     assert sorted(p.name for p in kept.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     row = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())

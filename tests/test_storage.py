@@ -5,7 +5,8 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
-from orchestrator.storage import check_url, open_storage, shown_url
+from orchestrator.storage import (check_run_storage, check_storage_path, check_url, filesystem, open_storage, publish_run,
+                                  run_storage, shown_url)
 
 
 @pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
@@ -126,3 +127,57 @@ def test_a_nan_screen_trial_is_recorded_as_failed_not_left_running(tmp_path):
         searcher.on_trial_complete(trial_id, {"objective": value})
     states = [t.state for t in optuna.load_study(study_name="screen", storage=url).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+# ---------------------------------------------------------------- Ray's storage_path
+
+
+@pytest.mark.parametrize("value", ["/mnt/shared/lora-search", "shared/runs", "s3://bucket/prefix", "gs://bucket",
+                                   "file:///tmp/lora", "s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"])
+def test_storage_paths_ray_can_use_pass(value):
+    check_storage_path(value)
+    assert load_config(None, [f"storage_path={value}"]).storage_path == value
+
+
+@pytest.mark.parametrize("value, message", [("ftp://host/dir", "is not a storage Ray can use"),
+                                            ("s3:///prefix", "names no bucket"),
+                                            ("s3://AKIA:secret@bucket/p", "holds credentials")])
+def test_bad_storage_paths_name_the_field(value, message):
+    with pytest.raises(UserError, match=f"^storage_path: .*{message}"):
+        load_config(None, [f"storage_path={value}"])
+
+
+def test_run_storage_puts_the_run_name_before_the_query(tmp_path):
+    run_dir = tmp_path / "results" / "qs"
+    assert run_storage(None, run_dir, "tune") == str(run_dir.resolve() / "tune")
+    assert run_storage(str(tmp_path / "nfs"), run_dir, "train") == str(tmp_path / "nfs" / "qs" / "train")
+    assert (run_storage("s3://b/p/?endpoint_override=h:1&scheme=http", run_dir, "tune", "screen")
+            == "s3://b/p/qs/tune/screen?endpoint_override=h:1&scheme=http")
+    assert run_storage("gs://b", run_dir) == "gs://b/qs"
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_new_run_refuses_a_taken_storage_name_and_finished_run_is_copied_there(kind, tmp_path, request):
+    run_dir = tmp_path / "results" / "qs"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.md").write_text("# report")
+    (run_dir / "trials").mkdir()
+    (run_dir / "trials" / "a-s0.json").write_text("{}")
+    storage = str(tmp_path / "shared") if kind == "local" else request.getfixturevalue("s3_bucket")[0]
+
+    check_run_storage(storage, run_dir, resume=False)  # nothing there yet
+    where = publish_run(storage, run_dir)
+    fs, path = filesystem(where)
+    with fs.open_input_stream(f"{path}/report.md") as copied:
+        assert copied.read() == b"# report"
+    assert fs.get_file_info(f"{path}/trials/a-s0.json").is_file
+    with pytest.raises(UserError, match="^storage_path: .* already holds a run named 'qs'; choose another name"):
+        check_run_storage(storage, run_dir, resume=False)
+    check_run_storage(storage, run_dir, resume=True)  # --resume continues it
+    assert publish_run(None, run_dir) is None
+
+
+def test_unreachable_storage_is_one_line(tmp_path, fake_aws):
+    closed = "s3://bucket/p?endpoint_override=127.0.0.1:9&scheme=http"
+    with pytest.raises(UserError, match="^storage_path: cannot read .*check the credentials and the bucket"):
+        check_run_storage(closed, tmp_path / "qs", resume=False)

@@ -8,7 +8,7 @@ from orchestrator.config import TrainConfig, load_config
 from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer
-from orchestrator.train import Adapted, _linear_warmup_decay, optimizer_step, total_steps
+from orchestrator.train import Adapted, _linear_warmup_decay, accumulation_groups, optimizer_step, total_steps
 
 
 def _adapted(tiny_model_dir):
@@ -76,3 +76,21 @@ def test_bad_step_settings_name_the_field(overrides, message):
 def test_global_batch_splits_over_workers_and_accumulation():
     cfg = load_config(None, ["train.num_workers=2", "train.grad_accum_steps=4"])
     assert cfg.train.batch_size // (cfg.train.num_workers * cfg.train.grad_accum_steps) == 4
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_an_epoch_over_a_ray_prepared_loader_sees_every_example_once(shuffle):
+    """Ray Train's prepared loader restarts on every iter(): an epoch must still be one pass, in order.
+
+    The bug this guards: slicing the prepared loader per step gave every step the same first batch
+    under DDP (a DistributedSampler's order is fixed per epoch) and random batches with 1 worker.
+    """
+    from ray.train.torch.train_loop_utils import _WrappedDataLoader
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(10)), batch_size=2, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+    prepared = _WrappedDataLoader(loader, torch.device("cpu"), auto_transfer=False)  # what prepare_data_loader returns
+    groups = list(accumulation_groups(prepared, 2))
+    assert [len(g) for g in groups] == [2, 2, 1]
+    seen = [int(x) for group in groups for batch in group for x in batch]
+    assert sorted(seen) == list(range(10))

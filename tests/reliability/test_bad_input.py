@@ -272,6 +272,11 @@ CASES = [
     Case("survivors_zero", {"screen": {"survivors": 0}}, ("screen.survivors: 0 is not positive", "use 1 or more")),
     Case("storage_not_a_url", {"screen": {"storage": "my study db"}},
          ("screen.storage: 'my study db' is not a SQLAlchemy URL", "sqlite:///")),
+    Case("storage_path_scheme", {"storage_path": "ftp://host/runs"},
+         ("storage_path: 'ftp://' is not a storage Ray can use", "use s3://bucket/prefix")),
+    Case("storage_path_credentials", {"storage_path": "s3://AKIA:secret@bucket/runs"},
+         ("storage_path: the URI holds credentials", "AWS_ACCESS_KEY_ID")),
+    Case("storage_path_no_bucket", {"storage_path": "gs:///runs"}, ("storage_path: 'gs:///runs' names no bucket", "gs://my-bucket")),
     # ---- train and cost
     Case("seeds_empty", {"train": {"seeds": []}}, ("train.seeds: is empty", "give at least one seed")),
     Case("lr_zero", {"train": {"lr": 0}}, ("train.lr: 0.0 is out of range", "use e.g. 2e-3")),
