@@ -1,7 +1,7 @@
 """Run every benchmark in sequence and write benchmarks/README.md (index, latest results, scaling model).
 
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
-sparse_adapters.py, strategies.py, proxy_remedies.py and composition.py, each in its own subprocess (its own
+sparse_adapters.py, strategies.py, proxy_remedies.py, composition.py and ddp_parity.py, each in its own subprocess (its own
 process group, killed whole on timeout) with a time limit, logs in results/benchmarks/logs/, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target),
 the latest results pasted from results/benchmarks/*.md, and a scaling model whose numbers are read
@@ -61,7 +61,10 @@ SCRIPTS = [
     ("composition", "adapter composition: 4 source LoRA adapters trained by `run_training` and registered, composed "
      "for 2 unseen tasks (uniform, learned Optuna weights) vs zero-shot, single best source and few-shot training: "
      "held-out accuracy/F1, search time, cost", "no accuracy target (the table is what was measured)", (25, 90)),
-]  # the last three come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
+    ("ddp_parity", "the same uniform_qv model trained by a plain PEFT loop, by the product with 1 Ray Train worker and "
+     "with 2 (DDP, same global batch), over seeds: accuracy mean ± std, Welch p against the plain loop",
+     "2 workers within the seed spread of 1 worker and of the plain loop", (10, 40)),
+]  # the last four come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
 
 
 def parse_args() -> argparse.Namespace:
