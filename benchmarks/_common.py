@@ -67,6 +67,14 @@ def set_env() -> None:
     set_runtime_env()
 
 
+def begin(script: str, quick: bool) -> tuple[dict, Path]:
+    """Set the product's runtime variables, print the machine context; returns it and the script's runs folder."""
+    set_env()
+    ctx = machine_context()
+    print("context:", context_line(ctx), flush=True)
+    return ctx, RESULTS / f"{script}_runs" / ("quick" if quick else "full")
+
+
 def md_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return frame.to_markdown(index=False, floatfmt=floatfmt)
 
@@ -167,6 +175,18 @@ def _checkpoint_seconds(peft_model, optimizer, scheduler) -> float:
         return time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hours_to_reach(accuracy, device_hours, goal: float, within_pts: float = 0.5) -> float:
+    """Device-hours spent training models in the given order until one is within `within_pts` of `goal`.
+
+    `accuracy` (fractions) and `device_hours` are sequences in training order; NaN if none gets there."""
+    spent = 0.0
+    for acc, hours in zip(accuracy, device_hours):
+        spent += hours
+        if acc >= goal - within_pts / 100:
+            return spent
+    return float("nan")
 
 
 def linear_fit(xs, ys) -> tuple[float, float, float]:

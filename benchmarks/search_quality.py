@@ -16,7 +16,8 @@ every report read back with `orchestrator.report.load`:
 
 Per arm: best accuracy (model with the best mean over seeds, ± std over seeds), the mean over the
 arm's models, models and trainings, device-hours and USD (training rows of the reports; the
-lora-search arm adds its probe), and ROI = gain of the arm's best over uniform_qv in accuracy points
+lora-search arm adds its probe), device-hours until the arm has a model within 0.5 point of the best
+model of any arm (its models trained in screen order), and ROI = gain of the arm's best over uniform_qv in accuracy points
 per USD (and per device-hour). Picking the best of k on the eval split flatters arms with k > 1;
 the table also gives the arm's mean model for that reason.
 
@@ -33,6 +34,7 @@ Run (from the repository root):
     python benchmarks/search_quality.py --quick
     python benchmarks/search_quality.py                     # 3 seeds, full data
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
+    python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
 Writes results/benchmarks/search_quality.{csv,md}; the runs themselves (report.md, adapters, study.db)
 stay in results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation).
 """
@@ -55,6 +57,8 @@ import pandas as pd  # noqa: E402
 
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 BASELINES = ["uniform_qv", "uniform_all", "adalora"]
+RANDOM_NAME = "random-search"
+WITHIN_PTS = 0.5
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, help="override data.eval_size")
     parser.add_argument("--num-trials", type=int, help="Tune trials of the lora-search screen (default: the space's 20; "
                         "quick 8, i.e. 200 candidates)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
+                        "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
     parser.add_argument("--out", default=str(C.RESULTS))
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -104,17 +110,12 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
         return None
 
 
-def main() -> None:
-    args = parse_args()
-    C.set_env()
+def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
+    """The lora-search run (with the baselines), then the random-search run on its probe."""
     import ray
 
-    from orchestrator import report
     from orchestrator.pipeline import init_ray
 
-    ctx = C.machine_context()
-    print("context:", C.context_line(ctx), flush=True)
-    runs_root = C.RESULTS / "search_quality_runs" / ("quick" if args.quick else "full")
     if runs_root.exists():
         shutil.rmtree(runs_root)  # this script's own earlier runs: run names must be new
     runs_root.mkdir(parents=True)
@@ -125,15 +126,43 @@ def main() -> None:
         screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
         searched_dir = run_arm("lora-search", base + screen + ["name=lora-search", f"train.baselines=[{','.join(BASELINES)}]"],
                                log)
-        random_name = "random-search"
         if searched_dir is not None and (searched_dir / "module_scores.json").is_file():
-            (runs_root / random_name).mkdir()
-            shutil.copy2(searched_dir / "module_scores.json", runs_root / random_name / "module_scores.json")
-        random_dir = run_arm("random", base + [f"name={random_name}", "screen.allocator=random", "screen.num_trials=1",
+            (runs_root / RANDOM_NAME).mkdir()
+            shutil.copy2(searched_dir / "module_scores.json", runs_root / RANDOM_NAME / "module_scores.json")
+        random_dir = run_arm("random", base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
                                                f"screen.candidates_per_trial={args.survivors}", "train.baselines=[]"], log)
     finally:
         ray.shutdown()
+    return searched_dir, random_dir, log
 
+
+def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
+    """The finished runs of an earlier invocation; wall time from their run.json (without Ray's start)."""
+    from datetime import datetime
+
+    found, log = [], {}
+    for name, folder in (("lora-search", "lora-search"), ("random", RANDOM_NAME)):
+        info_path = runs_root / folder / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if "finished_at" not in info:
+            found.append(None)
+            continue
+        wall = (datetime.strptime(info["finished_at"], "%Y-%m-%dT%H:%M:%S%z")
+                - datetime.strptime(info["started_at"], "%Y-%m-%dT%H:%M:%S%z")).total_seconds()
+        log[name] = {"status": "ok", "wall_s": wall, "run_dir": str(runs_root / folder)}
+        found.append(runs_root / folder)
+    return found[0], found[1], log
+
+
+def main() -> None:
+    args = parse_args()
+    ctx, runs_root = C.begin("search_quality", args.quick)
+    from orchestrator import report
+
+    if args.report_only:
+        searched_dir, random_dir, log = earlier_runs(runs_root)
+    else:
+        searched_dir, random_dir, log = train_arms(args, runs_root)
     tables = {}
     for key, run_dir in (("lora-search", searched_dir), ("random", random_dir)):
         if run_dir is not None:
@@ -152,6 +181,11 @@ def _probe(run_dir: Path | None) -> tuple[float, float]:
     scores = json.loads((run_dir / "module_scores.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
     return float(sum(scores.get("seconds", {}).values())), float(info["config"]["cost"]["price_per_device_hour"]["cpu"])
+
+
+def _screen_rank(label: str) -> int:
+    """screen#3 → 3; a baseline's label → 0 (it is an arm's only model)."""
+    return int(label.removeprefix("screen#")) if str(label).startswith("screen#") else 0
 
 
 def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -177,6 +211,7 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
     probe_s, cpu_price = _probe(searched_dir)
     reference = rows[rows.arm == "uniform_qv"].accuracy
     ref_mean = reference.mean() if len(reference) else float("nan")
+    goal = models.accuracy.max()  # the best model of any arm
     out = []
     for arm in ["lora-search", "random search"] + BASELINES:
         mine = models[models.arm == arm]
@@ -185,6 +220,8 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
         best = mine.sort_values("accuracy", ascending=False).iloc[0]
         extra_s = probe_s if arm == "lora-search" else 0.0  # random search reuses the probe and needs none
         device_hours = mine.device_hours.sum() + extra_s / 3600
+        in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]  # survivors as the screen ranked them
+        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal, WITHIN_PTS) + extra_s / 3600
         cost = mine.cost_usd.sum() + extra_s / 3600 * cpu_price
         gain = 100 * (best.accuracy - ref_mean)
         best_rows = rows[(rows.arm == arm) & (rows.candidate_id == best.candidate_id)].accuracy
@@ -195,6 +232,7 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
                     "gain_vs_uniform_qv_pts": gain if arm != "uniform_qv" else float("nan"),
                     "p_vs_uniform_qv": welch_p(best_rows, reference) if arm != "uniform_qv" else float("nan"),
                     "device_hours": device_hours, "cost_usd": cost, "probe_s": extra_s,
+                    "hours_to_within_0_5_of_best": reach,
                     "roi_pts_per_usd": gain / cost if arm != "uniform_qv" and cost > 0 else float("nan"),
                     "roi_pts_per_device_hour": gain / device_hours if arm != "uniform_qv" and device_hours > 0 else float("nan"),
                     "beats_majority": bool(best.beats_majority)})
@@ -229,13 +267,16 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                                            for m, s in zip(arms.best_accuracy, arms.best_accuracy_std)],
                             mean_accuracy_of_arm=(100 * arms.mean_accuracy_of_arm).round(1))
         shown = shown[["arm", "models", "trainings", "best_label", "best_params", "best_accuracy", "mean_accuracy_of_arm",
-                       "gain_vs_uniform_qv_pts", "p_vs_uniform_qv", "device_hours", "cost_usd", "roi_pts_per_usd",
+                       "gain_vs_uniform_qv_pts", "p_vs_uniform_qv", "device_hours", "hours_to_within_0_5_of_best",
+                       "cost_usd", "roi_pts_per_usd",
                        "roi_pts_per_device_hour", "beats_majority"]]
         lines += [shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
                   "Accuracies in %, mean ± std over seeds of the arm's best model (best by mean accuracy on the eval "
                   "split); `gain` in points over uniform_qv's mean; ROI = gain / cost (USD, or device-hours). Cost = "
                   "the arm's training rows (device-hours × price, CPU $0.0446 per vCPU-hour) + the proxy probe for "
-                  "lora-search. p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
+                  "lora-search. hours_to_within_0_5_of_best = device-hours the arm spends (its probe, then its models in screen "
+                  "order) until a model is within 0.5 point of the best model of any arm; blank if none is. "
+                  "p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
                   "Linear: the smallest rank already exceeds the band, so it trains more parameters (best_params).", ""]
         verdict = []
         a = arms.set_index("arm")

@@ -1,0 +1,256 @@
+"""Train every candidate of a small space, and compare with what the proxies would have trained.
+
+What it measures, on 20 Newsgroups at the tight budget (search_spaces/newsgroups_tight_budget.yaml: 9,216
+LoRA params ±5%, DESIGN §9.1), on the packaged MiniLM-L6, with the product's own parts:
+
+- the small space: 12 structured allocations inside the band — every pair of attention types
+  (query, key, value, attention.output.dense) at r=1 on all 6 layers (6; one of them is uniform q,v),
+  every single attention type at r=2 on all 6 layers (4), and FFN-up (intermediate.dense) at r=1 on
+  layers 0-4 and on layers 1-5 (2, 9,600 params each);
+- train-every-candidate: all 12 trained through `orchestrator.train.run_training` (Ray Tune + Ray
+  Train, the shipped training settings), each over the seeds; the exhaustive best is the model with
+  the best mean accuracy;
+- lora-search on that space: the product's proxy probe (`pipeline.module_scores`, the shipped proxies)
+  scores all 12 exactly as the screen scores candidates (`ModuleScores.scores`); the top k by the
+  shipped `rank_by`/`direction` (grad_norm, minimised) are the ones it would train. Training is
+  deterministic per seed (results/benchmarks/ddp_parity.md: the same seed gives the same model), so
+  the arm reuses those k models' trainings instead of training them twice. Every other proxy's pick
+  (both directions) is shown beside it;
+- random k: the expected best of k models drawn at random from the 12 (exact, over all subsets).
+
+Per arm: best accuracy, gap to the exhaustive best, device-hours (training rows, plus the probe for
+the proxy arms) as a share of train-every-candidate's, and the device-hours it takes to reach a model
+within 0.5 point of the exhaustive best when candidates are trained in the arm's order (train every candidate and random:
+the mean over 20,000 random orders).
+
+Target (issue #12): within 0.5 point of the exhaustive best in ≤ 20% of its device-hours.
+
+Run (from the repository root):
+    python benchmarks/exhaustive.py --quick    # 500 train / 300 eval, max_length 64, seed 0 (about 10 minutes)
+    python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings, about 60 minutes)
+    python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
+Writes results/benchmarks/exhaustive.{csv,md,png}; the run (trials, adapters, module_scores.json) stays
+in results/benchmarks/exhaustive_runs/<quick|full>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
+ATTENTION = ("query", "key", "value", "attention.output.dense")
+SHORT = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "o"}
+WITHIN_PTS = 0.5
+TARGET_SHARE = 0.20
+UNIFORM_QV = "q+v r1"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="500 train / 300 eval, max_length 64, seed 0")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--survivors", type=int, default=2, help="k: models a proxy arm trains")
+    parser.add_argument("--resume", action="store_true", help="keep the earlier run's finished trainings")
+    parser.add_argument("--out", default=str(C.RESULTS))
+    args = parser.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    return args
+
+
+def small_space(modules) -> dict[str, object]:
+    """label → Allocation: the 12 structured allocations named in the header."""
+    from orchestrator.allocation import Allocation, uniform
+
+    found = {}
+    for a, b in itertools.combinations(ATTENTION, 2):
+        found[f"{SHORT[a]}+{SHORT[b]} r1"] = uniform(modules, (a, b), 1)
+    for kind in ATTENTION:
+        found[f"{SHORT[kind]} r2"] = uniform(modules, (kind,), 2)
+    for first, last in ((0, 4), (1, 5)):
+        found[f"ffn_up L{first}-{last} r1"] = Allocation.from_ranks(
+            {m.name: 1 for m in modules if m.type == "intermediate.dense" and first <= m.layer <= last})
+    return found
+
+
+def train_all(cfg, task, modules, space: dict, resume: bool):
+    """Probe scores and every allocation × seed trained through the product; returns (scores, trials)."""
+    import ray
+
+    from orchestrator import pipeline
+    from orchestrator.train import TrainJob, run_training
+
+    pipeline.prepare_run_dir(cfg, resume)
+    pipeline.write_run_json(cfg, command="benchmarks/exhaustive.py", allocations=len(space))
+    pipeline.init_ray(None)
+    try:
+        scores = pipeline.module_scores(cfg, task, modules)
+        jobs = [TrainJob(a.candidate_id, "searched", label, a.as_dict(), seed)
+                for label, a in space.items() for seed in cfg.train.seeds]
+        trials = run_training(cfg, task, jobs)
+    finally:
+        ray.shutdown()
+    return scores, trials
+
+
+def model_table(space: dict, scores, trials: dict, modules) -> pd.DataFrame:
+    rows = []
+    for label, allocation in space.items():
+        done = [t for t in trials.values() if t["candidate_id"] == allocation.candidate_id and t.get("status") == "completed"]
+        if not done:
+            continue
+        accuracy = [t["accuracy"] for t in done]
+        rows.append({"label": label, "candidate_id": allocation.candidate_id,
+                     "trainable_params": allocation.trainable_params(modules),
+                     "accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1)) if len(done) > 1 else float("nan"),
+                     "seeds": len(done), "device_hours": float(sum(t["device_hours"] for t in done)),
+                     **{f"proxy_{name}": value for name, value in scores.scores(allocation).items()}})
+    return pd.DataFrame(rows)
+
+
+def hours_to_reach(order: list[int], models: pd.DataFrame, goal: float) -> float:
+    """Device-hours spent training models in `order` (positions in `models`) until one is near `goal`."""
+    picked = models.iloc[order]
+    return C.hours_to_reach(picked.accuracy, picked.device_hours, goal, WITHIN_PTS)
+
+
+def random_orders(n: int, count: int = 20_000) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.permutation(n).tolist() for _ in range(count)]
+
+
+def arms(models: pd.DataFrame, k: int, probe_hours: float, shipped: tuple[str, str]) -> pd.DataFrame:
+    """One row per arm: train every candidate, each proxy in each direction (top k), uniform q,v, random k (expected)."""
+    goal = models.accuracy.max()
+    near = goal - WITHIN_PTS / 100
+    any_order = float(np.mean([hours_to_reach(o, models, goal) for o in random_orders(len(models))]))
+    rows = [{"arm": "train every candidate", "trains": len(models), "best_label": models.label.iat[int(models.accuracy.argmax())],
+             "best_accuracy": goal, "device_hours": models.device_hours.sum(), "hours_to_within": any_order}]
+    proxies = sorted(c.removeprefix("proxy_") for c in models.columns if c.startswith("proxy_"))
+    for proxy, direction in itertools.product(proxies, ("maximize", "minimize")):
+        sign = 1.0 if direction == "maximize" else -1.0
+        order = np.argsort(-sign * models[f"proxy_{proxy}"].to_numpy(), kind="stable").tolist()
+        top = models.iloc[order[:k]]
+        name = f"lora-search ({proxy}, {direction})" + (" — as shipped" if (proxy, direction) == shipped else "")
+        rows.append({"arm": name, "trains": k, "best_label": top.label.iat[int(top.accuracy.argmax())],
+                     "best_accuracy": top.accuracy.max(), "device_hours": top.device_hours.sum() + probe_hours,
+                     "hours_to_within": hours_to_reach(order, models, goal) + probe_hours})
+    qv = models[models.label == UNIFORM_QV]
+    if not qv.empty:  # the hand-picked default, trained as one of the 12
+        rows.append({"arm": "uniform_qv (q+v r1)", "trains": 1, "best_label": UNIFORM_QV, "best_accuracy": qv.accuracy.iat[0],
+                     "device_hours": qv.device_hours.iat[0],
+                     "hours_to_within": C.hours_to_reach(qv.accuracy, qv.device_hours, goal, WITHIN_PTS)})
+    subsets = [models.accuracy.iloc[list(s)].max() for s in itertools.combinations(range(len(models)), k)]
+    rows.append({"arm": f"random {k} (expected)", "trains": k, "best_label": "—", "best_accuracy": float(np.mean(subsets)),
+                 "device_hours": k * models.device_hours.mean(), "hours_to_within": any_order,
+                 "p_within": float(np.mean([b >= near for b in subsets]))})
+    table = pd.DataFrame(rows)
+    table["gap_pts"] = 100 * (table.best_accuracy - goal)
+    table["within_0_5"] = table.best_accuracy >= near
+    table["share_of_exhaustive_hours"] = table.device_hours / models.device_hours.sum()
+    table["meets_target"] = table.within_0_5 & (table.share_of_exhaustive_hours <= TARGET_SHARE)
+    return table
+
+
+def plot(models: pd.DataFrame, shipped: tuple[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxy, direction = shipped
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.errorbar(models[f"proxy_{proxy}"], 100 * models.accuracy, yerr=100 * models.accuracy_std.fillna(0),
+                fmt="o", capsize=3)
+    for row in models.itertuples():
+        ax.annotate(row.label, (getattr(row, f"proxy_{proxy}"), 100 * row.accuracy), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100 * models.accuracy.max() - WITHIN_PTS, color="grey", ls="--", lw=0.8,
+               label=f"within {WITHIN_PTS} pt of the exhaustive best")
+    ax.set_xlabel(f"{proxy} score (the screen {direction}s it)")
+    ax.set_ylabel("eval accuracy, % (mean ± std over seeds)")
+    ax.set_title("20 Newsgroups, 9.2k LoRA params: every candidate of the small space")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_line: str, probe_s: float) -> str:
+    flag = " --quick" if args.quick else ""
+    mine = table[table.arm.str.endswith("as shipped")].iloc[0]
+    verdict = (f"**{'MET' if mine.meets_target else 'MISSED'}**: the shipped proxy's top {args.survivors} reach "
+               f"{100 * mine.best_accuracy:.1f}% ({mine.gap_pts:+.1f} points from the exhaustive best) in "
+               f"{100 * mine.share_of_exhaustive_hours:.0f}% of its device-hours (target: within {WITHIN_PTS} point in "
+               f"≤ {100 * TARGET_SHARE:.0f}%).")
+    shown = table.assign(best_accuracy=(100 * table.best_accuracy).round(2))
+    m = models.assign(accuracy=[f"{100 * a:.1f}" + ("" if math.isnan(s) else f" ± {100 * s:.1f}")
+                                for a, s in zip(models.accuracy, models.accuracy_std)]).drop(columns=["accuracy_std"])
+    return "\n".join([
+        "# Train every candidate vs the proxies' pick: 20 Newsgroups, 9,216 LoRA params", "",
+        f"Command: `python benchmarks/exhaustive.py{flag} --seeds {' '.join(map(str, args.seeds))}` · "
+        f"{time.strftime('%Y-%m-%d %H:%M')}", "", C.context_line(ctx) + ".", "", C.NOISE_NOTE, "",
+        f"{task_line}; 12 structured allocations (header of the script), seeds {args.seeds}, k = {args.survivors}; "
+        f"one proxy probe ({probe_s:.0f} s, all proxies) scores all of them.", "", verdict, "",
+        "## Arms", "", shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
+        "best_accuracy in % (mean over seeds of the arm's best model); gap in points to the exhaustive best; device-hours = "
+        "training rows (+ the probe for proxy arms); hours_to_within = device-hours until the first model within "
+        f"{WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "
+        "and random: the mean over 20,000 random orders); p_within = chance a random k-subset holds such a model.", "",
+        "## Every candidate", "", m.to_markdown(index=False, floatfmt=".4g"), "",
+        "![accuracy vs the shipped proxy](exhaustive.png)", ""])
+
+
+def main() -> None:
+    args = parse_args()
+    ctx, runs_root = C.begin("exhaustive", args.quick)  # before the imports: it sets HF_HUB_OFFLINE
+    from orchestrator.allocators import make_budget
+    from orchestrator.config import load_config
+    from orchestrator.data import load_task, task_summary
+    from orchestrator.models import adaptable_modules, load_model
+
+    if runs_root.exists() and not args.resume:
+        shutil.rmtree(runs_root)  # this script's own earlier run
+    seeds = ",".join(map(str, args.seeds))
+    overrides = [f"results_dir={runs_root.resolve()}", "name=exhaustive", f"train.seeds=[{seeds}]", "train.baselines=[]",
+                 "train.max_concurrent=2", "train.use_gpu=false"]
+    if args.quick:
+        overrides += ["data.train_size=500", "data.eval_size=300", "model.max_length=64"]
+    cfg = load_config(SPACE, overrides)
+    task = load_task(cfg.data)
+    modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
+    space = small_space(modules)
+    budget = make_budget(modules, cfg.space)
+    off = {label: a.trainable_params(modules) for label, a in space.items()
+           if not budget.low <= a.trainable_params(modules) <= budget.high}
+    if off:
+        raise SystemExit(f"exhaustive: {off} fall outside the budget band [{budget.low}, {budget.high}]")
+    scores, trials = train_all(cfg, task, modules, space, args.resume)
+    models = model_table(space, scores, trials, modules)
+    shipped = (cfg.screen.rank_by, cfg.screen.direction)
+    probe_s = sum(scores.seconds.values()) + scores.warmup_seconds  # the screen computes every listed proxy at once
+    table = arms(models, args.survivors, probe_s / 3600, shipped)
+    summary = task_summary(task)
+    task_line = (f"Task: {summary['train_examples']} train / {summary['eval_examples']} eval examples, "
+                 f"{len(summary['labels'])} classes, max_length {cfg.model.max_length}")
+    out = Path(args.out)
+    C.write_csv(out / "exhaustive.csv", table)
+    C.write_csv(out / "exhaustive_models.csv", models)
+    plot(models, shipped, out / "exhaustive.png")
+    C.write_text(out / "exhaustive.md", markdown(table, models, ctx, args, task_line, probe_s))
+    print((out / "exhaustive.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""benchmarks/exhaustive.py: the small space stays in the budget band, and the arms are scored as documented."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import exhaustive  # noqa: E402
+
+from orchestrator.allocation import uniform  # noqa: E402
+from orchestrator.allocators import Budget  # noqa: E402
+from orchestrator.models import AdaptableModule  # noqa: E402
+
+TYPES = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "attention.output.dense": (384, 384),
+         "intermediate.dense": (384, 1536), "output.dense": (1536, 384)}
+
+
+@pytest.fixture
+def minilm_modules():
+    """MiniLM-L6's adaptable Linear modules (6 layers, hidden 384, FFN 1,536), without loading it."""
+    return [AdaptableModule(f"l{layer}.{kind}", layer, kind, *shape) for layer in range(6) for kind, shape in TYPES.items()]
+
+
+def test_small_space_is_twelve_distinct_allocations_inside_the_band(minilm_modules):
+    space = exhaustive.small_space(minilm_modules)
+    budget = Budget(9216, 0.05)
+    params = {label: a.trainable_params(minilm_modules) for label, a in space.items()}
+    assert len(space) == 12 and len({a.candidate_id for a in space.values()}) == 12
+    assert all(budget.low <= p <= budget.high for p in params.values()), params
+    assert space["q+v r1"] == uniform(minilm_modules, ("query", "value"), 1)  # the uniform_qv baseline is in the space
+    assert params["ffn_up L0-4 r1"] == 5 * (384 + 1536)
+
+
+def models_table():
+    # accuracy, and a proxy that ranks them backwards (largest score = worst model)
+    return pd.DataFrame({"label": list("abcde"), "accuracy": [0.60, 0.596, 0.55, 0.50, 0.45],
+                         "accuracy_std": [0.01] * 5, "device_hours": [1.0, 1.0, 1.0, 1.0, 1.0],
+                         "proxy_p": [1.0, 2.0, 3.0, 4.0, 5.0]})
+
+
+def test_arms_pick_top_k_in_each_direction_and_charge_the_probe():
+    table = exhaustive.arms(models_table(), k=2, probe_hours=0.5, shipped=("p", "minimize")).set_index("arm")
+    every = table.loc["train every candidate"]
+    assert every.best_accuracy == 0.60 and every.device_hours == 5.0 and every.share_of_exhaustive_hours == 1.0
+    shipped = table.loc["lora-search (p, minimize) — as shipped"]  # picks a and b
+    assert shipped.best_label == "a" and shipped.gap_pts == 0.0
+    assert shipped.device_hours == 2.5 and shipped.hours_to_within == 1.5 and shipped.share_of_exhaustive_hours == 0.5
+    assert not shipped.meets_target  # within 0.5 point, but 50% of the hours > 20%
+    backwards = table.loc["lora-search (p, maximize)"]  # picks e and d
+    assert backwards.best_label == "d" and backwards.gap_pts == pytest.approx(-10.0)
+    assert backwards.hours_to_within == 4.0 + 0.5  # e, d, c, b (4 trainings + the probe): b is the first within 0.5 point
+    assert not backwards.within_0_5
+
+
+def test_random_arm_is_the_exact_expectation_over_subsets():
+    table = exhaustive.arms(models_table(), k=2, probe_hours=0.0, shipped=("p", "minimize")).set_index("arm")
+    rnd = table.loc["random 2 (expected)"]
+    # 10 pairs; best-of-pair is a in 4, b in 3, c in 2, d in 1
+    assert rnd.best_accuracy == pytest.approx((4 * 0.60 + 3 * 0.596 + 2 * 0.55 + 0.50) / 10)
+    assert rnd.p_within == pytest.approx(0.7)
+    assert rnd.device_hours == 2.0
+    # a or b first (2 of 5 models within 0.5 point): expected position 2 in a random order → 2 device-hours
+    assert rnd.hours_to_within == pytest.approx(2.0, abs=0.05)
+    assert "uniform_qv (q+v r1)" not in table.index  # no q+v r1 among these candidates
+
+
+def test_uniform_qv_row_is_its_own_model():
+    models = models_table().assign(label=["a", "b", exhaustive.UNIFORM_QV, "d", "e"])
+    row = exhaustive.arms(models, k=2, probe_hours=0.0, shipped=("p", "minimize")).set_index("arm").loc["uniform_qv (q+v r1)"]
+    assert row.best_accuracy == 0.55 and row.gap_pts == pytest.approx(-5.0) and row.device_hours == 1.0
+    assert row.hours_to_within != row.hours_to_within  # NaN: it never gets within 0.5 point
