@@ -9,7 +9,6 @@ alone: WAL is unsafe on network file systems, where multi-node results may live.
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from wsgiref import simple_server
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from orchestrator.errors import UserError
-from orchestrator.storage import open_storage, shown_url
+from orchestrator.storage import open_storage, run_study_url, shown_url
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STUDY_NAME = "screen"  # orchestrator.screen.STUDY_NAME (not imported: it pulls in Ray)
@@ -37,33 +36,11 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def storage_url(run_dir: str | Path) -> str:
-    """The run's Optuna storage URL; UserError (one line) when `run_dir` holds no run or no study."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR: '{run_dir}' is not a directory; give a run directory, e.g. results/quickstart")
-    url = None
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            url = (json.loads(run_json.read_text()).get("config") or {}).get("screen", {}).get("storage")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
-    elif not (run_dir / "study.db").is_file():
-        raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
-    if url:
-        return url
-    db = (run_dir / "study.db").resolve()
-    if not db.is_file():
-        raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
-    return f"sqlite:///{db}"
-
-
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
     """A threaded WSGI server of optuna-dashboard on the run's study; call serve_forever() / shutdown()."""
     from optuna_dashboard import wsgi
 
-    url = storage_url(run_dir)
+    url = run_study_url(run_dir)
     storage = open_storage(url, create=False)
     server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
     try:

@@ -235,12 +235,11 @@ def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
     import optuna
 
     from orchestrator.allocators import distribution_space
-    from orchestrator.dashboard import storage_url
     from orchestrator.screen import STUDY_NAME
-    from orchestrator.storage import open_storage
+    from orchestrator.storage import open_storage, run_study_url
 
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(storage_url(run_dir), create=False))
+        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(run_study_url(run_dir), create=False))
     except (UserError, KeyError):
         return []
     keys = set(distribution_space(space))

@@ -20,6 +20,7 @@ directory (it copies each finished adapter out of its checkpoint), and a finishe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -60,6 +61,28 @@ def _expanded(url: str) -> str:
         return os.environ[match.group(1)]
 
     return ENV_REFERENCE.sub(value, url)
+
+
+def run_study_url(run_dir: str | Path) -> str:
+    """The run's Optuna storage URL; UserError (one line) when `run_dir` holds no run or no study."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR: '{run_dir}' is not a directory; give a run directory, e.g. results/quickstart")
+    url = None
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        try:
+            url = (json.loads(run_json.read_text()).get("config") or {}).get("screen", {}).get("storage")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
+    elif not (run_dir / "study.db").is_file():
+        raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
+    if url:
+        return url
+    db = (run_dir / "study.db").resolve()
+    if not db.is_file():
+        raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
+    return f"sqlite:///{db}"
 
 
 def open_storage(url: str, *, create: bool):

@@ -18,7 +18,8 @@ import optuna
 import psutil
 import pytest
 
-from orchestrator.dashboard import make_server, storage_url
+from orchestrator.dashboard import make_server
+from orchestrator.storage import run_study_url
 from orchestrator.errors import UserError
 
 STUDY = "screen"
@@ -71,12 +72,12 @@ def served(tmp_path):
 # ---------------------------------------------------------------- storage lookup and errors
 
 
-def test_storage_url_default_and_from_run_json(tmp_path):
+def test_run_study_url_default_and_from_run_json(tmp_path):
     run_dir = make_run_dir(tmp_path)
-    assert storage_url(run_dir) == f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    assert run_study_url(run_dir) == f"sqlite:///{(run_dir / 'study.db').resolve()}"
     elsewhere = tmp_path / "elsewhere.db"
     (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": f"sqlite:///{elsewhere}"}}}))
-    assert storage_url(run_dir) == f"sqlite:///{elsewhere}"
+    assert run_study_url(run_dir) == f"sqlite:///{elsewhere}"
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet"])
@@ -89,7 +90,7 @@ def test_bad_run_dir_is_a_user_error(tmp_path, case):
     if case == "no_study_yet":
         (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None}}}))
     with pytest.raises(UserError) as err:
-        storage_url(run_dir)
+        run_study_url(run_dir)
     assert str(err.value).startswith("RUN_DIR: ") and "\n" not in str(err.value)
     assert not (run_dir / "study.db").exists()  # nothing was created
 
@@ -188,7 +189,7 @@ WRITER = textwrap.dedent("""
 def test_dashboard_reads_while_a_writer_adds_trials(served):
     _, base, run_dir = served
     writes = 60
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, storage_url(run_dir), str(writes)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, run_study_url(run_dir), str(writes)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     statuses, counts = [], []
     try:
