@@ -96,18 +96,20 @@ def train_all(cfg, task, modules, space: dict, resume: bool):
     pipeline.init_ray(None)
     try:
         scores = pipeline.module_scores(cfg, task, modules)
+        # seed-major: an interrupted run has whole seeds, which `--resume --seeds …` can report on
         jobs = [TrainJob(a.candidate_id, "searched", label, a.as_dict(), seed)
-                for label, a in space.items() for seed in cfg.train.seeds]
+                for seed in cfg.train.seeds for label, a in space.items()]
         trials = run_training(cfg, task, jobs)
     finally:
         ray.shutdown()
     return scores, trials
 
 
-def model_table(space: dict, scores, trials: dict, modules) -> pd.DataFrame:
+def model_table(space: dict, scores, trials: dict, modules, seeds: list[int]) -> pd.DataFrame:
     rows = []
     for label, allocation in space.items():
-        done = [t for t in trials.values() if t["candidate_id"] == allocation.candidate_id and t.get("status") == "completed"]
+        done = [t for t in trials.values() if t["candidate_id"] == allocation.candidate_id and t.get("status") == "completed"
+                and t["seed"] in seeds]
         if not done:
             continue
         accuracy = [t["accuracy"] for t in done]
@@ -237,7 +239,7 @@ def main() -> None:
     if off:
         raise SystemExit(f"exhaustive: {off} fall outside the budget band [{budget.low}, {budget.high}]")
     scores, trials = train_all(cfg, task, modules, space, args.resume)
-    models = model_table(space, scores, trials, modules)
+    models = model_table(space, scores, trials, modules, args.seeds)
     shipped = (cfg.screen.rank_by, cfg.screen.direction)
     probe_s = sum(scores.seconds.values()) + scores.warmup_seconds  # the screen computes every listed proxy at once
     table = arms(models, args.survivors, probe_s / 3600, shipped)
