@@ -137,20 +137,35 @@ def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
 
 
 def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
-    """The finished runs of an earlier invocation; wall time from their run.json (without Ray's start)."""
+    """The runs of an earlier invocation; an interrupted one gets its report rebuilt from its finished trainings.
+
+    Wall time comes from run.json (from the run's start, without Ray's), up to the last finished training."""
     from datetime import datetime
+
+    from orchestrator import report
+    from orchestrator.errors import UserError
 
     found, log = [], {}
     for name, folder in (("lora-search", "lora-search"), ("random", RANDOM_NAME)):
-        info_path = runs_root / folder / "run.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        if "finished_at" not in info:
+        run_dir = runs_root / folder
+        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        trials = sorted((run_dir / "trials").glob("*.json"))
+        if "started_at" not in info or not trials:
             found.append(None)
             continue
-        wall = (datetime.strptime(info["finished_at"], "%Y-%m-%dT%H:%M:%S%z")
-                - datetime.strptime(info["started_at"], "%Y-%m-%dT%H:%M:%S%z")).total_seconds()
-        log[name] = {"status": "ok", "wall_s": wall, "run_dir": str(runs_root / folder)}
-        found.append(runs_root / folder)
+        started = datetime.strptime(info["started_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        if "finished_at" in info:
+            status, ended = "ok", datetime.strptime(info["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        else:
+            try:
+                report.rebuild(run_dir)
+            except UserError:
+                found.append(None)
+                continue
+            status = f"interrupted: report rebuilt from its {len(trials)} finished trainings"
+            ended = max(t.stat().st_mtime for t in trials)
+        log[name] = {"status": status, "wall_s": ended - started, "run_dir": str(run_dir)}
+        found.append(run_dir)
     return found[0], found[1], log
 
 
