@@ -275,6 +275,9 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   f"{len(task.get('labels', []))} classes, majority-class rate {task.get('majority_rate')}; seeds {args.seeds}; "
                   f"k = {args.survivors} trained models per search arm.", ""]
     lines += ["## Arms", ""]
+    missing = [arm for arm in ["lora-search", "random search"] + BASELINES if arms.empty or arm not in set(arms.arm)]
+    if missing:
+        lines += [f"Not trained in this invocation (see Runs below): {', '.join(missing)}.", ""]
     if arms.empty:
         lines += ["No arm finished: see the run log below.", ""]
     else:
@@ -296,8 +299,10 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
         verdict = []
         a = arms.set_index("arm")
         if {"lora-search", "uniform_qv"} <= set(a.index):
-            g = a.loc["lora-search", "gain_vs_uniform_qv_pts"]
-            verdict.append(f"lora-search vs uniform_qv: {g:+.1f} points ({'beats' if g > 0 else 'does not beat'} it)")
+            g, pv = a.loc["lora-search", ["gain_vs_uniform_qv_pts", "p_vs_uniform_qv"]]
+            outcome = ("beats it" if g > 0 else "loses to it") if pv < 0.05 else f"no difference beyond seed noise, p = {pv:.2f}"
+            verdict.append(f"lora-search vs uniform_qv: {g:+.1f} points ({outcome if pv == pv else 'one seed: no claim'}); "
+                           "target +1.6 points (HeteroLoRA): " + ("met" if g >= 1.6 and pv < 0.05 else "not met"))
         if {"lora-search", "random search"} <= set(a.index):
             d = 100 * (a.loc["lora-search", "best_accuracy"] - a.loc["random search", "best_accuracy"])
             verdict.append(f"lora-search vs random search (same k): {d:+.1f} points")
