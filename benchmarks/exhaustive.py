@@ -209,7 +209,10 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
         "best_accuracy in % (mean over seeds of the arm's best model); gap in points to the exhaustive best; device-hours = "
         "training rows (+ the probe for proxy arms); hours_to_within = device-hours until the first model within "
         f"{WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "
-        "and random: the mean over 20,000 random orders); p_within = chance a random k-subset holds such a model.", "",
+        "and random: the mean over 20,000 random orders); p_within = chance a random k-subset holds such a model. "
+        "`params` is a floor, not a proxy of placement: it orders candidates by parameter count alone, and the band "
+        "lets the two FFN-up allocations use 9,600 parameters against 9,216 for the others. Device-hours are wall "
+        "times under a load that changed during the run: compare them loosely.", "",
         "## Every candidate", "", m.to_markdown(index=False, floatfmt=".4g"), "",
         "![accuracy vs the shipped proxy](exhaustive.png)", ""])
 
