@@ -26,8 +26,8 @@ the mean over 20,000 random orders).
 Target (issue #12): within 0.5 point of the exhaustive best in ≤ 20% of its device-hours.
 
 Run (from the repository root):
-    python benchmarks/exhaustive.py --quick    # 500 train / 300 eval, max_length 64, seed 0 (about 10 minutes)
-    python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings, about 60 minutes)
+    python benchmarks/exhaustive.py --quick    # 500 train / 300 eval, max_length 64, seed 0 (7 min here; a smoke test)
+    python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings, ~75 min on 2 idle cores)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
 Writes results/benchmarks/exhaustive.{csv,md,png}; the run (trials, adapters, module_scores.json) stays
 in results/benchmarks/exhaustive_runs/<quick|full>/.
