@@ -35,8 +35,9 @@ Run (from the repository root):
     python benchmarks/search_quality.py                     # 3 seeds, full data
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
     python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
+    python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
 Writes results/benchmarks/search_quality.{csv,md}; the runs themselves (report.md, adapters, study.db)
-stay in results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation).
+stay in results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation without --resume).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def parse_args() -> argparse.Namespace:
                         "quick 8, i.e. 200 candidates)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
                         "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
+    parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
+                        "their finished trainings are kept")
     parser.add_argument("--out", default=str(C.RESULTS))
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -98,10 +101,12 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
     from orchestrator.pipeline import run
 
     cfg = load_config(SPACE, overrides)
+    resume = (Path(cfg.run_dir) / "run.json").is_file()  # only after --resume: otherwise the runs root was wiped
     t0 = time.time()
     try:
-        run(cfg)
-        log[name] = {"status": "ok", "wall_s": time.time() - t0, "run_dir": str(cfg.run_dir)}
+        run(cfg, resume=resume)
+        status = "ok, resumed (wall: this invocation only)" if resume else "ok"
+        log[name] = {"status": status, "wall_s": time.time() - t0, "run_dir": str(cfg.run_dir)}
         return Path(cfg.run_dir)
     except Exception as err:  # one arm failing must not lose the others
         traceback.print_exc()
@@ -116,9 +121,9 @@ def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
 
     from orchestrator.pipeline import init_ray
 
-    if runs_root.exists():
+    if runs_root.exists() and not args.resume:
         shutil.rmtree(runs_root)  # this script's own earlier runs: run names must be new
-    runs_root.mkdir(parents=True)
+    runs_root.mkdir(parents=True, exist_ok=True)
     base = common_overrides(args, runs_root.resolve())
     log: dict = {}
     init_ray(None)
@@ -127,7 +132,7 @@ def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
         searched_dir = run_arm("lora-search", base + screen + ["name=lora-search", f"train.baselines=[{','.join(BASELINES)}]"],
                                log)
         if searched_dir is not None and (searched_dir / "module_scores.json").is_file():
-            (runs_root / RANDOM_NAME).mkdir()
+            (runs_root / RANDOM_NAME).mkdir(exist_ok=True)
             shutil.copy2(searched_dir / "module_scores.json", runs_root / RANDOM_NAME / "module_scores.json")
         random_dir = run_arm("random", base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
                                                f"screen.candidates_per_trial={args.survivors}", "train.baselines=[]"], log)
@@ -261,7 +266,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
              C.context_line(ctx) + ".", "", C.NOISE_NOTE, ""]
     task = None
     for name in ("lora-search", "random"):
-        if log.get(name, {}).get("status") == "ok":
+        if log.get(name, {}).get("status", "").startswith("ok"):
             info = json.loads((Path(log[name]["run_dir"]) / "run.json").read_text())
             task = info.get("task")
             break

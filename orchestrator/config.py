@@ -43,9 +43,13 @@ def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
 class ModelConfig:
     name: str = _help("'minilm-l6' (the packaged all-MiniLM-L6-v2) or a local Hugging Face model directory", "minilm-l6")
     max_length: int = _help("tokens per example; longer costs time roughly linearly", 64)
+    dropout: float | None = _help("dropout inside the base model (every nn.Dropout) while probing and training; null keeps "
+                                  "the checkpoint's (0.1 for MiniLM). 0 helped short runs: README 'Benchmarks'", None)
 
     def __post_init__(self):
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is out of range", "use 8..4096")
+        _require(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", f"{self.dropout} is not in [0, 1)",
+                 "use e.g. 0 or 0.1, or null to keep the checkpoint's")
 
 
 @dataclass

@@ -64,8 +64,9 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def load_model(name: str, num_labels: int, seed: int = 0) -> nn.Module:
-    """Sequence classifier on the base model. The seed fixes the fresh classification head."""
+def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None = None) -> nn.Module:
+    """Sequence classifier on the base model. The seed fixes the fresh classification head; a given
+    `dropout` replaces the rate of every dropout layer (None keeps the checkpoint's)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -77,11 +78,16 @@ def load_model(name: str, num_labels: int, seed: int = 0) -> nn.Module:
 
     path = resolve_model_path(name)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
     except (OSError, ValueError, SafetensorError) as err:  # bad config.json, unknown model_type, corrupt weights
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.name: '{path}' could not be loaded ({first}); check config.json and the "
                         "*.safetensors weights (e.g. save the model again with save_pretrained)") from None
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
+    return model
 
 
 def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:

@@ -110,7 +110,8 @@ def _probe_in_worker(cfg: RunConfig, task: TaskData, modules: list[AdaptableModu
     s = cfg.screen
     return score_modules(cfg.model.name, task.num_labels, task.train, modules, s.proxies, probe_rank=s.probe_rank,
                          num_batches=s.proxy_batches, batch_size=s.batch_size, max_length=cfg.model.max_length, seed=s.seed,
-                         warmup_steps=s.probe_warmup_steps, warmup_lr=cfg.train.lr, normalisation=s.proxy_normalisation)
+                         warmup_steps=s.probe_warmup_steps, warmup_lr=cfg.train.lr, normalisation=s.proxy_normalisation,
+                         dropout=cfg.model.dropout)
 
 
 def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) -> pd.DataFrame:

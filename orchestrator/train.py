@@ -242,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)  # optimizer steps
     steps = total_steps(t, steps_per_epoch)
 
-    base = load_model(cfg.model.name, task.num_labels, seed=job.seed)
+    base = load_model(cfg.model.name, task.num_labels, seed=job.seed, dropout=cfg.model.dropout)
     n_head = head_params(base)
     adapted = build_adapted(cfg, job, base, steps_per_epoch)
     peft_model = adapted.peft_model

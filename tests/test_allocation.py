@@ -173,6 +173,13 @@ def test_check_against_refuses_empty(tiny_model):
         Allocation.from_ranks({full("L0.query"): 0}).check_against(tiny_model)
 
 
+def test_model_dropout_sets_every_dropout_layer_and_none_keeps_the_checkpoints(tiny_model_dir):
+    rates = lambda model: {m.p for m in model.modules() if isinstance(m, nn.Dropout)}  # noqa: E731
+    assert rates(load_model(str(tiny_model_dir), 2)) == {0.1}  # BertConfig's hidden and attention dropout
+    assert rates(load_model(str(tiny_model_dir), 2, dropout=0.0)) == {0.0}
+    assert rates(load_model(str(tiny_model_dir), 2, dropout=0.3)) == {0.3}
+
+
 def test_apply_lora_refuses_bad_key_before_wrapping(tiny_model_dir):
     model = load_model(str(tiny_model_dir), 2)
     with pytest.raises(UserError, match="matches 4 Linear modules"):

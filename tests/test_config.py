@@ -187,6 +187,7 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["train.seeds=[]"], "train.seeds"),
     (["train.baselines=[lora_plus]"], "train.baselines"),
     (["model.max_length=4"], "model.max_length"),
+    (["model.dropout=1.0"], "model.dropout"),
     (["data.train_size=4"], "data.train_size"),
     (["cost.price_per_device_hour={cpu: -1, gpu: 1}"], "cost.price_per_device_hour.cpu"),
 ])

@@ -49,16 +49,17 @@ def warm_up(model: torch.nn.Module, batches, lr: float) -> None:
 def score_modules(model_name: str, num_labels: int, split: Split, modules: list[AdaptableModule],
                   proxies: list[str], *, probe_rank: int, num_batches: int, batch_size: int,
                   max_length: int, seed: int, warmup_steps: int = 0, warmup_lr: float = 2e-3,
-                  normalisation: str = "none") -> ModuleScores:
+                  normalisation: str = "none", dropout: float | None = None) -> ModuleScores:
     """One probe adapter of rank `probe_rank` on every searchable module and shortcut site; each proxy scores it once.
 
     With `warmup_steps` > 0 the probe first trains that many steps (`warm_up`) on the batches that
     follow the scored ones in the shuffled stream, so the proxies never score a batch it trained on
     (unless warm-up and scoring together exceed an epoch: the stream then reshuffles and goes on).
-    `normalisation` (proxies.normalise) rescales every model-based proxy's module scores; `params` stays a count."""
+    `normalisation` (proxies.normalise) rescales every model-based proxy's module scores; `params` stays a count.
+    `dropout` is the base model's (model.dropout), so the probe sees the network the trainings will."""
     torch.manual_seed(seed)
     probe = Allocation.from_ranks({m.name: probe_rank for m in modules})
-    model = apply_lora(load_model(model_name, num_labels, seed), probe)
+    model = apply_lora(load_model(model_name, num_labels, seed, dropout), probe)
     attach_allocation_shortcuts(model, probe, seed)
     loader = make_loader(split, load_tokenizer(model_name), max_length, batch_size, shuffle=True, seed=seed)
     stream = chain.from_iterable(repeat(loader))  # each pass over the loader reshuffles
