@@ -25,6 +25,7 @@ import argparse
 import itertools
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,7 +95,7 @@ def markdown(rows: pd.DataFrame, found: dict, ctx: dict, cmd: str) -> str:
              .agg(mean=lambda a: 100 * a.mean(), seeds=lambda a: " / ".join(f"{100 * x:.1f}" for x in a))
              .reset_index())
     lines = ["# Data sample vs training seed vs dropout: uniform q,v r1 on 20 Newsgroups", "",
-             f"Command: `{cmd}`", "", C.context_line(ctx) + ".", "",
+             f"Command: `{cmd}` · {time.strftime('%Y-%m-%d %H:%M')}", "", C.context_line(ctx) + ".", "",
              f"Trained through the product (run_training), {len(rows)} trainings; accuracy in % on each sample's own "
              f"eval split; majority-class rate {100 * rows.majority_rate.min():.1f}–{100 * rows.majority_rate.max():.1f}%.",
              "", C.md_table(cells.rename(columns={"mean": "accuracy % (mean over seeds)", "seeds": "per seed"}), ".1f"), "",

@@ -1,8 +1,9 @@
 """Run every benchmark in sequence and write benchmarks/README.md (index, latest results, scaling model).
 
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
-sparse_adapters.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py and exhaustive.py, each in its own subprocess (its own
-process group, killed whole on timeout) with a time limit, logs in results/benchmarks/logs/, then
+sparse_adapters.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py and
+data_variance.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
+limit, logs in results/benchmarks/logs/, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target),
 the latest results pasted from results/benchmarks/*.md, and a scaling model whose numbers are read
 from results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
@@ -68,7 +69,10 @@ SCRIPTS = [
      "vs the top k of each proxy's ranking of the same candidates vs random k: best accuracy, device-hours, "
      "device-hours to reach within 0.5 point of the exhaustive best",
      "within 0.5 point of the exhaustive best in ≤ 20% of its device-hours", (12, 90)),
-]  # the last five come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
+    ("data_variance", "uniform q,v r1 on 20 Newsgroups (9,216 params) trained through `run_training` for every data "
+     "sample (split_seed) × training seed × base-model dropout (checkpoint's / 0): how far each moves the accuracy",
+     "no target (it says which differences other tables can resolve)", (8, 45)),
+]  # the last six come after the 30-minute --quick deadline on 2 cores: they run when time is left, else alone
 
 
 def parse_args() -> argparse.Namespace:
