@@ -219,10 +219,14 @@ def _num(frame: pd.DataFrame | None, kind_col: str, kind: str, column: str, **wh
     return float(values.median()) if len(values) else float("nan")
 
 
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def scaling_model() -> list[str]:
     """The scaling section, with its numbers read from the stored CSVs (NaN-safe: says what is missing)."""
-    sc = pd.read_csv(C.RESULTS / "screening_cost.csv") if (C.RESULTS / "screening_cost.csv").is_file() else None
-    oo = pd.read_csv(C.RESULTS / "orchestration_overhead.csv") if (C.RESULTS / "orchestration_overhead.csv").is_file() else None
+    sc = _read(C.RESULTS / "screening_cost.csv")
+    oo = _read(C.RESULTS / "orchestration_overhead.csv")
     probe = _num(sc, "kind", "probe", "seconds")
     probe_cpu = _num(sc, "kind", "probe", "cpu_seconds")
     epoch = _num(sc, "kind", "epoch", "seconds")
@@ -239,6 +243,11 @@ def scaling_model() -> list[str]:
     train1 = _num(oo, "path", "ray_tune_train", "train_s")
     train2 = _num(oo, "path", "ray_tune_train_ddp", "train_s")
     total2 = _num(oo, "path", "ray_tune_train_ddp", "total_s")
+    workers_source = "orchestration_overhead --ddp"
+    if math.isnan(train2):  # overhead measured without --ddp: ddp_parity's loops, each run alone, 1 epoch
+        dp = _read(C.RESULTS / "ddp_parity.csv")
+        train1, train2 = _num(dp, "path", "plain", "train_wall_s"), _num(dp, "path", "2 workers", "train_wall_s")
+        workers_source = "ddp_parity (the plain loop, = 1 worker per seed, vs 2 workers; 1 epoch of 4,000)"
     orchestration = ckpt = job_fixed = eval_per_example = normalised = float("nan")
     if oo is not None and {"plain", "ray_tune_train"} <= set(oo.path) and "eval_examples" in oo:
         from types import SimpleNamespace
@@ -258,6 +267,8 @@ def scaling_model() -> list[str]:
     def f(x, fmt=".1f"):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
+    whole_job = ("", "") if math.isnan(total2) else ("; whole job", f"; {f(ray_total)} s vs {f(total2)} s")
+
     lines = ["## Scaling model: screening and training on N nodes", "",
              "The numbers below are read from `results/benchmarks/screening_cost.csv` and "
              "`orchestration_overhead.csv` of the latest run (2 shared CPU cores, 1 torch thread per job; wall seconds, "
@@ -275,8 +286,8 @@ def scaling_model() -> list[str]:
              f"| of which per job, Ray start excluded: Tune wait, worker start, imports, model load in the worker, teardown | T_job | {f(job_fixed)} s | orchestration_overhead |",
              f"| per epoch: checkpoint + `ray.train.report` | T_ckpt | {f(ckpt)} s | orchestration_overhead |",
              f"| plain vs Ray, same 3-epoch job (raw wall; load-normalised ratio {f(normalised, '.2f')}×) | | {f(plain_total)} s vs {f(ray_total)} s | orchestration_overhead |",
-             f"| 1 vs 2 Ray Train workers (DDP on CPU): training loop; whole job | | {f(train1)} s vs {f(train2)} s; "
-             f"{f(ray_total)} s vs {f(total2)} s | orchestration_overhead --ddp |",
+             f"| 1 vs 2 Ray Train workers (DDP on CPU): training loop{whole_job[0]} | | {f(train1)} s vs {f(train2)} s"
+             f"{whole_job[1]} | {workers_source} |",
              "",
              "**Screening.** T_screen(N) = T_probe + a_tune + (N / cpt) · t_trial + N · c_arith, where t_trial is the "
              "measured cost per trial with `max_concurrent_trials` = 2 (fixed in `screen.py`). The arithmetic term is milliseconds per hundred "
