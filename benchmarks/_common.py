@@ -93,6 +93,13 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     tmp.replace(path)
 
 
+def write_results(out: Path, name: str, frame: pd.DataFrame, text: str) -> None:
+    """<out>/<name>.csv and <name>.md, then the Markdown on stdout."""
+    write_csv(out / f"{name}.csv", frame)
+    write_text(out / f"{name}.md", text)
+    print(text, flush=True)
+
+
 # ---------------------------------------------------------------- the plain PEFT loop
 
 

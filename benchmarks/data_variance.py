@@ -100,7 +100,8 @@ def markdown(rows: pd.DataFrame, found: dict, ctx: dict, cmd: str) -> str:
              f"eval split; majority-class rate {100 * rows.majority_rate.min():.1f}–{100 * rows.majority_rate.max():.1f}%.",
              "", C.md_table(cells.rename(columns={"mean": "accuracy % (mean over seeds)", "seeds": "per seed"}), ".1f"), "",
              f"- Between data samples (split_seed), the seed-averaged accuracy ranges over **{found['sample_range_pts']:.1f} points**.",
-             f"- Between training seeds on one sample and dropout: {found['seed_range_pts_mean']:.1f} points on average.",
+             (f"- Between training seeds on one sample and dropout: {found['seed_range_pts_mean']:.1f} points on average."
+              if rows.seed.nunique() > 1 else "- One training seed: no seed spread measured."),
              f"- `model.dropout: 0` vs the checkpoint's 0.1, paired by sample and seed ({found['dropout0_gain_pairs']} pairs): "
              f"{found['dropout0_gain_pts_mean']:+.1f} points on average (smallest {found['dropout0_gain_pts_min']:+.1f}).",
              "", "Every other 20 Newsgroups table (search_quality, exhaustive, validate-proxies) uses split_seed 0 and the "
@@ -131,10 +132,7 @@ def main() -> None:
     rows = rows[rows.status == "completed"].astype({"accuracy": float})
     found = effects(rows)
     cmd = " ".join(["python", "benchmarks/data_variance.py", *sys.argv[1:]])
-    out = Path(args.out)
-    C.write_csv(out / "data_variance.csv", rows)
-    C.write_text(out / "data_variance.md", markdown(rows, found, ctx, cmd))
-    print((out / "data_variance.md").read_text())
+    C.write_results(Path(args.out), "data_variance", rows, markdown(rows, found, ctx, cmd))
 
 
 if __name__ == "__main__":

@@ -142,10 +142,7 @@ def main() -> None:
             print(rows[-len(args.seeds):], flush=True)
     frame = pd.DataFrame(rows)
     table = summary(frame)
-    out = Path(args.out)
-    C.write_csv(out / "ddp_parity.csv", frame)
-    C.write_text(out / "ddp_parity.md", markdown(frame, table, ctx, args))
-    print((out / "ddp_parity.md").read_text())
+    C.write_results(Path(args.out), "ddp_parity", frame, markdown(frame, table, ctx, args))
 
 
 if __name__ == "__main__":
