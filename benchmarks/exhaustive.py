@@ -52,7 +52,6 @@ import pandas as pd  # noqa: E402
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 ATTENTION = ("query", "key", "value", "attention.output.dense")
 SHORT = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "o"}
-WITHIN_PTS = 0.5
 TARGET_SHARE = 0.20
 UNIFORM_QV = "q+v r1"
 
@@ -124,7 +123,7 @@ def model_table(space: dict, scores, trials: dict, modules, seeds: list[int]) ->
 def hours_to_reach(order: list[int], models: pd.DataFrame, goal: float) -> float:
     """Device-hours spent training models in `order` (positions in `models`) until one is near `goal`."""
     picked = models.iloc[order]
-    return C.hours_to_reach(picked.accuracy, picked.device_hours, goal, WITHIN_PTS)
+    return C.hours_to_reach(picked.accuracy, picked.device_hours, goal)
 
 
 def random_orders(n: int, count: int = 20_000) -> list[list[int]]:
@@ -135,7 +134,7 @@ def random_orders(n: int, count: int = 20_000) -> list[list[int]]:
 def arms(models: pd.DataFrame, k: int, probe_hours: float, shipped: tuple[str, str]) -> pd.DataFrame:
     """One row per arm: train every candidate, each proxy in each direction (top k), uniform q,v, random k (expected)."""
     goal = models.accuracy.max()
-    near = goal - WITHIN_PTS / 100
+    near = goal - C.WITHIN_PTS / 100
     any_order = float(np.mean([hours_to_reach(o, models, goal) for o in random_orders(len(models))]))
     rows = [{"arm": "train every candidate", "trains": len(models), "best_label": models.label.iat[int(models.accuracy.argmax())],
              "best_accuracy": goal, "device_hours": models.device_hours.sum(), "hours_to_within": any_order}]
@@ -152,7 +151,7 @@ def arms(models: pd.DataFrame, k: int, probe_hours: float, shipped: tuple[str, s
     if not qv.empty:  # the hand-picked default, trained as one of the 12
         rows.append({"arm": "uniform_qv (q+v r1)", "trains": 1, "best_label": UNIFORM_QV, "best_accuracy": qv.accuracy.iat[0],
                      "device_hours": qv.device_hours.iat[0],
-                     "hours_to_within": C.hours_to_reach(qv.accuracy, qv.device_hours, goal, WITHIN_PTS)})
+                     "hours_to_within": C.hours_to_reach(qv.accuracy, qv.device_hours, goal)})
     subsets = [models.accuracy.iloc[list(s)].max() for s in itertools.combinations(range(len(models)), k)]
     rows.append({"arm": f"random {k} (expected)", "trains": k, "best_label": "—", "best_accuracy": float(np.mean(subsets)),
                  "device_hours": k * models.device_hours.mean(), "hours_to_within": any_order,
@@ -178,8 +177,8 @@ def plot(models: pd.DataFrame, shipped: tuple[str, str], path: Path) -> None:
     for row in models.itertuples():
         ax.annotate(row.label, (getattr(row, f"proxy_{proxy}"), 100 * row.accuracy), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    ax.axhline(100 * models.accuracy.max() - WITHIN_PTS, color="grey", ls="--", lw=0.8,
-               label=f"within {WITHIN_PTS} pt of the exhaustive best")
+    ax.axhline(100 * models.accuracy.max() - C.WITHIN_PTS, color="grey", ls="--", lw=0.8,
+               label=f"within {C.WITHIN_PTS} pt of the exhaustive best")
     ax.set_xlabel(f"{proxy} score (the screen {direction}s it)")
     ax.set_ylabel("eval accuracy, % (mean ± std over seeds)")
     ax.set_title("20 Newsgroups, 9.2k LoRA params: every candidate of the small space")
@@ -194,7 +193,7 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
     mine = table[table.arm.str.endswith("as shipped")].iloc[0]
     verdict = (f"**{'MET' if mine.meets_target else 'MISSED'}**: the shipped proxy's top {args.survivors} reach "
                f"{100 * mine.best_accuracy:.1f}% ({mine.gap_pts:+.1f} points from the exhaustive best) in "
-               f"{100 * mine.share_of_exhaustive_hours:.0f}% of its device-hours (target: within {WITHIN_PTS} point in "
+               f"{100 * mine.share_of_exhaustive_hours:.0f}% of its device-hours (target: within {C.WITHIN_PTS} point in "
                f"≤ {100 * TARGET_SHARE:.0f}%).")
     shown = table.assign(best_accuracy=(100 * table.best_accuracy).round(2))
     m = models.assign(accuracy=[f"{100 * a:.1f}" + ("" if math.isnan(s) else f" ± {100 * s:.1f}")
@@ -208,7 +207,7 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
         "## Arms", "", shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
         "best_accuracy in % (mean over seeds of the arm's best model); gap in points to the exhaustive best; device-hours = "
         "training rows (+ the probe for proxy arms); hours_to_within = device-hours until the first model within "
-        f"{WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "
+        f"{C.WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "
         "and random: the mean over 20,000 random orders); p_within = chance a random k-subset holds such a model. "
         "`params` is a floor, not a proxy of placement: it orders candidates by parameter count alone, and the band "
         "lets the two FFN-up allocations use 9,600 parameters against 9,216 for the others. Device-hours are wall "

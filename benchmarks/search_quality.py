@@ -59,7 +59,6 @@ import pandas as pd  # noqa: E402
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 BASELINES = ["uniform_qv", "uniform_all", "adalora"]
 RANDOM_NAME = "random-search"
-WITHIN_PTS = 0.5
 
 
 def parse_args() -> argparse.Namespace:
@@ -158,9 +157,10 @@ def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
         if "started_at" not in info or not trials:
             found.append(None)
             continue
-        started = datetime.strptime(info["started_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        stamp = lambda key: datetime.strptime(info[key], "%Y-%m-%dT%H:%M:%S%z").timestamp()  # noqa: E731 (run.json's format)
+        started = stamp("started_at")
         if "finished_at" in info:
-            status, ended = "ok", datetime.strptime(info["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+            status, ended = "ok", stamp("finished_at")
         else:
             try:
                 report.rebuild(run_dir)
@@ -241,7 +241,7 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
         extra_s = probe_s if arm == "lora-search" else 0.0  # random search reuses the probe and needs none
         device_hours = mine.device_hours.sum() + extra_s / 3600
         in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]  # survivors as the screen ranked them
-        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal, WITHIN_PTS) + extra_s / 3600
+        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal) + extra_s / 3600
         cost = mine.cost_usd.sum() + extra_s / 3600 * cpu_price
         gain = 100 * (best.accuracy - ref_mean)
         best_rows = rows[(rows.arm == arm) & (rows.candidate_id == best.candidate_id)].accuracy
