@@ -58,12 +58,9 @@ def train_setting(runs_root: Path, split: int, dropout: str, args) -> list[dict]
     from orchestrator.models import adaptable_modules, load_model
     from orchestrator.train import TrainJob, run_training
 
-    seeds = ",".join(map(str, args.seeds))
-    overrides = [f"results_dir={runs_root.resolve()}", f"name=split{split}-dropout-{DROPOUTS[dropout]}",
-                 f"data.split_seed={split}", f"model.dropout={DROPOUTS[dropout]}", f"train.seeds=[{seeds}]",
-                 "train.baselines=[]", "train.max_concurrent=2", "train.use_gpu=false"]
-    if args.quick:
-        overrides += ["data.train_size=500", "data.eval_size=300", "model.max_length=64"]
+    overrides = C.newsgroups_overrides(runs_root.resolve(), args.seeds, args.quick) + [
+        f"name=split{split}-dropout-{DROPOUTS[dropout]}", f"data.split_seed={split}", f"model.dropout={DROPOUTS[dropout]}",
+        "train.baselines=[]"]
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     allocation = uniform(adaptable_modules(load_model(cfg.model.name, task.num_labels)), ("query", "value"), 1)

@@ -226,11 +226,8 @@ def main() -> None:
 
     if runs_root.exists() and not args.resume:
         shutil.rmtree(runs_root)  # this script's own earlier run
-    seeds = ",".join(map(str, args.seeds))
-    overrides = [f"results_dir={runs_root.resolve()}", "name=exhaustive", f"train.seeds=[{seeds}]", "train.baselines=[]",
-                 "train.max_concurrent=2", "train.use_gpu=false"]
-    if args.quick:
-        overrides += ["data.train_size=500", "data.eval_size=300", "model.max_length=64"]
+    overrides = C.newsgroups_overrides(runs_root.resolve(), args.seeds, args.quick) + ["name=exhaustive",
+                                                                                     "train.baselines=[]"]
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))

@@ -83,11 +83,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def common_overrides(args, results_dir: Path) -> list[str]:
-    seeds = ",".join(map(str, args.seeds))
-    found = [f"results_dir={results_dir}", f"train.seeds=[{seeds}]", f"screen.survivors={args.survivors}",
-             "train.max_concurrent=2", "train.use_gpu=false"]
-    if args.quick:
-        found += ["data.train_size=500", "data.eval_size=300", "model.max_length=64"]
+    found = C.newsgroups_overrides(results_dir, args.seeds, args.quick) + [f"screen.survivors={args.survivors}"]
     if args.train_size:
         found.append(f"data.train_size={args.train_size}")
     if args.eval_size:
