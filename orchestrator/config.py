@@ -26,6 +26,7 @@ DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand 
 BASELINES = ("uniform_qv", "uniform_all", "adalora")
 SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+CALIBRATED = "calibrated"  # screen.rank_by value: rank by the calibration's measured scores (orchestrator/calibrate.py)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -104,7 +105,8 @@ class SpaceConfig:
 @dataclass
 class ScreenConfig:
     proxies: list[str] = _help("zero-cost proxies to compute for every candidate", factory=lambda: ["grad_norm", "params"])
-    rank_by: str = _help("proxy that picks the survivors", "grad_norm")
+    rank_by: str = _help("proxy that picks the survivors, or 'calibrated': a few short trainings first measure which "
+                         "module types pay on this task (the `calibrate` section), and that score picks them", "grad_norm")
     direction: str = _help("'maximize' or 'minimize' the rank_by proxy (DESIGN §9.1: signs must be measured)", "maximize")
     num_trials: int = _help("Tune trials; each samples and scores candidates_per_trial allocations", 8)
     candidates_per_trial: int = _help("allocations scored per Tune trial", 25)
@@ -135,7 +137,13 @@ class ScreenConfig:
         from orchestrator.allocators import ALLOCATORS  # lazy: allocators imports this module
 
         _require(self.allocator in ALLOCATORS, "screen.allocator", f"'{self.allocator}' is unknown", f"choose from {sorted(ALLOCATORS)}")
-        _require(self.rank_by in self.proxies, "screen.rank_by", f"'{self.rank_by}' is not in screen.proxies", "add it to screen.proxies")
+        _require(self.rank_by in self.proxies or self.rank_by == CALIBRATED, "screen.rank_by",
+                 f"'{self.rank_by}' is not in screen.proxies", f"add it to screen.proxies, or use '{CALIBRATED}'")
+        _require(self.rank_by != CALIBRATED or self.direction == "maximize", "screen.direction",
+                 f"'{self.direction}' with rank_by '{CALIBRATED}' (a measured accuracy gain: higher is better)",
+                 "use maximize")
+        _require(CALIBRATED not in self.proxies, "screen.proxies", f"'{CALIBRATED}' is measured by training, not a zero-cost proxy",
+                 f"remove it and set screen.rank_by: {CALIBRATED}")
         from orchestrator.proxies import NORMALISATIONS, PROXIES  # lazy: the registry imports torch
 
         unknown = [p for p in self.proxies if p not in PROXIES]
@@ -149,6 +157,19 @@ class ScreenConfig:
         _require(self.probe_warmup_steps >= 0, "screen.probe_warmup_steps", f"{self.probe_warmup_steps} is negative", "use 0 or more")
         _require(self.proxy_normalisation in NORMALISATIONS, "screen.proxy_normalisation",
                  f"'{self.proxy_normalisation}' is unknown", f"choose from {', '.join(NORMALISATIONS)}")
+
+
+@dataclass
+class CalibrateConfig:
+    train_size: int = _help("training examples each calibration run sees (a seeded sample of the task's training split)", 500)
+    eval_size: int = _help("held-out examples each calibration run is scored on (a seeded sample of the eval split)", 300)
+    epochs: int = _help("passes over the calibration sample; the runs must leave chance level to say anything (20 Newsgroups: "
+                        "16 steps, 500 examples × 1 epoch, did not)", 3)
+
+    def __post_init__(self):
+        for name in ("train_size", "eval_size"):
+            _require(getattr(self, name) >= 8, f"calibrate.{name}", f"{getattr(self, name)} is too small", "use at least 8")
+        _require(self.epochs > 0, "calibrate.epochs", f"{self.epochs} is not positive", "use 1 or more")
 
 
 @dataclass
@@ -274,6 +295,8 @@ class RunConfig:
     data: DataConfig = _help("task data", factory=DataConfig)
     space: SpaceConfig = _help("search space", factory=SpaceConfig)
     screen: ScreenConfig = _help("zero-cost screening stage", factory=ScreenConfig)
+    calibrate: CalibrateConfig = _help(f"short trainings, one per module type, that screen.rank_by: {CALIBRATED} ranks by",
+                                       factory=CalibrateConfig)
     train: TrainConfig = _help("training stage", factory=TrainConfig)
     cost: CostConfig = _help("price table of the cost model", factory=CostConfig)
     routing: RoutingSpaceConfig = _help("sparse modular adapters: routed LoRA experts vs dense vs plain LoRA",

@@ -16,7 +16,7 @@ import pandas as pd
 from orchestrator import report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, space_modules
-from orchestrator.config import RunConfig
+from orchestrator.config import CALIBRATED, RunConfig
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, head_params, load_model
@@ -126,7 +126,22 @@ def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
     if path.is_file():
         return ModuleScores(**json.loads(path.read_text()))
     scores = probe_scores(cfg, task, modules)
-    report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(asdict(scores))))
+    _write_scores(cfg, scores)
+    return scores
+
+
+def _write_scores(cfg: RunConfig, scores: ModuleScores) -> None:
+    report.write_atomic(cfg.run_dir / "module_scores.json", lambda p: Path(p).write_text(json.dumps(asdict(scores))))
+
+
+def calibrated_scores(cfg: RunConfig, task: TaskData, modules, budget, scores: ModuleScores) -> ModuleScores:
+    """Train the calibration runs (or read them back), add their score to module_scores.json and run.json."""
+    from orchestrator import calibrate
+
+    table = calibrate.run_calibration(cfg, task, modules, budget)
+    scores.unit[CALIBRATED] = calibrate.unit_scores(table, modules, budget)
+    _write_scores(cfg, scores)
+    write_run_json(cfg, calibration=calibrate.summary(table))
     return scores
 
 
@@ -150,6 +165,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     init_ray(address)
 
     scores = module_scores(cfg, task, modules)
+    if cfg.screen.rank_by == CALIBRATED:
+        scores = calibrated_scores(cfg, task, modules, budget, scores)
     screen_path = cfg.run_dir / "screen.csv"
     if screen_path.is_file():
         screen = pd.read_csv(screen_path)

@@ -368,8 +368,9 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
 
     Screening cost is the proxy probe (module_scores.json `seconds`, one Ray task on 1 CPU, priced at the
     CPU device-hour price); the Tune screen trials only sum per-module scores (milliseconds) and are not
-    counted. `compute_to_best_s` = probe seconds + the training wall seconds of the best searched model
-    (its first seed): the compute to obtain it had it been the only model trained.
+    counted. A calibrated screen (run.json `calibration`) adds its short trainings as their own stage.
+    `compute_to_best_s` = probe seconds + calibration seconds + the training wall seconds of the best searched
+    model (its first seed): the compute to obtain it had it been the only model trained.
     """
     run_info = run_info or {}
     price = run_info.get("config", {}).get("cost", {}).get("price_per_device_hour", {}).get("cpu", float("nan"))
@@ -378,7 +379,10 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
     screen_dh = probe_s / 3600.0
     train_cost, train_dh = float(report.cost_usd.sum()), float(report.device_hours.sum())
     screen_cost = screen_dh * float(price)
-    total = (0.0 if math.isnan(screen_cost) else screen_cost) + train_cost
+    calibration = run_info.get("calibration") or {}
+    calibrate_s, calibrate_dh = float(calibration.get("seconds", 0.0)), float(calibration.get("device_hours", 0.0))
+    calibrate_cost = float(calibration.get("cost_usd", 0.0))
+    total = (0.0 if math.isnan(screen_cost) else screen_cost) + calibrate_cost + train_cost
     table = aggregate(report)
     searched = table[table.kind == "searched"]
     best_wall = float("nan")
@@ -390,18 +394,25 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         "candidates_screened": int(len(screen)) if screen is not None else None,
         "survivors": int(screen.survivor.sum()) if screen is not None and "survivor" in screen else None,
         "probe_seconds": probe, "screen_seconds": probe_s, "screen_device_hours": screen_dh, "screen_cost_usd": screen_cost,
+        "calibration_runs": int(calibration.get("trainings", 0)), "calibrate_seconds": calibrate_s,
+        "calibrate_device_hours": calibrate_dh,
+        "calibrate_cost_usd": calibrate_cost,
         "models_trained": int(report.candidate_id.nunique()), "training_runs": int(len(report)),
         "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
         "total_cost_usd": total, "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
-        "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + best_wall,
+        "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + calibrate_s + best_wall,
         "run_wall_s": finished - started if started and finished and finished >= started else float("nan"),
     }
 
 
 def cost_table(costs: dict) -> pd.DataFrame:
     rows = [{"stage": "screen (proxy probe)", "items": costs["candidates_screened"], "seconds": costs["screen_seconds"],
-             "device_hours": costs["screen_device_hours"], "cost_usd": costs["screen_cost_usd"]},
-            {"stage": "train", "items": costs["training_runs"], "seconds": costs["train_seconds"],
+             "device_hours": costs["screen_device_hours"], "cost_usd": costs["screen_cost_usd"]}]
+    if costs.get("calibration_runs"):
+        rows.append({"stage": "calibrate (short trainings)", "items": costs["calibration_runs"],
+                     "seconds": costs["calibrate_seconds"], "device_hours": costs["calibrate_device_hours"],
+                     "cost_usd": costs["calibrate_cost_usd"]})
+    rows += [{"stage": "train", "items": costs["training_runs"], "seconds": costs["train_seconds"],
              "device_hours": costs["train_device_hours"], "cost_usd": costs["train_cost_usd"]}]
     table = pd.DataFrame(rows)
     table["share_of_cost"] = table.cost_usd / costs["total_cost_usd"] if costs["total_cost_usd"] > 0 else np.nan
@@ -494,7 +505,10 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
     if costs and not math.isnan(costs["screen_seconds"]):
         share = costs["screen_share_of_cost"]
         lines.append(f"Screening: {costs['candidates_screened'] or 0} candidates from a {costs['screen_seconds']:.1f} s probe "
-                     f"(${costs['screen_cost_usd']:.5f}, {100 * share:.1f}% of cost); training: {costs['training_runs']} runs, "
+                     f"(${costs['screen_cost_usd']:.5f}, {100 * share:.1f}% of cost); "
+                     + (f"calibration: {costs['calibration_runs']} short trainings, {costs['calibrate_seconds']:.0f} s "
+                        f"(${costs['calibrate_cost_usd']:.4f}); " if costs.get("calibration_runs") else "")
+                     + f"training: {costs['training_runs']} runs, "
                      f"{costs['train_seconds']:.0f} s (${costs['train_cost_usd']:.4f}); compute to best searched "
                      f"{costs['compute_to_best_s']:.0f} s")
     return lines

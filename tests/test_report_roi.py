@@ -301,3 +301,20 @@ def test_compare_two_runs(tmp_path, no_plots):
     result = CliRunner().invoke(app, ["report", str(first)], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "uniform_qv" in result.output and "Screening" in result.output
+
+
+def test_a_calibrated_run_counts_its_calibration_as_a_stage():
+    table = report.add_derived(report.build(trials(), proxy_scores(), COMPACT, MAJORITY))
+    run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.05}}},
+           "calibration": {"trainings": 4, "seconds": 40.0, "device_hours": 0.011, "cost_usd": 0.0005}}
+    plain = report.cost_breakdown(table, {"config": run["config"]}, {"seconds": {"grad_norm": 36.0}})
+    costs = report.cost_breakdown(table, run, {"seconds": {"grad_norm": 36.0}})
+    assert plain["calibration_runs"] == 0 and costs["calibration_runs"] == 4
+    assert costs["total_cost_usd"] == pytest.approx(plain["total_cost_usd"] + 0.0005)
+    assert costs["compute_to_best_s"] == pytest.approx(plain["compute_to_best_s"] + 40.0)
+    stages = report.cost_table(costs).set_index("stage")
+    assert stages.loc["calibrate (short trainings)", "device_hours"] == pytest.approx(0.011)
+    assert stages.share_of_cost.sum() == pytest.approx(1.0)
+    assert "calibrate (short trainings)" not in set(report.cost_table(plain).stage)
+    line = next(text for text in report.roi_lines(table, {"costs": costs}) if text.startswith("Screening"))
+    assert "calibration: 4 short trainings, 40 s" in line

@@ -11,7 +11,7 @@ import torch
 from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
 from orchestrator.data import Split, make_loader
 from orchestrator.models import AdaptableModule, load_model, load_tokenizer
-from orchestrator.proxies.base import get_proxy
+from orchestrator.proxies.base import PROXIES, get_proxy
 from orchestrator.proxies.normalise import normalise
 from orchestrator.proxies.scoring import scoring_mode
 
@@ -25,6 +25,8 @@ class ModuleScores:
     warmup_seconds: float = 0.0
 
     def score(self, proxy: str, allocation: Allocation) -> float:
+        if proxy not in PROXIES:  # a measured score (screen.rank_by: calibrated) has no Proxy class; rank-linear too
+            return float(sum(r * self.unit[proxy][name] for name, r in allocation.ranks))
         return get_proxy(proxy).candidate_score(self.unit[proxy], allocation)
 
     def scores(self, allocation: Allocation) -> dict[str, float]:

@@ -1,0 +1,150 @@
+"""Calibrate the screen on the task: short trainings measure which module types pay, before screening.
+
+Zero-cost proxies rank module types differently from one task (or data sample) to the next (DESIGN §9.1;
+benchmarks/search_quality.py: grad_norm minimised lost to random search on 20 Newsgroups, because the FFN
+up-projection, the best place there, has large gradients). With `screen.rank_by: calibrated` the run first
+trains one allocation per module type of the space, the whole budget on that type at the lowest rank that
+fits, on a small seeded sample (`calibrate.train_size`, `calibrate.eval_size`, `calibrate.epochs`). The
+`calibrated` score of a candidate is then the accuracy its parameters buy over the calibration mean,
+
+    score = 100 × Σ_m params_m × (accuracy(type of m) − mean accuracy) / budget    (points),
+
+rank-linear like every proxy (so every allocator can use it), and the screen keeps the highest scores.
+The calibration runs are ordinary Ray Train jobs in their own run directory (`<run>/<run>.calibration/`),
+resumable like the main trainings; their device-hours are the price of the calibration and count in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator import report
+from orchestrator.allocation import Allocation
+from orchestrator.allocators import Budget, space_modules
+from orchestrator.config import CALIBRATED, RunConfig
+from orchestrator.data import TaskData
+from orchestrator.models import AdaptableModule
+
+TABLE = "calibration.csv"
+
+
+def type_allocation(modules: list[AdaptableModule], ranks: list[int], budget: Budget) -> Allocation | None:
+    """The budget on these modules alone: the lowest rank, then the fewest modules (spread over the layers)
+    whose parameters land inside the band; None when no such allocation exists."""
+    ordered = sorted(modules, key=lambda m: (m.layer, m.name))
+    for rank in sorted(ranks):
+        for count in range(1, len(ordered) + 1):
+            picked = [ordered[i] for i in sorted(set(np.linspace(0, len(ordered) - 1, count).round().astype(int)))]
+            if len(picked) == count and budget.admits(sum(rank * m.params_per_rank for m in picked)):
+                return Allocation.from_ranks({m.name: rank for m in picked})
+    return None
+
+
+def calibration_allocations(cfg: RunConfig, modules: list[AdaptableModule], budget: Budget) -> dict[str, Allocation | None]:
+    """Module type → its single-type allocation (None: the type alone cannot meet the budget band)."""
+    searchable = space_modules(modules, cfg.space)
+    types = sorted({m.type for m in searchable})
+    return {t: type_allocation([m for m in searchable if m.type == t], cfg.space.ranks, budget) for t in types}
+
+
+def calibration_task(task: TaskData, cfg: RunConfig) -> TaskData:
+    """Seeded samples of the task's splits (different from the sample the proxies probe: its own seed stream)."""
+    rng = np.random.default_rng([cfg.screen.seed, 1])
+    c = cfg.calibrate
+    pick = lambda split, size: split.subset(sorted(rng.choice(len(split), min(size, len(split)), replace=False)))  # noqa: E731
+    return TaskData(task.name, task.label_names, pick(task.train, c.train_size), pick(task.eval, c.eval_size))
+
+
+def calibration_config(cfg: RunConfig) -> RunConfig:
+    """The main run's recipe on the calibration sample, in its own run directory inside the main one."""
+    train = dataclasses.replace(cfg.train, epochs=cfg.calibrate.epochs, seeds=[cfg.screen.seed], early_stopping=False,
+                                max_steps=None)
+    return dataclasses.replace(cfg, name=f"{cfg.name}.calibration", results_dir=str(cfg.run_dir.resolve()), train=train)
+
+
+def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModule], budget: Budget) -> pd.DataFrame:
+    """One row per module type: its allocation, calibration accuracy and device-hours (read back on resume)."""
+    from orchestrator.train import TrainJob, run_training
+
+    path = cfg.run_dir / TABLE
+    if path.is_file():
+        return pd.read_csv(path)
+    sub = calibration_config(cfg)
+    sub.run_dir.mkdir(parents=True, exist_ok=True)
+    chosen = calibration_allocations(cfg, modules, budget)
+    seed = sub.train.seeds[0]
+    jobs = {t: TrainJob(f"cal-{a.candidate_id}", "searched", f"calibrate {t}", a.as_dict(), seed)
+            for t, a in chosen.items() if a is not None}
+    print(f"calibrate: training {len(jobs)} module types on {cfg.calibrate.train_size} examples "
+          f"({', '.join(jobs)})", flush=True)
+    trials = run_training(sub, calibration_task(task, cfg), list(jobs.values()))
+    rows = []
+    for module_type, allocation in chosen.items():
+        trial = trials.get(jobs[module_type].job_id, {}) if module_type in jobs else {}
+        rows.append({"module_type": module_type, "allocation": allocation.compact(modules) if allocation else "",
+                     "trainable_params": allocation.trainable_params(modules) if allocation else 0,
+                     "accuracy": trial.get("accuracy", float("nan")), "status": trial.get("status", "no allocation fits"),
+                     "train_wall_s": trial.get("train_wall_s", 0.0), "device_hours": trial.get("device_hours", 0.0),
+                     "cost_usd": trial.get("cost_usd", 0.0)})
+    table = pd.DataFrame(rows)
+    write_outputs(table, cfg)
+    return table
+
+
+def unit_scores(table: pd.DataFrame, modules: list[AdaptableModule], budget: Budget) -> dict[str, float]:
+    """Per module and unit of rank: 100 × params_per_rank × (its type's accuracy − the mean) / budget.
+    Types without a calibration accuracy (outside the space, failed, or unable to meet the band) score 0."""
+    measured = table.dropna(subset=["accuracy"])
+    if measured.empty:
+        return {m.name: 0.0 for m in modules}
+    gain = dict(zip(measured.module_type, measured.accuracy - measured.accuracy.mean()))
+    return {m.name: 100.0 * m.params_per_rank * gain.get(m.type, 0.0) / budget.target for m in modules}
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """What run.json records: trainings, their device-hours and cost, and the types best to worst."""
+    measured = table.dropna(subset=["accuracy"]).sort_values("accuracy", ascending=False)
+    return {"trainings": int(len(measured)), "seconds": float(table.train_wall_s.sum()),
+            "device_hours": float(table.device_hours.sum()),
+            "cost_usd": float(table.cost_usd.sum()),
+            "accuracy_by_type": {t: round(float(a), 4) for t, a in zip(measured.module_type, measured.accuracy)}}
+
+
+def write_outputs(table: pd.DataFrame, cfg: RunConfig) -> None:
+    run_dir, c = cfg.run_dir, cfg.calibrate
+    plot(table, run_dir / "calibration.png")
+    shown = table.assign(accuracy=100 * table.accuracy).sort_values("accuracy", ascending=False)
+    text = ["# Calibration: which module types pay on this task", "",
+            f"One training per module type, the whole budget on that type, on {c.train_size} training examples for "
+            f"{c.epochs} epoch(s), scored on {c.eval_size} held-out examples (accuracy in %). The screen ranks "
+            f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs.", "",
+            shown.to_markdown(index=False, floatfmt=".4g"), "",
+            f"Calibration cost: {table.device_hours.sum():.4f} device-hours (${table.cost_usd.sum():.4f}).", "",
+            "![calibration accuracy per module type](calibration.png)", ""]
+    report.write_atomic(run_dir / "calibration.md", lambda p: Path(p).write_text("\n".join(text), encoding="utf-8"))
+    report.write_atomic(run_dir / TABLE, lambda p: table.to_csv(p, index=False))  # last: its presence marks the stage done
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = table.dropna(subset=["accuracy"]).sort_values("accuracy")
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * max(len(shown), 2) + 1.2), dpi=100)
+    ax.barh(shown.module_type, 100 * shown.accuracy, color="#4C72B0")
+    if not shown.empty:
+        ax.axvline(100 * shown.accuracy.mean(), color="grey", linestyle="--", label="mean (score 0)")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("calibration accuracy (%)")
+    ax.set_title("Whole budget on one module type (short training)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    report.write_atomic(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
