@@ -7,6 +7,10 @@ every report read back with `orchestrator.report.load`:
 
 - lora-search: proxy probe + Tune/Optuna screen of 500 candidates (20 trials × 25; --quick: 8 × 25 =
   200), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
+- lora-search (calibrated): the same screen ranked by `calibrated` (orchestrator/calibrate.py): one short
+  training per module type (calibrate.train_size 500, eval 300, 3 epochs) measures which types pay on the
+  task, and the top-k by that score are trained; its cost adds the calibration runs (and the probe, which
+  it copies from the lora-search run: it computes the other proxies' columns);
 - random search: k random allocations inside the same band trained (`screen.allocator=random`,
   num_trials 1 × candidates_per_trial k, so the survivors are exactly the k random draws and the proxy
   picks nothing); it reuses the lora-search run's module_scores.json, so no second probe runs;
@@ -23,9 +27,10 @@ the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
   --quick: train_size 500, eval_size 300, max_length 64, seed 0, survivors k = 2 — a smoke-sized
-           version (16 optimizer steps per model: expect accuracies near the majority class);
+           version (16 optimizer steps per model: expect accuracies near the majority class); the
+           calibrated arm's calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
-           (27 trainings, ~2 min each on one CPU thread: about 30-60 minutes on 2 cores).
+           (27 trainings + 6 calibration runs, ~2 min each on one CPU thread: about 40-70 minutes on 2 cores).
 
 Targets: lora-search's best beats uniform_qv and random search at equal budget (seed-averaged, with
 the seed spread shown) at a training cost within k + 1 trainings; ROI > 0.
@@ -59,6 +64,12 @@ import pandas as pd  # noqa: E402
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 BASELINES = ["uniform_qv", "uniform_all", "adalora"]
 RANDOM_NAME = "random-search"
+CALIBRATED_NAME = "lora-search-calibrated"
+# arm → (run directory name, what the run_arm log calls it); the baselines are read from the lora-search run
+SEARCH_RUNS = {"lora-search": ("lora-search", "lora-search"), "random search": (RANDOM_NAME, "random"),
+               "lora-search (calibrated)": (CALIBRATED_NAME, "calibrated")}
+SEARCH_ARMS = list(SEARCH_RUNS)
+QUICK_CALIBRATION = ["calibrate.train_size=128", "calibrate.eval_size=64", "calibrate.epochs=1"]  # a smoke test, like --quick
 
 
 def parse_args() -> argparse.Namespace:
@@ -110,8 +121,8 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
         return None
 
 
-def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
-    """The lora-search run (with the baselines), then the random-search run on its probe."""
+def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
+    """The lora-search run (with the baselines), then the random-search and calibrated runs on its probe."""
     import ray
 
     from orchestrator.pipeline import init_ray
@@ -120,23 +131,27 @@ def train_arms(args, runs_root: Path) -> tuple[Path | None, Path | None, dict]:
         shutil.rmtree(runs_root)  # this script's own earlier runs: run names must be new
     runs_root.mkdir(parents=True, exist_ok=True)
     base = common_overrides(args, runs_root.resolve())
+    screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
     log: dict = {}
     init_ray(None)
     try:
-        screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
-        searched_dir = run_arm("lora-search", base + screen + ["name=lora-search", f"train.baselines=[{','.join(BASELINES)}]"],
-                               log)
-        if searched_dir is not None and (searched_dir / "module_scores.json").is_file():
-            (runs_root / RANDOM_NAME).mkdir(exist_ok=True)
-            shutil.copy2(searched_dir / "module_scores.json", runs_root / RANDOM_NAME / "module_scores.json")
-        random_dir = run_arm("random", base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
-                                               f"screen.candidates_per_trial={args.survivors}", "train.baselines=[]"], log)
+        dirs = {"lora-search": run_arm("lora-search", base + screen + ["name=lora-search",
+                                                                        f"train.baselines=[{','.join(BASELINES)}]"], log)}
+        probe = dirs["lora-search"] / "module_scores.json" if dirs["lora-search"] else None
+        for name in (RANDOM_NAME, CALIBRATED_NAME):
+            if probe is not None and probe.is_file() and not (runs_root / name / "module_scores.json").is_file():
+                (runs_root / name).mkdir(exist_ok=True)
+                shutil.copy2(probe, runs_root / name / "module_scores.json")
+        dirs["random search"] = run_arm("random", base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
+                                                          f"screen.candidates_per_trial={args.survivors}", "train.baselines=[]"], log)
+        dirs["lora-search (calibrated)"] = run_arm("calibrated", base + screen + QUICK_CALIBRATION * args.quick + [
+            f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"], log)
     finally:
         ray.shutdown()
-    return searched_dir, random_dir, log
+    return dirs, log
 
 
-def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
+def earlier_runs(runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     """The runs of an earlier invocation; an interrupted one gets its report rebuilt from its finished trainings.
 
     Wall time comes from run.json (from the run's start, without Ray's), up to the last finished training."""
@@ -145,13 +160,13 @@ def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
     from orchestrator import report
     from orchestrator.errors import UserError
 
-    found, log = [], {}
-    for name, folder in (("lora-search", "lora-search"), ("random", RANDOM_NAME)):
+    found, log = {}, {}
+    for arm, (folder, name) in SEARCH_RUNS.items():
         run_dir = runs_root / folder
+        found[arm] = None
         info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         trials = sorted((run_dir / "trials").glob("*.json"))
         if "started_at" not in info or not trials:
-            found.append(None)
             continue
         stamp = lambda key: datetime.strptime(info[key], "%Y-%m-%dT%H:%M:%S%z").timestamp()  # noqa: E731 (run.json's format)
         started = stamp("started_at")
@@ -161,13 +176,12 @@ def earlier_runs(runs_root: Path) -> tuple[Path | None, Path | None, dict]:
             try:
                 report.rebuild(run_dir)
             except UserError:
-                found.append(None)
                 continue
             status = f"interrupted: report rebuilt from its {len(trials)} finished trainings"
             ended = max(t.stat().st_mtime for t in trials)
         log[name] = {"status": status, "wall_s": ended - started, "run_dir": str(run_dir)}
-        found.append(run_dir)
-    return found[0], found[1], log
+        found[arm] = run_dir
+    return found, log
 
 
 def main() -> None:
@@ -175,28 +189,28 @@ def main() -> None:
     ctx, runs_root = C.begin("search_quality", args.quick)
     from orchestrator import report
 
-    if args.report_only:
-        searched_dir, random_dir, log = earlier_runs(runs_root)
-    else:
-        searched_dir, random_dir, log = train_arms(args, runs_root)
-    tables = {}
-    for key, run_dir in (("lora-search", searched_dir), ("random", random_dir)):
-        if run_dir is not None:
-            tables[key] = report.load(run_dir)
-    arms, models = summarise(tables, searched_dir, args)
+    dirs, log = earlier_runs(runs_root) if args.report_only else train_arms(args, runs_root)
+    tables = {arm: report.load(run_dir) for arm, run_dir in dirs.items() if run_dir is not None}
+    arms, models = summarise(tables, dirs, args)
     out = Path(args.out)
     C.write_csv(out / "search_quality.csv", arms)
     C.write_text(out / "search_quality.md", markdown(arms, models, log, ctx, args, tables, runs_root))
     print((out / "search_quality.md").read_text())
 
 
-def _probe(run_dir: Path | None) -> tuple[float, float]:
-    """(probe seconds, CPU price per device-hour) of a run."""
+def _search_cost(run_dir: Path | None) -> tuple[float, float, float]:
+    """(seconds, device-hours, USD) a search run spends before training: its proxy probe (priced per CPU
+    device-hour) and, for a calibrated run, its calibration trainings (run.json `calibration`)."""
     if run_dir is None:
-        return 0.0, float("nan")
+        return 0.0, 0.0, float("nan")
     scores = json.loads((run_dir / "module_scores.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
-    return float(sum(scores.get("seconds", {}).values())), float(info["config"]["cost"]["price_per_device_hour"]["cpu"])
+    probe_s = float(sum(scores.get("seconds", {}).values()))
+    calibration = info.get("calibration") or {}
+    price = float(info["config"]["cost"]["price_per_device_hour"]["cpu"])
+    seconds = probe_s + float(calibration.get("seconds", 0.0))
+    hours = probe_s / 3600 + float(calibration.get("device_hours", 0.0))
+    return seconds, hours, probe_s / 3600 * price + float(calibration.get("cost_usd", 0.0))
 
 
 def _screen_rank(label: str) -> int:
@@ -204,18 +218,14 @@ def _screen_rank(label: str) -> int:
     return int(label.removeprefix("screen#")) if str(label).startswith("screen#") else 0
 
 
-def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], args) -> tuple[pd.DataFrame, pd.DataFrame]:
     from orchestrator.report import welch_p
 
-    parts = []
+    parts = [t[t.kind == "searched"].assign(arm=arm) for arm, t in tables.items()]
     if "lora-search" in tables:
         t = tables["lora-search"]
-        parts.append(t[t.kind == "searched"].assign(arm="lora-search"))
         for label in BASELINES:
             parts.append(t[(t.kind == "baseline") & (t.label == label)].assign(arm=label))
-    if "random" in tables:
-        t = tables["random"]
-        parts.append(t[t.kind == "searched"].assign(arm="random search"))
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if rows.empty:
         return pd.DataFrame(), pd.DataFrame()
@@ -224,21 +234,23 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
                    device_hours=("device_hours", "sum"), cost_usd=("cost_usd", "sum"),
                    beats_majority=("beats_majority", "all"))
               .reset_index())
-    probe_s, cpu_price = _probe(searched_dir)
+    # random search reuses the lora-search probe and needs none; the calibrated arm pays for it (it computes
+    # the other proxies' columns) and for its calibration
+    search_costs = {arm: _search_cost(dirs.get(arm)) for arm in ("lora-search", "lora-search (calibrated)")}
     reference = rows[rows.arm == "uniform_qv"].accuracy
     ref_mean = reference.mean() if len(reference) else float("nan")
     goal = models.accuracy.max()  # the best model of any arm
     out = []
-    for arm in ["lora-search", "random search"] + BASELINES:
+    for arm in SEARCH_ARMS + BASELINES:
         mine = models[models.arm == arm]
         if mine.empty:
             continue
         best = mine.sort_values("accuracy", ascending=False).iloc[0]
-        extra_s = probe_s if arm == "lora-search" else 0.0  # random search reuses the probe and needs none
-        device_hours = mine.device_hours.sum() + extra_s / 3600
+        extra_s, extra_h, extra_usd = search_costs.get(arm, (0.0, 0.0, 0.0))
+        device_hours = mine.device_hours.sum() + extra_h
         in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]  # survivors as the screen ranked them
-        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal) + extra_s / 3600
-        cost = mine.cost_usd.sum() + extra_s / 3600 * cpu_price
+        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal) + extra_h
+        cost = mine.cost_usd.sum() + extra_usd
         gain = 100 * (best.accuracy - ref_mean)
         best_rows = rows[(rows.arm == arm) & (rows.candidate_id == best.candidate_id)].accuracy
         out.append({"arm": arm, "models": len(mine), "trainings": int(mine.seeds.sum()), "seeds": int(best.seeds),
@@ -247,7 +259,7 @@ def summarise(tables: dict[str, pd.DataFrame], searched_dir: Path | None, args) 
                     "best_accuracy_std": best.accuracy_std, "mean_accuracy_of_arm": mine.accuracy.mean(),
                     "gain_vs_uniform_qv_pts": gain if arm != "uniform_qv" else float("nan"),
                     "p_vs_uniform_qv": welch_p(best_rows, reference) if arm != "uniform_qv" else float("nan"),
-                    "device_hours": device_hours, "cost_usd": cost, "probe_s": extra_s,
+                    "device_hours": device_hours, "cost_usd": cost, "search_s": extra_s,
                     "hours_to_within_0_5_of_best": reach,
                     "roi_pts_per_usd": gain / cost if arm != "uniform_qv" and cost > 0 else float("nan"),
                     "roi_pts_per_device_hour": gain / device_hours if arm != "uniform_qv" and device_hours > 0 else float("nan"),
@@ -261,7 +273,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
              f"Command: `python benchmarks/search_quality.py{flag}` · {time.strftime('%Y-%m-%d %H:%M')}", "",
              C.context_line(ctx) + ".", "", C.NOISE_NOTE, ""]
     task = None
-    for name in ("lora-search", "random"):
+    for name in ("lora-search", "random", "calibrated"):
         if log.get(name, {}).get("status", "").startswith("ok"):
             info = json.loads((Path(log[name]["run_dir"]) / "run.json").read_text())
             task = info.get("task")
@@ -276,7 +288,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   f"{len(task.get('labels', []))} classes, majority-class rate {task.get('majority_rate')}; seeds {args.seeds}; "
                   f"k = {args.survivors} trained models per search arm.", ""]
     lines += ["## Arms", ""]
-    missing = [arm for arm in ["lora-search", "random search"] + BASELINES if arms.empty or arm not in set(arms.arm)]
+    missing = [arm for arm in SEARCH_ARMS + BASELINES if arms.empty or arm not in set(arms.arm)]
     if missing:
         lines += [f"Not trained in this invocation (see Runs below): {', '.join(missing)}.", ""]
     if arms.empty:
@@ -293,20 +305,22 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   "Accuracies in %, mean ± std over seeds of the arm's best model (best by mean accuracy on the eval "
                   "split); `gain` in points over uniform_qv's mean; ROI = gain / cost (USD, or device-hours). Cost = "
                   "the arm's training rows (device-hours × price, CPU $0.0446 per vCPU-hour) + the proxy probe for "
-                  "lora-search. hours_to_within_0_5_of_best = device-hours the arm spends (its probe, then its models in screen "
+                  "both lora-search arms + the calibration trainings for the calibrated one. hours_to_within_0_5_of_best = "
+                  "device-hours the arm spends (its probe and calibration, then its models in screen "
                   "order) until a model is within 0.5 point of the best model of any arm; blank if none is. "
                   "p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
                   "Linear: the smallest rank already exceeds the band, so it trains more parameters (best_params).", ""]
         verdict = []
         a = arms.set_index("arm")
-        if {"lora-search", "uniform_qv"} <= set(a.index):
-            g, pv = a.loc["lora-search", ["gain_vs_uniform_qv_pts", "p_vs_uniform_qv"]]
-            outcome = ("beats it" if g > 0 else "loses to it") if pv < 0.05 else f"no difference beyond seed noise, p = {pv:.2f}"
-            verdict.append(f"lora-search vs uniform_qv: {g:+.1f} points ({outcome if pv == pv else 'one seed: no claim'}); "
-                           "target +1.6 points (HeteroLoRA): " + ("met" if g >= 1.6 and pv < 0.05 else "not met"))
-        if {"lora-search", "random search"} <= set(a.index):
-            d = 100 * (a.loc["lora-search", "best_accuracy"] - a.loc["random search", "best_accuracy"])
-            verdict.append(f"lora-search vs random search (same k): {d:+.1f} points")
+        for arm in ("lora-search", "lora-search (calibrated)"):
+            if {arm, "uniform_qv"} <= set(a.index):
+                g, pv = a.loc[arm, ["gain_vs_uniform_qv_pts", "p_vs_uniform_qv"]]
+                outcome = ("beats it" if g > 0 else "loses to it") if pv < 0.05 else f"no difference beyond seed noise, p = {pv:.2f}"
+                verdict.append(f"{arm} vs uniform_qv: {g:+.1f} points ({outcome if pv == pv else 'one seed: no claim'}); "
+                               "target +1.6 points (HeteroLoRA): " + ("met" if g >= 1.6 and pv < 0.05 else "not met"))
+            if {arm, "random search"} <= set(a.index):
+                d = 100 * (a.loc[arm, "best_accuracy"] - a.loc["random search", "best_accuracy"])
+                verdict.append(f"{arm} vs random search (same k): {d:+.1f} points")
         if verdict:
             lines += ["- " + v for v in verdict] + [""]
     if not models.empty:
