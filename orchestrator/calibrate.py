@@ -27,6 +27,7 @@ from orchestrator.allocation import Allocation
 from orchestrator.allocators import Budget, space_modules
 from orchestrator.config import CALIBRATED, RunConfig
 from orchestrator.data import TaskData
+from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
 
 TABLE = "calibration.csv"
@@ -91,6 +92,9 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
                      "train_wall_s": trial.get("train_wall_s", 0.0), "device_hours": trial.get("device_hours", 0.0),
                      "cost_usd": trial.get("cost_usd", 0.0)})
     table = pd.DataFrame(rows)
+    if table.accuracy.isna().all():  # every candidate would score 0: the screen would rank blindly
+        raise UserError(f"calibrate: no calibration run finished (their errors are in '{sub.run_dir / 'trials'}'); "
+                        f"fix the cause, remove '{sub.run_dir}' and run again with --resume")
     write_outputs(table, cfg)
     return table
 

@@ -130,6 +130,20 @@ def test_calibrated_scores_reads_a_finished_calibration_and_records_it(tmp_path,
     assert run["calibration"]["device_hours"] == pytest.approx(0.02)
 
 
+def test_a_calibration_without_one_finished_run_stops_the_run(tmp_path, tiny_modules, monkeypatch):
+    import orchestrator.train as train
+
+    cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=failing", "space.module_types=[query,value]",
+                                  "space.ranks=[1,2]", "space.budget.qv_rank=1"])
+    cfg.run_dir.mkdir(parents=True)
+    failed = lambda sub, task, jobs: {j.job_id: {"status": "failed", "error": "RuntimeError: boom"} for j in jobs}  # noqa: E731
+    monkeypatch.setattr(train, "run_training", failed)
+    with pytest.raises(UserError, match=r"calibrate: no calibration run finished .*remove .*failing.calibration"):
+        task = TaskData("t", ["a", "b"], Split(["x"] * 16, [0, 1] * 8), Split(["y"] * 8, [0, 1] * 4))
+        calibrate.run_calibration(cfg, task, tiny_modules, make_budget(tiny_modules, cfg.space))
+    assert not (cfg.run_dir / calibrate.TABLE).exists()  # nothing marks the stage done
+
+
 @pytest.mark.slow
 def test_calibration_trains_one_run_per_type_on_ray_and_resumes(tmp_path, tiny_model_dir, sentences):
     import ray
