@@ -9,6 +9,7 @@ from itertools import chain, islice, repeat
 import torch
 
 from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
+from orchestrator.allocators import summed_score
 from orchestrator.data import Split, make_loader
 from orchestrator.models import AdaptableModule, load_model, load_tokenizer
 from orchestrator.proxies.base import PROXIES, get_proxy
@@ -26,7 +27,7 @@ class ModuleScores:
 
     def score(self, proxy: str, allocation: Allocation) -> float:
         if proxy not in PROXIES:  # a measured score (screen.rank_by: calibrated) has no Proxy class; rank-linear too
-            return float(sum(r * self.unit[proxy][name] for name, r in allocation.ranks))
+            return summed_score(self.unit[proxy], allocation)
         return get_proxy(proxy).candidate_score(self.unit[proxy], allocation)
 
     def scores(self, allocation: Allocation) -> dict[str, float]:
