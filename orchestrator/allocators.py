@@ -196,9 +196,11 @@ def get_allocator(name: str) -> Allocator:
     return ALLOCATORS[name]()
 
 
-def summed_score(unit_scores: dict[str, float], allocation: Allocation) -> float:
-    """Σ rank × unit score: the candidate score every rank-linear proxy gives (proxies/base.py)."""
-    return float(sum(r * unit_scores[name] for name, r in allocation.ranks))
+def summed_score(unit_scores: dict[str, float], allocation: Allocation, rank_caps: dict[str, int] | None = None) -> float:
+    """Σ rank × unit score: the candidate score every rank-linear proxy gives (proxies/base.py). With
+    `rank_caps` a module's rank counts only up to its cap (a calibrated score: rank above it was not measured)."""
+    caps = rank_caps or {}
+    return float(sum(min(r, caps.get(name, r)) * unit_scores[name] for name, r in allocation.ranks))
 
 
 def _check_ranks(ranks: list[int]) -> list[int]:

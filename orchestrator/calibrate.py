@@ -7,9 +7,14 @@ trains one allocation per module type of the space, the whole budget on that typ
 fits, on a small seeded sample (`calibrate.train_size`, `calibrate.eval_size`, `calibrate.epochs`). The
 `calibrated` score of a candidate is then the accuracy its parameters buy over the calibration mean,
 
-    score = 100 × Σ_m params_m × (accuracy(type of m) − mean accuracy) / budget    (points),
+    score = 100 × Σ_m params_per_rank_m × min(r_m, r_cal) × (accuracy(type of m) − mean accuracy) / budget  (points),
 
-rank-linear like every proxy (so every allocator can use it), and the screen keeps the highest scores.
+and the screen keeps the highest scores. r_cal is the rank the type was calibrated at: rank above it earns
+nothing, because no run measured what it buys. Without that cap every allocation of one type with the same
+parameter count scores the same, and the screen picked among them arbitrarily: on one 20 Newsgroups sample
+it kept the whole budget on two FFN-up modules (r4 + r1), where the calibration had measured r1 on five,
+and lost 6 points to uniform q,v. Allocators see the uncapped per-unit score (rank-linear, as every proxy);
+the survivors are ranked by the capped one.
 The calibration runs are ordinary Ray Train jobs in their own run directory (`<run>/<run>.calibration/`),
 resumable like the main trainings; their device-hours are the price of the calibration and count in the report.
 """
@@ -109,6 +114,14 @@ def unit_scores(table: pd.DataFrame, modules: list[AdaptableModule], budget: Bud
     return {m.name: 100.0 * m.params_per_rank * gain.get(m.type, 0.0) / budget.target for m in modules}
 
 
+def measured_ranks(table: pd.DataFrame, modules: list[AdaptableModule]) -> dict[str, int]:
+    """Per module of a measured type: the rank its type was calibrated at (the cap of its score)."""
+    measured = table.dropna(subset=["accuracy"])
+    rank = {t: max(r for _, r in Allocation.from_compact(a, modules).ranks)
+            for t, a in zip(measured.module_type, measured.allocation)}
+    return {m.name: rank[m.type] for m in modules if m.type in rank}
+
+
 def summary(table: pd.DataFrame) -> dict:
     """What run.json records: trainings, their device-hours and cost, and the types best to worst."""
     measured = table.dropna(subset=["accuracy"]).sort_values("accuracy", ascending=False)
@@ -125,7 +138,8 @@ def write_outputs(table: pd.DataFrame, cfg: RunConfig) -> None:
     text = ["# Calibration: which module types pay on this task", "",
             f"One training per module type, the whole budget on that type, on {c.train_size} training examples for "
             f"{c.epochs} epoch(s), scored on {c.eval_size} held-out examples (accuracy in %). The screen ranks "
-            f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs.", "",
+            f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs, each "
+            "module's rank counted up to the rank its type was calibrated at.", "",
             shown.to_markdown(index=False, floatfmt=".4g"), "",
             f"Calibration cost: {table.device_hours.sum():.4f} device-hours (${table.cost_usd.sum():.4f}).", "",
             "![calibration accuracy per module type](calibration.png)", ""]

@@ -140,6 +140,7 @@ def calibrated_scores(cfg: RunConfig, task: TaskData, modules, budget, scores: M
 
     table = calibrate.run_calibration(cfg, task, modules, budget)
     scores.unit[CALIBRATED] = calibrate.unit_scores(table, modules, budget)
+    scores.rank_caps[CALIBRATED] = calibrate.measured_ranks(table, modules)
     _write_scores(cfg, scores)
     write_run_json(cfg, calibration=calibrate.summary(table))
     return scores

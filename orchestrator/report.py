@@ -1011,8 +1011,8 @@ def read_run_json(run_dir: Path) -> dict:
 def rebuild(run_dir: str | Path) -> pd.DataFrame:
     """Write every report file again from the stored results, without training; returns the table.
 
-    Reads trials/*.json (the seeds of run.json `seeds.train`), module_scores.json (proxy score of a
-    candidate = Σ rank × per-unit module score, as the screen computes it), screen.csv and run.json,
+    Reads trials/*.json (the seeds of run.json `seeds.train`), module_scores.json (a candidate's proxy
+    scores, as the screen computes them), screen.csv and run.json,
     and calls `build` and `write` with the inputs `pipeline.run` gives them.
     """
     run_dir = Path(run_dir)
@@ -1026,12 +1026,13 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     if not any(t.get("accuracy") is not None for t in trials):
         raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; run `lora-search run ... --resume` "
                         "to train them")
-    scores = _read_json(run_dir / "module_scores.json") or {}
-    unit = scores.get("unit") or {}
-    order = list(next(iter(unit.values()), {}))
+    from orchestrator.allocation import Allocation
+    from orchestrator.proxies import ModuleScores
+
+    scores = ModuleScores(**(_read_json(run_dir / "module_scores.json") or {"unit": {}}))
+    order = list(next(iter(scores.unit.values()), {}))
     ranks = {t["candidate_id"]: t.get("ranks") or {} for t in trials}
-    proxy_scores = {cid: {proxy: float(sum(r * per_module[name] for name, r in sorted(rank.items()) if r > 0))
-                          for proxy, per_module in unit.items()} for cid, rank in ranks.items()} if unit else {}
+    proxy_scores = {cid: scores.scores(Allocation.from_ranks(rank)) for cid, rank in ranks.items()} if scores.unit else {}
     compact = {cid: compact_allocation(rank, order) for cid, rank in ranks.items()}
     if (run_dir / "screen.csv").is_file():
         screen = pd.read_csv(run_dir / "screen.csv", usecols=lambda c: c in ("candidate_id", "allocation"))

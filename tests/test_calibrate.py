@@ -104,6 +104,22 @@ def test_unit_scores_are_points_bought_over_the_mean(tiny_modules):
     assert calibrate.unit_scores(_table({"query": float("nan")}), tiny_modules, budget) == {m.name: 0.0 for m in tiny_modules}
 
 
+def test_rank_above_the_calibrated_rank_earns_nothing(tiny_modules):
+    """The same parameters on one type score alike only at the measured shape: concentrating them on fewer
+    modules at a higher rank than the calibration trained counts just the measured part."""
+    budget = Budget(256, 0.05)
+    table = _table({"query": 0.70, "value": 0.50}).assign(allocation=["L0.query:1,L1.query:1", "L0.value:1,L1.value:1"])
+    queries = [m.name for m in tiny_modules if m.type == "query"]
+    scores = ModuleScores({CALIBRATED: calibrate.unit_scores(table, tiny_modules, budget)},
+                          rank_caps={CALIBRATED: calibrate.measured_ranks(table, tiny_modules)})
+    assert scores.rank_caps[CALIBRATED] == {m.name: 1 for m in tiny_modules if m.type in ("query", "value")}
+    spread = Allocation.from_ranks({queries[0]: 1, queries[1]: 1})
+    concentrated = Allocation.from_ranks({queries[0]: 2})  # the same 128 params
+    assert scores.score(CALIBRATED, spread) == pytest.approx(5.0)  # 100 × 128 × 0.10 / 256
+    assert scores.score(CALIBRATED, concentrated) == pytest.approx(2.5)
+    assert ModuleScores(scores.unit).score(CALIBRATED, concentrated) == pytest.approx(5.0)  # uncapped: a tie
+
+
 def test_screen_allocators_pick_the_calibrated_best_type(tiny_modules):
     budget = Budget(256, 0.05)
     searched = [m for m in tiny_modules if m.type in ("query", "value")]
@@ -117,13 +133,15 @@ def test_calibrated_scores_reads_a_finished_calibration_and_records_it(tmp_path,
     cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=resumed"])
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "run.json").write_text(json.dumps({"created_at": "earlier"}))
-    _table({"query": 0.6, "value": 0.8}).assign(allocation="", trainable_params=256, status="completed").to_csv(
-        cfg.run_dir / calibrate.TABLE, index=False)  # a finished calibration: nothing is trained again
-    budget = Budget(256, 0.05)
+    _table({"query": 0.6, "value": 0.8}).assign(allocation=["L0.query:2,L1.query:2", "L0.value:1"], trainable_params=256,
+                                                 status="completed").to_csv(cfg.run_dir / calibrate.TABLE, index=False)
+    budget = Budget(256, 0.05)  # a finished calibration: nothing is trained again
     scores = pipeline.calibrated_scores(cfg, None, tiny_modules, budget, ModuleScores({"params": {m.name: 1.0 for m in tiny_modules}}))
     assert set(scores.unit) == {"params", CALIBRATED}
     stored = json.loads((cfg.run_dir / "module_scores.json").read_text())
     assert stored["unit"][CALIBRATED] == pytest.approx(scores.unit[CALIBRATED])
+    caps = {m.name: {"query": 2, "value": 1}[m.type] for m in tiny_modules if m.type in ("query", "value")}
+    assert scores.rank_caps == {CALIBRATED: caps} and stored["rank_caps"] == {CALIBRATED: caps}
     run = json.loads((cfg.run_dir / "run.json").read_text())
     assert run["created_at"] == "earlier" and run["calibration"]["trainings"] == 2
     assert list(run["calibration"]["accuracy_by_type"]) == ["value", "query"]

@@ -265,6 +265,17 @@ def test_rebuild_reproduces_the_pipeline_report(tmp_path, no_plots):
     assert costs["compute_to_best_s"] == pytest.approx(36.0 + 3600 * 0.020 / 0.0446)  # best searched: cccc
 
 
+def test_rebuild_scores_a_calibrated_run_as_its_screen_did(tmp_path, no_plots):
+    """module_scores.json of a calibrated run carries rank caps: rank above the calibrated rank earns nothing."""
+    run_dir = make_run_dir(tmp_path / "run")
+    caps = {name(0, "query"): 2, name(1, "key"): 2}
+    stored = {"unit": {**UNIT, "calibrated": UNIT["grad_norm"]}, "rank_caps": {"calibrated": caps}}
+    (run_dir / "module_scores.json").write_text(json.dumps(stored))
+    rebuilt = report.rebuild(run_dir)
+    assert row(rebuilt, "aaaa").proxy_calibrated == 2 * 0.25 + 2 * 2.0  # ranks 8 and 4 count as 2 and 2
+    assert row(rebuilt, "aaaa").proxy_grad_norm == 8 * 0.25 + 4 * 2.0
+
+
 def test_rebuild_refuses_a_directory_without_results(tmp_path):
     from orchestrator.errors import UserError
 

@@ -19,15 +19,19 @@ from orchestrator.proxies.scoring import scoring_mode
 
 @dataclass
 class ModuleScores:
-    """Per-unit-rank scores: {proxy: {module name: score}}, what each proxy cost, and the shared warm-up's cost."""
+    """Per-unit-rank scores: {proxy: {module name: score}}, what each proxy cost, and the shared warm-up's cost.
+
+    `rank_caps` holds, for a measured score without a Proxy class (screen.rank_by: calibrated), the rank per
+    module at which it was measured: rank above that earns nothing, since nothing measured what it buys."""
 
     unit: dict[str, dict[str, float]]
     seconds: dict[str, float] = field(default_factory=dict)
     warmup_seconds: float = 0.0
+    rank_caps: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def score(self, proxy: str, allocation: Allocation) -> float:
-        if proxy not in PROXIES:  # a measured score (screen.rank_by: calibrated) has no Proxy class; rank-linear too
-            return summed_score(self.unit[proxy], allocation)
+        if proxy not in PROXIES:
+            return summed_score(self.unit[proxy], allocation, self.rank_caps.get(proxy))
         return get_proxy(proxy).candidate_score(self.unit[proxy], allocation)
 
     def scores(self, allocation: Allocation) -> dict[str, float]:
