@@ -9,7 +9,8 @@ every report read back with `orchestrator.report.load`:
   200), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
 - lora-search (calibrated): the same screen ranked by `calibrated` (orchestrator/calibrate.py): one short
   training per module type (calibrate.train_size 500, eval 300, 3 epochs) measures which types pay on the
-  task, and the top-k by that score are trained; its cost adds the calibration runs (and the probe, which
+  task, and the top-k by that score (each module's rank counted up to the rank its type was calibrated at)
+  are trained; its cost adds the calibration runs (and the probe, which
   it copies from the lora-search run: it computes the other proxies' columns);
 - random search: k random allocations inside the same band trained (`screen.allocator=random`,
   num_trials 1 × candidates_per_trial k, so the survivors are exactly the k random draws and the proxy
