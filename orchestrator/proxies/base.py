@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from torch import nn
 
 from orchestrator.allocation import Allocation
+from orchestrator.allocators import summed_score
 from orchestrator.models import AdaptableModule
 
 __all__ = ["Proxy", "PROXIES", "register", "get_proxy"]
@@ -31,7 +32,7 @@ class Proxy(ABC):
 
     def candidate_score(self, unit_scores: dict[str, float], allocation: Allocation) -> float:
         """Rank-weighted sum of the per-unit module scores (linear in rank by construction)."""
-        return float(sum(r * unit_scores[name] for name, r in allocation.ranks))
+        return summed_score(unit_scores, allocation)
 
 
 PROXIES: dict[str, type[Proxy]] = {}
