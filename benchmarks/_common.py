@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 RESULTS = ROOT / "results" / "benchmarks"
+QUICK_RESULTS = RESULTS / "quick"  # --quick tables are smoke-sized: kept apart so they never replace the full ones
 WITHIN_PTS = 0.5  # issue #12: "within 0.5 point of the best"
 NOISE_NOTE = ("Measured on a 2-core CPU machine shared with other engineers' test runs: every wall time "
               "carries load noise (the load average is given beside each run); compare ratios taken in the same "
@@ -74,6 +75,16 @@ def begin(script: str, quick: bool) -> tuple[dict, Path]:
     ctx = machine_context()
     print("context:", context_line(ctx), flush=True)
     return ctx, RESULTS / f"{script}_runs" / ("quick" if quick else "full")
+
+
+def add_out_argument(parser) -> None:
+    parser.add_argument("--out", type=Path, help="folder for the tables (default: results/benchmarks, "
+                                                 "with --quick results/benchmarks/quick)")
+
+
+def out_dir(args) -> Path:
+    """Where a script writes its tables: --out, else the full or the --quick results folder."""
+    return Path(args.out) if args.out else QUICK_RESULTS if args.quick else RESULTS
 
 
 def md_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:

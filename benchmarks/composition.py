@@ -14,8 +14,8 @@ What it does, all on real shipped data:
 3. Stores the learned composition of the first target (first shots, seed 0) in the registry, reloads it
    through the registry (checksums, base-model hash, PEFT from_pretrained) and re-evaluates it.
 
-Writes results/benchmarks/composition.{csv,md,png}; runs and the registry go to
-results/benchmarks/composition_runs/ (git-ignored).
+Writes results/benchmarks/composition.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
+folder); runs and the registry go to results/benchmarks/composition_runs/ (git-ignored).
 
 Command: python benchmarks/composition.py [--seeds 3]  (2 targets × shots 8, 16 per class × 3 seeds)
          python benchmarks/composition.py --quick    (1 seed, 20 trials)
@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import NOISE_NOTE, RESULTS, context_line, machine_context, md_table, set_env  # noqa: E402
+from _common import (NOISE_NOTE, RESULTS, add_out_argument, context_line, machine_context, md_table,  # noqa: E402
+                     out_dir, set_env)
 
 import pandas as pd  # noqa: E402
 
@@ -81,13 +82,13 @@ def train_sources(registry, train_size: int, eval_size: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compose_target(index: int, sources, shots: list[int], seeds: list[int], trials: int, eval_size: int):
-    """compare() for one target × shots × seed, every run's rows written to target-<index>.csv at once;
+def compose_target(index: int, sources, shots: list[int], seeds: list[int], trials: int, eval_size: int, work: Path):
+    """compare() for one target × shots × seed, every run's rows written to <work>/target-<index>.csv at once;
     (shots, seed) pairs already in that file are kept, not run again. Returns the outcomes of the first
     pair run here (None when all were there) for registering."""
     from orchestrator.compose import ComposeConfig, compare, load_task_spec
 
-    target, path, first = TARGETS[index], WORK / f"target-{index}.csv", None
+    target, path, first = TARGETS[index], work / f"target-{index}.csv", None
     tables = [pd.read_csv(path)] if path.is_file() else []
     done = {(r.shots, r.seed) for r in tables[0].itertuples()} if tables else set()
     task = load_task_spec(target, eval_size, seed=0)
@@ -134,8 +135,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write composition.{csv,md,png} from finished targets")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples per source task")
     parser.add_argument("--eval-size", type=int, default=400, help="held-out examples per task")
+    add_out_argument(parser)
     args = parser.parse_args()
     seeds, trials, shots = ([0], 20, [8, 16]) if args.quick else (list(range(args.seeds)), 30, [8, 16])
+    work = WORK / "quick" if args.quick else WORK  # the source adapters (registry) are shared, the comparisons not
+    work.mkdir(parents=True, exist_ok=True)
     set_env()
     import ray
 
@@ -151,14 +155,14 @@ def main() -> None:
     if not args.report:
         sources, _ = load_sources(registry, list(SOURCES))
         for index in [args.target] if args.target is not None else range(len(TARGETS)):
-            first = compose_target(index, sources, shots, seeds, trials, args.eval_size)
+            first = compose_target(index, sources, shots, seeds, trials, args.eval_size, work)
             if index == 0 and first is not None:
-                (WORK / "stored.json").write_text(json.dumps(register_learned(registry, sources, first)))
+                (work / "stored.json").write_text(json.dumps(register_learned(registry, sources, first)))
         print(f"target(s) done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     if args.target is not None:
         return
-    table = pd.concat([pd.read_csv(WORK / f"target-{i}.csv") for i in range(len(TARGETS))], ignore_index=True)
-    stored = json.loads((WORK / "stored.json").read_text())
+    table = pd.concat([pd.read_csv(work / f"target-{i}.csv") for i in range(len(TARGETS))], ignore_index=True)
+    stored = json.loads((work / "stored.json").read_text())
     made = registry.show(stored["name"], stored["version"]).metrics  # which few-shot sample it came from
     command = "python benchmarks/composition.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
     header = [
@@ -180,7 +184,7 @@ def main() -> None:
         f"{stored['name']} v{stored['version']} (rank {stored['allocation_rank']} in all, {stored['size_bytes']:,} "
         f"bytes); accuracy {stored['accuracy_in_compare']:.4f} in the comparison, "
         f"{stored['accuracy_after_registry_load']:.4f} after `Registry.load`.", ""]
-    paths = write_report(table, RESULTS, stem="composition", header=header)
+    paths = write_report(table, out_dir(args), stem="composition", header=header)
     print(f"Written: {', '.join(map(str, paths))}")
 
 

@@ -16,7 +16,8 @@ table in the other 20 Newsgroups benchmarks uses split_seed 0.
 Run (from the repository root):
     python benchmarks/data_variance.py --quick   # 500 train / 300 eval, max_length 64, splits 0 1, seed 0 (~4 min)
     python benchmarks/data_variance.py           # splits 0 1 2 × seeds 0 1 × dropout null/0: 12 trainings (~20 min)
-Writes results/benchmarks/data_variance.{csv,md}; the runs stay in results/benchmarks/data_variance_runs/.
+Writes results/benchmarks/data_variance.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder); the runs stay in results/benchmarks/data_variance_runs/.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="500 train / 300 eval, max_length 64, splits 0 1, seed 0")
     parser.add_argument("--splits", type=int, nargs="+", help="data.split_seed values (default 0 1 2)")
     parser.add_argument("--seeds", type=int, nargs="+", help="train.seeds (default 0 1)")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.splits = args.splits or ([0, 1] if args.quick else [0, 1, 2])
     args.seeds = args.seeds or ([0] if args.quick else [0, 1])
@@ -129,7 +130,7 @@ def main() -> None:
     rows = rows[rows.status == "completed"].astype({"accuracy": float})
     found = effects(rows)
     cmd = " ".join(["python", "benchmarks/data_variance.py", *sys.argv[1:]])
-    C.write_results(Path(args.out), "data_variance", rows, markdown(rows, found, ctx, cmd))
+    C.write_results(C.out_dir(args), "data_variance", rows, markdown(rows, found, ctx, cmd))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ Run (from the repository root):
     python benchmarks/ddp_parity.py                 # seeds 0 1 2 (about 15 minutes on 2 cores)
     python benchmarks/ddp_parity.py --quick         # seeds 0 1, 1,000 train / 500 eval
     python benchmarks/ddp_parity.py --seeds 0 1 2 3 4 --train-size 2000
-Writes results/benchmarks/ddp_parity.{csv,md}.
+Writes results/benchmarks/ddp_parity.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--train-size", type=int)
     parser.add_argument("--eval-size", type=int)
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     args.train_size = args.train_size or (1000 if args.quick else 4000)
@@ -142,7 +143,7 @@ def main() -> None:
             print(rows[-len(args.seeds):], flush=True)
     frame = pd.DataFrame(rows)
     table = summary(frame)
-    C.write_results(Path(args.out), "ddp_parity", frame, markdown(frame, table, ctx, args))
+    C.write_results(C.out_dir(args), "ddp_parity", frame, markdown(frame, table, ctx, args))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ Run (from the repository root):
     python benchmarks/exhaustive.py --quick    # 500 train / 300 eval, max_length 64, seed 0 (7 min here; a smoke test)
     python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings, ~75 min on 2 idle cores)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
-Writes results/benchmarks/exhaustive.{csv,md,png}; the run (trials, adapters, module_scores.json) stays
-in results/benchmarks/exhaustive_runs/<quick|full>/.
+Writes results/benchmarks/exhaustive.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
+folder); the run (trials, adapters, module_scores.json) stays in
+results/benchmarks/exhaustive_runs/<quick|full>/.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--survivors", type=int, default=2, help="k: models a proxy arm trains")
     parser.add_argument("--resume", action="store_true", help="keep the earlier run's finished trainings")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     return args
@@ -245,7 +246,7 @@ def main() -> None:
     summary = task_summary(task)
     task_line = (f"Task: {summary['train_examples']} train / {summary['eval_examples']} eval examples, "
                  f"{len(summary['labels'])} classes, max_length {cfg.model.max_length}")
-    out = Path(args.out)
+    out = C.out_dir(args)
     C.write_csv(out / "exhaustive.csv", table)
     C.write_csv(out / "exhaustive_models.csv", models)
     plot(models, shipped, out / "exhaustive.png")

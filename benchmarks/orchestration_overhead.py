@@ -27,7 +27,8 @@ Run (from the repository root):
     python benchmarks/orchestration_overhead.py --quick        # 600 train / 200 eval examples, 3 epochs
     python benchmarks/orchestration_overhead.py                # 4,000 / 1,000, 3 epochs, 2 repeats
     python benchmarks/orchestration_overhead.py --quick --ddp  # + the 2-worker DDP run
-Writes results/benchmarks/orchestration_overhead.{csv,md} (--out changes the folder).
+Writes results/benchmarks/orchestration_overhead.{csv,md} (--quick: in results/benchmarks/quick/; --out
+changes the folder).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="alternating plain/Ray pairs (default 1 quick, 2 full)")
     parser.add_argument("--ddp", action="store_true", help="also train with 2 Ray Train workers (DDP, 1 CPU each)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the stored .csv (no training)")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.train_size = args.train_size or (600 if args.quick else 4000)
     args.eval_size = args.eval_size or (200 if args.quick else 1000)
@@ -129,7 +130,7 @@ def main() -> None:
     print("context:", C.context_line(ctx), flush=True)
     cfg = product_config(args, "/tmp", "probe", 1)
     task = load_task(cfg.data)
-    out = Path(args.out)
+    out = C.out_dir(args)
     if args.render_only:
         frame = pd.read_csv(out / "orchestration_overhead.csv")
         ctx["load_avg_1_5_15"] = "in the load_avg column (this file was re-rendered from the stored CSV)"

@@ -30,8 +30,9 @@ The measured report came from --quick, then `--only` runs in parallel processes 
 b8_w0_s1 b8_w0_s2 b32_w0_s0 with `--skip grasp`, grasp being the dearest proxy and among the worst;
 b8_w10_s1, b8_w10_s2 with `--skip grasp nwot`), then `--only` over all cached runs to write the report.
 b32_w25_s0 and b64_w0_s0 of FULL were not run (stopped for time on a machine at load 20-70).
-Writes results/benchmarks/proxy_remedies.{csv,md}; per-module scores of every probe run are cached in
-results/benchmarks/proxy_remedies_scores*.json (--fresh recomputes them).
+Writes results/benchmarks/proxy_remedies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder); per-module scores of every probe run are cached in results/benchmarks/proxy_remedies_scores*.json
+(--fresh recomputes them).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from benchmarks._common import RESULTS, context_line, machine_context, md_table, write_csv, write_text  # noqa: E402
+from benchmarks._common import (RESULTS, add_out_argument, context_line, machine_context, md_table,  # noqa: E402
+                                out_dir, write_csv, write_text)
 
 VALIDATION = ROOT / "results" / "examples" / "newsgroups-validate"
 CONFIG = ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
@@ -260,8 +262,9 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more probe runs as b<batches>_w<warmup>_s<seed>")
     parser.add_argument("--only", nargs="*", default=None, help="run just these probe runs (b<batches>_w<warmup>_s<seed>)")
     parser.add_argument("--skip", nargs="*", default=[], help="proxies left out of new probe runs (e.g. grasp: the dearest)")
-    parser.add_argument("--cache", default="proxy_remedies_scores.json", help="cache file for new probe runs, in --out")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", default="proxy_remedies_scores.json",
+                        help="cache file for new probe runs, in results/benchmarks (shared by --quick and full runs)")
+    add_out_argument(parser)
     args = parser.parse_args()
     import torch
 
@@ -270,11 +273,11 @@ def main() -> None:
     parse = lambda keys: [Variant(*probes_variant(k), int(k.split("_s")[1])) for k in keys]  # noqa: E731
     variants = parse(args.only) if args.only is not None else (QUICK if args.quick else FULL) + parse(args.extra)
     cfg, task, modules, table = setup()
-    probes = cached_probes(cfg, task, modules, variants, args.out / args.cache, args.fresh, args.skip)
+    probes = cached_probes(cfg, task, modules, variants, RESULTS / args.cache, args.fresh, args.skip)
     draws = np.random.default_rng(0).integers(0, int((table.budget == "budget").sum()), size=(2000, int((table.budget == "budget").sum())))
     rows = [r for v in variants for r in agreement_rows(v, probes[v.key], modules, table, draws)]
     frame = pd.DataFrame(rows + random_floor(table))
-    write_report(args.out, frame, table, {k: probes[k] for k in dict.fromkeys(v.key for v in variants)}, modules, context)
+    write_report(out_dir(args), frame, table, {k: probes[k] for k in dict.fromkeys(v.key for v in variants)}, modules, context)
 
 
 def write_report(out: Path, frame: pd.DataFrame, table: pd.DataFrame, probes: dict, modules, context: dict) -> None:

@@ -3,10 +3,12 @@
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
 sparse_adapters.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py and
 data_variance.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
-limit, logs in results/benchmarks/logs/, then
-writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target),
-the latest results pasted from results/benchmarks/*.md, and a scaling model whose numbers are read
-from results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
+limit, logs in results/benchmarks/logs/, how each went in results/benchmarks/run_all_status.json, then
+writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target, its
+latest full and quick run), the latest full results pasted from results/benchmarks/*.md, links to the
+--quick ones (results/benchmarks/quick/*.md: scripts write there with --quick, so a quick run never
+replaces a full table), and a scaling model whose numbers are read from the full
+results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
     python benchmarks/run_all.py --quick          # every script with --quick; < 30 min on 2 shared cores
@@ -37,7 +39,7 @@ import _common as C  # noqa: E402
 import pandas as pd  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STATUS_FILE = C.RESULTS / "logs" / "run_all_status.json"
+STATUS_FILE = C.RESULTS / "run_all_status.json"  # {"full" | "quick": {script: how its last run_all run went}}
 
 # name, what it measures, its target, per-script time cap in minutes (quick, full)
 SCRIPTS = [
@@ -119,7 +121,8 @@ def run_script(name: str, args, cap_s: float) -> dict:
 
 def main() -> None:
     args = parse_args()
-    statuses = json.loads(STATUS_FILE.read_text()) if STATUS_FILE.is_file() else {}
+    every_mode = json.loads(STATUS_FILE.read_text()) if STATUS_FILE.is_file() else {}
+    statuses = every_mode.setdefault("quick" if args.quick else "full", {})
     if not args.readme_only:
         started = time.time()
         for name, _, _, caps in SCRIPTS:
@@ -137,24 +140,25 @@ def main() -> None:
                     continue
                 cap = min(cap, left)
             statuses[name] = run_script(name, args, cap)
-            statuses[name]["mode"] = "quick" if args.quick else "full"
-            STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
-            STATUS_FILE.write_text(json.dumps(statuses, indent=1))
+            C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
         total = time.time() - started
-        statuses["_run_all"] = {"status": "ok", "wall_s": total, "mode": "quick" if args.quick else "full",
-                                "finished": time.strftime("%Y-%m-%d %H:%M"),
-                                "deadline_min": args.deadline_min}
-        STATUS_FILE.write_text(json.dumps(statuses, indent=1))
+        statuses["_run_all"] = {"status": "ok", "wall_s": total, "finished": time.strftime("%Y-%m-%d %H:%M"),
+                                "deadline_min": args.deadline_min, "only": args.only}
+        C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
         print(f"[run_all] all done in {total / 60:.1f} min", flush=True)
-    C.write_text(HERE / "README.md", readme(statuses))
+    C.write_text(HERE / "README.md", readme(every_mode))
     print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
 
 
 # ---------------------------------------------------------------- README
 
 
+def _results_path(name: str, mode: str = "full") -> Path:
+    return (C.QUICK_RESULTS if mode == "quick" else C.RESULTS) / f"{name}.md"
+
+
 def _results_md(name: str) -> str | None:
-    path = C.RESULTS / f"{name}.md"
+    path = _results_path(name)
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
@@ -162,50 +166,70 @@ def _results_md(name: str) -> str | None:
     return re.sub(r"\]\(([\w.-]+\.png)\)", r"](../results/benchmarks/\1)", text)
 
 
-def _results_stamp(name: str) -> str | None:
+def _results_stamp(name: str, mode: str) -> str | None:
     """The `YYYY-MM-DD HH:MM` a script wrote into the Command line of its results .md, if any."""
-    path = C.RESULTS / f"{name}.md"
+    path = _results_path(name, mode)
     found = re.search(r"· (\d{4}-\d{2}-\d{2} \d{2}:\d{2})", path.read_text(encoding="utf-8")) if path.is_file() else None
     return found.group(1) if found else None
 
 
-def readme(statuses: dict) -> str:
-    run = statuses.get("_run_all", {})
+def _latest(name: str, mode: str, status: dict) -> str:
+    """One mode's cell: how run_all's last run of the script went, and whether a later run on its own replaced it."""
+    text = f"{mode}: {status.get('status', 'not run by run_all')}" + (
+        f", {status['wall_s'] / 60:.1f} min, {status.get('finished')}" if status.get("wall_s") else "")
+    stamp = _results_stamp(name, mode)
+    if stamp and stamp != status.get("finished"):
+        text += f"; results file from a run on its own: {stamp}"
+    return text
+
+
+def _run_line(mode: str, run: dict) -> str:
+    scripts = f" --only {' '.join(run['only'])}" if run.get("only") else ""
+    return (f"Latest `python benchmarks/run_all.py{' --quick' if mode == 'quick' else ''}{scripts}`: finished "
+            f"{run['finished']}, {run['wall_s'] / 60:.1f} min in all"
+            + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "") + ".")
+
+
+def readme(every_mode: dict) -> str:
+    runs = {mode: every_mode.get(mode, {}).get("_run_all") for mode in ("full", "quick")}
     lines = ["# Benchmarks", "",
              "Scripts that measure what lora-search costs and what it returns, on the packaged MiniLM-L6 and the "
              "real data sets the product ships. Each script opens with a docstring saying what it measures, the exact "
-             "command and its targets; each writes `results/benchmarks/<name>.{csv,md}`. This file is written by "
-             "`python benchmarks/run_all.py [--quick]`, which runs them all in sequence (each in a subprocess with a "
-             "time limit, logs in `results/benchmarks/logs/`).", "",
+             "command and its targets; each writes `results/benchmarks/<name>.{csv,md}`, or with `--quick` (smaller "
+             "data, fewer seeds: a smoke test of the script, not a measurement to quote) "
+             "`results/benchmarks/quick/<name>.{csv,md}`, so a quick run never replaces the full tables. This file is "
+             "written by `python benchmarks/run_all.py [--quick]`, which runs them all in sequence (each in a "
+             "subprocess with a time limit, logs in `results/benchmarks/logs/`, how each went in "
+             "`results/benchmarks/run_all_status.json`).", "",
              f"> {C.NOISE_NOTE} Tests never assert on these timings.", ""]
-    if run:
-        lines += [f"Latest `run_all.py{' --quick' if run.get('mode') == 'quick' else ''}`: finished {run.get('finished')}, "
-                  f"{run.get('wall_s', 0) / 60:.1f} min in all"
-                  + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "") + ".", ""]
+    lines += [_run_line(mode, run) for mode, run in runs.items() if run] + [""]
     lines += ["## Index", "", "| script | measures | command | target | latest run |", "|---|---|---|---|---|"]
     for name, what, target, _ in SCRIPTS:
         if not (HERE / f"{name}.py").is_file():
             continue
-        s = statuses.get(name, {})
-        latest = f"run_all: {s.get('status', 'not run')}" + (f", {s['wall_s'] / 60:.1f} min, {s.get('finished')}"
-                                                             if s.get("wall_s") else "")
-        stamp = _results_stamp(name)
-        if stamp and stamp != s.get("finished"):
-            latest += f"; results file from a later run on its own: {stamp}"
+        latest = "<br>".join(_latest(name, mode, every_mode.get(mode, {}).get(name, {})) for mode in ("full", "quick"))
         lines.append(f"| [`{name}.py`]({name}.py) | {what} | `python benchmarks/{name}.py --quick` · full: "
                      f"`python benchmarks/{name}.py` | {target} | {latest} |")
     lines += ["| [`run_all.py`](run_all.py) | all of the above in sequence, then this README | "
-              "`python benchmarks/run_all.py --quick` | --quick < 30 min on 2 cores | "
-              + (f"{run.get('wall_s', 0) / 60:.1f} min" if run else "") + " |", ""]
+              "`python benchmarks/run_all.py --quick` · full: `python benchmarks/run_all.py` | --quick < 30 min on "
+              "2 cores | " + "<br>".join(f"{mode}: {run['wall_s'] / 60:.1f} min, {run['finished']}"
+                                        for mode, run in runs.items() if run) + " |", ""]
     lines += scaling_model()
     lines += ["## Latest results", "",
-              "Pasted from `results/benchmarks/<name>.md` as the last run left them (the CSVs beside them hold every "
-              "number). A script run on its own after `run_all.py` replaces its results file: each section's own "
-              "Command line and timestamp say which run it is.", ""]
+              "Pasted from `results/benchmarks/<name>.md` as the last full-preset run left them (the CSVs beside them "
+              "hold every number). A script run on its own after `run_all.py` replaces its results file: each "
+              "section's own Command line and timestamp say which run it is.", ""]
     for name, _, _, _ in SCRIPTS:
         text = _results_md(name)
         if text is not None:
             lines += [text.strip(), ""]
+    quick = [(name, _results_stamp(name, "quick")) for name, _, _, _ in SCRIPTS if _results_path(name, "quick").is_file()]
+    if quick:
+        lines += ["## Latest --quick results", "", "Smoke-sized runs (see each file's header for its data and seeds); "
+                  "they show that a script works end to end, the full tables above are the measurements.", "",
+                  "| script | results | written |", "|---|---|---|"]
+        lines += [f"| {name} | [quick/{name}.md](../results/benchmarks/quick/{name}.md) | {stamp or ''} |"
+                  for name, stamp in quick] + [""]
     return "\n".join(lines) + "\n"
 
 

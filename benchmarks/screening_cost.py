@@ -27,7 +27,8 @@ Run (from the repository root):
     python benchmarks/screening_cost.py --quick     # epoch on 1,000 examples ×4, 100 per trial; ~5-10 min under load
     python benchmarks/screening_cost.py             # epoch on 4,000 examples
     python benchmarks/screening_cost.py --sizes 100 500 2000 5000 --candidates-per-trial 50
-Writes results/benchmarks/screening_cost.{csv,md,png} (--out changes the folder).
+Writes results/benchmarks/screening_cost.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes
+the folder).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, help="eval examples after the epoch (default 1,000; quick 300)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="repeats of the arithmetic path; the fastest counts (the least disturbed by other tenants)")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.epoch_train_size = args.epoch_train_size or (1000 if args.quick else 4000)
     args.eval_size = args.eval_size or (300 if args.quick else 1000)
@@ -191,7 +192,7 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     for column in ("ratio_vs_epoch",):
         frame[column] = frame.get("seconds_with_probe", pd.Series(np.nan, index=frame.index)) / epoch_s
-    out = Path(args.out)
+    out = C.out_dir(args)
     C.write_csv(out / "screening_cost.csv", frame)
     plot(frame, epoch_s, probe_s, out / "screening_cost.png", scale)
     C.write_text(out / "screening_cost.md", markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores))

@@ -42,8 +42,9 @@ Run (from the repository root):
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
     python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
     python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
-Writes results/benchmarks/search_quality.{csv,md}; the runs themselves (report.md, adapters, study.db)
-stay in results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation without --resume).
+Writes results/benchmarks/search_quality.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder); the runs themselves (report.md, adapters, study.db) stay in
+results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation without --resume).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def parse_args() -> argparse.Namespace:
                         "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
     parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
                         "their finished trainings are kept")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.survivors = args.survivors or (2 if args.quick else 3)
@@ -193,7 +194,7 @@ def main() -> None:
     dirs, log = earlier_runs(runs_root) if args.report_only else train_arms(args, runs_root)
     tables = {arm: report.load(run_dir) for arm, run_dir in dirs.items() if run_dir is not None}
     arms, models = summarise(tables, dirs, args)
-    out = Path(args.out)
+    out = C.out_dir(args)
     C.write_csv(out / "search_quality.csv", arms)
     C.write_text(out / "search_quality.md", markdown(arms, models, log, ctx, args, tables, runs_root))
     print((out / "search_quality.md").read_text())

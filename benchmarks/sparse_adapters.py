@@ -23,7 +23,8 @@ Run (from the repository root):
     python benchmarks/sparse_adapters.py --quick    # 1,000 train / 300 eval, 1 epoch, 1 thread, seed 0
     python benchmarks/sparse_adapters.py            # 4,000 train / 1,000 eval, 1 epoch, 1 thread, seeds 0 1 2
     python benchmarks/sparse_adapters.py --quick --train-size 4000   # any flag overrides the preset
-Writes results/benchmarks/sparse_adapters.{csv,md} (--out changes the folder).
+Writes results/benchmarks/sparse_adapters.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_out_argument, out_dir  # noqa: E402
 from orchestrator.allocation import Allocation, apply_lora  # noqa: E402
 from orchestrator.config import DataConfig  # noqa: E402
 from orchestrator.data import load_task, make_loader  # noqa: E402
@@ -79,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--aux-weight", type=float, default=0.01, help="Switch Transformer used 0.01")
     parser.add_argument("--module-types", nargs="+", default=["query", "value"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/benchmarks")
+    add_out_argument(parser)
     args = parser.parse_args()
     for key, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
@@ -206,7 +208,7 @@ def main() -> None:
     for seed in args.seeds:
         rows += run_seed(args, seed, task, tokenizer, names, lora_rank, lora_params)
     frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    out = Path(args.out)
+    out = out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "sparse_adapters.csv", index=False)
     wall = time.perf_counter() - started

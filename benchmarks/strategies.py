@@ -17,7 +17,8 @@ spread.
 Run (from the repository root):
     python benchmarks/strategies.py --quick     # 4,000 train / 500 eval, seed 0 (2,000 does not learn in 1 epoch)
     python benchmarks/strategies.py             # the space's 4,000 / 1,000, seeds 0 1 2
-Writes results/benchmarks/strategies.{csv,md}; the run itself stays in results/benchmarks/strategies_runs/.
+Writes results/benchmarks/strategies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
+folder); the run itself stays in results/benchmarks/strategies_runs/.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4,000 train / 500 eval, seed 0")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--out", default=str(C.RESULTS))
+    C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     return args
@@ -130,7 +131,7 @@ def summarise(chosen: dict, qv, trials: dict, modules, cfg) -> pd.DataFrame:
 
 
 def write(table: pd.DataFrame, args, ctx: dict, wall: float, task, cfg) -> None:
-    out = Path(args.out)
+    out = C.out_dir(args)
     C.write_csv(out / "strategies.csv", table)
     shown = table.assign(accuracy=[f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s == s else "")
                                    for m, s in zip(table.accuracy_mean, table.accuracy_std)],
