@@ -156,7 +156,8 @@ def markdown(frame: pd.DataFrame, args, lora_rank: int, lora_params: int, routed
     lines = [
         "# Sparse modular adapters vs dense mixture vs plain LoRA",
         "",
-        f"`python benchmarks/sparse_adapters.py {' '.join(sys.argv[1:])}` · model {args.model} · "
+        f"`{' '.join(['python benchmarks/sparse_adapters.py'] + sys.argv[1:])}` · {time.strftime('%Y-%m-%d %H:%M')} · "
+        f"model {args.model} · "
         f"Rotten Tomatoes {args.train_size} train / {args.eval_size} eval · max_length {args.max_length} · "
         f"{args.epochs} epoch(s) · batch {args.batch_size} (eval {args.eval_batch_size}) · lr {args.lr} · "
         f"{args.threads} thread(s) · {torch.get_num_threads()} torch threads · {platform.processor() or platform.machine()} · "
