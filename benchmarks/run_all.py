@@ -11,7 +11,8 @@ replaces a full table), and a scaling model whose numbers are read from the full
 results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
-    python benchmarks/run_all.py --quick          # every script with --quick; < 30 min on 2 shared cores
+    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all ten need ~45 min
+                                                  # on 2 cores: the ones left are marked skipped; run them with --only)
     python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
     python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
     python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
@@ -177,9 +178,11 @@ def _latest(name: str, mode: str, status: dict) -> str:
     """One mode's cell: how run_all's last run of the script went, and whether a later run on its own replaced it."""
     text = f"{mode}: {status.get('status', 'not run by run_all')}" + (
         f", {status['wall_s'] / 60:.1f} min, {status.get('finished')}" if status.get("wall_s") else "")
-    stamp = _results_stamp(name, mode)
-    if stamp and stamp != status.get("finished"):
-        text += f"; results file from a run on its own: {stamp}"
+    stamp, finished = _results_stamp(name, mode), status.get("finished", "")
+    if stamp and stamp > finished:  # "YYYY-MM-DD HH:MM" sorts as text
+        text += f"; results file from a {'later ' if finished else ''}run on its own: {stamp}"
+    elif stamp and stamp < finished and status.get("status") != "ok":
+        text += f"; results file from an earlier run: {stamp}"
     return text
 
 

@@ -45,9 +45,13 @@ def test_readme_reports_both_modes_and_links_the_quick_tables(tmp_path, monkeypa
     row = next(line for line in text.splitlines() if line.startswith("| [`screening_cost.py`]"))
     assert "full: ok, 10.0 min, 2026-12-02 07:00" in row
     # the quick file was written after run_all's quick run: the README says so instead of claiming it
-    assert "quick: timed out after 8.0 min, 8.0 min, 2026-12-02 07:30; results file from a run on its own: " \
+    assert "quick: timed out after 8.0 min, 8.0 min, 2026-12-02 07:30; results file from a later run on its own: " \
            "2026-12-02 08:00" in row
     assert "not run by run_all" in next(line for line in text.splitlines() if line.startswith("| [`strategies.py`]"))
+    # a run that stopped early left the file of an earlier run: the README says so
+    statuses["quick"]["screening_cost"]["finished"] = "2026-12-02 09:00"
+    row = next(line for line in run_all.readme(statuses).splitlines() if line.startswith("| [`screening_cost.py`]"))
+    assert "2026-12-02 09:00; results file from an earlier run: 2026-12-02 08:00" in row
     assert "`python benchmarks/run_all.py --only screening_cost`: finished 2026-12-02 07:00" in text
     assert "`python benchmarks/run_all.py --quick`: finished 2026-12-02 07:58, 28.3 min in all (deadline 30 min)" in text
     assert "full numbers" in text.split("## Latest --quick results")[0]  # full tables pasted, quick ones linked
