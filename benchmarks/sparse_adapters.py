@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import add_out_argument, out_dir  # noqa: E402
+from benchmarks._common import add_out_argument, out_dir, write_results  # noqa: E402
 from orchestrator.allocation import Allocation, apply_lora  # noqa: E402
 from orchestrator.config import DataConfig  # noqa: E402
 from orchestrator.data import load_task, make_loader  # noqa: E402
@@ -209,12 +209,8 @@ def main() -> None:
     for seed in args.seeds:
         rows += run_seed(args, seed, task, tokenizer, names, lora_rank, lora_params)
     frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    out = out_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "sparse_adapters.csv", index=False)
     wall = time.perf_counter() - started
-    (out / "sparse_adapters.md").write_text(markdown(frame, args, lora_rank, lora_params, routed_params, wall))
-    print((out / "sparse_adapters.md").read_text())
+    write_results(out_dir(args), "sparse_adapters", frame, markdown(frame, args, lora_rank, lora_params, routed_params, wall))
 
 
 if __name__ == "__main__":
