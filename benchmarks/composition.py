@@ -15,10 +15,11 @@ What it does, all on real shipped data:
    through the registry (checksums, base-model hash, PEFT from_pretrained) and re-evaluates it.
 
 Writes results/benchmarks/composition.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
-folder); runs and the registry go to results/benchmarks/composition_runs/ (git-ignored).
+folder); runs and the registry go to results/benchmarks/composition_runs/ (--quick: composition_runs/quick/, its
+own registry of smaller sources; git-ignored).
 
 Command: python benchmarks/composition.py [--seeds 3]  (2 targets × shots 8, 16 per class × 3 seeds)
-         python benchmarks/composition.py --quick    (1 seed, 20 trials)
+         python benchmarks/composition.py --quick    (sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials)
          or the targets in parallel: `--target 0 &`, `--target 1`, then `--report` (same flags each time)
 Target: the whole run in < 25 min on 2 CPU cores; no claim is asserted, the table is what was measured.
 """
@@ -49,7 +50,7 @@ TARGETS = ["newsgroups20:sci.med,sci.space", "sms_spam"]
 WORK = RESULTS / "composition_runs"
 
 
-def train_sources(registry, train_size: int, eval_size: int) -> pd.DataFrame:
+def train_sources(registry, train_size: int, eval_size: int, work: Path) -> pd.DataFrame:
     """One uniform q,v r=8 adapter per source task, trained by run_training and registered; one row each."""
     from orchestrator import pipeline
     from orchestrator.allocation import uniform
@@ -66,7 +67,7 @@ def train_sources(registry, train_size: int, eval_size: int) -> pd.DataFrame:
         if name not in known:
             pipeline.set_runtime_env()
             pipeline.init_ray(None)
-            cfg = RunConfig(name=name, results_dir=str(WORK / "runs"), model=ModelConfig(MODEL, 64),
+            cfg = RunConfig(name=name, results_dir=str(work / "runs"), model=ModelConfig(MODEL, 64),
                             train=TrainConfig(epochs=1, batch_size=32))
             row = run_training(cfg, task, [TrainJob("uniform_qv", "baseline", "uniform_qv", ranks, 0)])["uniform_qv-s0"]
             if row["status"] != "completed":
@@ -105,7 +106,7 @@ def compose_target(index: int, sources, shots: list[int], seeds: list[int], tria
     return first
 
 
-def register_learned(registry, sources, first) -> dict:
+def register_learned(registry, sources, first, work: Path) -> dict:
     """Save the learned composition, register it, load it back through the registry and re-evaluate it."""
     import torch
 
@@ -116,7 +117,7 @@ def register_learned(registry, sources, first) -> dict:
 
     task, cfg, table, outcomes = first
     row = table[table.method == "learned"].iloc[0].to_dict()
-    out = WORK / "composed" / f"{task.name.replace(':', '_').replace(',', '_')}-s{cfg.shots}-seed{cfg.seed}"
+    out = work / "composed" / f"{task.name.replace(':', '_').replace(',', '_')}-s{cfg.shots}-seed{cfg.seed}"
     adapter = save_composed(sources, outcomes["learned"].weights, outcomes["learned"].head, MODEL, out)
     entry = register(registry, "composed-sci-med-space", adapter, sources, MODEL, task.name, row)
     loader = make_loader(task.eval, load_tokenizer(MODEL), cfg.max_length, 64, shuffle=False)
@@ -128,17 +129,20 @@ def register_learned(registry, sources, first) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 20 trials")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials")
     parser.add_argument("--seeds", type=int, default=3, help="few-shot samples per target and shots (full mode)")
     parser.add_argument("--target", type=int, choices=range(len(TARGETS)),
                         help="compose for this target only (run the targets in parallel, then --report)")
     parser.add_argument("--report", action="store_true", help="only write composition.{csv,md,png} from finished targets")
-    parser.add_argument("--train-size", type=int, default=1000, help="training examples per source task")
-    parser.add_argument("--eval-size", type=int, default=400, help="held-out examples per task")
+    parser.add_argument("--train-size", type=int, help="training examples per source task (default 1,000; quick 300)")
+    parser.add_argument("--eval-size", type=int, help="held-out examples per task (default 400; quick 200)")
     add_out_argument(parser)
     args = parser.parse_args()
-    seeds, trials, shots = ([0], 20, [8, 16]) if args.quick else (list(range(args.seeds)), 30, [8, 16])
-    work = WORK / "quick" if args.quick else WORK  # the source adapters (registry) are shared, the comparisons not
+    seeds, trials, shots = ([0], 10, [8]) if args.quick else (list(range(args.seeds)), 30, [8, 16])
+    args.train_size = args.train_size or (300 if args.quick else 1000)
+    args.eval_size = args.eval_size or (200 if args.quick else 400)
+    work = WORK / "quick" if args.quick else WORK  # quick sources see less data: their own registry, never the full one
     work.mkdir(parents=True, exist_ok=True)
     set_env()
     import ray
@@ -147,9 +151,9 @@ def main() -> None:
     from orchestrator.registry import Registry
 
     ctx, started = machine_context(), time.perf_counter()
-    registry = Registry(WORK / "registry")
+    registry = Registry(work / "registry")
     try:
-        pool = train_sources(registry, args.train_size, args.eval_size)
+        pool = train_sources(registry, args.train_size, args.eval_size, work)
     finally:
         ray.shutdown()
     if not args.report:
@@ -157,7 +161,7 @@ def main() -> None:
         for index in [args.target] if args.target is not None else range(len(TARGETS)):
             first = compose_target(index, sources, shots, seeds, trials, args.eval_size, work)
             if index == 0 and first is not None:
-                (work / "stored.json").write_text(json.dumps(register_learned(registry, sources, first)))
+                (work / "stored.json").write_text(json.dumps(register_learned(registry, sources, first, work)))
         print(f"target(s) done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     if args.target is not None:
         return

@@ -5,8 +5,8 @@ What it measures, on 20 Newsgroups at a tight budget (search_spaces/newsgroups_t
 own pipeline (`orchestrator.pipeline.run` on `orchestrator.config.load_config(path, overrides)`),
 every report read back with `orchestrator.report.load`:
 
-- lora-search: proxy probe + Tune/Optuna screen of 500 candidates (20 trials × 25; --quick: 8 × 25 =
-  200), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
+- lora-search: proxy probe + Tune/Optuna screen of 500 candidates (20 trials × 25; --quick: 4 × 25 =
+  100), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
 - lora-search (calibrated): the same screen ranked by `calibrated` (orchestrator/calibrate.py): one short
   training per module type (calibrate.train_size 500, eval 300, 3 epochs) measures which types pay on the
   task, and the top-k by that score (each module's rank counted up to the rank its type was calibrated at)
@@ -27,9 +27,9 @@ per USD (and per device-hour). Picking the best of k on the eval split flatters 
 the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
-  --quick: train_size 500, eval_size 300, max_length 64, seed 0, survivors k = 2 — a smoke-sized
-           version (16 optimizer steps per model: expect accuracies near the majority class); the
-           calibrated arm's calibration runs see 128 examples for 1 epoch;
+  --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 2, uniform_qv the only
+           baseline — a smoke-sized version (10 optimizer steps per model: expect accuracies near the
+           majority class); the calibrated arm's calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
            (27 trainings + 6 calibration runs, ~2 min each on one CPU thread: about 40-70 minutes on 2 cores).
 
@@ -65,6 +65,7 @@ import pandas as pd  # noqa: E402
 
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 BASELINES = ["uniform_qv", "uniform_all", "adalora"]
+QUICK_BASELINES = BASELINES[:1]  # the reference every gain is measured against; the others in full mode only
 RANDOM_NAME = "random-search"
 CALIBRATED_NAME = "lora-search-calibrated"
 # arm → (run directory name, what the run_arm log calls it); the baselines are read from the lora-search run
@@ -76,13 +77,14 @@ QUICK_CALIBRATION = ["calibrate.train_size=128", "calibrate.eval_size=64", "cali
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 train / 300 eval, max_length 64, 1 seed, k = 2")
+    parser.add_argument("--quick", action="store_true", help="300 train / 200 eval, max_length 64, 1 seed, k = 2, "
+                        "100 candidates, uniform_qv the only baseline")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--survivors", type=int, help="k: models each search arm trains")
     parser.add_argument("--train-size", type=int, help="override data.train_size")
     parser.add_argument("--eval-size", type=int, help="override data.eval_size")
     parser.add_argument("--num-trials", type=int, help="Tune trials of the lora-search screen (default: the space's 20; "
-                        "quick 8, i.e. 200 candidates)")
+                        "quick 4, i.e. 100 candidates)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
                         "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
     parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
@@ -91,8 +93,12 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.survivors = args.survivors or (2 if args.quick else 3)
-    args.num_trials = args.num_trials or (8 if args.quick else None)
+    args.num_trials = args.num_trials or (4 if args.quick else None)
     return args
+
+
+def baselines(args) -> list[str]:
+    return QUICK_BASELINES if args.quick else BASELINES
 
 
 def common_overrides(args, results_dir: Path) -> list[str]:
@@ -138,7 +144,7 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     init_ray(None)
     try:
         dirs = {"lora-search": run_arm("lora-search", base + screen + ["name=lora-search",
-                                                                        f"train.baselines=[{','.join(BASELINES)}]"], log)}
+                                                                        f"train.baselines=[{','.join(baselines(args))}]"], log)}
         probe = dirs["lora-search"] / "module_scores.json" if dirs["lora-search"] else None
         for name in (RANDOM_NAME, CALIBRATED_NAME):
             if probe is not None and probe.is_file() and not (runs_root / name / "module_scores.json").is_file():
@@ -281,8 +287,9 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
             task = info.get("task")
             break
     if args.quick:
-        lines += ["**--quick is a smoke-sized version**: 500 train / 300 eval examples, max_length 64, one seed, k = 2, "
-                  "one epoch (16 optimizer steps), 200 candidates screened (8 Tune trials × 25). It checks that every arm runs end to end through the product and "
+        lines += ["**--quick is a smoke-sized version**: 300 train / 200 eval examples, max_length 64, one seed, k = 2, "
+                  "one epoch (10 optimizer steps), 100 candidates screened (4 Tune trials × 25), uniform_qv the only "
+                  "baseline (uniform_all and AdaLoRA train in the full mode). It checks that every arm runs end to end through the product and "
                   "shows the cost columns; its accuracies say nothing about which arm is better (one seed, models "
                   "near the majority class). The full mode (3 seeds, 2,000 train) is the measurement.", ""]
     if task:
@@ -290,7 +297,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   f"{len(task.get('labels', []))} classes, majority-class rate {task.get('majority_rate')}; seeds {args.seeds}; "
                   f"k = {args.survivors} trained models per search arm.", ""]
     lines += ["## Arms", ""]
-    missing = [arm for arm in SEARCH_ARMS + BASELINES if arms.empty or arm not in set(arms.arm)]
+    missing = [arm for arm in SEARCH_ARMS + baselines(args) if arms.empty or arm not in set(arms.arm)]
     if missing:
         lines += [f"Not trained in this invocation (see Runs below): {', '.join(missing)}.", ""]
     if arms.empty:

@@ -15,7 +15,7 @@ noise-level on this task (DESIGN §9.1: Rotten Tomatoes is too easy for placemen
 spread.
 
 Run (from the repository root):
-    python benchmarks/strategies.py --quick     # 1,000 train / 300 eval, seed 0: a smoke test (too little data to learn)
+    python benchmarks/strategies.py --quick     # 500 train / 200 eval, seed 0: a smoke test (too little data to learn)
     python benchmarks/strategies.py             # the space's 4,000 / 1,000, seeds 0 1 2
 Writes results/benchmarks/strategies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the run itself stays in results/benchmarks/strategies_runs/.
@@ -41,7 +41,7 @@ STRATEGIES = ["optuna", "top_p", "proportional", "knapsack", "random"]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 train / 300 eval, seed 0 (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="500 train / 200 eval, seed 0 (a smoke test)")
     parser.add_argument("--seeds", type=int, nargs="+")
     C.add_out_argument(parser)
     args = parser.parse_args()
@@ -93,7 +93,7 @@ def main() -> None:
     overrides = [f"results_dir={runs_root}", "name=strategies", f"train.seeds=[{seeds}]", "train.max_concurrent=2",
                  "train.use_gpu=false", "screen.survivors=1", "register.best=false"]
     if args.quick:
-        overrides += ["data.train_size=1000", "data.eval_size=300"]  # 1 epoch of 1,000 learns nothing: a smoke test
+        overrides += ["data.train_size=500", "data.eval_size=200"]  # 1 epoch of 500 learns nothing: a smoke test
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     prepare_run_dir(cfg, resume=False)

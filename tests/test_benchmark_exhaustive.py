@@ -27,13 +27,19 @@ def minilm_modules():
 
 
 def test_small_space_is_twelve_distinct_allocations_inside_the_band(minilm_modules):
-    space = exhaustive.small_space(minilm_modules)
+    space = exhaustive.small_space(minilm_modules, quick=False)
     budget = Budget(9216, 0.05)
     params = {label: a.trainable_params(minilm_modules) for label, a in space.items()}
     assert len(space) == 12 and len({a.candidate_id for a in space.values()}) == 12
     assert all(budget.low <= p <= budget.high for p in params.values()), params
     assert space["q+v r1"] == uniform(minilm_modules, ("query", "value"), 1)  # the uniform_qv baseline is in the space
     assert params["ffn_up L0-4 r1"] == 5 * (384 + 1536)
+
+
+def test_quick_space_keeps_every_shape_and_the_uniform_baseline(minilm_modules):
+    full, quick = exhaustive.small_space(minilm_modules, quick=False), exhaustive.small_space(minilm_modules, quick=True)
+    assert list(quick) == list(exhaustive.QUICK_LABELS) and all(quick[label] == full[label] for label in quick)
+    assert {label.split()[-1] for label in quick} == {"r1", "r2"} and any(label.startswith("ffn_up") for label in quick)
 
 
 def models_table():
