@@ -8,6 +8,7 @@ and `evaluate` after every epoch. It is the yardstick the Ray paths are compared
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import platform
 import shutil
@@ -216,6 +217,13 @@ def hours_to_reach(accuracy, device_hours, goal: float, within_pts: float = WITH
         if acc >= goal - within_pts / 100:
             return spent
     return float("nan")
+
+
+def best_of_every_k_subset(accuracy, k: int) -> np.ndarray:
+    """The best accuracy of every k-subset of the given models: its mean is the exact expected best of k
+    models drawn at random from them."""
+    accuracy = np.asarray(accuracy, float)
+    return np.array([accuracy[list(subset)].max() for subset in itertools.combinations(range(len(accuracy)), k)])
 
 
 def linear_fit(xs, ys) -> tuple[float, float, float]:

@@ -14,7 +14,10 @@ every report read back with `orchestrator.report.load`:
   it copies from the lora-search run: it computes the other proxies' columns);
 - random search: k random allocations inside the same band trained (`screen.allocator=random`,
   num_trials 1 × candidates_per_trial k, so the survivors are exactly the k random draws and the proxy
-  picks nothing); it reuses the lora-search run's module_scores.json, so no second probe runs;
+  picks nothing); it reuses the lora-search run's module_scores.json, so no second probe runs. One set of
+  k draws is one sample of random search: `--random-draws N` (N > k) trains N draws instead, and the arm
+  becomes the exact expected best of k over every k-subset of them (its cost: k models' mean hours), with
+  the share of those draw sets whose best reaches each search arm's best;
 - baselines at the same budget, trained in the lora-search run: uniform_qv (r=1 on q,v), uniform_all
   (r=1 on every Linear: its nearest rank misses the band, its exact count is shown), AdaLoRA (PEFT,
   starting at 1.5× the q,v rank and pruned to the q,v budget).
@@ -42,6 +45,8 @@ Run (from the repository root):
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
     python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
     python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
+    python benchmarks/search_quality.py --arms random --random-draws 9 --out results/benchmarks/random9
+                                                            # random search alone, judged by its expectation
 Writes results/benchmarks/search_quality.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the runs themselves (report.md, adapters, study.db) stay in
 results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation without --resume).
@@ -61,6 +66,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
@@ -85,6 +91,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, help="override data.eval_size")
     parser.add_argument("--num-trials", type=int, help="Tune trials of the lora-search screen (default: the space's 20; "
                         "quick 4, i.e. 100 candidates)")
+    parser.add_argument("--random-draws", type=int, help="random allocations the random arm trains (default k); "
+                        "more than k: the arm is the expected best of k over every k-subset of them")
+    parser.add_argument("--arms", nargs="+", choices=[name for _, name in SEARCH_RUNS.values()],
+                        default=[name for _, name in SEARCH_RUNS.values()], help="search arms to train (default all; "
+                        "random and calibrated run their own probe without lora-search)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
                         "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
     parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
@@ -94,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.survivors = args.survivors or (2 if args.quick else 3)
     args.num_trials = args.num_trials or (4 if args.quick else None)
+    args.random_draws = args.random_draws or args.survivors
+    if args.random_draws < args.survivors:
+        parser.error(f"--random-draws {args.random_draws}: draw at least k = {args.survivors} (--survivors)")
     return args
 
 
@@ -141,19 +155,23 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     base = common_overrides(args, runs_root.resolve())
     screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
     log: dict = {}
+    arms = {"lora-search": base + screen + ["name=lora-search", f"train.baselines=[{','.join(baselines(args))}]"],
+            "random": base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
+                              f"screen.candidates_per_trial={args.random_draws}", f"screen.survivors={args.random_draws}",
+                              "train.baselines=[]"],
+            "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
+                f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
+    dirs = dict.fromkeys(SEARCH_RUNS)
     init_ray(None)
     try:
-        dirs = {"lora-search": run_arm("lora-search", base + screen + ["name=lora-search",
-                                                                        f"train.baselines=[{','.join(baselines(args))}]"], log)}
-        probe = dirs["lora-search"] / "module_scores.json" if dirs["lora-search"] else None
-        for name in (RANDOM_NAME, CALIBRATED_NAME):
-            if probe is not None and probe.is_file() and not (runs_root / name / "module_scores.json").is_file():
-                (runs_root / name).mkdir(exist_ok=True)
-                shutil.copy2(probe, runs_root / name / "module_scores.json")
-        dirs["random search"] = run_arm("random", base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
-                                                          f"screen.candidates_per_trial={args.survivors}", "train.baselines=[]"], log)
-        dirs["lora-search (calibrated)"] = run_arm("calibrated", base + screen + QUICK_CALIBRATION * args.quick + [
-            f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"], log)
+        for arm, (folder, name) in SEARCH_RUNS.items():
+            if name not in args.arms:
+                continue
+            probe = dirs["lora-search"] / "module_scores.json" if dirs["lora-search"] else None
+            if probe is not None and probe.is_file() and not (runs_root / folder / "module_scores.json").is_file():
+                (runs_root / folder).mkdir(exist_ok=True)
+                shutil.copy2(probe, runs_root / folder / "module_scores.json")  # one probe for every arm
+            dirs[arm] = run_arm(name, arms[name], log)
     finally:
         ray.shutdown()
     return dirs, log
@@ -272,7 +290,41 @@ def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], arg
                     "roi_pts_per_usd": gain / cost if arm != "uniform_qv" and cost > 0 else float("nan"),
                     "roi_pts_per_device_hour": gain / device_hours if arm != "uniform_qv" and device_hours > 0 else float("nan"),
                     "beats_majority": bool(best.beats_majority)})
+    k, drawn = getattr(args, "survivors", None), models[models.arm == "random search"]
+    if k and len(drawn) > k:  # --random-draws: one draw set is one sample; the arm is the expectation over all
+        out = [row for row in out if row["arm"] != "random search"] + [expected_random(drawn, k, ref_mean, goal)]
     return pd.DataFrame(out), models
+
+
+def expected_random(drawn: pd.DataFrame, k: int, ref_mean: float, goal: float) -> dict:
+    """Random search judged by its expectation: the best of k over every k-subset of the trained draws, at the
+    cost of k models (their mean hours and dollars); `share_of_draw_sets_within_0_5_of_best` is how often one
+    draw set reaches the best model of any arm."""
+    best = C.best_of_every_k_subset(drawn.accuracy, k)
+    hours, cost = k * drawn.device_hours.mean(), k * drawn.cost_usd.mean()
+    gain = 100 * (best.mean() - ref_mean)
+    return {"arm": "random search", "models": k, "trainings": int(k * drawn.seeds.mean()), "seeds": int(drawn.seeds.min()),
+            "best_label": f"expected best of {k} (every {k} of {len(drawn)} draws)", "best_allocation": "",
+            "best_params": int(drawn.trainable_params.mean()), "best_accuracy": best.mean(),
+            "best_accuracy_std": float("nan"), "mean_accuracy_of_arm": drawn.accuracy.mean(),
+            "gain_vs_uniform_qv_pts": gain, "p_vs_uniform_qv": float("nan"), "device_hours": hours, "cost_usd": cost,
+            "search_s": 0.0, "hours_to_within_0_5_of_best": float("nan"),
+            "roi_pts_per_usd": gain / cost if cost > 0 else float("nan"),
+            "roi_pts_per_device_hour": gain / hours if hours > 0 else float("nan"), "beats_majority": bool(drawn.beats_majority.all()),
+            "share_of_draw_sets_within_0_5_of_best": float(np.mean(best >= goal - C.WITHIN_PTS / 100)),
+            "draw_sets": len(best)}
+
+
+def random_odds(arm: str, a: pd.DataFrame, models: pd.DataFrame) -> str:
+    """With --random-draws: how often one set of k random draws does at least as well as the search arm."""
+    drawn = models[models.arm == "random search"]
+    k = int(a.loc["random search", "models"])
+    if len(drawn) <= k:
+        return ""
+    best = C.best_of_every_k_subset(drawn.accuracy, k)
+    share = float(np.mean(best >= a.loc[arm, "best_accuracy"]))
+    return (f" against the expectation over {len(best)} draw sets of {k} (their best: {100 * best.min():.1f}–"
+            f"{100 * best.max():.1f}%); {100 * share:.0f}% of them reach {arm}'s best")
 
 
 def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
@@ -319,6 +371,12 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   "order) until a model is within 0.5 point of the best model of any arm; blank if none is. "
                   "p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
                   "Linear: the smallest rank already exceeds the band, so it trains more parameters (best_params).", ""]
+        if "draw_sets" in arms and arms.draw_sets.notna().any():
+            lines += [f"random search is judged by its expectation (`--random-draws {args.random_draws}`): its best_accuracy "
+                      f"is the mean, over all {int(arms.draw_sets.max())} sets of k of the trained draws, of the set's best "
+                      "model; its cost is k models' mean; in "
+                      f"{100 * arms.set_index('arm').loc['random search', 'share_of_draw_sets_within_0_5_of_best']:.0f}% "
+                      "of the sets the best is within 0.5 point of the best model of any arm.", ""]
         verdict = []
         a = arms.set_index("arm")
         for arm in ("lora-search", "lora-search (calibrated)"):
@@ -329,7 +387,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                                "target +1.6 points (HeteroLoRA): " + ("met" if g >= 1.6 and pv < 0.05 else "not met"))
             if {arm, "random search"} <= set(a.index):
                 d = 100 * (a.loc[arm, "best_accuracy"] - a.loc["random search", "best_accuracy"])
-                verdict.append(f"{arm} vs random search (same k): {d:+.1f} points")
+                verdict.append(f"{arm} vs random search (same k): {d:+.1f} points" + random_odds(arm, a, models))
         if verdict:
             lines += ["- " + v for v in verdict] + [""]
     if not models.empty:

@@ -54,3 +54,21 @@ def test_each_search_arm_pays_for_what_it_ran_before_training(tmp_path):
     # the first calibrated model is the best of any arm: reached after the probe, the calibration and one model's 2 seeds
     assert a.loc["lora-search (calibrated)", "hours_to_within_0_5_of_best"] == pytest.approx(0.01 + 0.2 + 0.1)
     assert set(models.arm) == set(a.index)
+
+
+def test_random_draws_beyond_k_judge_random_search_by_its_exact_expectation(tmp_path):
+    # four random draws (means over seeds 0.405, 0.425, 0.445, 0.465); k = 2: six draw sets, bests .425 .445 .465 .445 .465 .465
+    tables = {"lora-search": rows([("searched", "screen#1", "s1", 0.45), ("baseline", "uniform_qv", "qv", 0.40)]),
+              "random search": rows([("searched", f"screen#{i + 1}", f"r{i}", 0.40 + 0.02 * i) for i in range(4)])}
+    dirs = {"lora-search": run_dir(tmp_path / "a", 36.0), "random search": None}
+    arms, models = search_quality.summarise(tables, dirs, Namespace(survivors=2))
+    random = arms.set_index("arm").loc["random search"]
+    expected = (0.425 + 2 * 0.445 + 3 * 0.465) / 6
+    assert random.best_accuracy == pytest.approx(expected) and random.draw_sets == 6
+    assert random.models == 2 and random.device_hours == pytest.approx(2 * 2 * 0.05)  # k models' mean cost, 2 seeds each
+    assert random.gain_vs_uniform_qv_pts == pytest.approx(100 * (expected - 0.405))
+    assert random.share_of_draw_sets_within_0_5_of_best == pytest.approx(3 / 6)  # the best model of any arm: 0.465
+    odds = search_quality.random_odds("lora-search", arms.set_index("arm"), models)  # lora-search's best: 0.455
+    assert "6 draw sets of 2" in odds and "50% of them reach" in odds  # the 3 sets holding r3 (0.465) reach 0.455
+    same_k = search_quality.summarise(tables, dirs, Namespace(survivors=4))[0].set_index("arm")
+    assert same_k.loc["random search", "best_accuracy"] == pytest.approx(0.465)  # k draws: the arm is its best, as before
