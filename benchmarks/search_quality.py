@@ -49,7 +49,7 @@ Run (from the repository root):
                                                             # random search alone, judged by its expectation
 Writes results/benchmarks/search_quality.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the runs themselves (report.md, adapters, study.db) stay in
-results/benchmarks/search_quality_runs/<quick|full>/ (replaced on every invocation without --resume).
+results/benchmarks/search_quality_runs/<quick|full>/ (an arm's run is replaced when the arm runs again without --resume).
 """
 
 from __future__ import annotations
@@ -144,13 +144,15 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
 
 
 def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
-    """The lora-search run (with the baselines), then the random-search and calibrated runs on its probe."""
+    """The lora-search run (with the baselines), then the random-search and calibrated runs on its probe
+    (each of --arms; the runs of the other arms are left as they are)."""
     import ray
 
     from orchestrator.pipeline import init_ray
 
-    if runs_root.exists() and not args.resume:
-        shutil.rmtree(runs_root)  # this script's own earlier runs: run names must be new
+    for folder, name in SEARCH_RUNS.values():
+        if name in args.arms and (runs_root / folder).exists() and not args.resume:
+            shutil.rmtree(runs_root / folder)  # this script's own earlier run of the arm: run names must be new
     runs_root.mkdir(parents=True, exist_ok=True)
     base = common_overrides(args, runs_root.resolve())
     screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
