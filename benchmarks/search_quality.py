@@ -94,8 +94,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--random-draws", type=int, help="random allocations the random arm trains (default k); "
                         "more than k: the arm is the expected best of k over every k-subset of them")
     parser.add_argument("--arms", nargs="+", choices=[name for _, name in SEARCH_RUNS.values()],
-                        default=[name for _, name in SEARCH_RUNS.values()], help="search arms to train (default all; "
-                        "random and calibrated run their own probe without lora-search)")
+                        default=[name for _, name in SEARCH_RUNS.values()], help="search arms to train (default all); the "
+                        "others are reported from their earlier runs with the same preset, if any (random and calibrated "
+                        "run their own probe when there is no lora-search run)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
                         "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
     parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
@@ -145,7 +146,7 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
 
 def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     """The lora-search run (with the baselines), then the random-search and calibrated runs on its probe
-    (each of --arms; the runs of the other arms are left as they are)."""
+    (each of --arms; the other arms are read from their earlier runs, if any, and left as they are)."""
     import ray
 
     from orchestrator.pipeline import init_ray
@@ -156,14 +157,15 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     runs_root.mkdir(parents=True, exist_ok=True)
     base = common_overrides(args, runs_root.resolve())
     screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
-    log: dict = {}
     arms = {"lora-search": base + screen + ["name=lora-search", f"train.baselines=[{','.join(baselines(args))}]"],
             "random": base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
                               f"screen.candidates_per_trial={args.random_draws}", f"screen.survivors={args.random_draws}",
                               "train.baselines=[]"],
             "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
                 f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
-    dirs = dict.fromkeys(SEARCH_RUNS)
+    earlier, log = earlier_runs(runs_root)  # the arms not run now are reported from their earlier runs, if any
+    dirs = {arm: earlier[arm] if name not in args.arms else None for arm, (_, name) in SEARCH_RUNS.items()}
+    log = {name: entry | {"status": f"earlier run: {entry['status']}"} for name, entry in log.items() if name not in args.arms}
     init_ray(None)
     try:
         for arm, (folder, name) in SEARCH_RUNS.items():
