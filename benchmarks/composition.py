@@ -19,7 +19,7 @@ folder); runs and the registry go to results/benchmarks/composition_runs/ (--qui
 own registry of smaller sources; git-ignored).
 
 Command: python benchmarks/composition.py [--seeds 3]  (2 targets × shots 8, 16 per class × 3 seeds)
-         python benchmarks/composition.py --quick    (sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials)
+         python benchmarks/composition.py --quick    (2 sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials)
          or the targets in parallel: `--target 0 &`, `--target 1`, then `--report` (same flags each time)
 Target: the whole run in < 25 min on 2 CPU cores; no claim is asserted, the table is what was measured.
 """
@@ -46,11 +46,12 @@ SOURCES = {  # registry name → task spec (orchestrator.compose.load_task_spec)
     "ng-comp-rec": "newsgroups20:comp.*,rec.*",
     "ng-politics-religion": "newsgroups20:talk.politics.*,alt.atheism+soc.religion.christian+talk.religion.misc",
 }
+QUICK_SOURCES = ["rt-sentiment", "ng-comp-rec"]  # --quick: two sources (each is a serial training), still a composition
 TARGETS = ["newsgroups20:sci.med,sci.space", "sms_spam"]
 WORK = RESULTS / "composition_runs"
 
 
-def train_sources(registry, train_size: int, eval_size: int, work: Path) -> pd.DataFrame:
+def train_sources(registry, names: list[str], train_size: int, eval_size: int, work: Path) -> pd.DataFrame:
     """One uniform q,v r=8 adapter per source task, trained by run_training and registered; one row each."""
     from orchestrator import pipeline
     from orchestrator.allocation import uniform
@@ -62,7 +63,7 @@ def train_sources(registry, train_size: int, eval_size: int, work: Path) -> pd.D
     ranks = uniform(adaptable_modules(load_model(MODEL, 2)), ("query", "value"), 8).as_dict()
     known = {e.name for e in registry.list()}
     rows = []
-    for name, spec in SOURCES.items():
+    for name, spec in ((name, SOURCES[name]) for name in names):
         task = load_task_spec(spec, eval_size, seed=0, train_size=train_size)
         if name not in known:
             pipeline.set_runtime_env()
@@ -130,7 +131,7 @@ def register_learned(registry, sources, first, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke test: sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials")
+                        help="a smoke test: 2 sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials")
     parser.add_argument("--seeds", type=int, default=3, help="few-shot samples per target and shots (full mode)")
     parser.add_argument("--target", type=int, choices=range(len(TARGETS)),
                         help="compose for this target only (run the targets in parallel, then --report)")
@@ -140,6 +141,7 @@ def main() -> None:
     add_out_argument(parser)
     args = parser.parse_args()
     seeds, trials, shots = ([0], 10, [8]) if args.quick else (list(range(args.seeds)), 30, [8, 16])
+    names = QUICK_SOURCES if args.quick else list(SOURCES)
     args.train_size = args.train_size or (300 if args.quick else 1000)
     args.eval_size = args.eval_size or (200 if args.quick else 400)
     work = WORK / "quick" if args.quick else WORK  # quick sources see less data: their own registry, never the full one
@@ -153,11 +155,11 @@ def main() -> None:
     ctx, started = machine_context(), time.perf_counter()
     registry = Registry(work / "registry")
     try:
-        pool = train_sources(registry, args.train_size, args.eval_size, work)
+        pool = train_sources(registry, names, args.train_size, args.eval_size, work)
     finally:
         ray.shutdown()
     if not args.report:
-        sources, _ = load_sources(registry, list(SOURCES))
+        sources, _ = load_sources(registry, names)
         for index in [args.target] if args.target is not None else range(len(TARGETS)):
             first = compose_target(index, sources, shots, seeds, trials, args.eval_size, work)
             if index == 0 and first is not None:

@@ -6,10 +6,10 @@ types, ranks 2/4/8/16, budget = uniform q,v at r=8 ≈ 74k LoRA params, ±5%):
 1. the probe, once: `orchestrator.proxies.score_modules` with proxies grad_norm + params + fisher on
    8 batches of 16 at max_length 64, probe rank 4, 1 thread, on the train split of
    `orchestrator.data.load_task(DataConfig())` (what `lora-search run` does in one Ray task);
-2. scoring N = 100, 500, 2000 candidates from those per-module scores,
+2. scoring N = 100, 500, 2000 candidates (--quick: 100, 500, 1000) from those per-module scores,
    (a) through the product path: `orchestrator.screen.run_screen` (Ray Tune + OptunaSearch, study in
        SQLite) with screen.num_trials × candidates_per_trial = N (25 candidates per trial as in the
-       shipped spaces: 4, 20, 80 Tune trials; --quick: 100 per trial, so 1, 5, 20 trials, and the
+       shipped spaces: 4, 20, 80 Tune trials; --quick: 100 per trial, so 1, 5, 10 trials, and the
        cost at 25 per trial is projected from the measured per-trial cost), in a temporary results
        directory, after `orchestrator.pipeline.init_ray(None)` and one unreported warm-up screen
        (one trial); the driver's RSS (psutil) is read before and after each N;
@@ -17,14 +17,14 @@ types, ranks 2/4/8/16, budget = uniform q,v at r=8 ≈ 74k LoRA params, ±5%):
        per candidate (fastest of 5);
 3. one training epoch of one candidate: uniform q,v r=8, batch 32, max_length 64, 1 thread, with the
    plain PEFT loop of benchmarks/_common.py (the Ray Train worker's loop without Ray) on the
-   quickstart data (4,000 examples). --quick trains on 1,000 examples and multiplies the epoch time
-   by 4 (the table says so).
+   quickstart data (4,000 examples). --quick trains on 500 examples and multiplies the epoch time
+   by 8 (the table says so).
 
 Targets: screening 500 candidates (probe + Tune screen) costs less than one epoch (ratio < 1); the
 cost grows near-linearly in N (R² of a line through seconds vs N); driver RSS stays flat in N.
 
 Run (from the repository root):
-    python benchmarks/screening_cost.py --quick     # epoch on 1,000 examples ×4, 100 per trial; ~5-10 min under load
+    python benchmarks/screening_cost.py --quick     # epoch on 500 examples ×8, 100 per trial; ~3 min
     python benchmarks/screening_cost.py             # epoch on 4,000 examples
     python benchmarks/screening_cost.py --sizes 100 500 2000 5000 --candidates-per-trial 50
 Writes results/benchmarks/screening_cost.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes
@@ -52,18 +52,19 @@ TARGET_RATIO = 1.0
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="epoch on 1,000 examples, scaled ×4")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000], help="candidate counts N")
+    parser.add_argument("--quick", action="store_true", help="epoch on 500 examples, scaled ×8; N up to 1,000")
+    parser.add_argument("--sizes", type=int, nargs="+", help="candidate counts N (default 100 500 2000; quick 100 500 1000)")
     parser.add_argument("--candidates-per-trial", type=int,
                         help="candidates per Tune trial (default 25 as the shipped spaces; quick 100: fewer trials)")
-    parser.add_argument("--epoch-train-size", type=int, help="examples of the measured epoch (default 4,000; quick 1,000)")
-    parser.add_argument("--eval-size", type=int, help="eval examples after the epoch (default 1,000; quick 300)")
+    parser.add_argument("--epoch-train-size", type=int, help="examples of the measured epoch (default 4,000; quick 500)")
+    parser.add_argument("--eval-size", type=int, help="eval examples after the epoch (default 1,000; quick 200)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="repeats of the arithmetic path; the fastest counts (the least disturbed by other tenants)")
     C.add_out_argument(parser)
     args = parser.parse_args()
-    args.epoch_train_size = args.epoch_train_size or (1000 if args.quick else 4000)
-    args.eval_size = args.eval_size or (300 if args.quick else 1000)
+    args.sizes = args.sizes or ([100, 500, 1000] if args.quick else [100, 500, 2000])
+    args.epoch_train_size = args.epoch_train_size or (500 if args.quick else 4000)
+    args.eval_size = args.eval_size or (200 if args.quick else 1000)
     args.candidates_per_trial = args.candidates_per_trial or (100 if args.quick else 25)
     return args
 

@@ -30,9 +30,10 @@ per USD (and per device-hour). Picking the best of k on the eval split flatters 
 the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
-  --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 2, uniform_qv the only
-           baseline — a smoke-sized version (10 optimizer steps per model: expect accuracies near the
-           majority class); the calibrated arm's calibration runs see 128 examples for 1 epoch;
+  --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 1, three module types
+           (query, value, FFN-up), uniform_qv the only baseline — a smoke-sized version (10 optimizer
+           steps per model: expect accuracies near the majority class); the calibrated arm's three
+           calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
            (27 trainings + 6 calibration runs, ~2 min each on one CPU thread: about 40-70 minutes on 2 cores).
 
@@ -79,12 +80,13 @@ SEARCH_RUNS = {"lora-search": ("lora-search", "lora-search"), "random search": (
                "lora-search (calibrated)": (CALIBRATED_NAME, "calibrated")}
 SEARCH_ARMS = list(SEARCH_RUNS)
 QUICK_CALIBRATION = ["calibrate.train_size=128", "calibrate.eval_size=64", "calibrate.epochs=1"]  # a smoke test, like --quick
+QUICK_TYPES = "space.module_types=[query,value,intermediate.dense]"  # three calibration runs, not six
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 train / 200 eval, max_length 64, 1 seed, k = 2, "
-                        "100 candidates, uniform_qv the only baseline")
+    parser.add_argument("--quick", action="store_true", help="300 train / 200 eval, max_length 64, 1 seed, k = 1, "
+                        "3 module types, 100 candidates, uniform_qv the only baseline")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--survivors", type=int, help="k: models each search arm trains")
     parser.add_argument("--train-size", type=int, help="override data.train_size")
@@ -104,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.survivors = args.survivors or (2 if args.quick else 3)
+    args.survivors = args.survivors or (1 if args.quick else 3)
     args.num_trials = args.num_trials or (4 if args.quick else None)
     args.random_draws = args.random_draws or args.survivors
     if args.random_draws < args.survivors:
@@ -118,6 +120,7 @@ def baselines(args) -> list[str]:
 
 def common_overrides(args, results_dir: Path) -> list[str]:
     found = C.newsgroups_overrides(results_dir, args.seeds, args.quick) + [f"screen.survivors={args.survivors}"]
+    found += [QUICK_TYPES] * args.quick
     if args.train_size:
         found.append(f"data.train_size={args.train_size}")
     if args.eval_size:
@@ -343,8 +346,9 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
             task = info.get("task")
             break
     if args.quick:
-        lines += ["**--quick is a smoke-sized version**: 300 train / 200 eval examples, max_length 64, one seed, k = 2, "
-                  "one epoch (10 optimizer steps), 100 candidates screened (4 Tune trials × 25), uniform_qv the only "
+        lines += ["**--quick is a smoke-sized version**: 300 train / 200 eval examples, max_length 64, one seed, k = 1, "
+                  "one epoch (10 optimizer steps), three module types (query, value, FFN-up; three calibration runs), "
+                  "100 candidates screened (4 Tune trials × 25), uniform_qv the only "
                   "baseline (uniform_all and AdaLoRA train in the full mode). It checks that every arm runs end to end through the product and "
                   "shows the cost columns; its accuracies say nothing about which arm is better (one seed, models "
                   "near the majority class). The full mode (3 seeds, 2,000 train) is the measurement.", ""]

@@ -20,7 +20,7 @@ batch), peak inference memory above the pre-eval level (CPU: peak RSS via VmHWM;
 allocated), fraction of experts active per input, mean router entropy and expert-usage entropy.
 
 Run (from the repository root):
-    python benchmarks/sparse_adapters.py --quick    # 1,000 train / 300 eval, 1 epoch, 1 thread, seed 0
+    python benchmarks/sparse_adapters.py --quick    # 500 train / 200 eval, 1 epoch, 1 thread, seed 0
     python benchmarks/sparse_adapters.py            # 4,000 train / 1,000 eval, 1 epoch, 1 thread, seeds 0 1 2
     python benchmarks/sparse_adapters.py --quick --train-size 4000   # any flag overrides the preset
 Writes results/benchmarks/sparse_adapters.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
@@ -51,7 +51,7 @@ from orchestrator.data import load_task, make_loader  # noqa: E402
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer  # noqa: E402
 from orchestrator.routing import attach_routed_adapters, measure_inference, train_routed  # noqa: E402
 
-PRESETS = {"quick": dict(train_size=1000, eval_size=300, epochs=1, seeds=[0]),
+PRESETS = {"quick": dict(train_size=500, eval_size=200, epochs=1, seeds=[0]),
            "full": dict(train_size=4000, eval_size=1000, epochs=1, seeds=[0, 1, 2])}
 COLUMNS = ["variant", "seed", "accuracy", "f1", "majority_rate", "trainable_params", "head_params", "params_vs_lora",
            "train_s", "train_cpu_s", "latency_ms_mean", "latency_ms_p95", "latency_cpu_ms_mean", "latency_cpu_ms_p95",
@@ -61,7 +61,7 @@ COLUMNS = ["variant", "seed", "accuracy", "f1", "majority_rate", "trainable_para
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 train / 300 eval, one seed (~minutes)")
+    parser.add_argument("--quick", action="store_true", help="500 train / 200 eval, one seed (a smoke test)")
     parser.add_argument("--train-size", type=int)
     parser.add_argument("--eval-size", type=int)
     parser.add_argument("--epochs", type=int)
