@@ -46,7 +46,7 @@ Run (from the repository root):
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
     python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
     python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
-    python benchmarks/search_quality.py --arms random --random-draws 9 --out results/benchmarks/random9
+    python benchmarks/search_quality.py --arms random --random-draws 6 --out results/benchmarks/random_draws
                                                             # random search alone, judged by its expectation
 Writes results/benchmarks/search_quality.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the runs themselves (report.md, adapters, study.db) stay in
