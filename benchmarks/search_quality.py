@@ -166,9 +166,9 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
                               "train.baselines=[]"],
             "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
                 f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
-    earlier, log = earlier_runs(runs_root)  # the arms not run now are reported from their earlier runs, if any
+    earlier, log = earlier_runs(runs_root, skip=args.arms)  # the arms not run now are reported from their earlier runs
     dirs = {arm: earlier[arm] if name not in args.arms else None for arm, (_, name) in SEARCH_RUNS.items()}
-    log = {name: entry | {"status": f"earlier run: {entry['status']}"} for name, entry in log.items() if name not in args.arms}
+    log = {name: entry | {"status": f"earlier run: {entry['status']}"} for name, entry in log.items()}
     init_ray(None)
     try:
         for arm, (folder, name) in SEARCH_RUNS.items():
@@ -184,8 +184,9 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     return dirs, log
 
 
-def earlier_runs(runs_root: Path) -> tuple[dict[str, Path | None], dict]:
-    """The runs of an earlier invocation; an interrupted one gets its report rebuilt from its finished trainings.
+def earlier_runs(runs_root: Path, skip: tuple[str, ...] = ()) -> tuple[dict[str, Path | None], dict]:
+    """The runs of an earlier invocation (but the arms in `skip`, about to run again); an interrupted one gets
+    its report rebuilt from its finished trainings.
 
     Wall time comes from run.json (from the run's start, without Ray's), up to the last finished training."""
     from datetime import datetime
@@ -197,6 +198,8 @@ def earlier_runs(runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     for arm, (folder, name) in SEARCH_RUNS.items():
         run_dir = runs_root / folder
         found[arm] = None
+        if name in skip:
+            continue
         info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         trials = sorted((run_dir / "trials").glob("*.json"))
         if "started_at" not in info or not trials:
@@ -273,9 +276,14 @@ def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], arg
     reference = rows[rows.arm == "uniform_qv"].accuracy
     ref_mean = reference.mean() if len(reference) else float("nan")
     goal = models.accuracy.max()  # the best model of any arm
+    k, drawn = getattr(args, "survivors", None), models[models.arm == "random search"]
+    expectation = bool(k) and len(drawn) > k  # --random-draws: one draw set is one sample; the arm is the expectation
     out = []
     for arm in SEARCH_ARMS + BASELINES:
         mine = models[models.arm == arm]
+        if arm == "random search" and expectation:
+            out.append(expected_random(drawn, k, ref_mean, goal))
+            continue
         if mine.empty:
             continue
         best = mine.sort_values("accuracy", ascending=False).iloc[0]
@@ -297,9 +305,6 @@ def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], arg
                     "roi_pts_per_usd": gain / cost if arm != "uniform_qv" and cost > 0 else float("nan"),
                     "roi_pts_per_device_hour": gain / device_hours if arm != "uniform_qv" and device_hours > 0 else float("nan"),
                     "beats_majority": bool(best.beats_majority)})
-    k, drawn = getattr(args, "survivors", None), models[models.arm == "random search"]
-    if k and len(drawn) > k:  # --random-draws: one draw set is one sample; the arm is the expectation over all
-        out = [row for row in out if row["arm"] != "random search"] + [expected_random(drawn, k, ref_mean, goal)]
     return pd.DataFrame(out), models
 
 

@@ -518,7 +518,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             trainable,
             param_space={"job": tune.grid_search([asdict(job) for job in pending.values()])},
             # A trial only waits on its TorchTrainer: reusing its process for the next job saves a process start
-            # and its imports (~9 CPU-s on 2 cores, measured with a /proc sampler) per training.
+            # and its imports (~7 CPU-s on 2 cores, measured with a /proc sampler) per training.
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.train.max_concurrent, scheduler=scheduler,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
