@@ -6,7 +6,6 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-
 from ray.util.state import list_actors
 
 from orchestrator import pipeline, report
