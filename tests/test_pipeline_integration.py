@@ -17,7 +17,7 @@ from orchestrator.train import evaluate
 pytestmark = pytest.mark.slow
 
 SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
-         "screen.num_trials=2", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
+         "screen.num_trials=4", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
          "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[uniform_qv,uniform_all,adalora]"]
 
 
@@ -115,10 +115,11 @@ def test_best_searched_adapter_is_registered_once(finished_run):
     assert [e.version for e in Registry(cfg.registry_root).list("rotten_tomatoes")] == [1]
 
 
-def test_trainings_share_trial_processes_and_start_no_preemption_watcher(finished_run):
+def test_trials_share_processes_and_no_preemption_watcher_starts(finished_run):
     cfg, table, actors = finished_run
     trainings = len(table)  # one survivor + three baselines, two at a time
     assert actors.count("TrainController") == trainings
-    # Tune trials are ImplicitFunc actors: the screen's, then the training's, which reuse a finished one's process.
+    # Tune trials are ImplicitFunc actors; in the screen (4 trials) and in training (4 models), two at a time,
+    # a finished trial's process runs the next one.
     assert actors.count("ImplicitFunc") < cfg.screen.num_trials + trainings
     assert "PreemptionWatcher" not in actors  # nothing preempts an embedded local cluster
