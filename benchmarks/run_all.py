@@ -53,7 +53,7 @@ SCRIPTS = [
      "Ray path ≤ 1.10 × plain", (11, 60)),
     ("search_quality", "lora-search (proxy-ranked, and calibrated by short trainings) vs random search vs uniform_qv / "
      "uniform_all / AdaLoRA at equal budget on 20 Newsgroups (9,216 params): best accuracy, device-hours, ROI", "lora-search beats uniform_qv and random "
-     "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 7.5 min measured (2026-12-02)
+     "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 8.2 min measured (2026-12-02, 14:36)
     ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
      "latency, memory (another engineer's script)", "see its own header", (10, 120)),
     ("strategies", "every allocator (optuna, top_p, proportional, knapsack, random) proposes from one probe on the "

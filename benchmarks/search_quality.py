@@ -167,7 +167,7 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
             "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
                 f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
     earlier, log = earlier_runs(runs_root, skip=args.arms)  # the arms not run now are reported from their earlier runs
-    dirs = {arm: earlier[arm] if name not in args.arms else None for arm, (_, name) in SEARCH_RUNS.items()}
+    dirs = dict(earlier)  # None for the arms about to run (skipped above)
     log = {name: entry | {"status": f"earlier run: {entry['status']}"} for name, entry in log.items()}
     init_ray(None)
     try:
