@@ -19,7 +19,7 @@ Target: |2 workers − 1 worker| and |1 worker − plain| within the seed spread
 
 Run (from the repository root):
     python benchmarks/ddp_parity.py                 # seeds 0 1 2 (about 15 minutes on 2 cores)
-    python benchmarks/ddp_parity.py --quick         # seed 0, 400 train / 200 eval (a smoke test: no seed spread)
+    python benchmarks/ddp_parity.py --quick         # seed 0, 200 train / 100 eval (a smoke test: no seed spread)
     python benchmarks/ddp_parity.py --seeds 0 1 2 3 4 --train-size 2000
 Writes results/benchmarks/ddp_parity.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder).
@@ -43,15 +43,15 @@ PATHS = ["plain", "1 worker", "2 workers"]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seed 0, 400 train / 200 eval (a smoke test: no seed spread)")
+    parser.add_argument("--quick", action="store_true", help="seed 0, 200 train / 100 eval (a smoke test: no seed spread)")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--train-size", type=int)
     parser.add_argument("--eval-size", type=int)
     C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.train_size = args.train_size or (400 if args.quick else 4000)
-    args.eval_size = args.eval_size or (200 if args.quick else 1000)
+    args.train_size = args.train_size or (200 if args.quick else 4000)
+    args.eval_size = args.eval_size or (100 if args.quick else 1000)
     return args
 
 

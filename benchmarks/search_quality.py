@@ -30,9 +30,9 @@ per USD (and per device-hour). Picking the best of k on the eval split flatters 
 the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
-  --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 1, three module types
-           (query, value, FFN-up), uniform_qv the only baseline — a smoke-sized version (10 optimizer
-           steps per model: expect accuracies near the majority class); the calibrated arm's three
+  --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 1, two module types
+           (value, FFN-up), uniform_qv the only baseline — a smoke-sized version (10 optimizer
+           steps per model: expect accuracies near the majority class); the calibrated arm's two
            calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
            (27 trainings + 6 calibration runs, ~2 min each on one CPU thread: about 40-70 minutes on 2 cores).
@@ -80,13 +80,13 @@ SEARCH_RUNS = {"lora-search": ("lora-search", "lora-search"), "random search": (
                "lora-search (calibrated)": (CALIBRATED_NAME, "calibrated")}
 SEARCH_ARMS = list(SEARCH_RUNS)
 QUICK_CALIBRATION = ["calibrate.train_size=128", "calibrate.eval_size=64", "calibrate.epochs=1"]  # a smoke test, like --quick
-QUICK_TYPES = "space.module_types=[query,value,intermediate.dense]"  # three calibration runs, not six
+QUICK_TYPES = "space.module_types=[value,intermediate.dense]"  # two calibration runs (one round of 2), not six
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 train / 200 eval, max_length 64, 1 seed, k = 1, "
-                        "3 module types, 100 candidates, uniform_qv the only baseline")
+                        "2 module types, 100 candidates, uniform_qv the only baseline")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--survivors", type=int, help="k: models each search arm trains")
     parser.add_argument("--train-size", type=int, help="override data.train_size")
@@ -352,7 +352,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
             break
     if args.quick:
         lines += ["**--quick is a smoke-sized version**: 300 train / 200 eval examples, max_length 64, one seed, k = 1, "
-                  "one epoch (10 optimizer steps), three module types (query, value, FFN-up; three calibration runs), "
+                  "one epoch (10 optimizer steps), two module types (value, FFN-up; two calibration runs), "
                   "100 candidates screened (4 Tune trials × 25), uniform_qv the only "
                   "baseline (uniform_all and AdaLoRA train in the full mode). It checks that every arm runs end to end through the product and "
                   "shows the cost columns; its accuracies say nothing about which arm is better (one seed, models "

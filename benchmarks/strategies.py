@@ -15,7 +15,7 @@ noise-level on this task (DESIGN §9.1: Rotten Tomatoes is too easy for placemen
 spread.
 
 Run (from the repository root):
-    python benchmarks/strategies.py --quick     # 500 train / 200 eval, seed 0, optuna/knapsack/random: a smoke test
+    python benchmarks/strategies.py --quick     # 300 train / 200 eval, seed 0, optuna/knapsack/random: a smoke test
     python benchmarks/strategies.py             # the space's 4,000 / 1,000, seeds 0 1 2
 Writes results/benchmarks/strategies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the run itself stays in results/benchmarks/strategies_runs/.
@@ -42,7 +42,7 @@ QUICK_STRATEGIES = ["optuna", "knapsack", "random"]  # the default, the exact op
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"500 train / 200 eval, seed 0, {'/'.join(QUICK_STRATEGIES)} "
+    parser.add_argument("--quick", action="store_true", help=f"300 train / 200 eval, seed 0, {'/'.join(QUICK_STRATEGIES)} "
                         "(a smoke test)")
     parser.add_argument("--seeds", type=int, nargs="+")
     C.add_out_argument(parser)
@@ -96,7 +96,7 @@ def main() -> None:
     overrides = [f"results_dir={runs_root}", "name=strategies", f"train.seeds=[{seeds}]", "train.max_concurrent=2",
                  "train.use_gpu=false", "screen.survivors=1", "register.best=false"]
     if args.quick:
-        overrides += ["data.train_size=500", "data.eval_size=200"]  # 1 epoch of 500 learns nothing: a smoke test
+        overrides += ["data.train_size=300", "data.eval_size=200"]  # 1 epoch of 300 learns nothing: a smoke test
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     prepare_run_dir(cfg, resume=False)
