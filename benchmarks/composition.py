@@ -19,7 +19,8 @@ folder); runs and the registry go to results/benchmarks/composition_runs/ (--qui
 own registry of smaller sources; git-ignored).
 
 Command: python benchmarks/composition.py [--seeds 3]  (2 targets × shots 8, 16 per class × 3 seeds)
-         python benchmarks/composition.py --quick    (2 sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials)
+         python benchmarks/composition.py --quick    (2 sources on 300 examples, 200 eval, the first target, 8 shots, 1 seed,
+                                                      10 trials)
          or the targets in parallel: `--target 0 &`, `--target 1`, then `--report` (same flags each time)
 Target: the whole run in < 25 min on 2 CPU cores; no claim is asserted, the table is what was measured.
 """
@@ -131,7 +132,7 @@ def register_learned(registry, sources, first, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke test: 2 sources on 300 examples, 200 eval, 8 shots, 1 seed, 10 trials")
+                        help="a smoke test: 2 sources on 300 examples, 200 eval, the first target, 8 shots, 1 seed, 10 trials")
     parser.add_argument("--seeds", type=int, default=3, help="few-shot samples per target and shots (full mode)")
     parser.add_argument("--target", type=int, choices=range(len(TARGETS)),
                         help="compose for this target only (run the targets in parallel, then --report)")
@@ -142,6 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds, trials, shots = ([0], 10, [8]) if args.quick else (list(range(args.seeds)), 30, [8, 16])
     names = QUICK_SOURCES if args.quick else list(SOURCES)
+    targets = [0] if args.quick else list(range(len(TARGETS)))  # quick: the target the stored composition comes from
     args.train_size = args.train_size or (300 if args.quick else 1000)
     args.eval_size = args.eval_size or (200 if args.quick else 400)
     work = WORK / "quick" if args.quick else WORK  # quick sources see less data: their own registry, never the full one
@@ -160,14 +162,14 @@ def main() -> None:
         ray.shutdown()
     if not args.report:
         sources, _ = load_sources(registry, names)
-        for index in [args.target] if args.target is not None else range(len(TARGETS)):
+        for index in [args.target] if args.target is not None else targets:
             first = compose_target(index, sources, shots, seeds, trials, args.eval_size, work)
             if index == 0 and first is not None:
                 (work / "stored.json").write_text(json.dumps(register_learned(registry, sources, first, work)))
         print(f"target(s) done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     if args.target is not None:
         return
-    table = pd.concat([pd.read_csv(work / f"target-{i}.csv") for i in range(len(TARGETS))], ignore_index=True)
+    table = pd.concat([pd.read_csv(work / f"target-{i}.csv") for i in targets], ignore_index=True)
     stored = json.loads((work / "stored.json").read_text())
     made = registry.show(stored["name"], stored["version"]).metrics  # which few-shot sample it came from
     command = "python benchmarks/composition.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
@@ -179,7 +181,7 @@ def main() -> None:
         "Each source: LoRA on query+value, r=8, 1 epoch, max_length 64, trained by `run_training` (Ray Tune + "
         f"Ray Train) on {args.train_size} examples at most, evaluated on its own held-out split, then registered.", "",
         md_table(pool), "",
-        f"Targets (unseen): {', '.join(f'`{t}`' for t in TARGETS)}; {args.eval_size} held-out eval examples at most "
+        f"Targets (unseen): {', '.join(f'`{TARGETS[i]}`' for i in targets)}; {args.eval_size} held-out eval examples at most "
         f"(the same for every method and seed). Shots are labelled examples per class ({', '.join(map(str, shots))}); "
         f"seeds {sorted(table.seed.unique().tolist())} draw different few-shot samples. Learned: {trials} Optuna TPE "
         "trials, l1 0.05, w ∈ [-1.5, 1.5]. few_shot_training: fresh LoRA q,v r=8 + head, 20 epochs, AdamW 2e-3. "

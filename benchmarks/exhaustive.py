@@ -26,7 +26,8 @@ the mean over 20,000 random orders).
 Target (issue #12): within 0.5 point of the exhaustive best in ≤ 20% of its device-hours.
 
 Run (from the repository root):
-    python benchmarks/exhaustive.py --quick    # 2 of the 12 (q+v r1, ffn_up L0-4 r1), k = 1, 300 train / 200 eval, max_length 64, seed 0 (a smoke test)
+    python benchmarks/exhaustive.py --quick    # 2 of the 12 (q+v r1, ffn_up L0-4 r1), k = 1, 300 train / 200 eval, max_length 64, seed 0,
+                                               # proxies on 2 minibatches (a smoke test)
     python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings, ~75 min on 2 idle cores)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
 Writes results/benchmarks/exhaustive.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the

@@ -24,7 +24,7 @@ and the optimizer steps are the same as with one worker).
 Target: (b) ≤ 1.10 × (a) for the same work.
 
 Run (from the repository root):
-    python benchmarks/orchestration_overhead.py --quick        # 200 train / 100 eval examples, 3 epochs
+    python benchmarks/orchestration_overhead.py --quick        # 100 train / 50 eval examples, 3 epochs
     python benchmarks/orchestration_overhead.py                # 4,000 / 1,000, 3 epochs, 2 repeats
     python benchmarks/orchestration_overhead.py --quick --ddp  # + the 2-worker DDP run
 Writes results/benchmarks/orchestration_overhead.{csv,md} (--quick: in results/benchmarks/quick/; --out
@@ -51,7 +51,7 @@ TARGET = 1.10
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 train / 100 eval examples, one repeat")
+    parser.add_argument("--quick", action="store_true", help="100 train / 50 eval examples, one repeat")
     parser.add_argument("--train-size", type=int)
     parser.add_argument("--eval-size", type=int)
     parser.add_argument("--epochs", type=int, default=3)
@@ -60,8 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the stored .csv (no training)")
     C.add_out_argument(parser)
     args = parser.parse_args()
-    args.train_size = args.train_size or (200 if args.quick else 4000)
-    args.eval_size = args.eval_size or (100 if args.quick else 1000)
+    args.train_size = args.train_size or (100 if args.quick else 4000)
+    args.eval_size = args.eval_size or (50 if args.quick else 1000)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.epochs < 3:
         parser.error("--epochs: use 3 or more (the overhead per epoch needs several epochs)")

@@ -31,7 +31,7 @@ the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
   --quick: train_size 300, eval_size 200, max_length 64, seed 0, survivors k = 1, two module types
-           (value, FFN-up), uniform_qv the only baseline — a smoke-sized version (10 optimizer
+           (value, FFN-up), proxies on 2 minibatches (not 8), uniform_qv the only baseline — a smoke-sized version (10 optimizer
            steps per model: expect accuracies near the majority class); the calibrated arm's two
            calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
@@ -352,7 +352,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
             break
     if args.quick:
         lines += ["**--quick is a smoke-sized version**: 300 train / 200 eval examples, max_length 64, one seed, k = 1, "
-                  "one epoch (10 optimizer steps), two module types (value, FFN-up; two calibration runs), "
+                  "one epoch (10 optimizer steps), two module types (value, FFN-up; two calibration runs), proxies on 2 minibatches, "
                   "100 candidates screened (4 Tune trials × 25), uniform_qv the only "
                   "baseline (uniform_all and AdaLoRA train in the full mode). It checks that every arm runs end to end through the product and "
                   "shows the cost columns; its accuracies say nothing about which arm is better (one seed, models "
