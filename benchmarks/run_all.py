@@ -11,9 +11,9 @@ replaces a full table), and a scaling model whose numbers are read from the full
 results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
-    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all ten needed ~37 min
-                                                  # on 2 cores, 2026-12-02: the ones left are marked skipped; run them
-                                                  # with --only)
+    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all ten took 28.3 min
+                                                  # on 2 cores, 2026-12-02; a script with no time left is marked
+                                                  # skipped: run it with --only)
     python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
     python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
     python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
@@ -53,7 +53,7 @@ SCRIPTS = [
      "Ray path ≤ 1.10 × plain", (11, 60)),
     ("search_quality", "lora-search (proxy-ranked, and calibrated by short trainings) vs random search vs uniform_qv / "
      "uniform_all / AdaLoRA at equal budget on 20 Newsgroups (9,216 params): best accuracy, device-hours, ROI", "lora-search beats uniform_qv and random "
-     "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 8.2 min measured (2026-12-02, 14:36)
+     "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 6.3 min measured (2026-12-02, 17:59)
     ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
      "latency, memory (another engineer's script)", "see its own header", (10, 120)),
     ("strategies", "every allocator (optuna, top_p, proportional, knapsack, random) proposes from one probe on the "
@@ -76,7 +76,7 @@ SCRIPTS = [
     ("data_variance", "uniform q,v r1 on 20 Newsgroups (9,216 params) trained through `run_training` for every data "
      "sample (split_seed) × training seed × base-model dropout (checkpoint's / 0): how far each moves the accuracy",
      "no target (it says which differences other tables can resolve)", (8, 45)),
-]  # on a slow day the last two or three come after the 30-minute --quick deadline: then run them with --only
+]  # on a slow day the last one may come after the 30-minute --quick deadline: then run it with --only
 
 
 def parse_args() -> argparse.Namespace:
