@@ -323,11 +323,11 @@ def scaling_model() -> list[str]:
              "orchestration. More nodes do not shorten it as written, because the screen runs at most 2 trials at a "
              "time and each trial does milliseconds of work: the lever is `screen.candidates_per_trial` (fewer, "
              "fatter trials), not nodes. "
-             + (f"At the measured numbers, screening 2,000 candidates at {f(cpt, '.0f')} per trial costs about "
-                f"{f(probe + intercept + 2000 / cpt * slope)} s, at 25 per trial about "
-                f"{f(probe + intercept + 2000 / 25 * slope)} s, at 500 per trial about "
-                f"{f(probe + intercept + 2000 / 500 * slope)} s (per-trial cost assumed unchanged by the "
-                "candidate count, which the ms-scale arithmetic supports). "
+             + (f"At the measured numbers, screening 2,000 candidates at {f(cpt, '.0f')} per trial (as measured) costs "
+                f"about {f(probe + intercept + 2000 / cpt * slope)} s; "
+                + ", ".join(f"at {per} per trial about {f(probe + intercept + 2000 / per * slope)} s"
+                            for per in (100, 500) if per != round(cpt))
+                + " (per-trial cost assumed unchanged by the candidate count, which the ms-scale arithmetic supports). "
                 if not any(math.isnan(x) for x in (probe, intercept, slope, cpt)) else "")
              + "On a GPU node the probe's 8 forward/backward batches take well under a second of compute, so the "
                "screen is Ray/Tune start-up plus trial bookkeeping: seconds to tens of seconds whatever N is.", "",
