@@ -4,7 +4,8 @@ Zero-cost proxies rank module types differently from one task (or data sample) t
 benchmarks/search_quality.py: grad_norm minimised lost to random search on 20 Newsgroups, because the FFN
 up-projection, the best place there, has large gradients). With `screen.rank_by: calibrated` the run first
 trains one allocation per module type of the space, the whole budget on that type at the lowest rank that
-fits, on a small seeded sample (`calibrate.train_size`, `calibrate.eval_size`, `calibrate.epochs`). The
+fits, with the real trainings' recipe on their training sample (or a smaller seeded sample and other epochs:
+`calibrate.train_size`, `calibrate.epochs`), scored on a seeded eval sample (`calibrate.eval_size`). The
 `calibrated` score of a candidate is then the accuracy its parameters buy over the calibration mean,
 
     score = 100 × Σ_m params_per_rank_m × min(r_m, r_cal) × (accuracy(type of m) − mean accuracy) / budget  (points),
@@ -30,7 +31,7 @@ import pandas as pd
 from orchestrator import report
 from orchestrator.allocation import Allocation
 from orchestrator.allocators import Budget, space_modules
-from orchestrator.config import CALIBRATED, RunConfig
+from orchestrator.config import CALIBRATED, RunConfig, TrainConfig
 from orchestrator.data import TaskData
 from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
@@ -61,14 +62,19 @@ def calibration_task(task: TaskData, cfg: RunConfig) -> TaskData:
     """Seeded samples of the task's splits (different from the sample the proxies probe: its own seed stream)."""
     rng = np.random.default_rng([cfg.screen.seed, 1])
     c = cfg.calibrate
-    pick = lambda split, size: split.subset(sorted(rng.choice(len(split), min(size, len(split)), replace=False)))  # noqa: E731
+
+    def pick(split, size: int | None):  # None: the whole split
+        count = len(split) if size is None else min(size, len(split))
+        return split.subset(sorted(rng.choice(len(split), count, replace=False)))
+
     return TaskData(task.name, task.label_names, pick(task.train, c.train_size), pick(task.eval, c.eval_size))
 
 
 def calibration_config(cfg: RunConfig) -> RunConfig:
-    """The main run's recipe on the calibration sample, in its own run directory inside the main one."""
-    train = dataclasses.replace(cfg.train, epochs=cfg.calibrate.epochs, seeds=[cfg.screen.seed], early_stopping=False,
-                                max_steps=None)
+    """The main run's recipe on the calibration sample, in its own run directory inside the main one; explicit
+    calibrate.epochs replace the recipe's epochs and step cap."""
+    schedule = {} if cfg.calibrate.epochs is None else {"epochs": cfg.calibrate.epochs, "max_steps": None}
+    train = dataclasses.replace(cfg.train, seeds=[cfg.screen.seed], early_stopping=False, **schedule)
     return dataclasses.replace(cfg, name=f"{cfg.name}.calibration", results_dir=str(cfg.run_dir.resolve()), train=train)
 
 
@@ -85,9 +91,10 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
     seed = sub.train.seeds[0]
     jobs = {t: TrainJob(f"cal-{a.candidate_id}", "searched", f"calibrate {t}", a.as_dict(), seed)
             for t, a in chosen.items() if a is not None}
-    print(f"calibrate: training {len(jobs)} module types on {cfg.calibrate.train_size} examples "
-          f"({', '.join(jobs)})", flush=True)
-    trials = run_training(sub, calibration_task(task, cfg), list(jobs.values()))
+    sample = calibration_task(task, cfg)
+    print(f"calibrate: training {len(jobs)} module types on {len(sample.train)} examples for {sub.train.epochs} "
+          f"epoch(s) ({', '.join(jobs)})", flush=True)
+    trials = run_training(sub, sample, list(jobs.values()))
     rows = []
     for module_type, allocation in chosen.items():
         trial = trials.get(jobs[module_type].job_id, {}) if module_type in jobs else {}
@@ -100,7 +107,7 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
     if table.accuracy.isna().all():  # every candidate would score 0: the screen would rank blindly
         raise UserError(f"calibrate: no calibration run finished (their errors are in '{sub.run_dir / 'trials'}'); "
                         f"fix the cause, remove '{sub.run_dir}' and run again with --resume")
-    write_outputs(table, cfg)
+    write_outputs(table, cfg, sample, sub.train)
     return table
 
 
@@ -131,13 +138,14 @@ def summary(table: pd.DataFrame) -> dict:
             "accuracy_by_type": {t: round(float(a), 4) for t, a in zip(measured.module_type, measured.accuracy)}}
 
 
-def write_outputs(table: pd.DataFrame, cfg: RunConfig) -> None:
-    run_dir, c = cfg.run_dir, cfg.calibrate
+def write_outputs(table: pd.DataFrame, cfg: RunConfig, sample: TaskData, schedule: TrainConfig) -> None:
+    run_dir = cfg.run_dir
+    steps = f", at most {schedule.max_steps} steps" if schedule.max_steps else ""
     plot(table, run_dir / "calibration.png")
     shown = table.assign(accuracy=100 * table.accuracy).sort_values("accuracy", ascending=False)
     text = ["# Calibration: which module types pay on this task", "",
-            f"One training per module type, the whole budget on that type, on {c.train_size} training examples for "
-            f"{c.epochs} epoch(s), scored on {c.eval_size} held-out examples (accuracy in %). The screen ranks "
+            f"One training per module type, the whole budget on that type, on {len(sample.train)} training examples for "
+            f"{schedule.epochs} epoch(s){steps}, scored on {len(sample.eval)} held-out examples (accuracy in %). The screen ranks "
             f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs, each "
             "module's rank counted up to the rank its type was calibrated at.", "",
             shown.to_markdown(index=False, floatfmt=".4g"), "",

@@ -161,15 +161,18 @@ class ScreenConfig:
 
 @dataclass
 class CalibrateConfig:
-    train_size: int = _help("training examples each calibration run sees (a seeded sample of the task's training split)", 500)
+    train_size: int | None = _help("training examples each calibration run sees (a seeded sample of the run's training "
+                                   "sample); null: all of it, as the real trainings see", None)
     eval_size: int = _help("held-out examples each calibration run is scored on (a seeded sample of the eval split)", 300)
-    epochs: int = _help("passes over the calibration sample; the runs must leave chance level to say anything (20 Newsgroups: "
-                        "16 steps, 500 examples × 1 epoch, did not)", 3)
+    epochs: int | None = _help("passes over the calibration sample; null: train.epochs and train.max_steps, the real "
+                               "trainings' schedule (500 examples × 3 epochs ranked types in another order than full "
+                               "training did on 20 Newsgroups, and 0.6-4.2 points lower)", None)
 
     def __post_init__(self):
         for name in ("train_size", "eval_size"):
-            _require(getattr(self, name) >= 8, f"calibrate.{name}", f"{getattr(self, name)} is too small", "use at least 8")
-        _require(self.epochs > 0, "calibrate.epochs", f"{self.epochs} is not positive", "use 1 or more")
+            size = getattr(self, name)
+            _require(size is None or size >= 8, f"calibrate.{name}", f"{size} is too small", "use at least 8")
+        _require(self.epochs is None or self.epochs > 0, "calibrate.epochs", f"{self.epochs} is not positive", "use 1 or more")
 
 
 @dataclass

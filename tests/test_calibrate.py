@@ -40,7 +40,8 @@ def test_calibrated_rank_by_needs_no_proxy_entry():
     cfg = load_config(None, ON + ["calibrate.train_size=64", "calibrate.epochs=2"])
     assert cfg.screen.rank_by == CALIBRATED and CALIBRATED not in cfg.screen.proxies
     assert (cfg.calibrate.train_size, cfg.calibrate.eval_size, cfg.calibrate.epochs) == (64, 300, 2)
-    assert load_config(None, ON).calibrate.epochs == 3
+    default = load_config(None, ON).calibrate
+    assert (default.train_size, default.epochs) == (None, None)  # the real trainings' sample and schedule
 
 
 def test_type_allocation_lowest_rank_then_fewest_modules_inside_the_band(tiny_modules):
@@ -76,6 +77,8 @@ def test_calibration_task_is_a_seeded_sample_of_both_splits():
     assert calibrate.calibration_task(task, cfg).train.texts == small.train.texts
     other = calibrate.calibration_task(task, load_config(None, ON + ["calibrate.train_size=20", "screen.seed=1"]))
     assert other.train.texts != small.train.texts
+    whole = calibrate.calibration_task(task, load_config(None, ON))  # train_size null: the run's whole training sample
+    assert whole.train.texts == texts and len(whole.eval) == 50
 
 
 def test_calibration_config_keeps_the_recipe_in_its_own_run_directory(tmp_path):
@@ -85,6 +88,12 @@ def test_calibration_config_keeps_the_recipe_in_its_own_run_directory(tmp_path):
     assert sub.run_dir == (tmp_path / "job" / "job.calibration").resolve()
     assert (sub.train.epochs, sub.train.seeds, sub.train.max_steps, sub.train.early_stopping) == (2, [0], None, False)
     assert (sub.train.lr, sub.train.batch_size) == (cfg.train.lr, cfg.train.batch_size)
+
+
+def test_calibration_without_epochs_keeps_the_recipes_schedule(tmp_path):
+    cfg = load_config(None, ON + [f"results_dir={tmp_path}", "train.epochs=3", "train.max_steps=7"])
+    sub = calibrate.calibration_config(cfg)
+    assert (sub.train.epochs, sub.train.max_steps, sub.train.seeds) == (3, 7, [cfg.screen.seed])
 
 
 def _table(accuracies: dict[str, float]) -> pd.DataFrame:
@@ -163,14 +172,14 @@ def test_a_calibration_without_one_finished_run_stops_the_run(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_calibration_trains_one_run_per_type_on_ray_and_resumes(tmp_path, tiny_model_dir, sentences):
+def test_calibration_trains_one_run_per_type_on_ray_with_the_recipe_and_resumes(tmp_path, tiny_model_dir, sentences):
     import ray
 
     texts, labels = sentences
     task = TaskData("tiny", ["neg", "pos"], Split(texts[:48], labels[:48]), Split(texts[48:], labels[48:]))
     cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=cal", f"model.name={tiny_model_dir}",
                                   "model.max_length=16", "space.module_types=[query,value]", "space.ranks=[1,2]",
-                                  "space.budget.qv_rank=1", "calibrate.train_size=32", "calibrate.eval_size=16",
+                                  "space.budget.qv_rank=1", "calibrate.eval_size=16",
                                   "train.batch_size=16", "train.use_gpu=false"])
     from orchestrator.allocation import searchable_units
     from orchestrator.models import adaptable_modules, load_model
@@ -192,5 +201,6 @@ def test_calibration_trains_one_run_per_type_on_ray_and_resumes(tmp_path, tiny_m
     assert not (cfg.run_dir / "trials").exists()  # the main run's results stay apart
     for name in ("calibration.csv", "calibration.md", "calibration.png"):
         assert (cfg.run_dir / name).is_file()
+    assert "on 48 training examples for 1 epoch(s), scored on 16" in (cfg.run_dir / "calibration.md").read_text()
     again = calibrate.run_calibration(cfg, task, modules, budget)  # resumed: read back, nothing trained (no Ray)
     pd.testing.assert_frame_equal(again, pd.read_csv(cfg.run_dir / calibrate.TABLE))
