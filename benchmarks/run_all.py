@@ -51,7 +51,7 @@ SCRIPTS = [
     ("orchestration_overhead", "the same LoRA training (uniform q,v r=8, 3 epochs) as a plain PEFT loop and through "
      "`run_training` (Ray Tune + Ray Train); where the overhead goes; optional 2-worker DDP",
      "Ray path ≤ 1.10 × plain", (11, 60)),
-    ("search_quality", "lora-search (proxy-ranked, and calibrated by short trainings) vs random search vs uniform_qv / "
+    ("search_quality", "lora-search (proxy-ranked, and calibrated by one training per module type) vs random search vs uniform_qv / "
      "uniform_all / AdaLoRA at equal budget on 20 Newsgroups (9,216 params): best accuracy, device-hours, ROI", "lora-search beats uniform_qv and random "
      "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 6.3 min measured (2026-12-02, 17:59)
     ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
