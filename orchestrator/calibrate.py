@@ -107,7 +107,7 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
     if table.accuracy.isna().all():  # every candidate would score 0: the screen would rank blindly
         raise UserError(f"calibrate: no calibration run finished (their errors are in '{sub.run_dir / 'trials'}'); "
                         f"fix the cause, remove '{sub.run_dir}' and run again with --resume")
-    write_outputs(table, cfg, sample, sub.train)
+    write_outputs(table, cfg.run_dir, sample, sub.train)
     return table
 
 
@@ -138,8 +138,7 @@ def summary(table: pd.DataFrame) -> dict:
             "accuracy_by_type": {t: round(float(a), 4) for t, a in zip(measured.module_type, measured.accuracy)}}
 
 
-def write_outputs(table: pd.DataFrame, cfg: RunConfig, sample: TaskData, schedule: TrainConfig) -> None:
-    run_dir = cfg.run_dir
+def write_outputs(table: pd.DataFrame, run_dir: Path, sample: TaskData, schedule: TrainConfig) -> None:
     steps = f", at most {schedule.max_steps} steps" if schedule.max_steps else ""
     plot(table, run_dir / "calibration.png")
     shown = table.assign(accuracy=100 * table.accuracy).sort_values("accuracy", ascending=False)
