@@ -70,7 +70,8 @@ SCRIPTS = [
      "with 2 (DDP, same global batch), over seeds: accuracy mean ± std, Welch p against the plain loop",
      "2 workers within the seed spread of 1 worker and of the plain loop", (10, 40)),
     ("exhaustive", "train-every-candidate on a small space (12 structured allocations at 9,216 params, 20 Newsgroups) "
-     "vs the top k of each proxy's ranking of the same candidates vs random k: best accuracy, device-hours, "
+     "vs the top k of each proxy's ranking and of the calibrated ranking (one training per module type) of the same "
+     "candidates vs random k: best accuracy, device-hours, "
      "device-hours to reach within 0.5 point of the exhaustive best",
      "within 0.5 point of the exhaustive best in ≤ 20% of its device-hours", (12, 90)),
     ("data_variance", "uniform q,v r1 on 20 Newsgroups (9,216 params) trained through `run_training` for every data "

@@ -9,8 +9,7 @@ every report read back with `orchestrator.report.load`:
   100), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
 - lora-search (calibrated): the same screen ranked by `calibrated` (orchestrator/calibrate.py): one
   training per module type with the run's recipe (the `calibrate` defaults: the whole training sample and
-  schedule, eval on 300; results/benchmarks/search_quality.md of 2026-12-02 was measured with the earlier
-  default, 500 examples × 3 epochs) measures which types pay on the task, and the top-k by that score
+  schedule, eval on 300) measures which types pay on the task, and the top-k by that score
   (each module's rank counted up to the rank its type was calibrated at) are trained; its cost adds the
   calibration runs (and the probe, which it copies from the lora-search run: it computes the other
   proxies' columns);
@@ -37,7 +36,7 @@ Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each
            steps per model: expect accuracies near the majority class); the calibrated arm's two
            calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
-           (27 trainings + 6 calibration runs, ~2 min each on one CPU thread: about 40-70 minutes on 2 cores).
+           (27 trainings + 6 calibration runs, 3-4 min each on one CPU thread: 105 minutes on 2 cores, 2026-12-03).
 
 Targets: lora-search's best beats uniform_qv and random search at equal budget (seed-averaged, with
 the seed spread shown) at a training cost within k + 1 trainings; ROI > 0.
@@ -50,9 +49,12 @@ Run (from the repository root):
     python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
     python benchmarks/search_quality.py --arms random --random-draws 6 --out results/benchmarks/random_draws
                                                             # random search alone, judged by its expectation
+    python benchmarks/search_quality.py --split-seed 1 --arms random --random-draws 6 --out results/benchmarks/random_draws_split1
+                                                            # the same on another sample of the task (data.split_seed 1)
 Writes results/benchmarks/search_quality.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the runs themselves (report.md, adapters, study.db) stay in
-results/benchmarks/search_quality_runs/<quick|full>/ (an arm's run is replaced when the arm runs again without --resume).
+results/benchmarks/search_quality_runs/<quick|full>/ (<quick|full>-split<N>/ with --split-seed N; an arm's run is
+replaced when the arm runs again without --resume).
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--survivors", type=int, help="k: models each search arm trains")
     parser.add_argument("--train-size", type=int, help="override data.train_size")
     parser.add_argument("--eval-size", type=int, help="override data.eval_size")
+    parser.add_argument("--split-seed", type=int, help="data.split_seed: another sample of the task (default the "
+                        "space's, 0); its runs go to search_quality_runs/<quick|full>-split<N>/")
     parser.add_argument("--num-trials", type=int, help="Tune trials of the lora-search screen (default: the space's 20; "
                         "quick 4, i.e. 100 candidates)")
     parser.add_argument("--random-draws", type=int, help="random allocations the random arm trains (default k); "
@@ -128,7 +132,14 @@ def common_overrides(args, results_dir: Path) -> list[str]:
         found.append(f"data.train_size={args.train_size}")
     if args.eval_size:
         found.append(f"data.eval_size={args.eval_size}")
+    if args.split_seed is not None:
+        found.append(f"data.split_seed={args.split_seed}")
     return found
+
+
+def runs_folder(args, preset_root: Path) -> Path:
+    """The preset's runs folder; another data sample gets its own, so its arms never mix with sample 0's."""
+    return preset_root if args.split_seed is None else preset_root.with_name(f"{preset_root.name}-split{args.split_seed}")
 
 
 def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
@@ -225,7 +236,8 @@ def earlier_runs(runs_root: Path, skip: tuple[str, ...] = ()) -> tuple[dict[str,
 
 def main() -> None:
     args = parse_args()
-    ctx, runs_root = C.begin("search_quality", args.quick)
+    ctx, preset_root = C.begin("search_quality", args.quick)
+    runs_root = runs_folder(args, preset_root)
     from orchestrator import report
 
     dirs, log = earlier_runs(runs_root) if args.report_only else train_arms(args, runs_root)
@@ -362,7 +374,8 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   "near the majority class). The full mode (3 seeds, 2,000 train) is the measurement.", ""]
     if task:
         lines += [f"Task: {task.get('train_examples')} train / {task.get('eval_examples')} eval examples, "
-                  f"{len(task.get('labels', []))} classes, majority-class rate {task.get('majority_rate')}; seeds {args.seeds}; "
+                  f"{len(task.get('labels', []))} classes, majority-class rate {task.get('majority_rate')}; "
+                  f"data sample (split_seed) {0 if args.split_seed is None else args.split_seed}; seeds {args.seeds}; "
                   f"k = {args.survivors} trained models per search arm.", ""]
     lines += ["## Arms", ""]
     missing = [arm for arm in SEARCH_ARMS + baselines(args) if arms.empty or arm not in set(arms.arm)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_random_arm_is_the_exact_expectation_over_subsets():
     assert rnd.p_within == pytest.approx(0.7)
     assert rnd.device_hours == 2.0
     # a or b first (2 of 5 models within 0.5 point): expected position 2 in a random order → 2 device-hours
-    assert rnd.hours_to_within == pytest.approx(2.0, abs=0.05)
+    assert rnd.hours_to_within == pytest.approx(2.0)
     assert "uniform_qv (q+v r1)" not in table.index  # no q+v r1 among these candidates
 
 
@@ -80,3 +81,28 @@ def test_uniform_qv_row_is_its_own_model():
     row = exhaustive.arms(models, k=2, probe_hours=0.0, shipped=("p", "minimize")).set_index("arm").loc["uniform_qv (q+v r1)"]
     assert row.best_accuracy == 0.55 and row.gap_pts == pytest.approx(-5.0) and row.device_hours == 1.0
     assert row.hours_to_within != row.hours_to_within  # NaN: it never gets within 0.5 point
+
+
+def test_calibrated_arm_is_maximised_only_and_charged_its_calibration():
+    models = models_table().assign(proxy_calibrated=[0.5, 3.0, 2.0, 1.0, 0.0])  # ranks b, c, d, a, e
+    table = exhaustive.arms(models, k=2, probe_hours=0.5, shipped=("p", "minimize"), calibration_hours=1.5).set_index("arm")
+    assert "lora-search (calibrated, minimize)" not in table.index
+    row = table.loc["lora-search (calibrated, maximize)"]  # trains b and c
+    assert row.best_label == "b" and row.gap_pts == pytest.approx(-0.4) and row.within_0_5
+    assert row.device_hours == 2.0 + 0.5 + 1.5 and row.hours_to_within == 1.0 + 0.5 + 1.5
+    assert table.loc["lora-search (p, minimize) — as shipped", "device_hours"] == 2.5  # the probe only: no calibration
+
+
+def test_calibrated_types_are_the_ones_the_space_uses(minilm_modules):
+    def used(quick):
+        return {m.type for a in exhaustive.small_space(minilm_modules, quick).values() for m in minilm_modules
+                if m.name in a.as_dict()}
+
+    assert used(quick=False) == set(exhaustive.module_types(quick=False))
+    assert set(exhaustive.module_types(quick=True)) < used(quick=True) and len(exhaustive.module_types(quick=True)) == 2
+
+
+def test_expected_hours_in_random_order_is_the_mean_over_every_order():
+    models = models_table().assign(device_hours=[0.3, 1.1, 0.7, 2.0, 0.2])  # a and b are within 0.5 point of the best
+    every_order = [exhaustive.hours_to_reach(list(order), models, 0.60) for order in itertools.permutations(range(5))]
+    assert exhaustive.expected_hours_in_random_order(models, 0.60) == pytest.approx(sum(every_order) / len(every_order))

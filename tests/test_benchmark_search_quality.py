@@ -72,3 +72,13 @@ def test_random_draws_beyond_k_judge_random_search_by_its_exact_expectation(tmp_
     assert "6 draw sets of 2" in odds and "50% of them reach" in odds  # the 3 sets holding r3 (0.465) reach 0.455
     same_k = search_quality.summarise(tables, dirs, Namespace(survivors=4))[0].set_index("arm")
     assert same_k.loc["random search", "best_accuracy"] == pytest.approx(0.465)  # k draws: the arm is its best, as before
+
+
+def test_another_data_sample_runs_in_its_own_folder_with_its_split_seed(tmp_path):
+    preset = tmp_path / "search_quality_runs" / "full"
+    sample_1 = Namespace(split_seed=1, seeds=[0], quick=False, survivors=3, train_size=None, eval_size=None)
+    assert search_quality.runs_folder(sample_1, preset) == tmp_path / "search_quality_runs" / "full-split1"
+    assert "data.split_seed=1" in search_quality.common_overrides(sample_1, preset)
+    default = Namespace(**{**vars(sample_1), "split_seed": None})
+    assert search_quality.runs_folder(default, preset) == preset
+    assert not any(o.startswith("data.split_seed") for o in search_quality.common_overrides(default, preset))
