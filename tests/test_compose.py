@@ -292,8 +292,9 @@ def test_cli_compose(monkeypatch, capsys, pool, tiny_model_dir, tmp_path, senten
 
 @pytest.mark.slow
 def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sentences):
-    """Two source tasks trained by orchestrator.train.run_training (Ray Tune + Ray Train), registered,
-    then composed for a third task; the registered composition loads and predicts as evaluated."""
+    """A source task trained by orchestrator.train.run_training (Ray Tune + Ray Train) and registered, composed
+    with a second registered source for a third task; the registered composition loads and predicts as evaluated.
+    (One Ray training, not two: each costs ~30 s of Ray Train start-up; the second source is a random adapter.)"""
     import ray
 
     from orchestrator import pipeline
@@ -305,22 +306,22 @@ def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sent
     from orchestrator.train import TrainJob, evaluate, run_training
 
     texts, labels = sentences
-    sources = {"sentiment": labels, "long": [int(len(t.split()) > 6) for t in texts]}
     registry = Registry(tmp_path / "registry")
     ranks = uniform(adaptable_modules(load_model(str(tiny_model_dir), 2)), ("query", "value"), 4).as_dict()
+    cfg = RunConfig(name="sentiment", results_dir=str(tmp_path / "runs"), model=ModelConfig(str(tiny_model_dir), 32),
+                    train=TrainConfig(epochs=1, batch_size=16, eval_batch_size=32))
     pipeline.set_runtime_env()
     pipeline.init_ray(None)
     try:
-        for name, y in sources.items():
-            cfg = RunConfig(name=name, results_dir=str(tmp_path / "runs"), model=ModelConfig(str(tiny_model_dir), 32),
-                            train=TrainConfig(epochs=1, batch_size=16, eval_batch_size=32))
-            task = TaskData(name, ["no", "yes"], Split(texts[:48], y[:48]), Split(texts[48:], y[48:]))
-            row = run_training(cfg, task, [TrainJob("uniform_qv", "baseline", "uniform_qv", ranks, 0)])["uniform_qv-s0"]
-            assert row["status"] == "completed"
-            registry.add(name, cfg.run_dir / row["adapter_dir"], name, str(tiny_model_dir), None,
-                         {"accuracy": row["accuracy"]})
+        task = TaskData("sentiment", ["no", "yes"], Split(texts[:48], labels[:48]), Split(texts[48:], labels[48:]))
+        row = run_training(cfg, task, [TrainJob("uniform_qv", "baseline", "uniform_qv", ranks, 0)])["uniform_qv-s0"]
     finally:
         ray.shutdown()
+    assert row["status"] == "completed"
+    registry.add("sentiment", cfg.run_dir / row["adapter_dir"], "sentiment", str(tiny_model_dir), None,
+                 {"accuracy": row["accuracy"]})
+    make_source(tiny_model_dir, tmp_path / "long", ("query", "intermediate.dense"), 8, 1.0, False, seed=7)
+    registry.add("long", tmp_path / "long", "long", str(tiny_model_dir), None, {"accuracy": 0.5})
     target = tmp_path / "exclaim.csv"  # a third task: sentiment with its labels named differently
     pd.DataFrame({"text": texts, "label": ["flat" if y == 0 else "bang" for y in labels]}).to_csv(target, index=False)
     cfg = ComposeConfig(shots=6, trials=8, max_length=32, train_epochs=2)

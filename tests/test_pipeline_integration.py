@@ -18,7 +18,11 @@ pytestmark = pytest.mark.slow
 
 SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
          "screen.num_trials=4", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
-         "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[uniform_qv,uniform_all,adalora]"]
+         "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[adalora]", "train.max_concurrent=1"]
+# Two models (each training costs ~30 s of Ray Train start-up here), one at a time so that the second runs in
+# the first one's Tune trial process: the survivor and AdaLoRA, the baseline with its own training path (rank
+# pruning, singular values). uniform_qv trains in test_fault_tolerance and test_job_submit; uniform_all is
+# plain LoRA like the survivor (reliability/ makes it fail).
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +47,19 @@ def test_report_files_and_columns(finished_run):
     for name in ("report.csv", "report.parquet", "report.md", "screen.csv", "study.db", "run.json", "accuracy_vs_params.png"):
         assert (run_dir / name).is_file(), name
     on_disk = pd.read_parquet(run_dir / "report.parquet")
-    assert len(on_disk) == 4  # one survivor + three baselines, one seed
+    assert len(on_disk) == 2  # one survivor + one baseline, one seed
     assert set(on_disk.kind) == {"searched", "baseline"}
-    assert set(on_disk[on_disk.kind == "baseline"].label) == {"uniform_qv", "uniform_all", "adalora"}
+    assert set(on_disk[on_disk.kind == "baseline"].label) == {"adalora"}
     for column in report.CONTRACT_COLUMNS + ["proxy_grad_norm", "proxy_params"]:
         assert column in on_disk.columns, column
         assert on_disk[column].notna().all(), column
     assert (on_disk.head_params == 770).all()
-    baseline = on_disk[on_disk.label == "uniform_qv"].iloc[0]
     searched = on_disk[on_disk.kind == "searched"].iloc[0]
-    assert baseline.trainable_params == 73728  # q,v at r=8 on MiniLM-L6
-    assert abs(searched.trainable_params - baseline.trainable_params) <= 0.05 * baseline.trainable_params
-    assert searched.proxy_params == searched.trainable_params
     adalora = on_disk[on_disk.label == "adalora"].iloc[0]
-    assert adalora.trainable_params == 73728  # what AdaLoRA keeps: q,v at target_r = 8
+    assert adalora.trainable_params == 73728  # what AdaLoRA keeps: q,v at target_r = 8, the budget on MiniLM-L6
+    assert abs(searched.trainable_params - 73728) <= 0.05 * 73728
+    assert searched.proxy_params == searched.trainable_params == searched.trained_params
     assert adalora.trained_params > adalora.trainable_params  # it trains init_r = 12 plus singular values
-    assert (on_disk[on_disk.label != "adalora"].trained_params == on_disk[on_disk.label != "adalora"].trainable_params).all()
 
 
 def test_screen_table_and_study(finished_run):
@@ -117,9 +118,8 @@ def test_best_searched_adapter_is_registered_once(finished_run):
 
 def test_trials_share_processes_and_no_preemption_watcher_starts(finished_run):
     cfg, table, actors = finished_run
-    trainings = len(table)  # one survivor + three baselines, two at a time
+    trainings = len(table)  # one survivor + one baseline, one at a time
     assert actors.count("TrainController") == trainings
-    # Tune trials are ImplicitFunc actors; in the screen (4 trials) and in training (4 models), two at a time,
-    # a finished trial's process runs the next one.
+    # Tune trials are ImplicitFunc actors: in training, the finished trial's process runs the next one.
     assert actors.count("ImplicitFunc") < cfg.screen.num_trials + trainings
     assert "PreemptionWatcher" not in actors  # nothing preempts an embedded local cluster
