@@ -161,7 +161,7 @@ def test_plain_lora_checkpoints_still_use_peft_files(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_trains_plain_sparse_and_dense(tiny_model_dir, tmp_path):
+def test_pipeline_trains_plain_and_sparse(tiny_model_dir, tmp_path):
     import ray
 
     from orchestrator.data import load_task, make_loader
