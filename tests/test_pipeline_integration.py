@@ -22,7 +22,7 @@ SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.
 # Two models (each training costs ~30 s of Ray Train start-up here), one at a time so that the second runs in
 # the first one's Tune trial process: the survivor and AdaLoRA, the baseline with its own training path (rank
 # pruning, singular values). uniform_qv trains in test_fault_tolerance and test_job_submit; uniform_all is
-# plain LoRA like the survivor (reliability/ makes it fail).
+# plain LoRA like the survivor (a step of it: test_train_steps; reliability/ makes it fail).
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,19 @@
-"""The training step: gradient accumulation equals one step on the whole batch; step counts and max_steps."""
+"""The training step: gradient accumulation equals one step on the whole batch; the uniform baselines train every
+adapter they place; step counts and max_steps."""
+
+import math
 
 import pytest
 import torch
 
 from orchestrator.allocation import Allocation, apply_lora
+from orchestrator.allocators import Budget, baseline_allocations
 from orchestrator.config import TrainConfig, load_config
 from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer
-from orchestrator.train import Adapted, _linear_warmup_decay, accumulation_groups, optimizer_step, total_steps
+from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, accumulation_groups, build_adapted,
+                                optimizer_step, total_steps)
 
 
 def _adapted(tiny_model_dir):
@@ -54,6 +59,31 @@ def test_non_finite_loss_stops_before_any_update(tiny_model_dir, tiny_split):
     for name, param in adapted.peft_model.named_parameters():
         if param.requires_grad:
             assert torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("baseline, types", [
+    ("uniform_qv", {"query", "value"}),
+    ("uniform_all", {"query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"}),
+])
+def test_uniform_baseline_trains_every_module_it_places(baseline, types, tiny_model_dir, tiny_split, tmp_path):
+    """The baselines take the plain LoRA path of `build_adapted`: one step moves every adapter it placed."""
+    base = load_model(str(tiny_model_dir), 2, seed=0)
+    modules = adaptable_modules(base)
+    allocation = baseline_allocations(modules, Budget(2048, 0.05), [baseline])[baseline]
+    assert {m.type for m in modules if m.name in allocation.as_dict()} == types
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"results_dir={tmp_path}", "name=unit"])
+    adapted = build_adapted(cfg, TrainJob(baseline, "baseline", baseline, allocation.as_dict(), 0), base, steps_per_epoch=4)
+    lora = {n: p for n, p in adapted.peft_model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert sum(p.numel() for p in lora.values()) == adapted.kept()["trainable_params"]
+    assert {n.split(".lora_")[0].removeprefix("base_model.model.") for n in lora} == set(allocation.as_dict())
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    optimizer = torch.optim.SGD([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=0.5)
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
+    losses = optimizer_step(adapted.peft_model, adapted, [next(iter(loader))], optimizer,
+                            _linear_warmup_decay(optimizer, 10, 0.0), 0, use_bf16=False)
+    assert all(map(math.isfinite, losses))
+    # B starts at 0 and its gradient is (A x)ᵀ·∂L/∂out: every B moving means every adapter is in the graph
+    assert [n for n, p in lora.items() if "lora_B" in n and torch.equal(p, before[n])] == []
 
 
 def test_total_steps_and_max_steps():
