@@ -66,7 +66,7 @@ def test_non_finite_loss_stops_before_any_update(tiny_model_dir, tiny_split):
     ("uniform_all", {"query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"}),
 ])
 def test_uniform_baseline_trains_every_module_it_places(baseline, types, tiny_model_dir, tiny_split, tmp_path):
-    """The baselines take the plain LoRA path of `build_adapted`: one step moves every adapter it placed."""
+    """The baselines take the plain LoRA path of `build_adapted`: one step moves the B of every adapter they place."""
     base = load_model(str(tiny_model_dir), 2, seed=0)
     modules = adaptable_modules(base)
     allocation = baseline_allocations(modules, Budget(2048, 0.05), [baseline])[baseline]
