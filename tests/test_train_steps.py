@@ -24,8 +24,11 @@ def _adapted(tiny_model_dir):
     return Adapted(model, allocation, modules)
 
 
-def _step(tiny_model_dir, batches):
-    adapted = _adapted(tiny_model_dir)
+def _first_batch(tiny_model_dir, tiny_split):
+    return next(iter(make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)))
+
+
+def _step(adapted, batches):
     trainable = [p for p in adapted.peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5)  # plain SGD: the update is the gradient itself
     scheduler = _linear_warmup_decay(optimizer, 10, 0.0)
@@ -34,12 +37,11 @@ def _step(tiny_model_dir, batches):
 
 
 def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_model_dir, tiny_split):
-    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
-    whole = next(iter(loader))
+    whole = _first_batch(tiny_model_dir, tiny_split)
     halves = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
     # equal-length micro-batches (padding to the same width), so the mean of means is the mean
-    losses_one, after_one = _step(tiny_model_dir, [whole])
-    losses_two, after_two = _step(tiny_model_dir, halves)
+    losses_one, after_one = _step(_adapted(tiny_model_dir), [whole])
+    losses_two, after_two = _step(_adapted(tiny_model_dir), halves)
     assert len(losses_one) == 1 and len(losses_two) == 2
     assert sum(losses_two) / 2 == pytest.approx(losses_one[0], rel=1e-5)
     initial = {n: p for n, p in _adapted(tiny_model_dir).peft_model.named_parameters() if p.requires_grad}
@@ -49,12 +51,11 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_model_dir, tin
 
 
 def test_non_finite_loss_stops_before_any_update(tiny_model_dir, tiny_split):
-    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
     adapted = _adapted(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in adapted.peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=0.5)
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
-        optimizer_step(adapted.peft_model, adapted, [next(iter(loader))], optimizer,
+        optimizer_step(adapted.peft_model, adapted, [_first_batch(tiny_model_dir, tiny_split)], optimizer,
                        _linear_warmup_decay(optimizer, 10, 0.0), 3, use_bf16=False, fault="nan")
     for name, param in adapted.peft_model.named_parameters():
         if param.requires_grad:
@@ -77,13 +78,10 @@ def test_uniform_baseline_trains_every_module_it_places(baseline, types, tiny_mo
     assert sum(p.numel() for p in lora.values()) == adapted.kept()["trainable_params"]
     assert {n.split(".lora_")[0].removeprefix("base_model.model.") for n in lora} == set(allocation.as_dict())
     before = {n: p.detach().clone() for n, p in lora.items()}
-    optimizer = torch.optim.SGD([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=0.5)
-    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
-    losses = optimizer_step(adapted.peft_model, adapted, [next(iter(loader))], optimizer,
-                            _linear_warmup_decay(optimizer, 10, 0.0), 0, use_bf16=False)
+    losses, after = _step(adapted, [_first_batch(tiny_model_dir, tiny_split)])
     assert all(map(math.isfinite, losses))
     # B starts at 0 and its gradient is (A x)ᵀ·∂L/∂out: every B moving means every adapter is in the graph
-    assert [n for n, p in lora.items() if "lora_B" in n and torch.equal(p, before[n])] == []
+    assert [n for n in lora if "lora_B" in n and torch.equal(after[n], before[n])] == []
 
 
 def test_total_steps_and_max_steps():
