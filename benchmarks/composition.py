@@ -22,7 +22,8 @@ Command: python benchmarks/composition.py [--seeds 3]  (2 targets × shots 8, 16
          python benchmarks/composition.py --quick    (2 sources on 300 examples, 200 eval, the first target, 8 shots, 1 seed,
                                                       10 trials)
          or the targets in parallel: `--target 0 &`, `--target 1`, then `--report` (same flags each time)
-Target: the whole run in < 25 min on 2 CPU cores; no claim is asserted, the table is what was measured.
+Target: the whole run in < 25 min on 2 CPU cores (16.9 min on 2 idle cores, 2026-12-03); no claim is asserted,
+the table is what was measured.
 """
 
 from __future__ import annotations

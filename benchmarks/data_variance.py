@@ -15,7 +15,7 @@ table in the other 20 Newsgroups benchmarks uses split_seed 0.
 
 Run (from the repository root):
     python benchmarks/data_variance.py --quick   # 300 train / 200 eval, max_length 64, splits 0 1 × seed 0, the checkpoint's dropout (~2.5 min)
-    python benchmarks/data_variance.py           # splits 0 1 2 × seeds 0 1 × dropout null/0: 12 trainings (~20 min)
+    python benchmarks/data_variance.py           # splits 0 1 2 × seeds 0 1 × dropout null/0: 12 trainings (28 min on 2 cores, 2026-12-03)
 Writes results/benchmarks/data_variance.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the runs stay in results/benchmarks/data_variance_runs/.
 """

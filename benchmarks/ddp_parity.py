@@ -18,7 +18,7 @@ what tests/test_train_steps.py checks.
 Target: |2 workers − 1 worker| and |1 worker − plain| within the seed spread (p > 0.05).
 
 Run (from the repository root):
-    python benchmarks/ddp_parity.py                 # seeds 0 1 2 (about 15 minutes on 2 cores)
+    python benchmarks/ddp_parity.py                 # seeds 0 1 2 (25 min on 2 cores, 2026-12-03)
     python benchmarks/ddp_parity.py --quick         # seed 0, 200 train / 100 eval (a smoke test: no seed spread)
     python benchmarks/ddp_parity.py --seeds 0 1 2 3 4 --train-size 2000
 Writes results/benchmarks/ddp_parity.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the

@@ -26,10 +26,11 @@ Run (from the repository root; every probe run is cached, so a rerun only writes
     python benchmarks/proxy_remedies.py --quick        # baseline + warm-up 25, seed 0, every proxy
     python benchmarks/proxy_remedies.py --skip grasp   # every variant of FULL (hours on a loaded 2-core box)
     python benchmarks/proxy_remedies.py --only b8_w0_s1 b32_w0_s0 --skip grasp --cache proxy_remedies_scores_b.json
-The measured report came from --quick, then `--only` runs in parallel processes (b8_w50_s0 b8_w10_s0 and
+The cache was filled by --quick, then `--only` runs in parallel processes (b8_w50_s0 b8_w10_s0 and
 b8_w0_s1 b8_w0_s2 b32_w0_s0 with `--skip grasp`, grasp being the dearest proxy and among the worst;
-b8_w10_s1, b8_w10_s2 with `--skip grasp nwot`), then `--only` over all cached runs to write the report.
-b32_w25_s0 and b64_w0_s0 of FULL were not run (stopped for time on a machine at load 20-70).
+b8_w10_s1, b8_w10_s2 with `--skip grasp nwot`), then b32_w25_s0 and b64_w0_s0 (every proxy) by the full mode
+of run_all (`python benchmarks/run_all.py --only proxy_remedies …`, 2026-12-03, idle machine: 17 min, the
+rest read from the cache), which wrote the measured report.
 Writes results/benchmarks/proxy_remedies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
 folder); per-module scores of every probe run are cached in results/benchmarks/proxy_remedies_scores*.json
 (--fresh recomputes them).
@@ -297,7 +298,7 @@ def write_report(out: Path, frame: pd.DataFrame, table: pd.DataFrame, probes: di
     seeds = summaries(evaluated)
     text = [
         "# Proxy remedies on 20 Newsgroups (issue #4)", "",
-        f"Command: `python benchmarks/proxy_remedies.py {' '.join(sys.argv[1:])}` (probe runs from the cache files, see the "
+        f"Command: `{' '.join(['python benchmarks/proxy_remedies.py', *sys.argv[1:]])}` (probe runs from the cache files, see the "
         f"module docstring for how each was made) · {time.strftime('%Y-%m-%d %H:%M')}", "",
         context_line(context) + ".", "",
         f"Re-scores the {len(table)} allocations trained by `validate-proxies` ({len(fixed_acc)} at 9,216 ± 5% params, 1 training "
