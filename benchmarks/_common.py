@@ -11,6 +11,7 @@ import gc
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,11 @@ def context_line(ctx: dict) -> str:
     return (f"Python {ctx['python']}, {ctx['cpus']} CPU cores, torch {ctx['torch']}, transformers {ctx['transformers']}, "
             f"peft {ctx['peft']}, ray {ctx['ray']}, optuna {ctx['optuna']}; load average (1/5/15 min) at start "
             f"{ctx['load_avg_1_5_15']}")
+
+
+def invoked_command(script_file: str) -> str:
+    """The benchmark's command line as it was invoked, from the repository root (a report's "Command:" line)."""
+    return shlex.join(["python", f"benchmarks/{Path(script_file).name}", *sys.argv[1:]])
 
 
 def load_now() -> str:

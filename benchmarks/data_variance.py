@@ -131,8 +131,7 @@ def main() -> None:
         print(f"data_variance: {len(failed)} trainings did not complete:\n{failed}", flush=True)
     rows = rows[rows.status == "completed"].astype({"accuracy": float})
     found = effects(rows)
-    cmd = " ".join(["python", "benchmarks/data_variance.py", *sys.argv[1:]])
-    C.write_results(C.out_dir(args), "data_variance", rows, markdown(rows, found, ctx, cmd))
+    C.write_results(C.out_dir(args), "data_variance", rows, markdown(rows, found, ctx, C.invoked_command(__file__)))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from benchmarks._common import (RESULTS, add_out_argument, context_line, machine_context, md_table,  # noqa: E402
-                                out_dir, write_csv, write_text)
+from benchmarks._common import (RESULTS, add_out_argument, context_line, invoked_command, machine_context,  # noqa: E402
+                                md_table, out_dir, write_csv, write_text)
 
 VALIDATION = ROOT / "results" / "examples" / "newsgroups-validate"
 CONFIG = ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
@@ -298,7 +298,7 @@ def write_report(out: Path, frame: pd.DataFrame, table: pd.DataFrame, probes: di
     seeds = summaries(evaluated)
     text = [
         "# Proxy remedies on 20 Newsgroups (issue #4)", "",
-        f"Command: `{' '.join(['python benchmarks/proxy_remedies.py', *sys.argv[1:]])}` (probe runs from the cache files, see the "
+        f"Command: `{invoked_command(__file__)}` (probe runs from the cache files, see the "
         f"module docstring for how each was made) · {time.strftime('%Y-%m-%d %H:%M')}", "",
         context_line(context) + ".", "",
         f"Re-scores the {len(table)} allocations trained by `validate-proxies` ({len(fixed_acc)} at 9,216 ± 5% params, 1 training "

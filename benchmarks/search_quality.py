@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import shutil
 import sys
 import time
@@ -355,7 +354,7 @@ def random_odds(arm: str, a: pd.DataFrame, models: pd.DataFrame) -> str:
 
 
 def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
-    command = shlex.join(["python", "benchmarks/search_quality.py", *sys.argv[1:]])  # as invoked: --arms, --random-draws…
+    command = C.invoked_command(__file__)  # as invoked: --arms, --random-draws…
     lines = ["# Search quality at equal budget: 20 Newsgroups, 9,216 LoRA params", "",
              f"Command: `{command}` · {time.strftime('%Y-%m-%d %H:%M')}", "",
              C.context_line(ctx) + ".", "", C.NOISE_NOTE, ""]

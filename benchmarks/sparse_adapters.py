@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import add_out_argument, out_dir, write_results  # noqa: E402
+from benchmarks._common import add_out_argument, invoked_command, out_dir, write_results  # noqa: E402
 from orchestrator.allocation import Allocation, apply_lora  # noqa: E402
 from orchestrator.config import DataConfig  # noqa: E402
 from orchestrator.data import load_task, make_loader  # noqa: E402
@@ -156,7 +156,7 @@ def markdown(frame: pd.DataFrame, args, lora_rank: int, lora_params: int, routed
     lines = [
         "# Sparse modular adapters vs dense mixture vs plain LoRA",
         "",
-        f"`{' '.join(['python benchmarks/sparse_adapters.py'] + sys.argv[1:])}` · {time.strftime('%Y-%m-%d %H:%M')} · "
+        f"`{invoked_command(__file__)}` · {time.strftime('%Y-%m-%d %H:%M')} · "
         f"model {args.model} · "
         f"Rotten Tomatoes {args.train_size} train / {args.eval_size} eval · max_length {args.max_length} · "
         f"{args.epochs} epoch(s) · batch {args.batch_size} (eval {args.eval_batch_size}) · lr {args.lr} · "
