@@ -69,19 +69,20 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def set_env() -> None:
-    """The runtime variables the product sets (orchestrator.pipeline.RUNTIME_ENV)."""
+def start() -> dict:
+    """Set the product's runtime variables (orchestrator.pipeline.RUNTIME_ENV, before torch is imported), print the
+    machine context and return it."""
     from orchestrator.pipeline import set_runtime_env
 
     set_runtime_env()
+    ctx = machine_context()
+    print("context:", context_line(ctx), flush=True)
+    return ctx
 
 
 def begin(script: str, quick: bool) -> tuple[dict, Path]:
-    """Set the product's runtime variables, print the machine context; returns it and the script's runs folder."""
-    set_env()
-    ctx = machine_context()
-    print("context:", context_line(ctx), flush=True)
-    return ctx, RESULTS / f"{script}_runs" / ("quick" if quick else "full")
+    """start(), and the script's runs folder for its preset."""
+    return start(), RESULTS / f"{script}_runs" / ("quick" if quick else "full")
 
 
 def add_out_argument(parser) -> None:

@@ -36,8 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (NOISE_NOTE, RESULTS, add_out_argument, context_line, machine_context, md_table,  # noqa: E402
-                     out_dir, set_env)
+from _common import NOISE_NOTE, RESULTS, add_out_argument, context_line, md_table, out_dir, start  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
@@ -149,13 +148,13 @@ def main() -> None:
     args.eval_size = args.eval_size or (200 if args.quick else 400)
     work = WORK / "quick" if args.quick else WORK  # quick sources see less data: their own registry, never the full one
     work.mkdir(parents=True, exist_ok=True)
-    set_env()
+    ctx = start()
     import ray
 
     from orchestrator.compose import load_sources, write_report
     from orchestrator.registry import Registry
 
-    ctx, started = machine_context(), time.perf_counter()
+    started = time.perf_counter()
     registry = Registry(work / "registry")
     try:
         pool = train_sources(registry, names, args.train_size, args.eval_size, work)

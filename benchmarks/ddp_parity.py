@@ -116,7 +116,7 @@ def markdown(frame: pd.DataFrame, table: pd.DataFrame, ctx: dict, args) -> str:
 
 def main() -> None:
     args = parse_args()
-    C.set_env()
+    ctx = C.start()
     import torch
 
     from orchestrator.allocation import uniform
@@ -125,8 +125,6 @@ def main() -> None:
     from orchestrator.models import adaptable_modules, load_model
 
     torch.set_num_threads(1)
-    ctx = C.machine_context()
-    print("context:", C.context_line(ctx), flush=True)
     cfg = load_config(C.ROOT / "search_spaces" / "quickstart.yaml",
                       [f"data.train_size={args.train_size}", f"data.eval_size={args.eval_size}"])
     task = load_task(cfg.data)

@@ -118,7 +118,7 @@ def run_product(args, task, allocation, results_dir: str, name: str, workers: in
 
 def main() -> None:
     args = parse_args()
-    C.set_env()
+    ctx = C.start()
     import torch
 
     from orchestrator.allocation import uniform
@@ -126,8 +126,6 @@ def main() -> None:
     from orchestrator.models import adaptable_modules, load_model
 
     torch.set_num_threads(1)
-    ctx = C.machine_context()
-    print("context:", C.context_line(ctx), flush=True)
     cfg = product_config(args, "/tmp", "probe", 1)
     task = load_task(cfg.data)
     out = C.out_dir(args)

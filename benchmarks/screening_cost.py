@@ -80,7 +80,7 @@ def screen_config(results_dir: str, name: str, num_trials: int, per_trial: int):
 
 def main() -> None:
     args = parse_args()
-    C.set_env()
+    ctx = C.start()
     import torch
 
     from orchestrator.allocation import searchable_units, uniform
@@ -91,8 +91,6 @@ def main() -> None:
     from orchestrator.proxies import score_modules
 
     torch.set_num_threads(1)
-    ctx = C.machine_context()
-    print("context:", C.context_line(ctx), flush=True)
     rows: list[dict] = []
 
     # ---- the probe, once (what the product runs in one 1-CPU Ray task)

@@ -78,7 +78,7 @@ def best_candidates(cfg, task, strategies: list[str]) -> dict[str, tuple]:
 
 def main() -> None:
     args = parse_args()
-    C.set_env()
+    ctx = C.start()
     import ray
 
     from orchestrator.allocators import baseline_allocations
@@ -87,8 +87,6 @@ def main() -> None:
     from orchestrator.pipeline import init_ray, prepare_run_dir, write_run_json
     from orchestrator.train import TrainJob, run_training
 
-    ctx = C.machine_context()
-    print("context:", C.context_line(ctx), flush=True)
     runs_root = C.RESULTS / "strategies_runs"
     if runs_root.exists():
         shutil.rmtree(runs_root)  # this script's own earlier run
