@@ -319,7 +319,7 @@ def scaling_model() -> list[str]:
              f"{whole_job[1]} | {workers_source} |",
              "",
              "**Screening.** T_screen(N) = T_probe + a_tune + (N / cpt) · t_trial + N · c_arith, where t_trial is the "
-             "measured cost per trial with `max_concurrent_trials` = 2 (fixed in `screen.py`). The arithmetic term is milliseconds per hundred "
+             "measured cost per trial with two trials at a time, the sampler told about each pair together (`CONCURRENT_TRIALS` in `screen.py`). The arithmetic term is milliseconds per hundred "
              "candidates; the cost is the probe (one Ray task on one CPU or GPU, independent of N) and Tune's per-trial "
              "orchestration. More nodes do not shorten it as written, because the screen runs at most 2 trials at a "
              "time and each trial does milliseconds of work: the lever is `screen.candidates_per_trial` (fewer, "

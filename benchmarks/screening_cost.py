@@ -203,6 +203,8 @@ def curve(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 
 def markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores) -> str:
+    from orchestrator.screen import CONCURRENT_TRIALS
+
     tune, arith = curve(frame, "tune"), curve(frame, "arithmetic")
     at500 = tune[tune.n_candidates == 500]
     lines = ["# Screening cost: N candidates vs one training epoch", "",
@@ -237,7 +239,7 @@ def markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores) -> 
         slope, intercept, r2 = C.linear_fit(tune.num_trials, tune.seconds)
         lines.append(f"- Tune per-trial cost: {slope:.2f} s per trial of {args.candidates_per_trial} candidates "
                      f"(line through seconds vs trials, intercept {intercept:.1f} s = Tuner start/stop), "
-                     f"max_concurrent_trials = 2 on this machine.")
+                     f"{CONCURRENT_TRIALS} trials at a time, told to the sampler together.")
         growth = tune.rss_after_mb.iloc[-1] - tune.rss_before_mb.iloc[0]
         if args.candidates_per_trial != 25 and not at500.empty:
             projected = intercept + slope * (500 / 25) + probe_s

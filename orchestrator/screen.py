@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.allocation import Allocation
@@ -31,6 +32,7 @@ from orchestrator.proxies import ModuleScores, score_modules
 from orchestrator.storage import open_storage, run_storage
 
 STUDY_NAME = "screen"
+CONCURRENT_TRIALS = 2
 
 
 @dataclass
@@ -86,6 +88,14 @@ def _sampler(name: str, seed: int):
     return samplers[name]()
 
 
+def search_algorithm(cfg: RunConfig, points: list[dict]) -> ConcurrencyLimiter:
+    """The Optuna searcher, fed in batches: a sampler past its random start-up (TPE, CMA-ES) suggests from the
+    trials it has been told about, so telling it each trial as it finishes makes the suggestions depend on
+    which of two concurrent trials finished first, and a seeded screen keeps other survivors run to run.
+    Told a whole batch at once, it sees the same history at every suggestion."""
+    return ConcurrencyLimiter(_searcher(cfg, points), max_concurrent=CONCURRENT_TRIALS, batch=True)
+
+
 def _searcher(cfg: RunConfig, points: list[dict]) -> RecordingOptunaSearch:
     """Single objective: the best rank_by score of a trial's candidates. NSGA-II adds that candidate's params
     (minimised), so the study maps the score/size trade-off across the budget band. `points` (a warm start's
@@ -128,8 +138,8 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
             param_space=distribution_space(cfg.space),
             # A trial is milliseconds of arithmetic: reusing a finished trial's process for the next one saves
             # most of its cost (a process start and its imports).
-            tune_config=tune.TuneConfig(search_alg=_searcher(cfg, list(points)), num_samples=cfg.screen.num_trials,
-                                        max_concurrent_trials=2, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg, list(points)),
+                                        num_samples=cfg.screen.num_trials, reuse_actors=True),
             run_config=tune.RunConfig(name="screen", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
                                       verbose=1),
         )

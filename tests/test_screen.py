@@ -1,0 +1,61 @@
+"""The screen replays: the same seed keeps the same candidates and survivors whichever concurrent trial finishes first."""
+
+import pytest
+
+from orchestrator.config import load_config
+
+TRIALS = 14  # past Optuna's 10 random start-up trials, so the sampler's history steers the suggestions
+
+
+def suggestions(tmp_path, sampler: str, finish_newest_first: bool) -> list[dict]:
+    """Drive the screen's search algorithm as Tune does, completing the live trials in one order or the other."""
+    from orchestrator.allocators import distribution_space
+    from orchestrator.screen import search_algorithm
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", f"name={sampler}-{finish_newest_first}", f"screen.sampler={sampler}"])
+    cfg.run_dir.mkdir(parents=True)
+    searcher = search_algorithm(cfg, [])
+    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    live, suggested = [], []
+    while len(suggested) < TRIALS or live:
+        while len(suggested) < TRIALS and (config := searcher.suggest(f"t{len(suggested)}")) is not None:
+            live.append((f"t{len(suggested)}", config))
+            suggested.append(config)
+        trial_id, config = live.pop(-1 if finish_newest_first else 0)
+        searcher.on_trial_complete(trial_id, {"objective": config["w_query"], "params": 1000.0})
+    return suggested
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes"])
+def test_suggestions_do_not_depend_on_which_trial_finishes_first(sampler, tmp_path):
+    assert suggestions(tmp_path, sampler, False) == suggestions(tmp_path, sampler, True)
+
+
+@pytest.mark.slow
+def test_two_screens_with_one_seed_keep_the_same_survivors(tmp_path, tiny_model_dir, tiny_modules):
+    """The real Tune + OptunaSearch screen on a local Ray cluster, run twice into two run folders."""
+    import ray
+
+    from orchestrator import pipeline
+    from orchestrator.allocators import make_budget, space_modules
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import ScreenContext, run_screen
+
+    scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules},
+                           "grad_norm": {m.name: float(len(m.name)) for m in tiny_modules}})
+    pipeline.set_runtime_env()
+    pipeline.init_ray(None)
+    tables = []
+    try:
+        for name in ("first", "second"):
+            cfg = load_config(None, [f"results_dir={tmp_path}", f"name={name}", f"model.name={tiny_model_dir}",
+                                     "space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]",
+                                     f"screen.num_trials={TRIALS}", "screen.candidates_per_trial=4"])
+            pipeline.prepare_run_dir(cfg, resume=False)
+            context = ScreenContext(space_modules(tiny_modules, cfg.space), cfg.space.ranks,
+                                    make_budget(tiny_modules, cfg.space), scores, 4, "grad_norm", 1.0, 0)
+            tables.append(run_screen(cfg, context))
+    finally:
+        ray.shutdown()
+    first, second = (table[["candidate_id", "proxy_grad_norm", "survivor"]] for table in tables)
+    assert len(first) > cfg.screen.survivors and first.equals(second)
