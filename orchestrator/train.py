@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, attach_allocation_shortcuts,
                                      searchable_units)
 from orchestrator.allocators import make_budget, space_modules
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, TrainConfig
 from orchestrator.data import TaskData, make_loader
 from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
@@ -75,9 +75,9 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _max_over_workers(value: float) -> float:
+def _max_over_workers(value: float, device: torch.device) -> float:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return float(tensor.item())
     return value
@@ -273,7 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
             metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
-                       peak_memory_mb=_max_over_workers(_peak_memory_mb(device)),
+                       peak_memory_mb=_max_over_workers(_peak_memory_mb(device), device),
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
@@ -474,8 +474,17 @@ def finished_jobs(run_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))}
 
 
-def cluster_has_gpu() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def concurrent_trainings(t: TrainConfig, use_gpu: bool, cluster_gpus: float) -> int:
+    """train.max_concurrent, capped on GPU at the trainings the cluster's GPUs hold at once: a training that
+    waits for a GPU held by another fails Ray Train's 60 s worker-group start and is retried, again and again.
+    A cluster with no GPU yet is autoscaled: its GPU nodes come as the trainings ask for them, so no cap."""
+    if not use_gpu or cluster_gpus == 0:
+        return t.max_concurrent
+    return max(1, min(t.max_concurrent, int(cluster_gpus) // t.num_workers))
 
 
 class KeepFinished(tune.Callback):
@@ -506,7 +515,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
     done = finished_jobs(cfg.run_dir)
     pending = {job.job_id: job for job in jobs if job.job_id not in done}
     if pending:
-        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpu())
+        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_gpus() > 0)
         context = TrainContext(cfg, task, use_gpu, fault_plan())
         # The trial itself only waits on its TorchTrainer: a quarter CPU, so the workers get the cores.
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
@@ -519,8 +528,8 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             param_space={"job": tune.grid_search([asdict(job) for job in pending.values()])},
             # A trial only waits on its TorchTrainer: reusing its process for the next job saves a process start
             # and its imports (~7 CPU-s on 2 cores, measured with a /proc sampler) per training.
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.train.max_concurrent, scheduler=scheduler,
-                                        reuse_actors=True),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trainings(cfg.train, use_gpu, cluster_gpus()),
+                                        scheduler=scheduler, reuse_actors=True),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
                                       callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
         )
