@@ -340,10 +340,10 @@ def scaling_model() -> list[str]:
              "1-vs-2-worker row measures on CPU.", "",
              "**What moves to GPUs.** T_epoch and T_eval shrink by the GPU's speed-up over one CPU thread; T_job (worker "
              "process start, imports, model load from the package, Tune bookkeeping) and T_ray do not. For a 22.7 M-param "
-             "encoder, a quickstart epoch (125 steps of 32 × 64 tokens) took 13.9–17.8 s on an H200 fed by one CPU per "
-             "worker, with the GPU busy in 8% of nvidia-smi's samples ([gpu/README.md](../results/benchmarks/gpu/README.md)): "
-             "the steps are bound by the worker's CPU, so on GPU nodes give workers more CPUs and larger batches; T_job "
-             "then dominates each job and the useful levers are fewer, longer jobs (more data or epochs per job, "
+             "encoder, a quickstart epoch (125 steps of 32 × 64 tokens) took 13.9–17.8 s through Ray Train on an H200, "
+             "most of it the fresh worker's first CUDA use: warm, the same epoch takes 3.3 s (26 ms per step, bound by "
+             "the CPU thread launching kernels; [gpu/README.md](../results/benchmarks/gpu/README.md)). So on GPU nodes "
+             "T_job, CUDA's warm-up included, dominates each job and the useful levers are fewer, longer jobs (more data or epochs per job, "
              "several seeds per trial) and a warm cluster (Ray start paid once). Device-hours scale with J × job time "
              "whatever N is; N only divides the wall time.", ""]
     if not any(math.isnan(x) for x in (epoch_cpu, job_fixed, ckpt, eval_per_example)):
