@@ -478,11 +478,15 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0)
 
 
-def concurrent_trainings(t: TrainConfig, use_gpu: bool, cluster_gpus: float) -> int:
-    """train.max_concurrent, capped on GPU at the trainings the cluster's GPUs hold at once: a training that
-    waits for a GPU held by another fails Ray Train's 60 s worker-group start and is retried, again and again.
-    A cluster with no GPU yet is autoscaled: its GPU nodes come as the trainings ask for them, so no cap."""
-    if not use_gpu or cluster_gpus == 0:
+def alive_nodes() -> int:
+    return sum(node["Alive"] for node in ray.nodes())
+
+
+def concurrent_trainings(t: TrainConfig, use_gpu: bool, cluster_gpus: float, nodes: int) -> int:
+    """train.max_concurrent, capped on a single GPU node at the trainings its GPUs hold at once: a training that
+    waits for a busy GPU fails Ray Train's 60 s worker-group start and is retried, minute after minute. A cluster
+    of several nodes, or with no GPU yet, may be autoscaled: there the waiting request is what adds a GPU node."""
+    if not use_gpu or nodes > 1 or cluster_gpus == 0:
         return t.max_concurrent
     return max(1, min(t.max_concurrent, int(cluster_gpus) // t.num_workers))
 
@@ -528,8 +532,8 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             param_space={"job": tune.grid_search([asdict(job) for job in pending.values()])},
             # A trial only waits on its TorchTrainer: reusing its process for the next job saves a process start
             # and its imports (~7 CPU-s on 2 cores, measured with a /proc sampler) per training.
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trainings(cfg.train, use_gpu, cluster_gpus()),
-                                        scheduler=scheduler, reuse_actors=True),
+            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, max_concurrent_trials=concurrent_trainings(
+                cfg.train, use_gpu, cluster_gpus(), alive_nodes())),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
                                       callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
         )

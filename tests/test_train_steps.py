@@ -124,14 +124,16 @@ def test_an_epoch_over_a_ray_prepared_loader_sees_every_example_once(shuffle):
     assert sorted(seen) == list(range(10))
 
 
-def test_concurrent_trainings_fit_the_cluster_gpus():
+def test_concurrent_trainings_fit_a_single_gpu_node():
     two = TrainConfig(max_concurrent=2)
-    assert concurrent_trainings(two, use_gpu=False, cluster_gpus=0) == 2  # CPU: as configured
-    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=1) == 1  # the second would wait for the GPU
-    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=8) == 2
-    assert concurrent_trainings(TrainConfig(max_concurrent=4, num_workers=2), use_gpu=True, cluster_gpus=4) == 2
-    assert concurrent_trainings(TrainConfig(num_workers=2), use_gpu=True, cluster_gpus=1) == 1  # never 0
-    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=0) == 2  # autoscaled: GPU nodes come on demand
+    assert concurrent_trainings(two, use_gpu=False, cluster_gpus=0, nodes=1) == 2  # CPU: as configured
+    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=1, nodes=1) == 1  # the second would wait for the GPU
+    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=8, nodes=1) == 2
+    assert concurrent_trainings(TrainConfig(max_concurrent=4, num_workers=2), use_gpu=True, cluster_gpus=4, nodes=1) == 2
+    assert concurrent_trainings(TrainConfig(num_workers=2), use_gpu=True, cluster_gpus=1, nodes=1) == 1  # never 0
+    # may be autoscaled: a waiting training's request is what brings the next GPU node
+    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=0, nodes=1) == 2
+    assert concurrent_trainings(two, use_gpu=True, cluster_gpus=1, nodes=2) == 2
 
 
 def _report_peak(rank: int, port: int, results) -> None:
