@@ -32,7 +32,7 @@ Target (issue #12): within 0.5 point of the exhaustive best in ≤ 20% of its de
 Run (from the repository root):
     python benchmarks/exhaustive.py --quick    # 2 of the 12 (q+v r1, ffn_up L0-4 r1), k = 1, 300 train / 200 eval, max_length 64, seed 0,
                                                # proxies on 2 minibatches, calibration of value and FFN-up only (a smoke test)
-    python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings + 5 calibration runs, 92 min on 2 idle cores, 2026-12-03)
+    python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings + 5 calibration runs, 60–92 min on 2 cores: 2026-12-04, 2026-12-03)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
 Writes results/benchmarks/exhaustive.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the run (trials, adapters, module_scores.json) stays in

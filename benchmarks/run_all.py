@@ -73,7 +73,7 @@ SCRIPTS = [
      "vs the top k of each proxy's ranking and of the calibrated ranking (one training per module type) of the same "
      "candidates vs random k: best accuracy, device-hours, "
      "device-hours to reach within 0.5 point of the exhaustive best",
-     "within 0.5 point of the exhaustive best in ≤ 20% of its device-hours", (12, 120)),  # full: 92 min measured (2026-12-03)
+     "within 0.5 point of the exhaustive best in ≤ 20% of its device-hours", (12, 120)),  # full: 60 min (2026-12-04) to 92 min (2026-12-03)
     ("data_variance", "uniform q,v r1 on 20 Newsgroups (9,216 params) trained through `run_training` for every data "
      "sample (split_seed) × training seed × base-model dropout (checkpoint's / 0): how far each moves the accuracy",
      "no target (it says which differences other tables can resolve)", (8, 45)),
