@@ -176,10 +176,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     if screen_path.is_file():
         screen = pd.read_csv(screen_path)
     else:
-        sign = 1.0 if cfg.screen.direction == "maximize" else -1.0
-        context = ScreenContext(searchable, cfg.space.ranks, budget, scores, cfg.screen.candidates_per_trial,
-                                cfg.screen.rank_by, sign, cfg.screen.seed)
-        screen = run_screen(cfg, context, points)
+        screen = run_screen(cfg, ScreenContext.from_config(cfg, searchable, budget, scores), points)
         write_screen(screen, cfg.run_dir)
 
     allocations = _allocations_to_train(screen, modules, budget, cfg, warm)

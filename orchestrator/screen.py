@@ -48,6 +48,13 @@ class ScreenContext:
     sign: float  # +1 maximise, -1 minimise
     seed: int
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, searchable: list[AdaptableModule], budget: Budget,
+                    scores: ModuleScores) -> ScreenContext:
+        sign = 1.0 if cfg.screen.direction == "maximize" else -1.0
+        return cls(searchable, cfg.space.ranks, budget, scores, cfg.screen.candidates_per_trial, cfg.screen.rank_by,
+                   sign, cfg.screen.seed)
+
 
 def screen_trial(config: dict, context: ScreenContext) -> None:
     """Tune function trainable: draw a batch of candidates from `config`'s distribution and score them."""

@@ -102,6 +102,37 @@ def tiny_modules(tiny_model):
     return adaptable_modules(tiny_model)
 
 
+@pytest.fixture
+def run_tiny_screens(tmp_path, tiny_model_dir, tiny_modules):
+    """Real Tune + OptunaSearch screens of the tiny model on one local Ray cluster, each given as a list of
+    config overrides; returns (config, screen table) per screen. Proxy scores: params and a made-up grad_norm."""
+    def run(*overrides: list[str]) -> list:
+        import ray
+
+        from orchestrator import pipeline
+        from orchestrator.allocators import make_budget, space_modules
+        from orchestrator.config import load_config
+        from orchestrator.proxies import ModuleScores
+        from orchestrator.screen import ScreenContext, run_screen
+
+        scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules},
+                               "grad_norm": {m.name: float(len(m.name)) for m in tiny_modules}})
+        pipeline.set_runtime_env()
+        pipeline.init_ray(None)
+        screens = []
+        try:
+            for extra in overrides:
+                cfg = load_config(None, [f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", *extra])
+                pipeline.prepare_run_dir(cfg, resume=False)
+                context = ScreenContext.from_config(cfg, space_modules(tiny_modules, cfg.space),
+                                                    make_budget(tiny_modules, cfg.space), scores)
+                screens.append((cfg, run_screen(cfg, context)))
+        finally:
+            ray.shutdown()
+        return screens
+    return run
+
+
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true"}
 

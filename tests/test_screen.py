@@ -32,30 +32,10 @@ def test_suggestions_do_not_depend_on_which_trial_finishes_first(sampler, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_screens_with_one_seed_keep_the_same_survivors(tmp_path, tiny_model_dir, tiny_modules):
+def test_two_screens_with_one_seed_keep_the_same_survivors(run_tiny_screens):
     """The real Tune + OptunaSearch screen on a local Ray cluster, run twice into two run folders."""
-    import ray
-
-    from orchestrator import pipeline
-    from orchestrator.allocators import make_budget, space_modules
-    from orchestrator.proxies import ModuleScores
-    from orchestrator.screen import ScreenContext, run_screen
-
-    scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules},
-                           "grad_norm": {m.name: float(len(m.name)) for m in tiny_modules}})
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    tables = []
-    try:
-        for name in ("first", "second"):
-            cfg = load_config(None, [f"results_dir={tmp_path}", f"name={name}", f"model.name={tiny_model_dir}",
-                                     "space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]",
-                                     f"screen.num_trials={TRIALS}", "screen.candidates_per_trial=4"])
-            pipeline.prepare_run_dir(cfg, resume=False)
-            context = ScreenContext(space_modules(tiny_modules, cfg.space), cfg.space.ranks,
-                                    make_budget(tiny_modules, cfg.space), scores, 4, "grad_norm", 1.0, 0)
-            tables.append(run_screen(cfg, context))
-    finally:
-        ray.shutdown()
-    first, second = (table[["candidate_id", "proxy_grad_norm", "survivor"]] for table in tables)
+    overrides = ["space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]", "screen.rank_by=grad_norm",
+                 f"screen.num_trials={TRIALS}", "screen.candidates_per_trial=4"]
+    (cfg, first), (_, second) = run_tiny_screens(["name=first", *overrides], ["name=second", *overrides])
+    first, second = (table[["candidate_id", "proxy_grad_norm", "survivor"]] for table in (first, second))
     assert len(first) > cfg.screen.survivors and first.equals(second)

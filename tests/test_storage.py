@@ -80,30 +80,14 @@ def test_each_sampler_drives_the_study(sampler, cls, objectives, tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_screen_writes_a_journal_study(tmp_path, tiny_model_dir, tiny_modules):
+def test_tune_screen_writes_a_journal_study(tmp_path, run_tiny_screens):
     """The real Tune + OptunaSearch screen on a local Ray cluster, with the study in a journal file."""
-    import ray
-
-    from orchestrator import pipeline
-    from orchestrator.allocators import make_budget, space_modules
-    from orchestrator.proxies import ModuleScores
-    from orchestrator.screen import STUDY_NAME, ScreenContext, run_screen
+    from orchestrator.screen import STUDY_NAME
 
     journal = tmp_path / "shared" / "study.log"
-    cfg = load_config(None, [f"results_dir={tmp_path}", "name=journal", f"model.name={tiny_model_dir}",
-                             "space.ranks=[2,4]", "screen.proxies=[params]", "screen.rank_by=params",
-                             "screen.num_trials=3", "screen.candidates_per_trial=4", f"screen.storage=journal:{journal}",
-                             "screen.sampler=nsga2"])
-    pipeline.prepare_run_dir(cfg, resume=False)
-    searchable = space_modules(tiny_modules, cfg.space)
-    scores = ModuleScores({"params": {m.name: float(m.params_per_rank) for m in tiny_modules}})
-    context = ScreenContext(searchable, cfg.space.ranks, make_budget(tiny_modules, cfg.space), scores, 4, "params", 1.0, 0)
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        screen = run_screen(cfg, context)
-    finally:
-        ray.shutdown()
+    [(cfg, screen)] = run_tiny_screens(["name=journal", "space.ranks=[2,4]", "screen.proxies=[params]",
+                                        "screen.rank_by=params", "screen.num_trials=3", "screen.candidates_per_trial=4",
+                                        f"screen.storage=journal:{journal}", "screen.sampler=nsga2"])
     study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(f"journal:{journal}", create=False))
     # a trial whose distribution drew nothing inside the budget reports nan and is kept as FAIL, not lost
     assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
