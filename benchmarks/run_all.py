@@ -254,6 +254,8 @@ def _read(path: Path) -> pd.DataFrame | None:
 
 def scaling_model() -> list[str]:
     """The scaling section, with its numbers read from the stored CSVs (NaN-safe: says what is missing)."""
+    from orchestrator.screen import CONCURRENT_TRIALS
+
     sc = _read(C.RESULTS / "screening_cost.csv")
     oo = _read(C.RESULTS / "orchestration_overhead.csv")
     probe = _num(sc, "kind", "probe", "seconds")
@@ -307,7 +309,7 @@ def scaling_model() -> list[str]:
              f"{f(probe_cpu)} s CPU | screening_cost |",
              f"| scoring one candidate (random allocator + Σ rank × unit score) | c_arith | {f(arith_ms, '.2f')} ms | screening_cost |",
              f"| Tune screen: fixed cost per screen (Tuner start/stop) | a_tune | {f(intercept)} s | screening_cost (line through seconds vs trials) |",
-             f"| Tune screen: cost per trial ({f(cpt, '.0f')} candidates per trial, 2 trials at a time) | t_trial | {f(slope, '.2f')} s | screening_cost |",
+             f"| Tune screen: cost per trial ({f(cpt, '.0f')} candidates per trial, {CONCURRENT_TRIALS} trials at a time) | t_trial | {f(slope, '.2f')} s | screening_cost |",
              f"| one training epoch, one candidate (4,000 examples, uniform q,v r=8, 1 thread) | T_epoch | {f(epoch)} s wall, "
              f"{f(epoch_cpu)} s CPU | screening_cost |",
              f"| Ray start (embedded local) | T_ray | {f(ray_start)} s | screening_cost |",
@@ -319,9 +321,10 @@ def scaling_model() -> list[str]:
              f"{whole_job[1]} | {workers_source} |",
              "",
              "**Screening.** T_screen(N) = T_probe + a_tune + (N / cpt) · t_trial + N · c_arith, where t_trial is the "
-             "measured cost per trial with two trials at a time, the sampler told about each pair together (`CONCURRENT_TRIALS` in `screen.py`). The arithmetic term is milliseconds per hundred "
+             f"measured cost per trial with {CONCURRENT_TRIALS} trials at a time, the sampler told about each batch of them "
+             "together (`CONCURRENT_TRIALS` in `screen.py`). The arithmetic term is milliseconds per hundred "
              "candidates; the cost is the probe (one Ray task on one CPU or GPU, independent of N) and Tune's per-trial "
-             "orchestration. More nodes do not shorten it as written, because the screen runs at most 2 trials at a "
+             f"orchestration. More nodes do not shorten it as written, because the screen runs at most {CONCURRENT_TRIALS} trials at a "
              "time and each trial does milliseconds of work: the lever is `screen.candidates_per_trial` (fewer, "
              "fatter trials), not nodes. "
              + (f"At the measured numbers, screening 2,000 candidates at {f(cpt, '.0f')} per trial (as measured) costs "
