@@ -519,7 +519,8 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
     done = finished_jobs(cfg.run_dir)
     pending = {job.job_id: job for job in jobs if job.job_id not in done}
     if pending:
-        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_gpus() > 0)
+        gpus = cluster_gpus()
+        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and gpus > 0)
         context = TrainContext(cfg, task, use_gpu, fault_plan())
         # The trial itself only waits on its TorchTrainer: a quarter CPU, so the workers get the cores.
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
@@ -533,7 +534,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             # A trial only waits on its TorchTrainer: reusing its process for the next job saves a process start
             # and its imports (~7 CPU-s on 2 cores, measured with a /proc sampler) per training.
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, max_concurrent_trials=concurrent_trainings(
-                cfg.train, use_gpu, cluster_gpus(), alive_nodes())),
+                cfg.train, use_gpu, gpus, alive_nodes())),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
                                       callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
         )

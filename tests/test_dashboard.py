@@ -4,7 +4,6 @@ search writes the study."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,15 +20,10 @@ import pytest
 from orchestrator.dashboard import make_server
 from orchestrator.storage import run_study_url
 from orchestrator.errors import UserError
+from orchestrator.pipeline import _free_loopback_port
 
 STUDY = "screen"
 SERVER_START_S = 120  # importing optuna-dashboard pulls in scikit-learn: seconds on a cold disk
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 30) -> tuple[int, dict]:
@@ -128,7 +122,7 @@ def test_server_in_thread_lists_the_study_on_loopback(served):
 
 def test_cli_serves_the_study_bound_to_loopback_only(tmp_path):
     run_dir = make_run_dir(tmp_path)
-    port = free_port()
+    port = _free_loopback_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dashboard", str(run_dir), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

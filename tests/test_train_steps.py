@@ -147,14 +147,11 @@ def _report_peak(rank: int, port: int, results) -> None:
 def test_peak_memory_is_the_max_over_workers():
     """Two real gloo workers: each reports the larger peak. (On GPU the tensor goes to the worker's CUDA device,
     since NCCL reduces nothing else: checked on an H200, README "GPU path".)"""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from orchestrator.pipeline import _free_loopback_port
+
     results = mp.Manager().dict()
-    mp.spawn(_report_peak, args=(port, results), nprocs=2)
+    mp.spawn(_report_peak, args=(_free_loopback_port(), results), nprocs=2)
     assert dict(results) == {0: 200.0, 1: 200.0}
     assert _max_over_workers(7.0, torch.device("cpu")) == 7.0  # no process group: the worker's own value
