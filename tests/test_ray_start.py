@@ -1,5 +1,8 @@
 """Starting the embedded Ray on a loaded machine: Ray's own 60 s dashboard deadline is raised, not lowered."""
 
+import os
+
+import pytest
 import ray._private.services as services
 
 from orchestrator import pipeline
@@ -15,3 +18,28 @@ def test_a_longer_deadline_set_by_the_user_stays(monkeypatch):
     monkeypatch.setattr(services.ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 900)  # RAY_DASHBOARD_STARTUP_TIMEOUT_S=900
     pipeline._allow_a_slow_dashboard_start()
     assert services.ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 900
+
+
+HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def test_runtime_env_keeps_a_value_the_user_set(monkeypatch):
+    monkeypatch.delenv(HEALTH_CHECK, raising=False)
+    assert pipeline.runtime_env_vars()[HEALTH_CHECK] == pipeline.RUNTIME_ENV[HEALTH_CHECK] == "0.5"
+    monkeypatch.setenv(HEALTH_CHECK, "3")
+    assert pipeline.runtime_env_vars()[HEALTH_CHECK] == "3"
+
+
+@pytest.mark.slow
+def test_ray_processes_of_the_embedded_cluster_get_the_runtime_env(monkeypatch):
+    """Ray Train's controller reads the poll interval from its own process's environment: a Ray task must see it."""
+    import ray
+
+    monkeypatch.setenv(HEALTH_CHECK, "0.75")
+    pipeline.set_runtime_env()
+    pipeline.init_ray(None)
+    try:
+        seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in (HEALTH_CHECK, "RAY_TRAIN_V2_ENABLED")}).remote())
+    finally:
+        ray.shutdown()
+    assert seen == {HEALTH_CHECK: "0.75", "RAY_TRAIN_V2_ENABLED": "1"}
