@@ -1,4 +1,4 @@
-"""Starting the embedded Ray on a loaded machine: Ray's own 60 s dashboard deadline is raised, not lowered."""
+"""Starting Ray: the 60 s dashboard deadline is raised, not lowered, and Ray's processes get the runtime env."""
 
 import os
 
