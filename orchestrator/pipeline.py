@@ -42,9 +42,9 @@ def set_runtime_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def runtime_env_vars() -> dict[str, str]:
-    """RUNTIME_ENV for Ray's processes, a value the user set in the driver's environment kept."""
-    return {key: os.environ.get(key, value) for key, value in RUNTIME_ENV.items()}
+def runtime_env_vars(defaults: dict[str, str] = RUNTIME_ENV) -> dict[str, str]:
+    """These variables for Ray's processes, a value the user set in the driver's environment kept."""
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
 def init_ray(address: str | None) -> None:
@@ -67,10 +67,10 @@ def init_ray(address: str | None) -> None:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; naming its address
         # keeps the cleaner working ("multiple active Ray instances") when other Ray clusters share the machine.
         port = _free_loopback_port()
-        env = dict(runtime_env_vars(), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
         # Nothing preempts the machine the driver runs on, so Train's preemption watcher (one more process per
-        # training, ~4 CPU-s on 2 cores) watches for nothing here; a value the user set stays.
-        env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
+        # training, ~4 CPU-s on 2 cores) watches for nothing here.
+        env = dict(runtime_env_vars({**RUNTIME_ENV, PREEMPTION_WATCHER: "0"}),
+                   RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
         _allow_a_slow_dashboard_start()
         ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})
