@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -25,8 +26,11 @@ MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate
 DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
 BASELINES = ("uniform_qv", "uniform_all", "adalora")
 SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_RUN_NAME = 100
+RUN_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_RUN_NAME - 1}}}$")
 CALIBRATED = "calibrated"  # screen.rank_by value: rank by the calibration's measured scores (orchestrator/calibrate.py)
+CALIBRATION_SUFFIX = ".calibration"  # the calibration's own run is '<name>.calibration' (orchestrator/calibrate.py)
+NULL_TEXTS = ("null", "Null", "NULL", "~", "")  # YAML's spellings of null, in an override of an optional field
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -38,6 +42,22 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
     if not condition:
         raise UserError(f"{field_name}: {problem}; {fix}")
+
+
+def _require_non_negative(value: Any, field_name: str, fix: str) -> None:
+    """A finite number ≥ 0: `value >= 0` alone lets inf through (and calls NaN "negative")."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _require(number and math.isfinite(value) and value >= 0, field_name, f"{value!r} is not a finite number ≥ 0", fix)
+
+
+def _require_seed(value: Any, field_name: str) -> None:
+    """numpy's RandomState, inside Optuna's samplers, takes seeds in [0, 2**32) only."""
+    _require(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32, field_name,
+             f"{value!r} is not a seed in [0, 2**32)", f"use an integer from 0 to {2**32 - 1}, e.g. 0")
+
+
+def _safe_run_name(name: str) -> bool:
+    return bool(RUN_NAME_PATTERN.fullmatch(name)) and ".." not in name
 
 
 @dataclass
@@ -67,6 +87,7 @@ class DataConfig:
             value = getattr(self, name)
             _require(value is None or value >= 8, f"data.{name}", f"{value} is too small", "use at least 8 or null for all")
         _require(0 < self.eval_fraction < 1, "data.eval_fraction", f"{self.eval_fraction} is not in (0, 1)", "use e.g. 0.2")
+        _require_seed(self.split_seed, "data.split_seed")
 
 
 @dataclass
@@ -132,6 +153,7 @@ class ScreenConfig:
                                         "(labelled warm#k), to see whether they transfer to this task", None)
 
     def __post_init__(self):
+        _require_seed(self.seed, "screen.seed")
         _require(self.direction in ("maximize", "minimize"), "screen.direction", f"'{self.direction}' is unknown", "use maximize or minimize")
         _require(self.sampler in SAMPLERS, "screen.sampler", f"'{self.sampler}' is unknown", f"use one of {', '.join(SAMPLERS)}")
         from orchestrator.allocators import ALLOCATORS  # lazy: allocators imports this module
@@ -162,8 +184,9 @@ class ScreenConfig:
 @dataclass
 class CalibrateConfig:
     train_size: int | None = _help("training examples each calibration run sees (a seeded sample of the run's training "
-                                   "sample); null: all of it, as the real trainings see", None)
-    eval_size: int = _help("held-out examples each calibration run is scored on (a seeded sample of the eval split)", 300)
+                                   "sample, eval_size held out); null: all but those, nearly what the real trainings see", None)
+    eval_size: int = _help("examples held out of the run's training sample to score each calibration run (at most half "
+                           "of it; never the eval split, which scores the report)", 300)
     epochs: int | None = _help("passes over the calibration sample; null: train.epochs and train.max_steps, the real "
                                "trainings' schedule (500 examples × 3 epochs ranked types in another order than full "
                                "training did on 20 Newsgroups, and 0.6-4.2 points lower)", None)
@@ -215,6 +238,11 @@ class TrainConfig:
         _require(0 < self.lr < 1, "train.lr", f"{self.lr} is out of range", "use e.g. 2e-3")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
         _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
+        for i, seed in enumerate(self.seeds):
+            _require_seed(seed, f"train.seeds[{i}]")
+        _require(len(set(self.seeds)) == len(self.seeds), "train.seeds", f"{self.seeds} repeats a seed",
+                 "give each seed once (a model's job id is <candidate>-s<seed>)")
+        _require_non_negative(self.weight_decay, "train.weight_decay", "use 0 (none) or e.g. 0.01")
         unknown = [b for b in self.baselines if b not in BASELINES]
         _require(not unknown, "train.baselines", f"unknown {unknown}", f"choose from {list(BASELINES)}")
         _require(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", f"'{self.use_gpu}' is unknown", "use auto, true or false")
@@ -224,8 +252,7 @@ class TrainConfig:
                  f"'{self.dynamic_allocator}' is unknown", "use knapsack, top_p or proportional")
         _require(0 < self.dynamic_max_move <= 1, "train.dynamic_max_move", f"{self.dynamic_max_move} is not in (0, 1]",
                  "use a share of the rank, e.g. 0.25 (1 = undamped)")
-        _require(self.dynamic_min_gain >= 0, "train.dynamic_min_gain", f"{self.dynamic_min_gain} is negative",
-                 "use 0 (any gain) or a small fraction such as 0.05")
+        _require_non_negative(self.dynamic_min_gain, "train.dynamic_min_gain", "use 0 (any gain) or a small fraction such as 0.05")
         _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
 
 
@@ -252,7 +279,7 @@ class RoutingSpaceConfig:
         _require(bool(self.num_experts) and all(e >= 1 for e in self.num_experts), "routing.num_experts",
                  f"{self.num_experts} must be positive integers", "e.g. [4] or [2, 4]")
         _require(bool(self.gating), "routing.gating", "is empty", "use [topk], [dense] or [topk, dense]")
-        _require(self.aux_weight >= 0, "routing.aux_weight", f"{self.aux_weight} is negative", "use e.g. 0.01, or 0")
+        _require_non_negative(self.aux_weight, "routing.aux_weight", "use e.g. 0.01, or 0")
         self.num_experts, self.gating = sorted(set(self.num_experts)), list(dict.fromkeys(self.gating))
         for experts in self.num_experts:  # the checks of the routed modules themselves, once per trained variant
             for gating in self.gating:
@@ -266,11 +293,12 @@ class CostConfig:
         factory=lambda: dict(DEFAULT_PRICES))
 
     def __post_init__(self):
+        for device in self.price_per_device_hour:  # train.py looks prices up by exactly these kinds
+            _require(device in DEFAULT_PRICES, f"cost.price_per_device_hour.{device}", f"'{device}' is not a device kind",
+                     f"use {' or '.join(DEFAULT_PRICES)} (lower case)")
         self.price_per_device_hour = DEFAULT_PRICES | self.price_per_device_hour  # a partial table keeps the rest
-        for device in ("cpu", "gpu"):
-            price = self.price_per_device_hour.get(device)
-            _require(isinstance(price, (int, float)) and price >= 0, f"cost.price_per_device_hour.{device}",
-                     f"{price!r} is not a non-negative number", "give USD per device-hour, e.g. 0.05")
+        for device, price in self.price_per_device_hour.items():
+            _require_non_negative(price, f"cost.price_per_device_hour.{device}", "give USD per device-hour, e.g. 0.05")
 
 
 @dataclass
@@ -307,8 +335,13 @@ class RunConfig:
     register: RegisterConfig = _help("automatic registration of the run's best adapter", factory=RegisterConfig)
 
     def __post_init__(self):
-        _require(bool(RUN_NAME_PATTERN.fullmatch(self.name)) and ".." not in self.name, "name", f"{self.name!r} is not a safe run name",
+        _require(_safe_run_name(self.name), "name", f"{self.name!r} is not a safe run name",
                  "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
+        # the calibration's own config (calibrate.calibration_config) already carries the suffix and never calibrates
+        if self.screen.rank_by == CALIBRATED and not self.name.endswith(CALIBRATION_SUFFIX):
+            _require(_safe_run_name(self.name + CALIBRATION_SUFFIX), "name", f"{self.name!r} leaves no room for the "
+                     f"'{CALIBRATION_SUFFIX}' of its calibration run (screen.rank_by: {CALIBRATED})",
+                     f"use at most {MAX_RUN_NAME - len(CALIBRATION_SUFFIX)} characters, not ending in '.'")
         results = Path(self.results_dir)
         _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
                  "point results_dir at a directory (it is created if missing)")
@@ -358,7 +391,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 @dataclass(frozen=True)
 class _OverrideText:
-    """A command-line value: parsed as YAML for typed fields, kept verbatim for string fields."""
+    """A command-line value: parsed as YAML for typed fields, kept verbatim for string fields (optional ones too)."""
 
     text: str
 
@@ -400,15 +433,15 @@ def build(cls, raw: Any, prefix: str):
 
 
 def _coerce(hint, value, name: str):
-    if isinstance(value, _OverrideText):
-        value = value.text if hint is str else value.parsed()
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+    if origin in (typing.Union, types.UnionType):  # before parsing an override, so `str | None` keeps its text
+        if type(None) in args and (value is None or (isinstance(value, _OverrideText) and value.text in NULL_TEXTS)):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
+    if isinstance(value, _OverrideText):
+        value = value.text if hint is str else value.parsed()
     if dataclasses.is_dataclass(hint):
         return build(hint, value, name + ".")
     if origin is list:

@@ -266,3 +266,96 @@ def test_string_override_kept_verbatim():
 def test_partial_price_override_keeps_other_default():
     cfg = load_config(None, ["cost.price_per_device_hour.cpu=0.05"])
     assert cfg.cost.price_per_device_hour == {"cpu": 0.05, "gpu": 1.006}
+
+
+@pytest.mark.parametrize("override, attribute, value", [
+    ("register.name=007", "register.name", "007"),
+    ("register.name=off", "register.name", "off"),
+    ("register.root=0123", "register.root", "0123"),
+    ("data.eval_path=0755", "data.eval_path", "0755"),
+    ("storage_path=1_000", "storage_path", "1_000"),
+    ("register.name=null", "register.name", None),
+    ("register.root=~", "register.root", None),
+    ("data.eval_path=", "data.eval_path", None),
+])
+def test_optional_string_override_kept_verbatim_unless_null(override, attribute, value):
+    section, _, field = attribute.rpartition(".")
+    cfg = load_config(None, [override])
+    assert getattr(getattr(cfg, section) if section else cfg, field) == value
+
+
+def test_optional_string_in_yaml_file_follows_yaml(tmp_path):
+    # a YAML file is YAML's business: unquoted 007 is the integer 7 there; quoting keeps the text
+    cfg = load_config(write(tmp_path, "register:\n  name: 007\n  root: '0123'\n"))
+    assert (cfg.register.name, cfg.register.root) == ("7", "0123")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.split_seed=-1", "data.split_seed"),
+    ("screen.seed=-1", "screen.seed"),
+    ("screen.seed=4294967296", "screen.seed"),
+    ("train.seeds=[0,-1]", "train.seeds[1]"),
+    ("train.seeds=[0,0]", "train.seeds"),
+    ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.weight_decay=.nan", "train.weight_decay"),
+    ("train.weight_decay=.inf", "train.weight_decay"),
+    ("train.dynamic_min_gain=.inf", "train.dynamic_min_gain"),
+    ("train.dynamic_min_gain=.nan", "train.dynamic_min_gain"),
+    ("routing.aux_weight=.inf", "routing.aux_weight"),
+    ("cost.price_per_device_hour.GPU=4.096", "cost.price_per_device_hour.GPU"),
+    ("cost.price_per_device_hour.cpu=.inf", "cost.price_per_device_hour.cpu"),
+    ("cost.price_per_device_hour.gpu=.nan", "cost.price_per_device_hour.gpu"),
+    ("train.lr=.nan", "train.lr"),
+    ("model.dropout=.nan", "model.dropout"),
+    ("space.budget.tolerance=.inf", "space.budget.tolerance"),
+    ("data.eval_fraction=.nan", "data.eval_fraction"),
+    ("train.warmup_ratio=.nan", "train.warmup_ratio"),
+    ("train.dynamic_every=.nan", "train.dynamic_every"),
+    ("train.dynamic_max_move=.inf", "train.dynamic_max_move"),
+])
+def test_bad_numbers_refused_naming_the_field(override, field):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(field + ":")
+    assert "\n" not in str(err.value)
+
+
+def test_seed_message_names_the_range():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["data.split_seed=-1"])
+    assert str(err.value) == "data.split_seed: -1 is not a seed in [0, 2**32); use an integer from 0 to 4294967295, e.g. 0"
+
+
+def test_seed_and_price_edges_accepted():
+    cfg = load_config(None, ["screen.seed=4294967295", "train.seeds=[0,4294967295]", "train.weight_decay=0.01",
+                             "cost.price_per_device_hour.gpu=0"])
+    assert cfg.screen.seed == 2**32 - 1 and cfg.train.weight_decay == 0.01
+    assert cfg.cost.price_per_device_hour == {"cpu": 0.0446, "gpu": 0.0}
+
+
+def test_price_key_case_refused_with_the_fix():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["cost.price_per_device_hour.GPU=4.096"])
+    assert str(err.value) == "cost.price_per_device_hour.GPU: 'GPU' is not a device kind; use cpu or gpu (lower case)"
+
+
+def test_calibrated_run_name_leaves_room_for_the_calibration_suffix():
+    from orchestrator.config import CALIBRATION_SUFFIX, MAX_RUN_NAME
+
+    longest = MAX_RUN_NAME - len(CALIBRATION_SUFFIX)
+    calibrated = ["screen.rank_by=calibrated", "screen.direction=maximize"]
+    assert load_config(None, [f"name={'a' * longest}", *calibrated]).name == "a" * longest
+    for name in ("a" * (longest + 1), "run."):  # too long; '..' once suffixed
+        with pytest.raises(UserError) as err:
+            load_config(None, [f"name={name}", *calibrated])
+        assert str(err.value).startswith("name: ") and str(err.value).endswith(f"use at most {longest} characters, not ending in '.'")
+    assert load_config(None, [f"name={'a' * MAX_RUN_NAME}"]).name == "a" * MAX_RUN_NAME  # only calibrated runs need the room
+
+
+def test_longest_calibrated_name_builds_its_calibration_config():
+    from orchestrator.calibrate import calibration_config
+    from orchestrator.config import CALIBRATION_SUFFIX, MAX_RUN_NAME
+
+    name = "a" * (MAX_RUN_NAME - len(CALIBRATION_SUFFIX))
+    cfg = load_config(None, [f"name={name}", "screen.rank_by=calibrated", "screen.direction=maximize"])
+    assert calibration_config(cfg).name == name + CALIBRATION_SUFFIX
