@@ -5,8 +5,9 @@ benchmarks/search_quality.py: grad_norm minimised lost to random search on 20 Ne
 up-projection, the best place there, has large gradients). With `screen.rank_by: calibrated` the run first
 trains one allocation per module type of the space, the whole budget on that type at the lowest rank that
 fits, with the real trainings' recipe on their training sample (or a smaller seeded sample and other epochs:
-`calibrate.train_size`, `calibrate.epochs`), scored on a seeded eval sample (`calibrate.eval_size`). The
-`calibrated` score of a candidate is then the accuracy its parameters buy over the calibration mean,
+`calibrate.train_size`, `calibrate.epochs`), scored on `calibrate.eval_size` examples held out of that training
+sample (never the eval split, which scores the report). The `calibrated` score of a candidate is then the
+accuracy its parameters buy over the calibration mean,
 
     score = 100 × Σ_m params_per_rank_m × min(r_m, r_cal) × (accuracy(type of m) − mean accuracy) / budget  (points),
 
@@ -31,7 +32,7 @@ import pandas as pd
 from orchestrator import report
 from orchestrator.allocation import Allocation
 from orchestrator.allocators import Budget, space_modules
-from orchestrator.config import CALIBRATED, RunConfig, TrainConfig
+from orchestrator.config import CALIBRATED, CALIBRATION_SUFFIX, RunConfig, TrainConfig
 from orchestrator.data import TaskData
 from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
@@ -59,15 +60,17 @@ def calibration_allocations(cfg: RunConfig, modules: list[AdaptableModule], budg
 
 
 def calibration_task(task: TaskData, cfg: RunConfig) -> TaskData:
-    """Seeded samples of the task's splits (different from the sample the proxies probe: its own seed stream)."""
+    """Seeded, disjoint samples of the run's training split: `calibrate.eval_size` examples (at most half of it)
+    score the calibration runs, which train on the rest (or `calibrate.train_size` of it). The eval split is not
+    used: it scores the report, and a calibration that chose module types on it would bias the survivors' accuracy
+    upward. Its own seed stream: a different sample from the one the proxies probe."""
     rng = np.random.default_rng([cfg.screen.seed, 1])
-    c = cfg.calibrate
-
-    def pick(split, size: int | None):  # None: the whole split
-        count = len(split) if size is None else min(size, len(split))
-        return split.subset(sorted(rng.choice(len(split), count, replace=False)))
-
-    return TaskData(task.name, task.label_names, pick(task.train, c.train_size), pick(task.eval, c.eval_size))
+    order = rng.permutation(len(task.train))
+    held_out = min(cfg.calibrate.eval_size, len(order) // 2)
+    rest = order[held_out:]
+    size = len(rest) if cfg.calibrate.train_size is None else min(cfg.calibrate.train_size, len(rest))
+    return TaskData(task.name, task.label_names, task.train.subset(sorted(rest[:size])),
+                    task.train.subset(sorted(order[:held_out])))
 
 
 def calibration_config(cfg: RunConfig) -> RunConfig:
@@ -75,7 +78,7 @@ def calibration_config(cfg: RunConfig) -> RunConfig:
     calibrate.epochs replace the recipe's epochs and step cap."""
     schedule = {} if cfg.calibrate.epochs is None else {"epochs": cfg.calibrate.epochs, "max_steps": None}
     train = dataclasses.replace(cfg.train, seeds=[cfg.screen.seed], early_stopping=False, **schedule)
-    return dataclasses.replace(cfg, name=f"{cfg.name}.calibration", results_dir=str(cfg.run_dir.resolve()), train=train)
+    return dataclasses.replace(cfg, name=cfg.name + CALIBRATION_SUFFIX, results_dir=str(cfg.run_dir.resolve()), train=train)
 
 
 def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModule], budget: Budget) -> pd.DataFrame:
@@ -144,7 +147,8 @@ def write_outputs(table: pd.DataFrame, run_dir: Path, sample: TaskData, schedule
     shown = table.assign(accuracy=100 * table.accuracy).sort_values("accuracy", ascending=False)
     text = ["# Calibration: which module types pay on this task", "",
             f"One training per module type, the whole budget on that type, on {len(sample.train)} training examples for "
-            f"{schedule.epochs} epoch(s){steps}, scored on {len(sample.eval)} held-out examples (accuracy in %). The screen ranks "
+            f"{schedule.epochs} epoch(s){steps}, scored on {len(sample.eval)} other examples of the training split (accuracy in %; "
+            "the eval split is left to the report). The screen ranks "
             f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs, each "
             "module's rank counted up to the rank its type was calibrated at.", "",
             shown.to_markdown(index=False, floatfmt=".4g"), "",

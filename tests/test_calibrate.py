@@ -67,18 +67,21 @@ def test_every_type_of_the_space_gets_one_allocation_inside_the_band(tiny_module
         assert budget.admits(allocation.trainable_params(tiny_modules))
 
 
-def test_calibration_task_is_a_seeded_sample_of_both_splits():
+def test_calibration_scores_on_examples_held_out_of_the_training_split_never_on_the_eval_split():
     texts = [f"text {i}" for i in range(100)]
-    task = TaskData("t", ["a", "b"], Split(texts, [i % 2 for i in range(100)]), Split(texts[:50], [0] * 50))
-    cfg = load_config(None, ON + ["calibrate.train_size=20", "calibrate.eval_size=80"])
+    evaluated = [f"eval {i}" for i in range(50)]
+    task = TaskData("t", ["a", "b"], Split(texts, [i % 2 for i in range(100)]), Split(evaluated, [0] * 50))
+    cfg = load_config(None, ON + ["calibrate.train_size=20", "calibrate.eval_size=30"])
     small = calibrate.calibration_task(task, cfg)
-    assert (len(small.train), len(small.eval)) == (20, 50)  # eval capped by what the split has
-    assert set(small.train.texts) <= set(texts) and len(set(small.train.texts)) == 20
+    assert (len(small.train), len(small.eval)) == (20, 30)
+    assert set(small.train.texts) | set(small.eval.texts) <= set(texts)  # the report's eval split stays unseen
+    assert not set(small.train.texts) & set(small.eval.texts)
     assert calibrate.calibration_task(task, cfg).train.texts == small.train.texts
     other = calibrate.calibration_task(task, load_config(None, ON + ["calibrate.train_size=20", "screen.seed=1"]))
     assert other.train.texts != small.train.texts
-    whole = calibrate.calibration_task(task, load_config(None, ON))  # train_size null: the run's whole training sample
-    assert whole.train.texts == texts and len(whole.eval) == 50
+    whole = calibrate.calibration_task(task, load_config(None, ON))  # train_size null: all that is not held out
+    assert (len(whole.train), len(whole.eval)) == (50, 50)  # eval_size 300 capped at half the training split
+    assert sorted(whole.train.texts + whole.eval.texts, key=lambda t: int(t.split()[1])) == texts
 
 
 def test_calibration_config_keeps_the_recipe_in_its_own_run_directory(tmp_path):
