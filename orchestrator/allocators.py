@@ -8,7 +8,9 @@ band, and the sampler learns which distributions give the best proxy scores.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -67,11 +69,20 @@ def make_budget(modules: list[AdaptableModule], space: SpaceConfig) -> Budget:
     smallest = min(m.params_per_rank for m in searchable) * min(space.ranks)
     largest = sum(m.params_per_rank for m in searchable) * max(space.ranks)
     step = math.gcd(*(m.params_per_rank * r for m in searchable for r in space.ranks))  # every count is a multiple
-    if budget.high < smallest or budget.low > largest or budget.high // step * step < budget.low:
+    costs = [[m.params_per_rank * r // step for r in space.ranks] for m in searchable]
+    if not _reachable(costs, -(-budget.low // step), budget.high // step):
         raise UserError(f"space.budget: {budget.target} params cannot be met by this space "
-                        f"(possible: {smallest}..{largest}), in steps of {step} within ±{budget.tolerance:g}; "
+                        f"(possible: {smallest}..{largest} in steps of {step}, none in {budget.low}..{budget.high}); "
                         "change the budget, tolerance, ranks or module_types")
     return budget
+
+
+def _reachable(costs: list[list[int]], low: int, high: int) -> bool:
+    """Whether one cost (or none) per module sums into [low, high]: a subset sum over a bitset (bit s = sum s)."""
+    sums, cap = 1, (1 << (high + 1)) - 1
+    for options in costs:  # each module at most once: shift the sums without it
+        sums |= functools.reduce(operator.or_, (sums << cost for cost in set(options))) & cap
+    return sums >> low != 0
 
 
 # ---------------------------------------------------------------- the sampled distribution

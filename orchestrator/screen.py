@@ -29,9 +29,8 @@ from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
 from orchestrator.models import AdaptableModule
 from orchestrator.proxies import ModuleScores, score_modules
-from orchestrator.storage import open_storage, run_storage
+from orchestrator.storage import open_storage, run_storage, study_name
 
-STUDY_NAME = "screen"
 CONCURRENT_TRIALS = 2
 
 
@@ -109,7 +108,7 @@ def _searcher(cfg: RunConfig, points: list[dict]) -> RecordingOptunaSearch:
     distributions) are enqueued as the first trials."""
     mode = cfg.screen.direction[:3]
     metric, mode = (["objective", "params"], [mode, "min"]) if cfg.screen.sampler == "nsga2" else ("objective", mode)
-    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=STUDY_NAME, points_to_evaluate=points or None,
+    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=study_name(cfg.name, cfg.screen.storage), points_to_evaluate=points or None,
                                  sampler=_sampler(cfg.screen.sampler, cfg.screen.seed),
                                  storage=open_storage(storage_url(cfg), create=True))
 
@@ -189,6 +188,9 @@ def screen_table(results, context: ScreenContext, survivors: int, points: list[d
 
 
 def _survivors(rows: list[dict], context: ScreenContext, survivors: int) -> pd.DataFrame:
+    if not rows:  # the band is reachable (make_budget checked) but the sampler drew nothing inside it
+        raise UserError(f"screen: no trial drew an allocation inside the budget band {context.budget.low}..{context.budget.high} "
+                        "params; raise screen.num_trials or screen.candidates_per_trial, or widen space.budget.tolerance")
     table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
     order = (context.sign * table[f"proxy_{context.rank_by}"]).rank(ascending=False, method="first")
     table["survivor"] = order <= survivors

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 from orchestrator.errors import UserError
 
 JOURNAL = "journal:"
+SCREEN_STUDY = "screen"
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SQLITE_BUSY_TIMEOUT_S = 60  # a reader waits out the writer's commit instead of failing with "database is locked"
 RAY_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # what pyarrow.fs.FileSystem.from_uri opens
@@ -66,23 +67,52 @@ def _expanded(url: str) -> str:
 def run_study_url(run_dir: str | Path) -> str:
     """The run's Optuna storage URL; UserError (one line) when `run_dir` holds no run or no study."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR: '{run_dir}' is not a directory; give a run directory, e.g. results/quickstart")
-    url = None
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            url = (json.loads(run_json.read_text()).get("config") or {}).get("screen", {}).get("storage")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
-    elif not (run_dir / "study.db").is_file():
-        raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
+    url = _stored_config(run_dir).get("screen", {}).get("storage")
     if url:
         return url
     db = (run_dir / "study.db").resolve()
     if not db.is_file():
         raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
     return f"sqlite:///{db}"
+
+
+def run_study_name(run_dir: str | Path) -> str:
+    config = _stored_config(Path(run_dir))
+    return study_name(config.get("name", Path(run_dir).name), config.get("screen", {}).get("storage"))
+
+
+def study_name(run_name: str, url: str | None) -> str:
+    """The run's screen study: 'screen' in its own study.db, 'screen-<run name>' in a screen.storage that several
+    runs may share (Ray's Optuna searcher reuses a study of the same name: two runs would write one study)."""
+    return SCREEN_STUDY if url is None else f"{SCREEN_STUDY}-{run_name}"
+
+
+def _stored_config(run_dir: Path) -> dict:
+    """run.json's config ({} for a bare study.db); UserError when `run_dir` holds no run."""
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR: '{run_dir}' is not a directory; give a run directory, e.g. results/quickstart")
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        if not (run_dir / "study.db").is_file():
+            raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
+        return {}
+    try:
+        config = json.loads(run_json.read_text()).get("config") or {}
+        config.get("screen", {}).get("storage")  # the shape the readers need
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
+    return config
+
+
+def check_study_storage(url: str | None, run_name: str, resume: bool) -> None:
+    """Before the run directory exists: screen.storage opens, and a new run does not write into the study of an
+    earlier run of the same name there. (The run's own study.db is checked with its directory.)"""
+    if url is None:
+        return
+    study = study_name(run_name, url)
+    if not resume and study in {s.study_name for s in open_storage(url, create=True).get_all_studies()}:
+        raise UserError(f"screen.storage: '{shown_url(url)}' already holds the study '{study}' of an earlier run named "
+                        f"'{run_name}'; choose another name (name=...) or pass --resume to continue it")
 
 
 def open_storage(url: str, *, create: bool):
@@ -94,7 +124,11 @@ def open_storage(url: str, *, create: bool):
         path = Path(url[len(JOURNAL):]).expanduser()
         if not create and not path.is_file():
             raise UserError(f"screen.storage: journal file '{path}' does not exist; check the run's storage URL")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"screen.storage: cannot create the journal's folder '{path.parent}' ({err.strerror or err}); "
+                            "use a writable path") from None
         # The open-lock (O_EXCL lock file) works on NFS; the default symlink lock does not everywhere.
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     engine_kwargs = {}

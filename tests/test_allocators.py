@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -45,7 +47,16 @@ def test_make_budget_refuses_unreachable(params, tiny_modules):
     # smallest candidate: one 64-param module at rank 1; largest: all 12 modules at rank 8 = 8 × 896
     with pytest.raises(UserError) as err:
         make_budget(tiny_modules, space(budget=BudgetConfig(params=params, qv_rank=None)))
-    assert str(err.value).startswith(f"space.budget: {params} params cannot be met by this space (possible: 64..7168)")
+    assert str(err.value).startswith(f"space.budget: {params} params cannot be met by this space (possible: 64..7168 in steps of 32")
+
+
+def test_make_budget_refuses_a_band_between_reachable_counts(tiny_modules):
+    # query (64 params per rank) and intermediate.dense (96) in layer 0 at rank 1 make 0, 64, 96 or 160 params:
+    # 128 is a multiple of their common step (32) and inside 64..160, yet no allocation has it
+    one_layer = space(module_types=["query", "intermediate.dense"], layers=[0], ranks=[1])
+    with pytest.raises(UserError, match=r"^space.budget: 128 params cannot be met .*none in 122..134\); change"):
+        make_budget(tiny_modules, dataclasses.replace(one_layer, budget=BudgetConfig(params=128, qv_rank=None)))
+    assert make_budget(tiny_modules, dataclasses.replace(one_layer, budget=BudgetConfig(params=160, qv_rank=None))).target == 160
 
 
 def test_make_budget_band_edges(tiny_modules):

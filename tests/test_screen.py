@@ -39,3 +39,15 @@ def test_two_screens_with_one_seed_keep_the_same_survivors(run_tiny_screens):
     (cfg, first), (_, second) = run_tiny_screens(["name=first", *overrides], ["name=second", *overrides])
     first, second = (table[["candidate_id", "proxy_grad_norm", "survivor"]] for table in (first, second))
     assert len(first) > cfg.screen.survivors and first.equals(second)
+
+
+def test_a_screen_that_drew_nothing_inside_the_band_is_one_line(tiny_modules):
+    from orchestrator.allocators import Budget
+    from orchestrator.errors import UserError
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import ScreenContext, screen_table
+
+    context = ScreenContext(tiny_modules, [1], Budget(128, 0.05), ModuleScores(unit={"params": {}}), 4, "params", 1.0, 0)
+    with pytest.raises(UserError, match=r"^screen: no trial drew an allocation inside the budget band 122..134 params; "
+                                        "raise screen.num_trials"):
+        screen_table([], context, survivors=2)

@@ -5,8 +5,8 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
-from orchestrator.storage import (check_run_storage, check_storage_path, check_url, filesystem, open_storage, publish_run,
-                                  run_storage, shown_url)
+from orchestrator.storage import (check_run_storage, check_storage_path, check_study_storage, check_url, filesystem,
+                                  open_storage, publish_run, run_storage, run_study_name, shown_url, study_name)
 
 
 @pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
@@ -41,6 +41,35 @@ def test_password_reference_is_kept_in_run_json_and_expanded_only_on_open(tmp_pa
     monkeypatch.setenv("DB_DIR", str(tmp_path))
     optuna.create_study(study_name="screen", storage=open_storage(cfg.screen.storage, create=True))
     assert (tmp_path / "study.db").is_file() and f"sqlite:///{tmp_path}" not in (cfg.run_dir / "run.json").read_text()
+
+
+def test_each_run_has_its_own_study_in_a_shared_storage(tmp_path):
+    from orchestrator.pipeline import write_run_json
+
+    assert study_name("a", None) == "screen"  # the run's own study.db holds one study
+    assert study_name("a", "journal:x.log") != study_name("b", "journal:x.log")
+    cfg = load_config(None, [f"results_dir={tmp_path}", "name=exp1", f"screen.storage=journal:{tmp_path}/shared.log"])
+    cfg.run_dir.mkdir(parents=True)
+    write_run_json(cfg)
+    assert run_study_name(cfg.run_dir) == "screen-exp1"  # what the dashboard and a warm start read back
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_new_run_does_not_write_into_an_earlier_runs_study(kind, tmp_path):
+    url = f"journal:{tmp_path}/shared.log" if kind == "journal" else f"sqlite:///{tmp_path}/shared.db"
+    check_study_storage(url, "exp1", resume=False)
+    optuna.create_study(study_name=study_name("exp1", url), storage=open_storage(url, create=True))
+    check_study_storage(url, "exp2", resume=False)  # another run beside it
+    check_study_storage(url, "exp1", resume=True)
+    with pytest.raises(UserError, match="^screen.storage: .* already holds the study 'screen-exp1' of an earlier run named "
+                                        r"'exp1'; choose another name \(name=...\) or pass --resume"):
+        check_study_storage(url, "exp1", resume=False)
+
+
+def test_a_journal_in_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="^screen.storage: cannot create the journal's folder .*; use a writable path$"):
+        check_study_storage(f"journal:{tmp_path}/file/sub/study.log", "exp", resume=False)
 
 
 def test_password_is_hidden_in_messages():
@@ -82,13 +111,11 @@ def test_each_sampler_drives_the_study(sampler, cls, objectives, tmp_path):
 @pytest.mark.slow
 def test_tune_screen_writes_a_journal_study(tmp_path, run_tiny_screens):
     """The real Tune + OptunaSearch screen on a local Ray cluster, with the study in a journal file."""
-    from orchestrator.screen import STUDY_NAME
-
     journal = tmp_path / "shared" / "study.log"
     [(cfg, screen)] = run_tiny_screens(["name=journal", "space.ranks=[2,4]", "screen.proxies=[params]",
                                         "screen.rank_by=params", "screen.num_trials=3", "screen.candidates_per_trial=4",
                                         f"screen.storage=journal:{journal}", "screen.sampler=nsga2"])
-    study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(f"journal:{journal}", create=False))
+    study = optuna.load_study(study_name="screen-journal", storage=open_storage(f"journal:{journal}", create=False))
     # a trial whose distribution drew nothing inside the budget reports nan and is kept as FAIL, not lost
     assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

@@ -104,3 +104,22 @@ def test_enqueued_points_are_the_first_trials_and_marked(tmp_path):
     searcher.set_search_properties(None, None, distribution_space(cfg.space))
     assert searcher.suggest("first") == point
     assert searcher.suggest("second") != point
+
+
+def test_only_allocations_inside_this_search_are_trained(modules, capsys):
+    from orchestrator.allocation import Allocation
+    from orchestrator.allocators import Budget, space_modules
+    from orchestrator.config import SpaceConfig
+    from orchestrator.pipeline import inside_the_search
+
+    space = SpaceConfig(module_types=["query", "value"], ranks=[2, 4, 8])
+    searchable = space_modules(modules, space)
+    fits = Allocation.from_compact("L0.query:8,L1.value:8", modules)  # 2 × 768 × 8 = 12,288 params
+    budget = Budget(fits.trainable_params(modules), 0.05)
+    outside = [Allocation.from_compact(text, modules) for text in
+               ("L0.intermediate.dense:8",  # a module type this space leaves out
+                "L0.query:16",  # 12,288 params, at a rank this space does not search
+                "L0.query:8,L1.value:4")]  # 9,216 params: outside the band
+    kept = inside_the_search([fits, *outside], searchable, space.ranks, modules, budget)
+    assert kept == [fits]
+    assert "3 of 4 earlier allocations lie outside this run's space, ranks or budget band" in capsys.readouterr().out

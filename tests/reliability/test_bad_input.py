@@ -135,6 +135,10 @@ def _existing_run(space: Space) -> None:
     space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "task": {"majority_rate": 0.5}}))
 
 
+def _run_with_another_recipe(space: Space) -> None:
+    space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "config": {"train": {"lr": 0.01}}}))
+
+
 def _results_is_file(space: Space) -> None:
     space.write("results", "not a directory\n")
 
@@ -250,6 +254,8 @@ CASES = [
     Case("name_override_traversal", {}, ("name: '../../etc' is not a safe run name", "no slashes"), overrides=("name=../../etc",)),
     Case("run_exists_without_resume", {}, ("name: run directory", "already exists", "pass --resume"), setup=_existing_run),
     Case("resume_missing_run", {}, ("--resume:", "holds no run to resume", "drop --resume"), resume=True),
+    Case("resume_with_another_recipe", {}, ("--resume: train.lr is", "but 0.01 in the run being resumed",
+                                            "resume with its config, or start a new run"), setup=_run_with_another_recipe, resume=True),
     Case("results_dir_is_file", {}, ("results_dir:", "exists and is not a directory", "point results_dir at a directory"),
          setup=_results_is_file),
     # ---- overrides

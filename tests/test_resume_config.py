@@ -1,0 +1,53 @@
+"""--resume continues the same run: a config that would change what its finished models were is refused before
+anything is written; which models to train, how many at once and what happens afterwards may change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import pipeline
+from orchestrator.config import load_config
+from orchestrator.errors import UserError
+
+
+def _started(tmp_path, overrides: list[str] = ()):
+    cfg = load_config(None, [f"results_dir={tmp_path}", "name=job", *overrides])
+    pipeline.prepare_run_dir(cfg, resume=False)
+    pipeline.write_run_json(cfg)
+    return cfg
+
+
+def test_resume_with_the_same_config_reopens_the_run(tmp_path):
+    cfg = _started(tmp_path)
+    assert pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job"]), resume=True) == cfg.run_dir
+
+
+def test_resume_may_add_seeds_and_baselines_and_change_concurrency_and_registration(tmp_path):
+    _started(tmp_path)
+    more = load_config(None, [f"results_dir={tmp_path}", "name=job", "train.seeds=[0,1,2]", "train.baselines=[uniform_qv,adalora]",
+                              "train.max_concurrent=1", "train.max_failures=3", "register.best=false"])
+    pipeline.prepare_run_dir(more, resume=True)
+
+
+def test_resume_with_another_recipe_is_refused_naming_the_key_and_writes_nothing(tmp_path):
+    cfg = _started(tmp_path)
+    before = (cfg.run_dir / "run.json").read_text()
+    other = load_config(None, [f"results_dir={tmp_path}", "name=job", "train.lr=1e-3"])
+    with pytest.raises(UserError, match=r"^--resume: train\.lr is 0\.001 here but 0\.002 in the run being resumed; "
+                                        r"resume with its config, or start a new run \(name=\.\.\.\)$"):
+        pipeline.prepare_run_dir(other, resume=True)
+    two = load_config(None, [f"results_dir={tmp_path}", "name=job", "data.task=sms_spam", "screen.seed=5"])
+    with pytest.raises(UserError, match=r"^--resume: data\.task is 'sms_spam' here .* \(and 1 more\); "):
+        pipeline.prepare_run_dir(two, resume=True)
+    assert (cfg.run_dir / "run.json").read_text() == before
+
+
+def test_keys_an_older_version_did_not_record_are_not_compared(tmp_path):
+    cfg = _started(tmp_path)
+    path = cfg.run_dir / "run.json"
+    stored = json.loads(path.read_text())
+    del stored["config"]["calibrate"], stored["config"]["train"]["lr"]
+    path.write_text(json.dumps(stored))
+    pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", "train.lr=1e-3"]), resume=True)
