@@ -17,10 +17,9 @@ from wsgiref import simple_server
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from orchestrator.errors import UserError
-from orchestrator.storage import open_storage, run_study_url, shown_url
+from orchestrator.storage import open_storage, run_study_name, run_study_url, shown_url
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-STUDY_NAME = "screen"  # orchestrator.screen.STUDY_NAME (not imported: it pulls in Ray)
 
 
 class _ThreadedWSGIServer(ThreadingMixIn, WSGIServer):
@@ -40,6 +39,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) 
     """A threaded WSGI server of optuna-dashboard on the run's study; call serve_forever() / shutdown()."""
     from optuna_dashboard import wsgi
 
+    if not 0 <= port <= 65535:  # socket.bind would raise OverflowError
+        raise UserError(f"--port: {port} is not a TCP port; give one from 1 to 65535 (0 picks a free one)")
     url = run_study_url(run_dir)
     storage = open_storage(url, create=False)
     server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
@@ -52,24 +53,24 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) 
     return server
 
 
-def study_path(storage) -> str:
-    """The dashboard page of the screen study, or the study list when it is not there (yet)."""
+def study_path(storage, study: str) -> str:
+    """The dashboard page of the run's screen study, or the study list when it is not there (yet)."""
     try:
-        return f"/dashboard/studies/{storage.get_study_id_from_name(STUDY_NAME)}"
+        return f"/dashboard/studies/{storage.get_study_id_from_name(study)}"
     except Exception:  # KeyError when the study is missing; anything else: just show the list
         return "/dashboard"
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve until Ctrl-C."""
-    if host not in LOCAL_HOSTS:
-        print(f"warning: binding the dashboard to {host}: anyone who can reach port {port} can read, rename and "
-              "delete studies (it has no authentication); prefer 127.0.0.1 and an SSH tunnel", file=sys.stderr)
-    server = make_server(run_dir, host, port)
+    server = make_server(run_dir, host, port)  # first: a refused port or run directory is the only line printed
     bound_host, bound_port = server.server_address[:2]
+    if host not in LOCAL_HOSTS:
+        print(f"warning: binding the dashboard to {host}: anyone who can reach port {bound_port} can read, rename and "
+              "delete studies (it has no authentication); prefer 127.0.0.1 and an SSH tunnel", file=sys.stderr)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"optuna-dashboard for {run_dir} ({shown_url(server.storage_url)}) at "
-          f"http://{shown}:{bound_port}{study_path(server.storage)}", flush=True)
+          f"http://{shown}:{bound_port}{study_path(server.storage, run_study_name(run_dir))}", flush=True)
     print("Ctrl-C to stop.", flush=True)
     try:
         server.serve_forever()

@@ -45,7 +45,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 INT8_WEIGHTS_FILE = "adapter_model.int8.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` would let "name\n" through
 FP16_MAX = 65504.0
 _LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
 
@@ -297,7 +297,7 @@ def _now() -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise UserError(f"registry: '{name}' is not a valid adapter name; use letters, digits, '-', '_' and '.' "
                         "(no slashes), e.g. rotten_tomatoes")
     return name
@@ -317,14 +317,28 @@ class Registry:
 
     # -------------------------------------------------------- plumbing
 
+    def _open(self, create: bool) -> sqlite3.Connection | None:
+        """registry.db; None when there is none and not `create`: a command that finds no registry makes none."""
+        fix = "point --root at a registry directory you can write, e.g. results/registry"
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise UserError(f"registry --root: '{self.root}' is not a directory; {fix}")
+            if not create and not self.db_path.is_file():
+                return None
+            self.root.mkdir(parents=True, exist_ok=True)
+            return sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.OperationalError) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise UserError(f"registry --root: cannot open '{self.root}' ({reason}); {fix}") from None
+
     @contextlib.contextmanager
-    def _connect(self, write: bool):
-        """A connection; `write` takes the database's write lock (BEGIN IMMEDIATE) and commits at the end."""
-        if not write and not self.db_path.is_file():
+    def _connect(self, write: bool, create: bool = False):
+        """A connection, None when there is no registry and not `create`; `write` takes the database's write lock
+        (BEGIN IMMEDIATE) and commits at the end."""
+        conn = self._open(create)
+        if conn is None:
             yield None
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         try:
             try:
                 conn.row_factory = sqlite3.Row
@@ -416,7 +430,7 @@ class Registry:
         return sha256_bytes("\n".join(f"{n}:{d}" for n, d in parts).encode())
 
     def base_model_hash(self, base_model: str) -> str:
-        with self._connect(write=True) as conn:
+        with self._connect(write=True, create=True) as conn:
             return self._base_hash(conn, base_model)
 
     def _staging(self) -> Path:
@@ -462,7 +476,7 @@ class Registry:
             for path in staged.iterdir():
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
-            with self._connect(write=True) as conn:
+            with self._connect(write=True, create=True) as conn:
                 top = conn.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()[0]
                 version = (top or 0) + 1
                 current = conn.execute("SELECT version FROM entries WHERE name = ? AND is_current = 1",

@@ -76,7 +76,11 @@ _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
     """writer(tmp) then rename over `path`; on any error the old file (or none) stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where the directory should be, or no permission; nothing written yet
+        raise UserError(f"report: could not write '{path}': its directory '{path.parent}' cannot be made "
+                        f"({err.strerror or err}); give an output directory that is not a file and that you can write") from None
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         writer(str(tmp))

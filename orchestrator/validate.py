@@ -19,10 +19,12 @@ from orchestrator import report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import Budget, make_budget, sample_allocations, space_modules
 from orchestrator.config import RunConfig
+from orchestrator.errors import UserError
 from orchestrator.proxies import PROXIES, ModuleScores, get_proxy
 from orchestrator.train import TrainJob
 
 OFF_BUDGET_SCALES = (0.5, 2.0)
+MIN_AT_BUDGET = 3  # the fewest allocations a rank correlation says anything about
 
 
 def draw_spread(modules, ranks: list[int], budget: Budget, count: int, seed: int) -> list[Allocation]:
@@ -122,12 +124,22 @@ def plot_grid(table: pd.DataFrame, proxies: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def check_counts(n: int, n_off_budget: int) -> None:
+    """Refuse counts that cannot be validated, before anything is written or started."""
+    if n < MIN_AT_BUDGET:
+        raise UserError(f"--n: {n} allocations at the budget are too few to rank (ρ and τ of fewer than 3 are "
+                        f"undefined or ±1); give --n {MIN_AT_BUDGET} or more")
+    if n_off_budget < 0:
+        raise UserError(f"--off-budget: {n_off_budget} is negative; give 0 (none) or more")
+
+
 def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, address: str | None) -> pd.DataFrame:
     from orchestrator import pipeline
     from orchestrator.data import load_task
     from orchestrator.models import adaptable_modules, load_model
     from orchestrator.train import run_training
 
+    check_counts(n, n_off_budget)
     cfg.screen.proxies = sorted(PROXIES)  # validate every registered proxy, whatever the config screens with
     pipeline.prepare_run_dir(cfg, resume)
     task = load_task(cfg.data)
@@ -141,6 +153,9 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
     jobs = [TrainJob(cid, "searched", label, a.as_dict(), seed) for cid, (label, a) in chosen.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
     table = validation_table(trials, chosen, scores, modules, cfg.screen.seed)
+    if table.empty:  # nothing to rank; failed trials stay recorded, so --resume alone would not retry them
+        raise UserError(f"validate-proxies: no allocation finished training (their errors are in "
+                        f"'{cfg.run_dir / 'trials'}'); fix the cause, remove that directory and run again with --resume")
     proxies = sorted(PROXIES) + ["random"]
     summary = agreement(table, proxies, top_k=max(1, n // 5))
     costs = cost_table(scores, table, cfg.screen.num_trials * cfg.screen.candidates_per_trial)

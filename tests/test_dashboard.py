@@ -74,6 +74,21 @@ def test_run_study_url_default_and_from_run_json(tmp_path):
     assert run_study_url(run_dir) == f"sqlite:///{elsewhere}"
 
 
+def test_the_page_shown_is_the_runs_own_study_in_a_shared_storage(tmp_path):
+    from orchestrator.dashboard import study_path
+    from orchestrator.storage import open_storage, run_study_name
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    storage = open_storage(url, create=True)
+    for name in ("screen-other", "screen-mine"):
+        optuna.create_study(study_name=name, storage=storage)
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"config": {"name": "mine", "screen": {"storage": url}}}))
+    assert run_study_name(run_dir) == "screen-mine"
+    assert study_path(storage, run_study_name(run_dir)) == f"/dashboard/studies/{storage.get_study_id_from_name('screen-mine')}"
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet"])
 def test_bad_run_dir_is_a_user_error(tmp_path, case):
     run_dir = tmp_path / "run"
@@ -102,6 +117,23 @@ def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: RUN_DIR: ")
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 99999])
+def test_port_out_of_range_is_a_user_error_and_the_only_line(tmp_path, capsys, port):
+    import orchestrator.dashboard as dashboard
+
+    with pytest.raises(UserError) as err:
+        dashboard.serve(make_run_dir(tmp_path), host="0.0.0.0", port=port)  # not local: no warning before the error
+    assert str(err.value) == f"--port: {port} is not a TCP port; give one from 1 to 65535 (0 picks a free one)"
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_port_out_of_range_exits_2_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "dashboard", str(make_run_dir(tmp_path)), "--port", "99999"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: --port: 99999 is not a TCP port; ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------- serving

@@ -184,7 +184,7 @@ def test_unknown_names_and_versions(registry, adapter, tiny_model_dir):
     add(registry, adapter, tiny_model_dir)
     with pytest.raises(UserError, match="no version 7 \\(it has v1\\)"):
         registry.load("sentiment", 7)
-    for bad in ("../escape", "a/b", "", ".hidden"):
+    for bad in ("../escape", "a/b", "", ".hidden", "sentiment\n"):
         with pytest.raises(UserError, match="not a valid adapter name"):
             add(registry, adapter, tiny_model_dir, name=bad)
     with pytest.raises(UserError, match="precision 'bf16' is unknown"):
@@ -432,6 +432,24 @@ def test_cli_commands(monkeypatch, capsys, fake_run, tmp_path):
     assert code == 0 and "int8" in out and "accuracy_change_pts" in out
     assert pd.read_csv(tmp_path / "q" / "quantisation.csv").precision.tolist() == ["fp32", "fp16", "int8"]
     assert "Low-precision adapter storage" in (tmp_path / "q" / "quantisation.md").read_text()
+
+
+def test_cli_bad_or_missing_root_is_one_line_and_changes_nothing(monkeypatch, capsys, fake_run, tmp_path):
+    """--root a file, under a file, or a new empty directory: exit 2, one line, and nothing made (no registry.db)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a registry")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fix = "; point --root at a registry directory you can write"
+    cases = [(a_file, args, f"registry --root: '{a_file}' is not a directory{fix}")
+             for args in (("promote", "tiny", 1), ("rollback", "tiny"), ("remove", "tiny", 1), ("list",), ("add", fake_run))]
+    cases += [(a_file / "sub", ("add", fake_run), f"registry --root: cannot open '{a_file / 'sub'}' (Not a directory){fix}")]
+    cases += [(empty, args, f"registry: no adapter named 'nosuch' in {empty}; see `lora-search registry list")
+              for args in (("promote", "nosuch", 1), ("rollback", "nosuch"), ("remove", "nosuch", 1), ("show", "nosuch"))]
+    for root, args, message in cases:
+        code, _, err = cli(monkeypatch, capsys, "registry", *args, "--root", root)
+        assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, (root, args, err)
+    assert a_file.read_text() == "not a registry" and list(empty.iterdir()) == []
 
 
 def test_cli_entry_point_exits_2(tmp_path):

@@ -180,6 +180,18 @@ def test_write_atomic_other_errors_propagate_and_clean_up(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
+@pytest.mark.parametrize("parent", ["a-file", "a-file/sub"])
+def test_write_atomic_into_a_file_is_a_user_error_naming_the_path(tmp_path, parent):
+    """`compare --out FILE`, `registry quantise --out FILE`: the directory cannot be made; nothing is written."""
+    (tmp_path / "a-file").write_text("mine")
+    path = tmp_path / parent / "compare.csv"
+    with pytest.raises(UserError) as err:
+        report.write_atomic(path, lambda tmp: open(tmp, "w").write("new"))
+    assert str(err.value).startswith(f"report: could not write '{path}': its directory '{path.parent}' cannot be made (")
+    assert "; give an output directory that is not a file" in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_write_atomic_replaces(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("old")

@@ -370,6 +370,55 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, tiny_model_dir):
     assert not space.results.exists()
 
 
+# ---------------------------------------------------------------- validate-proxies
+
+
+def _good_config(space: Space) -> Path:
+    return space.write("good.yaml", yaml.safe_dump(substituted(BASE, space.subs())))
+
+
+@pytest.mark.parametrize("args, expect", [(("--n", "0"), ("--n: 0 ", "give --n 3 or more")),
+                                          (("--n", "-4"), ("--n: -4 ", "give --n 3 or more")),
+                                          (("--n", "2"), ("--n: 2 ", "give --n 3 or more")),
+                                          (("--off-budget", "-1"), ("--off-budget: -1 is negative", "give 0"))])
+def test_validate_proxies_bad_counts_refused_up_front(args, expect, tmp_path, tiny_model_dir, no_ray, capsys, monkeypatch):
+    """n < 3 at the budget leaves ρ and τ nothing to rank; refused before Ray starts or anything is written."""
+    space = Space(tmp_path, Path(tiny_model_dir))
+    config = _good_config(space)
+    before = snapshot(tmp_path)
+
+    code, out, err = run_cli(["validate-proxies", config, *args], capsys, monkeypatch)
+
+    assert_one_line_error(code, out, err, *expect)
+    assert snapshot(tmp_path) == before
+
+
+def test_validate_proxies_with_every_training_failed(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Every training fails (recorded as Ray Train's driver records a failure): one line naming trials/, no outputs.
+    The probe runs for real, in this process instead of a Ray worker."""
+    from orchestrator import pipeline, screen, train
+
+    for key in pipeline.RUNTIME_ENV:  # set_runtime_env must not leak into later tests
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pipeline, "init_ray", lambda address: None)
+    monkeypatch.setattr(screen, "probe_scores", screen._probe_in_worker)
+
+    def every_training_fails(cfg, task, jobs):
+        for job in jobs:
+            train.keep_failure(cfg, job, FloatingPointError("non-finite training loss nan at step 0"))
+        return train.finished_jobs(cfg.run_dir)
+
+    monkeypatch.setattr(train, "run_training", every_training_fails)
+    space = Space(tmp_path, Path(tiny_model_dir))
+
+    code, out, err = run_cli(["validate-proxies", _good_config(space), "--n", "3", "--off-budget", "0"], capsys, monkeypatch)
+
+    trials = space.results / "bad" / "trials"
+    assert_one_line_error(code, out, err, f"validate-proxies: no allocation finished training (their errors are in '{trials}')",
+                          "run again with --resume")
+    assert len(list(trials.glob("*.json"))) >= 3 and not list(trials.parent.glob("proxy_validation*"))
+
+
 # ---------------------------------------------------------------- the Python API: allocations
 
 
