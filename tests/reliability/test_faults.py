@@ -87,3 +87,33 @@ def test_fault_plan_refuses_a_malformed_spec(monkeypatch, spec):
     monkeypatch.setenv(FAULT_ENV, spec)
     with pytest.raises(UserError, match=f"^{FAULT_ENV}: .*; write e.g. nan:"):
         fault_plan()
+
+
+@pytest.mark.slow
+def test_a_failed_model_trains_again_on_resume_once_its_trial_file_is_removed(hostile_run, tmp_path, monkeypatch):
+    """What the README tells a user to do once a failure's cause is fixed (here: the fault is no longer injected)."""
+    import shutil
+
+    import ray
+
+    from orchestrator import pipeline
+    from orchestrator.config import load_config
+
+    from ._hostile_run import REPO, SMALL
+
+    results = tmp_path / "results"
+    shutil.copytree(hostile_run.run_dir, results / hostile_run.run_dir.name, symlinks=True)
+    cfg = load_config(REPO / "search_spaces/quickstart.yaml", SMALL + [f"results_dir={results}"])
+    (cfg.run_dir / "trials" / f"{hostile_run.nan_job}.json").unlink()
+    oom_trial = (cfg.run_dir / "trials" / f"{hostile_run.oom_job}.json").read_text()
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    pipeline.set_runtime_env()
+    pipeline.init_ray(None)
+    try:
+        table = pipeline.run(cfg, resume=True)
+    finally:
+        ray.shutdown()
+    retried = json.loads((cfg.run_dir / "trials" / f"{hostile_run.nan_job}.json").read_text())
+    assert retried["status"] == "completed" and retried["label"] == "uniform_qv"
+    assert (cfg.run_dir / "trials" / f"{hostile_run.oom_job}.json").read_text() == oom_trial  # not retried
+    assert sorted(table.kind) == ["baseline", "searched"]
