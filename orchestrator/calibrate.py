@@ -147,10 +147,10 @@ def write_outputs(table: pd.DataFrame, run_dir: Path, sample: TaskData, schedule
     shown = table.assign(accuracy=100 * table.accuracy).sort_values("accuracy", ascending=False)
     text = ["# Calibration: which module types pay on this task", "",
             f"One training per module type, the whole budget on that type, on {len(sample.train)} training examples for "
-            f"{schedule.epochs} epoch(s){steps}, scored on {len(sample.eval)} other examples of the training split (accuracy in %; "
-            "the eval split is left to the report). The screen ranks "
-            f"candidates by `{CALIBRATED}`: the points their parameters buy over the mean of these runs, each "
-            "module's rank counted up to the rank its type was calibrated at.", "",
+            f"{schedule.epochs} epoch(s){steps}, scored on {len(sample.eval)} other examples of the training split "
+            f"(accuracy in %; the eval split is left to the report). The screen ranks candidates by `{CALIBRATED}`: "
+            "the points their parameters buy over the mean of these runs, each module's rank counted up to the rank "
+            "its type was calibrated at.", "",
             shown.to_markdown(index=False, floatfmt=".4g"), "",
             f"Calibration cost: {table.device_hours.sum():.4f} device-hours (${table.cost_usd.sum():.4f}).", "",
             "![calibration accuracy per module type](calibration.png)", ""]

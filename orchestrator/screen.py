@@ -108,8 +108,8 @@ def _searcher(cfg: RunConfig, points: list[dict]) -> RecordingOptunaSearch:
     distributions) are enqueued as the first trials."""
     mode = cfg.screen.direction[:3]
     metric, mode = (["objective", "params"], [mode, "min"]) if cfg.screen.sampler == "nsga2" else ("objective", mode)
-    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=study_name(cfg.name, cfg.screen.storage), points_to_evaluate=points or None,
-                                 sampler=_sampler(cfg.screen.sampler, cfg.screen.seed),
+    return RecordingOptunaSearch(metric=metric, mode=mode, study_name=study_name(cfg.name, cfg.screen.storage),
+                                 points_to_evaluate=points or None, sampler=_sampler(cfg.screen.sampler, cfg.screen.seed),
                                  storage=open_storage(storage_url(cfg), create=True))
 
 

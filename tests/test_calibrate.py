@@ -204,6 +204,8 @@ def test_calibration_trains_one_run_per_type_on_ray_with_the_recipe_and_resumes(
     assert not (cfg.run_dir / "trials").exists()  # the main run's results stay apart
     for name in ("calibration.csv", "calibration.md", "calibration.png"):
         assert (cfg.run_dir / name).is_file()
-    assert "on 48 training examples for 1 epoch(s), scored on 16" in (cfg.run_dir / "calibration.md").read_text()
+    text = (cfg.run_dir / "calibration.md").read_text()
+    assert "on 32 training examples for 1 epoch(s), scored on 16 other examples of the training split" in text
+    assert "ranks candidates by `calibrated`" in text
     again = calibrate.run_calibration(cfg, task, modules, budget)  # resumed: read back, nothing trained (no Ray)
     pd.testing.assert_frame_equal(again, pd.read_csv(cfg.run_dir / calibrate.TABLE))
