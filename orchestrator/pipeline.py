@@ -282,6 +282,9 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
     """The best `count` searched allocations (mean accuracy over seeds) of an earlier run, for this model."""
     if run_dir is None:
         return []
+    if not (Path(run_dir) / "report.parquet").is_file():
+        raise UserError(f"screen.warm_start_from: '{run_dir}' holds no finished run (no report.parquet); "
+                        "point --warm-start at the directory of a finished run")
     table = report.load(run_dir)
     searched = table[table.kind == "searched"].groupby("allocation").accuracy.mean().sort_values(ascending=False)
     if searched.empty:
