@@ -580,7 +580,7 @@ def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eva
     losses, aux_losses, elapsed, cpu = [], [], 0.0, 0.0
     for epoch in range(epochs):
         model.train()
-        _sync(device)
+        sync(device)
         started, cpu_started = time.perf_counter(), time.process_time()
         for batch in train_loader:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -596,7 +596,7 @@ def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eva
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(task_loss.detach()))
             aux_losses.append(float(aux.detach()))
-        _sync(device)
+        sync(device)
         elapsed += time.perf_counter() - started
         cpu += time.process_time() - cpu_started
     if state is not None:
@@ -615,7 +615,8 @@ def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eva
     return result
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so a timer around them measures them (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -643,10 +644,10 @@ def measure_inference(model: nn.Module, loader, device: torch.device | str, num_
     with _PeakMemory(device) as memory:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            _sync(device)
+            sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             output = model(**batch)
-            _sync(device)
+            sync(device)
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
             losses.append(float(output.loss) * len(batch["labels"]))

@@ -37,7 +37,7 @@ from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
 from orchestrator.routing import CONFIG_FILE as ROUTED_CONFIG, WEIGHTS_FILE as ROUTED_WEIGHTS
 from orchestrator.routing import (RoutingState, attach_routed_adapters, budget_expert_ranks, load_routed_weights,
-                                  measure_inference, save_routed)
+                                  measure_inference, save_routed, sync)
 from orchestrator.shortcuts import KINDS, SPECS_FILE as SHORTCUT_SPECS, SUBMODULE as SHORTCUTS_MODULE
 from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortcuts
 from orchestrator.storage import filesystem, run_storage
@@ -93,8 +93,10 @@ def evaluate(model, loader, device: torch.device, num_labels: int) -> dict:
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         target = batch.pop("labels")  # loss computed here: AdaLoRA's forward adds a training-only term to it
+        sync(device)  # CUDA runs asynchronously: time the kernels, not their launch
         start = time.perf_counter()
         logits = model(**batch).logits
+        sync(device)
         batch_seconds.append(time.perf_counter() - start)
         losses.append(float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")))
         predictions.append(logits.argmax(-1).cpu())
@@ -270,10 +272,11 @@ def train_loop_per_worker(config: dict) -> None:
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
+        peak_mb = _max_over_workers(_peak_memory_mb(device), device)  # before inference_metrics resets the peak
         if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
             metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
-                       peak_memory_mb=_max_over_workers(_peak_memory_mb(device), device),
+                       peak_memory_mb=peak_mb,
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
