@@ -38,7 +38,8 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory, e.g. r
     from orchestrator import report
 
     table = report.rebuild(run_dir)
-    report.print_summary(table, report.read_run_json(run_dir)["task"]["majority_rate"], console, run_dir=run_dir)
+    majority_rate = report.read_run_json(run_dir, "task.majority_rate")["task"]["majority_rate"]
+    report.print_summary(table, majority_rate, console, run_dir=run_dir)
     console.print(f"Report: {run_dir}/ (report.html, report.md, report.csv, report.parquet, *.png)")
 
 

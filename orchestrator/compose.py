@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import re
 import tempfile
 import time
@@ -551,23 +552,40 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose"
     return paths
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """--out, checked before the methods run (minutes) rather than when their adapters are saved; made only then,
+    so that bad input elsewhere leaves no empty directory behind."""
+    out = Path(out_dir)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"compose --out: '{out}' cannot be made a directory ('{existing}' is "
+                        f"{'read-only' if existing.is_dir() else 'a file'}); give a directory you can write")
+    return out
+
+
 def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, cfg: ComposeConfig, out_dir: str | Path,
                 register_as: str | None = None, base_model: str | None = None) -> tuple[pd.DataFrame, dict]:
     """`lora-search compose`: compare the methods, save the composed adapters, register one, write the report.
 
     The registered adapter is the learned composition when it ran, else the uniform one."""
+    from orchestrator.config import DataConfig
     from orchestrator.registry import Registry, _check_name
 
     if register_as is not None:
         _check_name(register_as)
+        if not set(COMPOSED) & set(cfg.methods):
+            raise UserError(f"compose --register: --method {','.join(cfg.methods)} composes no adapter to register; "
+                            "add uniform or learned to --method, or drop --register")
+    out = check_out_dir(out_dir)
     registry = Registry(registry_root)
     if not registry.db_path.is_file():
         raise UserError(f"compose --registry: no registry at '{registry_root}'; add adapters with "
                         "`lora-search registry add` or give the right --registry")
     sources, base = load_sources(registry, adapters, base_model)
-    task = load_task_spec(task_spec, cfg.eval_size, cfg.seed)
+    # The split the source runs used (data.split_seed's default), whatever --seed is: another split would put the
+    # training examples of a source trained on this dataset into the eval split. --seed draws the few-shot sample.
+    task = load_task_spec(task_spec, cfg.eval_size, DataConfig().split_seed)
     table, outcomes = compare(sources, base, task, cfg)
-    out = Path(out_dir)
     saved = {m: save_composed(sources, outcomes[m].weights, outcomes[m].head, base, out / "adapters" / m)
              for m in COMPOSED if m in outcomes}
     entry = None

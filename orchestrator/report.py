@@ -433,13 +433,38 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _stored_error(path: Path, problem: str) -> UserError:
+    # run.json is the one stored file a resumed run cannot write again: it records what the run was
+    fix = ("restore it from a backup (a run cannot be resumed without it)" if path.name == "run.json" else
+           "delete it and run `lora-search run ... --resume`, which computes it again")
+    return UserError(f"report: '{path}' {problem}; {fix}")
+
+
+def read_stored(path: Path, *keys: str) -> dict | pd.DataFrame:
+    """A JSON object (a table for .csv) the run stored, holding `keys` (dotted for nested ones: task.majority_rate).
+
+    A UserError names the file and the fix when it cannot be read or lacks a key."""
+    path = Path(path)
+    try:
+        data = pd.read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, pandas' EmptyDataError: ValueErrors
+        raise _stored_error(path, f"cannot be read ({err})") from None
+    for key in keys:
+        value = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, (dict, pd.DataFrame)) else None
+        if value is None:
+            raise _stored_error(path, f"has no '{key}'")
+    return data
+
+
 def run_context(run_dir: Path | None, report: pd.DataFrame) -> dict:
     """run.json, module_scores.json and screen.csv of `run_dir` (each optional) and the cost breakdown."""
     run_info = _read_json(Path(run_dir) / "run.json") if run_dir else None
     scores = _read_json(Path(run_dir) / "module_scores.json") if run_dir else None
     screen = None
     if run_dir and (Path(run_dir) / "screen.csv").is_file():
-        screen = pd.read_csv(Path(run_dir) / "screen.csv")
+        screen = read_stored(Path(run_dir) / "screen.csv")
     config = (run_info or {}).get("config", {})
     return {"run": run_info or {}, "name": config.get("name") or (Path(run_dir).name if run_dir else None),
             "task": (run_info or {}).get("task", {}), "model": config.get("model", {}).get("name"),
@@ -1005,11 +1030,27 @@ def load(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "report.parquet"
     if not path.is_file():
         raise UserError(f"report: '{path}' not found; run `lora-search run` first or check the run directory")
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"report: '{path}' cannot be read ({err}); "
+                        f"rebuild it with `lora-search report {run_dir}`") from None
 
 
-def read_run_json(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text())
+def read_run_json(run_dir: Path, *keys: str) -> dict:
+    return read_stored(Path(run_dir) / "run.json", *keys)
+
+
+def _module_scores(path: Path):
+    """module_scores.json as ModuleScores; none (no proxy columns) when the run has not written it."""
+    from orchestrator.proxies import ModuleScores
+
+    if not path.is_file():
+        return ModuleScores(unit={})
+    try:
+        return ModuleScores(**read_stored(path, "unit"))
+    except TypeError as err:  # a key ModuleScores does not have
+        raise _stored_error(path, f"does not hold module scores ({err})") from None
 
 
 def rebuild(run_dir: str | Path) -> pd.DataFrame:
@@ -1022,8 +1063,8 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise UserError(f"report: '{run_dir}' has no run.json; give a run directory such as results/quickstart")
-    run_info = read_run_json(run_dir)
-    trials = [json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))]
+    run_info = read_run_json(run_dir, "task.majority_rate")
+    trials = [read_stored(p, "candidate_id") for p in sorted((run_dir / "trials").glob("*.json"))]
     seeds = (run_info.get("seeds") or {}).get("train")
     if seeds is not None:
         trials = [t for t in trials if t.get("seed") in seeds]
@@ -1031,15 +1072,14 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
         raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; run `lora-search run ... --resume` "
                         "to train them")
     from orchestrator.allocation import Allocation
-    from orchestrator.proxies import ModuleScores
 
-    scores = ModuleScores(**(_read_json(run_dir / "module_scores.json") or {"unit": {}}))
+    scores = _module_scores(run_dir / "module_scores.json")
     order = list(next(iter(scores.unit.values()), {}))
     ranks = {t["candidate_id"]: t.get("ranks") or {} for t in trials}
     proxy_scores = {cid: scores.scores(Allocation.from_ranks(rank)) for cid, rank in ranks.items()} if scores.unit else {}
     compact = {cid: compact_allocation(rank, order) for cid, rank in ranks.items()}
     if (run_dir / "screen.csv").is_file():
-        screen = pd.read_csv(run_dir / "screen.csv", usecols=lambda c: c in ("candidate_id", "allocation"))
+        screen = read_stored(run_dir / "screen.csv", "candidate_id", "allocation")
         compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
     majority = run_info["task"]["majority_rate"]
     table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"),
@@ -1062,14 +1102,15 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
     primary = labels[0] if labels else None
     title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    columns = ["model", "kind", "params", "acc %", "± std", "F1 %", "cost $"] + (["Δ pts", "p", "pts/$"] if primary else [])
+    columns = ["model", "kind", "params", "acc %", "± std", "F1 %", "cost $\n/ seed"]  # report.md: "cost $ / seed"
+    columns += ["Δ pts", "p", "pts/$"] if primary else []
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "kind") else "right",
                          no_wrap=column != "model", min_width=11 if column == "model" else None)
     for row in aggregate(report).itertuples():
         std = "" if np.isnan(row.accuracy_std) else f"{100 * row.accuracy_std:.2f}"
         cells = [f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
-                 std, f"{100 * row.f1:.2f}", f"{row.cost_usd:.4f}"]
+                 std, f"{100 * row.f1:.2f}", _pm(row.cost_usd_mean, None, fmt=".4f")]  # per seed, as pts/$ is
         if primary:
             gain, p = getattr(row, gain_column(primary)), getattr(row, p_column(primary))
             cells += ["" if math.isnan(gain) else f"{gain:+.2f}", "" if math.isnan(p) else f"{p:.3g}",

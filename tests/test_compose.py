@@ -287,6 +287,39 @@ def test_cli_compose(monkeypatch, capsys, pool, tiny_model_dir, tmp_path, senten
     assert code == 2 and "no registry at" in err
 
 
+def test_bad_out_or_register_fails_before_anything_runs(monkeypatch, capsys, tmp_path):
+    from test_registry import cli
+
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a directory")
+    common = ["compose", "--registry", tmp_path / "none", "--task", "rotten_tomatoes", "--adapters", "a,b"]
+    for args, message in ((["--out", taken], f"--out: '{taken}' cannot be made a directory ('{taken}' is a file)"),
+                          (["--out", taken / "sub"], f"--out: '{taken / 'sub'}' cannot be made a directory"),
+                          (["--out", tmp_path / "out", "--method", "zero_shot,single_best", "--register", "mine"],
+                           "--register: --method zero_shot,single_best composes no adapter to register")):
+        code, _, err = cli(monkeypatch, capsys, *common, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.txt"]  # no registry read, nothing written
+
+
+def test_seed_draws_the_few_shot_sample_not_the_eval_split(pool, tmp_path, sentences):
+    """The split is the one the source runs used (data.split_seed's default) whatever --seed is: the class count
+    the --shots check reports is the default split's."""
+    from orchestrator.compose import run_compose
+    from orchestrator.config import DataConfig
+    from orchestrator.data import load_task
+
+    registry, _ = pool
+    texts, _ = sentences
+    data = tmp_path / "target.csv"
+    pd.DataFrame({"text": texts, "label": ["neg", "pos"] * 32}).to_csv(data, index=False)
+    train = load_task(DataConfig(task=str(data), train_size=None)).train
+    for seed in (0, 1, 2):
+        with pytest.raises(UserError, match=f"class 0 has only {train.labels.count(0)} training examples"):
+            run_compose(registry.root, ["alpha", "beta"], str(data), ComposeConfig(shots=60, seed=seed),
+                        tmp_path / "out")
+
+
 # ---------------------------------------------------------------- adapters trained by the pipeline (slow)
 
 
@@ -330,7 +363,7 @@ def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sent
     entry = done["entry"]
     assert entry.name == "composed" and entry.metrics["sources"] == ["sentiment@1", "long@1"]
     # the registered adapter, loaded by the registry through PEFT, scores what the report says on the eval split
-    task = load_task_spec(str(target), cfg.eval_size, cfg.seed)
+    task = load_task_spec(str(target), cfg.eval_size)  # the split compose uses: data.split_seed's default
     loader = make_loader(task.eval, load_tokenizer(str(tiny_model_dir)), 32, 32, shuffle=False)
     metrics = evaluate(registry.load("composed"), loader, torch.device("cpu"), 2)
     assert metrics["accuracy"] == pytest.approx(entry.metrics["accuracy"])

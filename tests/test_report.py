@@ -232,6 +232,16 @@ def test_load_missing_report(tmp_path):
         report.load(tmp_path)
 
 
+def test_compare_a_corrupt_report_says_to_rebuild_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(UserError) as err:
+        report.compare([tmp_path / "run"], tmp_path / "cmp")
+    assert f"'{tmp_path / 'run' / 'report.parquet'}' cannot be read" in str(err.value)
+    assert f"rebuild it with `lora-search report {tmp_path / 'run'}`" in str(err.value)
+    assert not (tmp_path / "cmp").exists()
+
+
 # ---------------------------------------------------------------- known defects (see the test report)
 
 

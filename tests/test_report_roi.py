@@ -212,6 +212,18 @@ def test_print_summary_fits_one_screen(table, tmp_path):
     assert len(out.splitlines()) <= 40 and max(len(line) for line in out.splitlines()) <= 100
 
 
+def test_print_summary_shows_the_cost_per_seed_its_roi_divides_by(table):
+    from rich.console import Console
+
+    console = Console(width=140, record=True)
+    report.print_summary(table, MAJORITY, console)
+    out = console.export_text()
+    line = next(text for text in out.splitlines() if "aaaa" in text)
+    header = next(i for i, text in enumerate(out.splitlines()) if "cost $" in text)
+    assert "/ seed" in out.splitlines()[header + 1]  # report.md's "cost $ / seed", on two lines
+    assert "0.0100" in line and "0.0200" not in line and "+300" in line  # 2 seeds at $0.01: +3.00 pts ÷ $0.01
+
+
 def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str = "synthetic_task"):
     """A finished run as pipeline.run leaves it (without adapters): trials/, run.json, screen.csv, module_scores.json."""
     (path / "trials").mkdir(parents=True)
@@ -284,6 +296,38 @@ def test_rebuild_refuses_a_directory_without_results(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"task": {"majority_rate": 0.5}}))
     with pytest.raises(UserError, match="no finished model"):
         report.rebuild(tmp_path)
+
+
+BACKUP, RESUME = "restore it from a backup", "delete it and run `lora-search run ... --resume`"
+
+
+@pytest.mark.parametrize("file, content, problem, fix", [
+    ("run.json", '{"task": {"majority', "cannot be read (Unterminated string", BACKUP),
+    ("run.json", "{}", "has no 'task.majority_rate'", BACKUP),
+    ("trials/aaaa-s0.json", "", "cannot be read (Expecting value", RESUME),
+    ("trials/aaaa-s0.json", json.dumps({"seed": 0, "accuracy": 0.8}), "has no 'candidate_id'", RESUME),
+    ("module_scores.json", json.dumps({"unit": UNIT, "probe": 1}), "does not hold module scores", RESUME),
+    ("screen.csv", "candidate_id,survivor\naaaa,True\n", "has no 'allocation'", RESUME),
+    ("screen.csv", "", "cannot be read (No columns to parse", RESUME),
+])
+def test_rebuild_names_a_corrupt_stored_file_and_the_fix(tmp_path, file, content, problem, fix):
+    from orchestrator.errors import UserError
+
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / file).write_text(content)
+    with pytest.raises(UserError) as err:
+        report.rebuild(run_dir)
+    assert f"'{run_dir / file}' {problem}" in str(err.value) and fix in str(err.value)
+    assert not list(run_dir.glob("report.*"))
+
+
+def test_cli_report_of_a_corrupt_run_is_one_line(monkeypatch, capsys, tmp_path):
+    from test_registry import cli
+
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / "run.json").write_text("")
+    code, _, err = cli(monkeypatch, capsys, "report", run_dir)
+    assert code == 2 and err.count("\n") == 1 and f"'{run_dir / 'run.json'}' cannot be read" in err
 
 
 def test_compare_two_runs(tmp_path, no_plots):
