@@ -67,6 +67,17 @@ class DynamicReallocator:
     def allocation(self) -> Allocation:
         return Allocation.from_ranks(self.active)
 
+    def state(self) -> dict:
+        """What a restarted worker needs to go on as if it had not stopped (JSON-safe): the active ranks, the
+        accumulated scores, the sampler's state and the counters the report shows."""
+        return {"active": self.active, "scores": self.scores, "rng": self.rng.bit_generator.state,
+                "reallocations": self.reallocations, "held": self.held, "moved_rank": self.moved_rank}
+
+    def load_state(self, state: dict) -> None:
+        self.active, self.scores = state["active"], state["scores"]
+        self.rng.bit_generator.state = state["rng"]
+        self.reallocations, self.held, self.moved_rank = state["reallocations"], state["held"], state["moved_rank"]
+
     def after_backward(self) -> None:
         """Accumulate every module's B-gradient score (live and masked columns), then mask the update."""
         for name, (_, b) in self.factors.items():

@@ -339,7 +339,7 @@ def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epo
             adapted.save(tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history),
-                        "active_ranks": json.dumps(adapted.dynamic.active if adapted.dynamic else {})},
+                        "dynamic": json.dumps(adapted.dynamic.state() if adapted.dynamic else {})},
                        Path(tmp) / TRAIN_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -353,7 +353,7 @@ def _restore(checkpoint, adapted: Adapted, optimizer, scheduler) -> tuple[int, f
         adapted.load(path)
         state = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
     if adapted.dynamic is not None:
-        adapted.dynamic.active = json.loads(state["active_ranks"])
+        adapted.dynamic.load_state(json.loads(state["dynamic"]))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epochs_done"]), float(state["elapsed"]), json.loads(state["history"])

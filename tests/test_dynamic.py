@@ -112,3 +112,18 @@ def test_moved_fraction():
     assert moved_rank({"a": 4, "b": 4}, {"a": 4, "c": 4}) == 8
     assert moved_fraction({"a": 4, "b": 4}, {"a": 4, "c": 4}) == 0.5
     assert moved_fraction({"a": 4}, {"a": 4}) == 0.0 and moved_fraction({"a": 2}, {"b": 2}) == 1.0
+
+
+def test_a_restarted_worker_goes_on_as_if_it_had_not_stopped(tiny_model_dir, tiny_split):
+    """The checkpoint keeps the re-allocator's whole state (JSON, as train.py stores it): ranks, scores, the
+    sampler and the counters the report shows, which a restart used to set back to 0."""
+    import json
+
+    model, _, _, dynamic, loader = _setup(tiny_model_dir, tiny_split, allocator="top_p")
+    _train(model, dynamic, loader, steps=6)
+    assert dynamic.reallocations + dynamic.held > 0
+    saved = json.loads(json.dumps(dynamic.state()))
+    _, _, _, restarted, _ = _setup(tiny_model_dir, tiny_split, allocator="top_p")
+    restarted.load_state(saved)
+    assert restarted.state() == saved
+    assert restarted.rng.random() == dynamic.rng.random()  # the next draw is the one the first worker would make
