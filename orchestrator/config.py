@@ -56,7 +56,8 @@ def _require_seed(value: Any, field_name: str) -> None:
              f"{value!r} is not a seed in [0, 2**32)", f"use an integer from 0 to {2**32 - 1}, e.g. 0")
 
 
-def _safe_run_name(name: str) -> bool:
+def is_safe_name(name: str) -> bool:
+    """A run or registry name: one path component, never '..' or a hidden file."""
     return bool(RUN_NAME_PATTERN.fullmatch(name)) and ".." not in name
 
 
@@ -311,8 +312,8 @@ class RegisterConfig:
     def __post_init__(self):
         _require(self.precision in ("fp32", "fp16", "int8"), "register.precision", f"'{self.precision}' is unknown",
                  "use fp32, fp16 or int8")
-        _require(self.name is None or bool(RUN_NAME_PATTERN.fullmatch(self.name)), "register.name",
-                 f"{self.name!r} is not a safe registry name", "use letters, digits, '-', '_' and '.' only")
+        _require(self.name is None or is_safe_name(self.name), "register.name",
+                 f"{self.name!r} is not a safe registry name", "use letters, digits, '-', '_' and '.' only (no '..')")
 
 
 @dataclass
@@ -335,11 +336,11 @@ class RunConfig:
     register: RegisterConfig = _help("automatic registration of the run's best adapter", factory=RegisterConfig)
 
     def __post_init__(self):
-        _require(_safe_run_name(self.name), "name", f"{self.name!r} is not a safe run name",
+        _require(is_safe_name(self.name), "name", f"{self.name!r} is not a safe run name",
                  "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
         # the calibration's own config (calibrate.calibration_config) already carries the suffix and never calibrates
         if self.screen.rank_by == CALIBRATED and not self.name.endswith(CALIBRATION_SUFFIX):
-            _require(_safe_run_name(self.name + CALIBRATION_SUFFIX), "name", f"{self.name!r} leaves no room for the "
+            _require(is_safe_name(self.name + CALIBRATION_SUFFIX), "name", f"{self.name!r} leaves no room for the "
                      f"'{CALIBRATION_SUFFIX}' of its calibration run (screen.rank_by: {CALIBRATED})",
                      f"use at most {MAX_RUN_NAME - len(CALIBRATION_SUFFIX)} characters, not ending in '.'")
         results = Path(self.results_dir)

@@ -37,6 +37,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orchestrator.config import is_safe_name
 from orchestrator.errors import UserError
 
 DEFAULT_ROOT = Path("results") / "registry"
@@ -45,7 +46,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 INT8_WEIGHTS_FILE = "adapter_model.int8.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` would let "name\n" through
 FP16_MAX = 65504.0
 _LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
 
@@ -297,7 +297,7 @@ def _now() -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+    if not isinstance(name, str) or not is_safe_name(name):
         raise UserError(f"registry: '{name}' is not a valid adapter name; use letters, digits, '-', '_' and '.' "
                         "(no slashes), e.g. rotten_tomatoes")
     return name

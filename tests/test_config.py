@@ -359,3 +359,12 @@ def test_longest_calibrated_name_builds_its_calibration_config():
     name = "a" * (MAX_RUN_NAME - len(CALIBRATION_SUFFIX))
     cfg = load_config(None, [f"name={name}", "screen.rank_by=calibrated", "screen.direction=maximize"])
     assert calibration_config(cfg).name == name + CALIBRATION_SUFFIX
+
+
+def test_register_name_is_checked_as_the_registry_checks_it():
+    from orchestrator.registry import _check_name
+
+    with pytest.raises(UserError, match=r"^register.name: 'a\.\.b' is not a safe registry name"):
+        load_config(None, ["register.name=a..b"])
+    with pytest.raises(UserError):
+        _check_name("a..b")
