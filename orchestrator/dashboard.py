@@ -17,7 +17,7 @@ from wsgiref import simple_server
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from orchestrator.errors import UserError
-from orchestrator.storage import open_storage, run_study_name, run_study_url, shown_url
+from orchestrator.storage import open_storage, run_study, shown_url
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -41,7 +41,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) 
 
     if not 0 <= port <= 65535:  # socket.bind would raise OverflowError
         raise UserError(f"--port: {port} is not a TCP port; give one from 1 to 65535 (0 picks a free one)")
-    url = run_study_url(run_dir)
+    url, study = run_study(run_dir)
     storage = open_storage(url, create=False)
     server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
     try:
@@ -49,7 +49,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) 
     except OSError as err:
         raise UserError(f"--port/--host: cannot listen on {host}:{port} ({err.strerror or err}); "
                         "pick a free port with --port") from None
-    server.storage, server.storage_url = storage, url
+    server.storage, server.storage_url, server.study_name = storage, url, study
     return server
 
 
@@ -70,7 +70,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> Non
               "delete studies (it has no authentication); prefer 127.0.0.1 and an SSH tunnel", file=sys.stderr)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"optuna-dashboard for {run_dir} ({shown_url(server.storage_url)}) at "
-          f"http://{shown}:{bound_port}{study_path(server.storage, run_study_name(run_dir))}", flush=True)
+          f"http://{shown}:{bound_port}{study_path(server.storage, server.study_name)}", flush=True)
     print("Ctrl-C to stop.", flush=True)
     try:
         server.serve_forever()

@@ -282,10 +282,7 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
     """The best `count` searched allocations (mean accuracy over seeds) of an earlier run, for this model."""
     if run_dir is None:
         return []
-    if not (Path(run_dir) / "report.parquet").is_file():
-        raise UserError(f"screen.warm_start_from: '{run_dir}' holds no finished run (no report.parquet); "
-                        "point --warm-start at the directory of a finished run")
-    table = report.load(run_dir)
+    table = report.load(run_dir, field="screen.warm_start_from")
     searched = table[table.kind == "searched"].groupby("allocation").accuracy.mean().sort_values(ascending=False)
     if searched.empty:
         raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
@@ -319,10 +316,11 @@ def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
     import optuna
 
     from orchestrator.allocators import distribution_space
-    from orchestrator.storage import open_storage, run_study_name, run_study_url
+    from orchestrator.storage import open_storage, run_study
 
     try:
-        study = optuna.load_study(study_name=run_study_name(run_dir), storage=open_storage(run_study_url(run_dir), create=False))
+        url, name = run_study(run_dir)
+        study = optuna.load_study(study_name=name, storage=open_storage(url, create=False))
     except (UserError, KeyError):
         return []
     keys = set(distribution_space(space))

@@ -1025,15 +1025,15 @@ def write(report: pd.DataFrame, run_dir: Path, majority_rate: float) -> pd.DataF
     return report
 
 
-def load(run_dir: str | Path) -> pd.DataFrame:
-    """The report of a finished run as a DataFrame (for notebooks)."""
+def load(run_dir: str | Path, field: str = "report") -> pd.DataFrame:
+    """The report of a finished run as a DataFrame (for notebooks); errors name `field`, where the path came from."""
     path = Path(run_dir) / "report.parquet"
     if not path.is_file():
-        raise UserError(f"report: '{path}' not found; run `lora-search run` first or check the run directory")
+        raise UserError(f"{field}: '{path}' not found; give the directory of a finished `lora-search run`")
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"report: '{path}' cannot be read ({err}); "
+        raise UserError(f"{field}: '{path}' cannot be read ({err}); "
                         f"rebuild it with `lora-search report {run_dir}`") from None
 
 

@@ -64,21 +64,18 @@ def _expanded(url: str) -> str:
     return ENV_REFERENCE.sub(value, url)
 
 
-def run_study_url(run_dir: str | Path) -> str:
-    """The run's Optuna storage URL; UserError (one line) when `run_dir` holds no run or no study."""
+def run_study(run_dir: str | Path) -> tuple[str, str]:
+    """The run's Optuna storage URL and screen study name; UserError (one line) when `run_dir` holds no run or study."""
     run_dir = Path(run_dir)
-    url = _stored_config(run_dir).get("screen", {}).get("storage")
+    config = _stored_config(run_dir)
+    url = config.get("screen", {}).get("storage")
+    name = study_name(config.get("name", run_dir.name), url)
     if url:
-        return url
+        return url, name
     db = (run_dir / "study.db").resolve()
     if not db.is_file():
         raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
-    return f"sqlite:///{db}"
-
-
-def run_study_name(run_dir: str | Path) -> str:
-    config = _stored_config(Path(run_dir))
-    return study_name(config.get("name", Path(run_dir).name), config.get("screen", {}).get("storage"))
+    return f"sqlite:///{db}", name
 
 
 def study_name(run_name: str, url: str | None) -> str:
@@ -97,10 +94,12 @@ def _stored_config(run_dir: Path) -> dict:
             raise UserError(f"RUN_DIR: '{run_dir}' holds neither run.json nor study.db; give a run directory, e.g. results/quickstart")
         return {}
     try:
-        config = json.loads(run_json.read_text()).get("config") or {}
-        config.get("screen", {}).get("storage")  # the shape the readers need
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run") from None
+        stored = json.loads(run_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        stored = None
+    config = stored.get("config") if isinstance(stored, dict) else None
+    if not (isinstance(config, dict) and isinstance(config.get("screen", {}), dict)):
+        raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run")
     return config
 
 

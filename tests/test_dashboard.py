@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from orchestrator.dashboard import make_server
-from orchestrator.storage import run_study_url
+from orchestrator.storage import run_study
 from orchestrator.errors import UserError
 from orchestrator.pipeline import _free_loopback_port
 
@@ -66,17 +66,17 @@ def served(tmp_path):
 # ---------------------------------------------------------------- storage lookup and errors
 
 
-def test_run_study_url_default_and_from_run_json(tmp_path):
+def test_run_study_default_and_from_run_json(tmp_path):
     run_dir = make_run_dir(tmp_path)
-    assert run_study_url(run_dir) == f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    assert run_study(run_dir) == (f"sqlite:///{(run_dir / 'study.db').resolve()}", "screen")
     elsewhere = tmp_path / "elsewhere.db"
-    (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": f"sqlite:///{elsewhere}"}}}))
-    assert run_study_url(run_dir) == f"sqlite:///{elsewhere}"
+    (run_dir / "run.json").write_text(json.dumps({"config": {"name": "r", "screen": {"storage": f"sqlite:///{elsewhere}"}}}))
+    assert run_study(run_dir) == (f"sqlite:///{elsewhere}", "screen-r")
 
 
 def test_the_page_shown_is_the_runs_own_study_in_a_shared_storage(tmp_path):
     from orchestrator.dashboard import study_path
-    from orchestrator.storage import open_storage, run_study_name
+    from orchestrator.storage import open_storage
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     storage = open_storage(url, create=True)
@@ -85,21 +85,26 @@ def test_the_page_shown_is_the_runs_own_study_in_a_shared_storage(tmp_path):
     run_dir = tmp_path / "mine"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"config": {"name": "mine", "screen": {"storage": url}}}))
-    assert run_study_name(run_dir) == "screen-mine"
-    assert study_path(storage, run_study_name(run_dir)) == f"/dashboard/studies/{storage.get_study_id_from_name('screen-mine')}"
+    assert run_study(run_dir) == (url, "screen-mine")
+    assert study_path(storage, run_study(run_dir)[1]) == f"/dashboard/studies/{storage.get_study_id_from_name('screen-mine')}"
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet"])
+WRONG_SHAPES = {"list": [], "config_string": {"config": "x"}, "screen_list": {"config": {"screen": []}}}
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet", *WRONG_SHAPES])
 def test_bad_run_dir_is_a_user_error(tmp_path, case):
     run_dir = tmp_path / "run"
     if case != "missing":
         run_dir.mkdir()
     if case == "bad_json":
         (run_dir / "run.json").write_text("{not json")
+    if case in WRONG_SHAPES:
+        (run_dir / "run.json").write_text(json.dumps(WRONG_SHAPES[case]))
     if case == "no_study_yet":
         (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None}}}))
     with pytest.raises(UserError) as err:
-        run_study_url(run_dir)
+        run_study(run_dir)
     assert str(err.value).startswith("RUN_DIR: ") and "\n" not in str(err.value)
     assert not (run_dir / "study.db").exists()  # nothing was created
 
@@ -215,7 +220,7 @@ WRITER = textwrap.dedent("""
 def test_dashboard_reads_while_a_writer_adds_trials(served):
     _, base, run_dir = served
     writes = 60
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, run_study_url(run_dir), str(writes)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, run_study(run_dir)[0], str(writes)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     statuses, counts = [], []
     try:

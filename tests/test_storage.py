@@ -6,7 +6,7 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
 from orchestrator.storage import (check_run_storage, check_storage_path, check_study_storage, check_url, filesystem,
-                                  open_storage, publish_run, run_storage, run_study_name, shown_url, study_name)
+                                  open_storage, publish_run, run_storage, run_study, shown_url, study_name)
 
 
 @pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
@@ -51,7 +51,7 @@ def test_each_run_has_its_own_study_in_a_shared_storage(tmp_path):
     cfg = load_config(None, [f"results_dir={tmp_path}", "name=exp1", f"screen.storage=journal:{tmp_path}/shared.log"])
     cfg.run_dir.mkdir(parents=True)
     write_run_json(cfg)
-    assert run_study_name(cfg.run_dir) == "screen-exp1"  # what the dashboard and a warm start read back
+    assert run_study(cfg.run_dir)[1] == "screen-exp1"  # what the dashboard and a warm start read back
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])

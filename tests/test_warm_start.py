@@ -43,7 +43,7 @@ def test_refuses_runs_without_searched_models_or_outside_the_space(tmp_path, mod
     with pytest.raises(UserError, match="space.shortcuts"):
         warm_start_allocations(_earlier_run(tmp_path, [{"kind": "searched", "allocation": "L1.shortcut.cross_layer:2",
                                                         "accuracy": 0.9}]), modules, count=1)
-    with pytest.raises(UserError, match="^screen.warm_start_from: '.*missing' holds no finished run .*; point --warm-start at"):
+    with pytest.raises(UserError, match="^screen.warm_start_from: '.*missing/report.parquet' not found; give the directory of a finished"):
         warm_start_allocations(str(tmp_path / "missing"), modules, count=1)
 
 
