@@ -9,10 +9,10 @@ every report read back with `orchestrator.report.load`:
   100), ranked by grad_norm minimised as the shipped space says, the top-k survivors trained;
 - lora-search (calibrated): the same screen ranked by `calibrated` (orchestrator/calibrate.py): one
   training per module type with the run's recipe (the `calibrate` defaults: the whole training sample and
-  schedule, eval on 300) measures which types pay on the task, and the top-k by that score
-  (each module's rank counted up to the rank its type was calibrated at) are trained; its cost adds the
-  calibration runs (and the probe, which it copies from the lora-search run: it computes the other
-  proxies' columns);
+  schedule, scored on 300 examples held out of the training split) measures which types pay on the task, and
+  the top-k by that score (each module's rank counted up to the rank its type was calibrated at) are trained;
+  its cost adds the calibration runs (and the probe, which it copies from the lora-search run: it computes
+  the other proxies' columns);
 - random search: k random allocations inside the same band trained (`screen.allocator=random`,
   num_trials 1 × candidates_per_trial k, so the survivors are exactly the k random draws and the proxy
   picks nothing); it reuses the lora-search run's module_scores.json, so no second probe runs. One set of
