@@ -145,7 +145,7 @@ def _entry_line(entry) -> str:
 @registry_app.command("add")
 def registry_add(run_dir: Path = typer.Argument(..., help="a finished run directory, e.g. results/quickstart"),
                  name: Optional[str] = typer.Option(None, "--name", help="registry name (default: the run's task)"),
-                 candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy)"),
+                 candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy, validation accuracy where the run held some out)"),
                  precision: str = typer.Option("fp32", "--precision", help="storage precision: fp32, fp16 or int8"),
                  promote: bool = typer.Option(True, "--promote/--no-promote", help="make the new version current"),
                  root: Path = _root_option()):
@@ -239,7 +239,7 @@ def registry_export(name: str = typer.Argument(..., help="registry name"),
 
 @registry_app.command("quantise")
 def registry_quantise(run_dir: Path = typer.Argument(..., help="a finished run directory, e.g. results/quickstart"),
-                      candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy)"),
+                      candidate: Optional[str] = typer.Option(None, "--candidate", help="candidate_id (default: the best searched one by accuracy, validation accuracy where the run held some out)"),
                       out: Optional[Path] = typer.Option(None, "--out", help="where quantisation.csv/.md go (default: RUN_DIR)")):
     """Size on disk and eval accuracy of the adapter stored as fp32, fp16 and int8 (re-evaluated on the run's eval split)."""
     from orchestrator.registry import quantisation_report, write_quantisation_report

@@ -82,9 +82,11 @@ class DataConfig:
     eval_size: int | None = _help("cap on eval examples (seeded sample); null keeps all", 1000)
     eval_fraction: float = _help("share of the data held out for eval when no eval file is given", 0.2)
     split_seed: int = _help("seed of the train/eval split and of the samples", 0)
+    validation_size: int | None = _help("examples held out of the training split to pick the best model and to stop "
+                                        "weak ones (ASHA) on, so the eval split only measures; null: both use the eval split", None)
 
     def __post_init__(self):
-        for name in ("train_size", "eval_size"):
+        for name in ("train_size", "eval_size", "validation_size"):
             value = getattr(self, name)
             _require(value is None or value >= 8, f"data.{name}", f"{value} is too small", "use at least 8 or null for all")
         _require(0 < self.eval_fraction < 1, "data.eval_fraction", f"{self.eval_fraction} is not in (0, 1)", "use e.g. 0.2")

@@ -57,6 +57,7 @@ class TaskData:
     label_names: list[str]
     train: Split
     eval: Split
+    validation: Split | None = None  # data.validation_size examples out of the training split: selection only
 
     @property
     def num_labels(self) -> int:
@@ -247,14 +248,27 @@ def load_task(cfg: DataConfig) -> TaskData:
             setattr(task, part, split.subset(np.sort(rng.choice(len(split), cap, replace=False))))
     if len(task.train) == 0 or len(task.eval) == 0:
         raise UserError(f"data.task: '{cfg.task}' leaves an empty train or eval split; give more rows or a larger eval_fraction")
+    if cfg.validation_size is not None:
+        _hold_out_validation(task, cfg.validation_size, rng)
     if len(set(task.train.labels)) < 2:
         raise UserError(f"data.task: '{cfg.task}' has a single class in its training split; "
                         "add examples of another label (a classifier needs ≥ 2 labels)")
     return task
 
 
+def _hold_out_validation(task: TaskData, size: int, rng: np.random.Generator) -> None:
+    """Move `size` seeded training examples to `task.validation` (drawn after the caps: null leaves the rest as is)."""
+    if len(task.train) - size < 8:
+        raise UserError(f"data.validation_size: {size} leaves {len(task.train) - size} of {len(task.train)} training "
+                        "examples; hold out fewer (at most a fifth is usual) or raise data.train_size")
+    order = rng.permutation(len(task.train))
+    task.validation = task.train.subset(np.sort(order[:size]))
+    task.train = task.train.subset(np.sort(order[size:]))
+
+
 def task_summary(task: TaskData) -> dict:
-    return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train),
+    held_out = {} if task.validation is None else {"validation_examples": len(task.validation)}
+    return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train), **held_out,
             "eval_examples": len(task.eval), "majority_rate": round(task.majority_rate(), 4)}
 
 

@@ -279,11 +279,12 @@ def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
 
 
 def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
-    """The best `count` searched allocations (mean accuracy over seeds) of an earlier run, for this model."""
+    """The best `count` searched allocations (mean over seeds of its selection column) of an earlier run, for this model."""
     if run_dir is None:
         return []
     table = report.load(run_dir, field="screen.warm_start_from")
-    searched = table[table.kind == "searched"].groupby("allocation").accuracy.mean().sort_values(ascending=False)
+    searched = table[table.kind == "searched"].groupby("allocation")[report.selection_column(table)].mean() \
+        .sort_values(ascending=False)
     if searched.empty:
         raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
     allocations = [Allocation.from_compact(text, modules) for text in searched.index[:count]]

@@ -57,7 +57,7 @@ GAIN_PREFIX, P_PREFIX, PARETO_PREFIX = "gain_vs_", "p_vs_", "pareto_"
 # have the last two). Latency and peak inference memory come from one measured pass over the eval split.
 ROUTING_COLUMNS = ["adapter", "experts", "latency_ms_mean", "latency_ms_p95", "latency_cpu_ms_mean", "latency_cpu_ms_p95",
                    "peak_infer_mem_mb", "fraction_active", "router_entropy", "routed_modules", "router_params"]
-PARETO_AXES = {"trainable_params": "trainable params", "cost_usd": "cost per seed ($)", "peak_memory_mb": "peak memory (MB)"}
+PARETO_AXES = {"trainable_params": "trainable params", "cost_usd": "cost per seed ($)", "peak_memory_mb": "peak memory (MiB)"}
 MODULE_TYPE_ORDER = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 TYPE_LABELS = {"query": "query", "key": "key", "value": "value", "attention.output.dense": "attn out",
                "intermediate.dense": "FFN up", "output.dense": "FFN down"}
@@ -289,13 +289,20 @@ def welch_p(a, b) -> float:
 
 
 _SPREAD = {"f1": "f1", "eval_loss": "eval_loss", "cost_usd": "cost_usd_mean", "device_hours": "device_hours_mean",
-           "peak_memory_mb": "peak_memory_mb"}  # column → name of its mean in `aggregate` (std: <name>_std)
+           "peak_memory_mb": "peak_memory_mb", "val_accuracy": "val_accuracy"}  # column → its mean in `aggregate` (std: <name>_std)
+
+
+def selection_column(frame: pd.DataFrame) -> str:
+    """What ranks models: `val_accuracy` in a run with data.validation_size (the eval split then only measures),
+    else `accuracy`. Per seed or aggregated alike."""
+    return "val_accuracy" if "val_accuracy" in frame and frame.val_accuracy.notna().any() else "accuracy"
 
 
 def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per model, gains, Welch p-values, ROI and Pareto membership.
 
-    `accuracy`, `f1`, `eval_loss`, `peak_memory_mb` are means with a `_std` column beside them;
+    Sorted by `selection_column` (best first), so row 0 of the searched rows is the run's best searched model.
+    `accuracy`, `f1`, `eval_loss`, `peak_memory_mb`, `val_accuracy` are means with a `_std` column beside them;
     `cost_usd` and `device_hours` are totals over seeds, `cost_usd_mean`/`_std` and
     `device_hours_mean`/`_std` per seed. `roi_per_usd` = gain_vs_<roi_baseline> / cost_usd_mean and
     `roi_per_mparams` = gain_vs_<roi_baseline> / (trainable_params / 10⁶), with mean gains.
@@ -335,7 +342,7 @@ def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     for name, column in pareto_x.items():
         if column in table:
             table[PARETO_PREFIX + name] = pareto_front(table, column).to_numpy()
-    return table.sort_values("accuracy", ascending=False, kind="stable").reset_index(drop=True)
+    return table.sort_values(selection_column(table), ascending=False, kind="stable").reset_index(drop=True)
 
 
 def proxy_correlations(report: pd.DataFrame) -> pd.DataFrame:
@@ -489,8 +496,9 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
     lines = [f"Majority-class accuracy (the floor): {majority_rate:.4f}"]
     if not searched.empty:
         best = searched.iloc[0]
+        chosen = "" if selection_column(table) == "accuracy" else f" (chosen on validation accuracy {best.val_accuracy:.4f})"
         lines.append(f"Best searched: {best.candidate_id} accuracy {best.accuracy:.4f} with {best.trainable_params:,} "
-                     f"LoRA params ({best.allocation})")
+                     f"LoRA params ({best.allocation}){chosen}")
         for _, base in baselines.iterrows():
             lines.append(f"Gain over {base.label} ({base.accuracy:.4f}, {base.trainable_params:,} params): "
                          f"{100 * (best.accuracy - base.accuracy):+.2f} points")
@@ -554,6 +562,8 @@ def models_table(report: pd.DataFrame) -> pd.DataFrame:
         out["% of base"] = table.params_pct_of_base.map(lambda v: f"{v:.3f}")
     out["adapters"] = table.get("adapters_per_type", "")
     out["accuracy %"] = [_pm(m, s, 100) for m, s in zip(table.accuracy, table.accuracy_std)]
+    if selection_column(table) == "val_accuracy":
+        out["validation %"] = [_pm(m, s, 100) for m, s in zip(table.val_accuracy, table.val_accuracy_std)]
     out["F1 %"] = [_pm(m, s, 100) for m, s in zip(table.f1, table.get("f1_std", [None] * len(table)))]
     if "eval_loss" in table:
         out["eval loss"] = [_pm(m, s, 1, ".4f") for m, s in zip(table.eval_loss, table.eval_loss_std)]
@@ -561,7 +571,7 @@ def models_table(report: pd.DataFrame) -> pd.DataFrame:
         out["cost $ / seed"] = [_pm(m, s, 1, ".5f") for m, s in zip(table.cost_usd_mean, table.cost_usd_std)]
         out["device-h / seed"] = [_pm(m, s, 1, ".4f") for m, s in zip(table.device_hours_mean, table.device_hours_std)]
     if "peak_memory_mb" in table:
-        out["peak MB"] = [_pm(m, s, 1, ".0f") for m, s in zip(table.peak_memory_mb, table.peak_memory_mb_std)]
+        out["peak MiB"] = [_pm(m, s, 1, ".0f") for m, s in zip(table.peak_memory_mb, table.peak_memory_mb_std)]
     for label in labels:
         out[f"gain vs {label} (pts)"] = table[gain_column(label)].map(lambda v: "" if math.isnan(v) else f"{v:+.2f}")
         out[f"p vs {label}"] = table[p_column(label)].map(lambda v: "" if math.isnan(v) else f"{v:.3g}")
@@ -607,7 +617,7 @@ def routing_table(report: pd.DataFrame) -> pd.DataFrame:
         "sites": fmt("routed_modules", ".0f"), "router params": fmt("router_params", ",.0f"),
         "latency ms mean / p95": pair("latency_ms_mean", "latency_ms_p95"),
         "CPU ms mean / p95": pair("latency_cpu_ms_mean", "latency_cpu_ms_p95"),
-        "peak infer MB": fmt("peak_infer_mem_mb", ".1f"), "experts active": fmt("fraction_active", ".3f"),
+        "peak infer MiB": fmt("peak_infer_mem_mb", ".1f"), "experts active": fmt("fraction_active", ".3f"),
         "router entropy": fmt("router_entropy", ".3f")})
 
 
@@ -914,7 +924,7 @@ def _histories(report: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
 
 
 def plot_learning_curves(report: pd.DataFrame, path: Path) -> None:
-    """Eval accuracy and loss per epoch, one line per model and seed (train loss dashed)."""
+    """Eval accuracy and loss per epoch, one line per model and seed (train loss and validation accuracy dashed)."""
     histories = _histories(report)
     fig, axes = _figure(10.0, 4.0, ncols=2)
     left, right = axes[0]
@@ -931,11 +941,15 @@ def plot_learning_curves(report: pd.DataFrame, path: Path) -> None:
         labelled.add(cid)
         if "accuracy" in history:
             left.plot(history.epoch, 100 * history.accuracy, marker="o", color=color, label=label, alpha=0.9)
+        if "val_accuracy" in history:
+            left.plot(history.epoch, 100 * history.val_accuracy, ls="--", color=color, alpha=0.6)
         if "eval_loss" in history:
             right.plot(history.epoch, history.eval_loss, marker="o", color=color, alpha=0.9)
         if "train_loss" in history:
             right.plot(history.epoch, history.train_loss, ls="--", color=color, alpha=0.6)
-    left.set(xlabel="epoch", ylabel="eval accuracy (%)", title="Eval accuracy")
+    validated = any("val_accuracy" in history for history in histories.values())
+    left.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (solid: eval, dashed: validation)" if validated
+             else "Eval accuracy")
     right.set(xlabel="epoch", ylabel="loss", title="Loss (solid: eval, dashed: train)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -1102,7 +1116,8 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
     primary = labels[0] if labels else None
     title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    columns = ["model", "kind", "params", "acc %", "± std", "F1 %", "cost $\n/ seed"]  # report.md: "cost $ / seed"
+    validated = selection_column(report) == "val_accuracy"
+    columns = ["model", "kind", "params", "acc %", "± std"] + ["val %"] * validated + ["F1 %", "cost $\n/ seed"]
     columns += ["Δ pts", "p", "pts/$"] if primary else []
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "kind") else "right",
@@ -1110,7 +1125,8 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
     for row in aggregate(report).itertuples():
         std = "" if np.isnan(row.accuracy_std) else f"{100 * row.accuracy_std:.2f}"
         cells = [f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
-                 std, f"{100 * row.f1:.2f}", _pm(row.cost_usd_mean, None, fmt=".4f")]  # per seed, as pts/$ is
+                 std] + ([f"{100 * row.val_accuracy:.2f}"] if validated else []) + [
+                 f"{100 * row.f1:.2f}", _pm(row.cost_usd_mean, None, fmt=".4f")]  # per seed, as pts/$ is
         if primary:
             gain, p = getattr(row, gain_column(primary)), getattr(row, p_column(primary))
             cells += ["" if math.isnan(gain) else f"{gain:+.2f}", "" if math.isnan(p) else f"{p:.3g}",

@@ -43,7 +43,7 @@ from orchestrator.shortcuts import WEIGHTS_FILE as SHORTCUT_WEIGHTS, save_shortc
 from orchestrator.storage import filesystem, run_storage
 
 TRAIN_STATE = "train_state.pt"
-HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "train_wall_s")
+HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "val_accuracy", "train_wall_s")  # val_: when held out
 FAULT_ENV = "LORA_SEARCH_INJECT_FAULT"  # chaos testing only, see fault_plan
 FAULTS = ("nan", "oom")
 # Keys of a Tune result that are Tune's bookkeeping, not the model's metrics (left out of trials/<job>.json).
@@ -241,6 +241,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_loader = ray.train.torch.prepare_data_loader(
         make_loader(task.train, tokenizer, cfg.model.max_length, micro_batch, shuffle=True, seed=job.seed))
     eval_loader = make_loader(task.eval, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
+    validation_loader = None if task.validation is None else make_loader(
+        task.validation, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)  # optimizer steps
     steps = total_steps(t, steps_per_epoch)
 
@@ -272,6 +274,9 @@ def train_loop_per_worker(config: dict) -> None:
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
         metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
+        if validation_loader is not None:
+            validation = evaluate(peft_model, validation_loader, device, task.num_labels)
+            metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
         peak_mb = _max_over_workers(_peak_memory_mb(device), device)  # before inference_metrics resets the peak
         if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
             metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
@@ -280,7 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
-        history.append({k: metrics[k] for k in HISTORY_KEYS})
+        history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
         metrics["history"] = json.dumps(history)
         _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
 
@@ -508,8 +513,13 @@ class KeepFinished(tune.Callback):
             keep_result(self.cfg, TrainJob(**trial.config["job"]), trial.last_result, self.device_count)
 
 
+def selection_metric(task: TaskData) -> str:
+    """What picks models: validation accuracy where data.validation_size holds some out, else eval accuracy."""
+    return "accuracy" if task.validation is None else "val_accuracy"
+
+
 class BaselineSafeASHA(ASHAScheduler):
-    """ASHA on eval accuracy across searched models; baselines always run to the end (they are the yardstick)."""
+    """ASHA on selection_metric across searched models; baselines always run to the end (they are the yardstick)."""
 
     def on_trial_result(self, tune_controller, trial, result):
         if trial.config["job"]["kind"] == "baseline":
@@ -529,7 +539,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
         scheduler = None
         if cfg.train.epochs > 1 and cfg.train.early_stopping:
-            scheduler = BaselineSafeASHA(time_attr="epoch", metric="accuracy", mode="max", max_t=cfg.train.epochs,
+            scheduler = BaselineSafeASHA(time_attr="epoch", metric=selection_metric(task), mode="max", max_t=cfg.train.epochs,
                                          grace_period=1)
         tuner = tune.Tuner(
             trainable,

@@ -65,6 +65,25 @@ def test_caps_sample_train_and_eval(tmp_path, sentences):
     assert (len(task.train), len(task.eval)) == (10, 8)
 
 
+def test_validation_is_held_out_of_the_training_split_and_the_eval_split_is_unchanged(tmp_path, sentences):
+    path = write_csv(tmp_path / "reviews.csv", labelled(sentences))
+    plain, held = load_task(cfg(path)), load_task(cfg(path, validation_size=8))
+    assert plain.validation is None and (len(held.train), len(held.validation)) == (24, 8)
+    assert held.eval.texts == plain.eval.texts  # what the report measures on does not move
+    assert set(held.validation.texts).isdisjoint(held.train.texts)
+    assert sorted(held.train.texts + held.validation.texts) == sorted(plain.train.texts)
+    assert load_task(cfg(path, validation_size=8)).validation.texts == held.validation.texts  # seeded
+    assert task_summary(held)["validation_examples"] == 8 and "validation_examples" not in task_summary(plain)
+
+
+def test_a_validation_split_that_leaves_too_little_training_is_refused(tmp_path, sentences):
+    path = write_csv(tmp_path / "reviews.csv", labelled(sentences))
+    with pytest.raises(UserError, match=r"^data.validation_size: 28 leaves 4 of 32 training examples; hold out fewer"):
+        load_task(cfg(path, validation_size=28))
+    with pytest.raises(UserError, match="^data.validation_size"):
+        DataConfig(validation_size=4)
+
+
 def test_jsonl(tmp_path, sentences):
     rows = [{"text": t, "label": lab} for t, lab in zip(*sentences)]
     task = load_task(cfg(write_jsonl(tmp_path / "data.jsonl", rows)))

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
          "screen.num_trials=4", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
-         "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[adalora]", "train.max_concurrent=1"]
+         "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[adalora]", "train.max_concurrent=1",
+         "data.validation_size=32"]  # selection (ASHA, best model) on 32 examples held out of the 192
 # Two models (each training costs ~30 s of Ray Train start-up here), one at a time so that the second runs in
 # the first one's Tune trial process: the survivor and AdaLoRA, the baseline with its own training path (rank
 # pruning, singular values). uniform_qv trains in test_fault_tolerance and test_job_submit; uniform_all is
@@ -60,6 +61,10 @@ def test_report_files_and_columns(finished_run):
     assert abs(searched.trainable_params - 73728) <= 0.05 * 73728
     assert searched.proxy_params == searched.trainable_params == searched.trained_params
     assert adalora.trained_params > adalora.trainable_params  # it trains init_r = 12 plus singular values
+    assert on_disk.val_accuracy.between(0, 1).all() and report.selection_column(on_disk) == "val_accuracy"
+    assert all("val_accuracy" in epoch for history in on_disk.history_json for epoch in json.loads(history))
+    task = json.loads((run_dir / "run.json").read_text())["task"]
+    assert (task["train_examples"], task["validation_examples"], task["eval_examples"]) == (160, 32, 96)
 
 
 def test_screen_table_and_study(finished_run):
@@ -78,7 +83,7 @@ def test_run_json_records_config_and_versions(finished_run):
     assert run["config"]["name"] == "slice"
     assert run["versions"]["peft"] == "0.21.2"
     assert run["seeds"]["train"] == [0]
-    assert "finished_at" in run and run["task"]["train_examples"] == 192
+    assert "finished_at" in run and run["task"]["train_examples"] == 192 - 32  # less data.validation_size
 
 
 def test_saved_adapters_reload_with_plain_peft(finished_run):
@@ -110,7 +115,7 @@ def test_best_searched_adapter_is_registered_once(finished_run):
     registered = json.loads((cfg.run_dir / "run.json").read_text())["registered"]
     assert registered == {"name": "rotten_tomatoes", "version": 1, "root": str(cfg.registry_root)}
     entry = Registry(cfg.registry_root).show("rotten_tomatoes")
-    best = table[table.kind == "searched"].sort_values("accuracy", ascending=False).iloc[0]
+    best = table[table.kind == "searched"].sort_values("val_accuracy", ascending=False).iloc[0]
     assert entry.metrics["candidate_id"] == best.candidate_id and entry.metrics["accuracy"] == pytest.approx(best.accuracy)
     assert pipeline.register_best(cfg) == registered  # a resumed run does not store it again
     assert [e.version for e in Registry(cfg.registry_root).list("rotten_tomatoes")] == [1]

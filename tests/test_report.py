@@ -138,6 +138,35 @@ def test_summary_lines_without_losers_or_baseline():
                      "Training cost: 0.0400 device-hours, $1.0000"]
 
 
+def test_with_a_validation_split_the_best_model_is_chosen_on_it_not_on_the_eval_split(tmp_path):
+    """a2 has the lower eval accuracy but the higher validation accuracy: it is the run's best searched model,
+    in the summary, the report's tables, the terminal and the registry's default pick."""
+    from rich.console import Console
+
+    from orchestrator.registry import best_candidate
+
+    validation = {"a1": 0.60, "a2": 0.70, "b1": 0.65}
+    trials = [dict(t, val_accuracy=validation[t["candidate_id"]] + 0.01 * t["seed"],
+                   history=[{"epoch": e, "accuracy": t["accuracy"], "val_accuracy": 0.5} for e in (1, 2)])
+              for t in make_trials()]
+    table = report.build(trials, SCORES, COMPACT, MAJORITY)
+    assert report.selection_column(table) == "val_accuracy" and report.selection_column(report.build(
+        make_trials(), SCORES, COMPACT, MAJORITY)) == "accuracy"
+    agg = report.aggregate(table)
+    assert agg.candidate_id.tolist() == ["a2", "b1", "a1"]
+    assert agg.val_accuracy.tolist() == pytest.approx([0.705, 0.65, 0.605])
+    assert "Best searched: a2 accuracy 0.5500 with 960 LoRA params (L0.key:15) (chosen on validation accuracy 0.7050)" \
+        in report.summary_lines(table, MAJORITY)
+    assert report.models_table(table)["validation %"].tolist()[0] == "70.50 ± 0.71"
+    console = Console(record=True, width=160)
+    report.print_summary(table, MAJORITY, console)
+    assert "val %" in console.export_text()
+    report.write(table, tmp_path, MAJORITY)
+    assert (tmp_path / "learning_curves.png").stat().st_size > 5_000  # validation dashed beside eval
+    (tmp_path / "run.json").write_text("{}")
+    assert best_candidate(tmp_path)[0]["candidate_id"] == "a2"
+
+
 # ---------------------------------------------------------------- atomic writes
 
 
