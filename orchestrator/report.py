@@ -637,8 +637,10 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
     blocks: list[tuple] = [("h1", title)]
     task = context.get("task") or {}
     if task:
-        blocks.append(("p", f"Task `{task.get('task')}` ({task.get('train_examples')} train / {task.get('eval_examples')} "
-                            f"eval examples), model `{context.get('model')}`, seeds {sorted(report.seed.unique().tolist())}."))
+        validation = f" / {task['validation_examples']} validation" if task.get("validation_examples") else ""
+        blocks.append(("p", f"Task `{task.get('task')}` ({task.get('train_examples')} train{validation} / "
+                            f"{task.get('eval_examples')} eval examples), model `{context.get('model')}`, "
+                            f"seeds {sorted(report.seed.unique().tolist())}."))
     blocks.append(("list", summary_lines(report, majority_rate) + roi_lines(report, context)))
     blocks += [("h2", "Models (mean ± std over seeds)"), ("table", models_table(report)),
                ("p", "Gains are in accuracy points. ROI pts/$ = gain over the ROI baseline ÷ training cost per seed; "

@@ -65,6 +65,7 @@ def test_report_files_and_columns(finished_run):
     assert all("val_accuracy" in epoch for history in on_disk.history_json for epoch in json.loads(history))
     task = json.loads((run_dir / "run.json").read_text())["task"]
     assert (task["train_examples"], task["validation_examples"], task["eval_examples"]) == (160, 32, 96)
+    assert "(160 train / 32 validation / 96 eval examples)" in (run_dir / "report.md").read_text()
 
 
 def test_screen_table_and_study(finished_run):
