@@ -123,14 +123,19 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
 
 def _check_same_run(cfg: RunConfig, stored: dict) -> None:
     """Refuse to resume a run with a config that changes what its finished models were (RESUMABLE_CHANGES aside).
-    Keys an older version did not record are not compared."""
-    now, then = _flat(json.loads(json.dumps(cfg.to_dict(), default=str))), _flat(stored)
+    A key an older version did not record counts as its default (new options default to the old behaviour)."""
+    now, then = _flat_config(cfg), _flat_config(RunConfig()) | _flat(stored)
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
     if changed:
         key, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise UserError(f"--resume: {key} is {now[key]!r} here but {then[key]!r} in the run being resumed{more}; "
                         "resume with its config, or start a new run (name=...)")
+
+
+def _flat_config(cfg: RunConfig) -> dict:
+    """The config as run.json stores it, flattened to dotted keys."""
+    return _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

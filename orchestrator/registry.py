@@ -685,11 +685,11 @@ def _plain(value):
 
 
 def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict, dict]:
-    """(report row, run.json) of `candidate_id`, or of the searched row with the best selection_column (accuracy, or
-    validation accuracy where the run held some out)."""
+    """(report row, run.json) of `candidate_id`, or of the report's best searched model (best mean over seeds of
+    accuracy, or of validation accuracy where the run held some out): its best seed."""
     import pandas as pd
 
-    from orchestrator.report import load as load_report, read_run_json, selection_column
+    from orchestrator.report import load as load_report, read_run_json, selection_order
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -706,7 +706,10 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict
         rows = usable[usable.kind == "searched"]
         if rows.empty:
             raise UserError(f"registry: {run_dir} has no trained searched candidate; pass --candidate with a baseline id")
-    best = rows.sort_values([selection_column(rows), "f1"], ascending=False, kind="stable").iloc[0]
+        order = selection_order(rows)  # as report.aggregate ranks models: mean over seeds, then the best seed
+        means = rows.groupby("candidate_id", sort=False)[order].mean().sort_values(order, ascending=False, kind="stable")
+        rows = rows[rows.candidate_id == means.index[0]]
+    best = rows.sort_values(selection_order(rows) + ["f1"], ascending=False, kind="stable").iloc[0]
     return {k: (None if (not isinstance(v, (list, dict)) and pd.isna(v)) else v) for k, v in best.to_dict().items()}, \
         read_run_json(run_dir)
 

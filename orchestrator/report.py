@@ -249,7 +249,8 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
     if (frame.kind == "routed").any():
         frame["adapter"] = [adapter_name(m, g) for m, g in zip(frame.method, frame.get("gating", frame.method))]
     extra = [c for c in frame.columns if c not in CONTRACT_COLUMNS and c not in ("ranks", "history")]
-    frame = frame[CONTRACT_COLUMNS + extra].sort_values(["kind", "accuracy"], ascending=[False, False], kind="stable")
+    order = selection_order(frame)
+    frame = frame[CONTRACT_COLUMNS + extra].sort_values(["kind", *order], ascending=False, kind="stable")
     frame = add_derived(frame.reset_index(drop=True), base_params, baselines)
     if not failed.empty:
         errors = failed.get("error", pd.Series("", index=failed.index)).fillna("")
@@ -289,13 +290,21 @@ def welch_p(a, b) -> float:
 
 
 _SPREAD = {"f1": "f1", "eval_loss": "eval_loss", "cost_usd": "cost_usd_mean", "device_hours": "device_hours_mean",
-           "peak_memory_mb": "peak_memory_mb", "val_accuracy": "val_accuracy"}  # column → its mean in `aggregate` (std: <name>_std)
+           "peak_memory_mb": "peak_memory_mb", "val_accuracy": "val_accuracy",
+           "val_f1": "val_f1"}  # column → its mean in `aggregate` (std: <name>_std)
 
 
 def selection_column(frame: pd.DataFrame) -> str:
     """What ranks models: `val_accuracy` in a run with data.validation_size (the eval split then only measures),
     else `accuracy`. Per seed or aggregated alike."""
     return "val_accuracy" if "val_accuracy" in frame and frame.val_accuracy.notna().any() else "accuracy"
+
+
+def selection_order(frame: pd.DataFrame) -> list[str]:
+    """Sort keys, best first: the selection column, and on validation its F1 to break ties (a tie left to the
+    stable order would fall back to the eval split's)."""
+    column = selection_column(frame)
+    return [column, "val_f1"] if column == "val_accuracy" and "val_f1" in frame else [column]
 
 
 def aggregate(report: pd.DataFrame) -> pd.DataFrame:
@@ -342,7 +351,7 @@ def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     for name, column in pareto_x.items():
         if column in table:
             table[PARETO_PREFIX + name] = pareto_front(table, column).to_numpy()
-    return table.sort_values(selection_column(table), ascending=False, kind="stable").reset_index(drop=True)
+    return table.sort_values(selection_order(table), ascending=False, kind="stable").reset_index(drop=True)
 
 
 def proxy_correlations(report: pd.DataFrame) -> pd.DataFrame:

@@ -167,6 +167,28 @@ def test_with_a_validation_split_the_best_model_is_chosen_on_it_not_on_the_eval_
     assert best_candidate(tmp_path)[0]["candidate_id"] == "a2"
 
 
+def test_the_registrys_default_pick_is_the_reports_best_searched_model(tmp_path):
+    """a1 has the best single seed (0.80) but a2 the best mean (0.70 vs 0.65): both pick a2."""
+    from orchestrator.registry import best_candidate
+
+    trials = [trial("a1", "searched", "screen#1", seed, acc, acc, 1024, 36.0, 0.01, 0.25, 300.0, {Q0: 8, V1: 8})
+              for seed, acc in ((0, 0.80), (1, 0.50))]
+    trials += [trial("a2", "searched", "screen#2", seed, 0.70, 0.70, 960, 18.0, 0.005, 0.125, 290.0, {K0: 15})
+               for seed in (0, 1)]
+    table = report.build(trials, SCORES, COMPACT, MAJORITY)
+    report.write(table, tmp_path, MAJORITY)
+    (tmp_path / "run.json").write_text("{}")
+    assert report.aggregate(table).candidate_id[0] == "a2"
+    assert best_candidate(tmp_path)[0]["candidate_id"] == "a2"
+
+
+def test_a_tie_on_validation_accuracy_is_broken_by_validation_f1_never_by_the_eval_split():
+    trials = [dict(t, val_accuracy=0.70, val_f1=0.60 if t["candidate_id"] == "a2" else 0.50) for t in make_trials()]
+    table = report.build(trials, SCORES, COMPACT, MAJORITY)  # a1 is better on the eval split
+    assert report.aggregate(table).candidate_id.tolist()[:2] == ["a2", "a1"]
+    assert table.candidate_id.tolist()[:2] == ["a2", "a2"]
+
+
 # ---------------------------------------------------------------- atomic writes
 
 

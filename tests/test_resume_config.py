@@ -45,10 +45,14 @@ def test_resume_with_another_recipe_is_refused_naming_the_key_and_writes_nothing
     assert (cfg.run_dir / "run.json").read_text() == before
 
 
-def test_keys_an_older_version_did_not_record_are_not_compared(tmp_path):
+def test_keys_an_older_version_did_not_record_count_as_their_default(tmp_path):
     cfg = _started(tmp_path)
     path = cfg.run_dir / "run.json"
     stored = json.loads(path.read_text())
-    del stored["config"]["calibrate"], stored["config"]["train"]["lr"]
+    del stored["config"]["calibrate"], stored["config"]["data"]["validation_size"]
     path.write_text(json.dumps(stored))
-    pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", "train.lr=1e-3"]), resume=True)
+    pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job"]), resume=True)
+    # its finished models trained on the whole training split: a validation split now would mix two kinds of model
+    with pytest.raises(UserError, match=r"^--resume: data\.validation_size is 200 here but None in the run being resumed"):
+        pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", "data.validation_size=200"]),
+                                 resume=True)
