@@ -508,11 +508,11 @@ class Registry:
 
     def add_from_run(self, run_dir: str | Path, candidate_id: str | None = None, *, name: str | None = None,
                      precision: str = "fp32", promote: bool = True) -> Entry:
-        """Store a finished run's adapter: `candidate_id`, or the searched candidate with the best accuracy."""
+        """Store a finished run's adapter: `candidate_id`, or the report's best searched model (best_candidate)."""
         run_dir = Path(run_dir)
         row, run = best_candidate(run_dir, candidate_id)
-        metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "eval_loss", "trainable_params", "head_params",
-                                                     "seed", "latency_ms_per_batch", "train_wall_s", "cost_usd")
+        metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "val_accuracy", "eval_loss", "trainable_params",
+                                                     "head_params", "seed", "latency_ms_per_batch", "train_wall_s", "cost_usd")
                    if row.get(k) is not None}
         metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage

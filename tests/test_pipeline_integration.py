@@ -118,6 +118,7 @@ def test_best_searched_adapter_is_registered_once(finished_run):
     entry = Registry(cfg.registry_root).show("rotten_tomatoes")
     best = table[table.kind == "searched"].sort_values("val_accuracy", ascending=False).iloc[0]
     assert entry.metrics["candidate_id"] == best.candidate_id and entry.metrics["accuracy"] == pytest.approx(best.accuracy)
+    assert entry.metrics["val_accuracy"] == pytest.approx(best.val_accuracy)  # what chose it
     assert pipeline.register_best(cfg) == registered  # a resumed run does not store it again
     assert [e.version for e in Registry(cfg.registry_root).list("rotten_tomatoes")] == [1]
 

@@ -370,6 +370,7 @@ def test_add_from_run_picks_best_searched(registry, fake_run):
     entry = registry.add_from_run(fake_run)
     assert (entry.name, entry.version, entry.metrics["candidate_id"], entry.metrics["accuracy"]) == ("tiny", 1, "a2", 0.70)
     assert entry.metrics["run"] == "tiny-run" and entry.metrics["evaluated_at"] == "fp32"
+    assert "val_accuracy" not in entry.metrics  # the run held no validation split out
     assert entry.source.endswith(":a2:seed0")
     assert entry.files[WEIGHTS_FILE] == sha(fake_run / "adapters" / "a2" / WEIGHTS_FILE)
     baseline = registry.add_from_run(fake_run, "b1", name="tiny-base", precision="int8")
