@@ -273,21 +273,30 @@ def train_loop_per_worker(config: dict) -> None:
         for step, group in zip(range(epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, steps)), groups):
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
-        metrics = evaluate(peft_model, eval_loader, device, task.num_labels)
-        if validation_loader is not None:
-            validation = evaluate(peft_model, validation_loader, device, task.num_labels)
-            metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
-        peak_mb = _max_over_workers(_peak_memory_mb(device), device)  # before inference_metrics resets the peak
-        if cfg.routing.enabled:  # plain and routed alike, for the comparison: a second, measured pass
-            metrics.update(adapted.inference_metrics(eval_loader, device, task.num_labels))
+        metrics = epoch_metrics(adapted, eval_loader, validation_loader, device, task.num_labels,
+                                measure_inference=cfg.routing.enabled)
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
-                       peak_memory_mb=peak_mb,
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
         history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
         metrics["history"] = json.dumps(history)
         _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
+
+
+def epoch_metrics(adapted: Adapted, eval_loader, validation_loader, device: torch.device, num_labels: int,
+                  measure_inference: bool) -> dict:
+    """End of an epoch: eval (and validation) metrics, the epoch's peak memory and, with `measure_inference`
+    (routing runs: plain and routed alike, for the comparison), a second, measured inference pass."""
+    metrics = evaluate(adapted.peft_model, eval_loader, device, num_labels)
+    if validation_loader is not None:
+        validation = evaluate(adapted.peft_model, validation_loader, device, num_labels)
+        metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
+    # Read before inference_metrics: its measurement resets the process's peak (VmHWM and ru_maxrss on CPU).
+    metrics["peak_memory_mb"] = _max_over_workers(_peak_memory_mb(device), device)
+    if measure_inference:
+        metrics.update(adapted.inference_metrics(eval_loader, device, num_labels))
+    return metrics
 
 
 def accumulation_groups(loader, size: int):

@@ -2,6 +2,7 @@
 adapter they place; step counts and max_steps."""
 
 import math
+import resource
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer
 from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, _max_over_workers, accumulation_groups,
-                                build_adapted, concurrent_trainings, optimizer_step, total_steps)
+                                build_adapted, concurrent_trainings, epoch_metrics, optimizer_step, total_steps)
 
 
 def _adapted(tiny_model_dir):
@@ -155,3 +156,16 @@ def test_peak_memory_is_the_max_over_workers():
     mp.spawn(_report_peak, args=(_free_loopback_port(), results), nprocs=2)
     assert dict(results) == {0: 200.0, 1: 200.0}
     assert _max_over_workers(7.0, torch.device("cpu")) == 7.0  # no process group: the worker's own value
+
+
+def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_it(tiny_model_dir, tiny_split):
+    """The measured inference pass (routing runs) resets the process peak (VmHWM and with it ru_maxrss); the epoch's
+    training peak must be read first, or the report shows the inference pass's."""
+    adapted = _adapted(tiny_model_dir)
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
+    spike = torch.ones(300 * 2**20 // 4)  # 300 MiB, mapped and unmapped whole: the peak a training step leaves
+    del spike
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = epoch_metrics(adapted, loader, None, torch.device("cpu"), 2, measure_inference=True)
+    assert metrics["peak_memory_mb"] >= peak_mib
+    assert metrics["peak_infer_mem_mb"] >= 0 and {"accuracy", "latency_ms_mean"} <= set(metrics)
