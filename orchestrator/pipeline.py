@@ -284,15 +284,14 @@ def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
 
 
 def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
-    """The best `count` searched allocations (mean over seeds of its selection column) of an earlier run, for this model."""
+    """The best `count` searched allocations of an earlier run (report.ranked: mean over seeds), for this model."""
     if run_dir is None:
         return []
     table = report.load(run_dir, field="screen.warm_start_from")
-    searched = table[table.kind == "searched"].groupby("allocation")[report.selection_column(table)].mean() \
-        .sort_values(ascending=False)
+    searched = report.ranked(table[table.kind == "searched"], by="allocation")
     if searched.empty:
         raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
-    allocations = [Allocation.from_compact(text, modules) for text in searched.index[:count]]
+    allocations = [Allocation.from_compact(text, modules) for text in searched[:count]]
     known = {m.name for m in modules}
     for allocation in allocations:
         outside = [name for name, _ in allocation.ranks if name not in known]

@@ -689,7 +689,7 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict
     accuracy, or of validation accuracy where the run held some out): its best seed."""
     import pandas as pd
 
-    from orchestrator.report import load as load_report, read_run_json, selection_order
+    from orchestrator.report import load as load_report, ranked, read_run_json, selection_order
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -706,9 +706,7 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict
         rows = usable[usable.kind == "searched"]
         if rows.empty:
             raise UserError(f"registry: {run_dir} has no trained searched candidate; pass --candidate with a baseline id")
-        order = selection_order(rows)  # as report.aggregate ranks models: mean over seeds, then the best seed
-        means = rows.groupby("candidate_id", sort=False)[order].mean().sort_values(order, ascending=False, kind="stable")
-        rows = rows[rows.candidate_id == means.index[0]]
+        rows = rows[rows.candidate_id == ranked(rows)[0]]  # the best model, then its best seed
     best = rows.sort_values(selection_order(rows) + ["f1"], ascending=False, kind="stable").iloc[0]
     return {k: (None if (not isinstance(v, (list, dict)) and pd.isna(v)) else v) for k, v in best.to_dict().items()}, \
         read_run_json(run_dir)

@@ -307,6 +307,13 @@ def selection_order(frame: pd.DataFrame) -> list[str]:
     return [column, "val_f1"] if column == "val_accuracy" and "val_f1" in frame else [column]
 
 
+def ranked(frame: pd.DataFrame, by: str = "candidate_id") -> pd.Index:
+    """The `by` values of the frame's models, best first by the mean over seeds of selection_order, as `aggregate`
+    ranks them (the registry's default pick and --warm-start use it on report rows)."""
+    order = selection_order(frame)
+    return frame.groupby(by, sort=False)[order].mean().sort_values(order, ascending=False, kind="stable").index
+
+
 def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per model, gains, Welch p-values, ROI and Pareto membership.
 

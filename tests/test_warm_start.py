@@ -32,6 +32,14 @@ def test_best_searched_allocations_by_mean_accuracy(tmp_path, modules):
     assert [a.compact(modules) for a in chosen] == ["L1.value:4,L2.shortcut.residual:2", "L0.query:8"]
 
 
+def test_a_run_with_a_validation_split_gives_its_best_on_validation(tmp_path, modules):
+    run = _earlier_run(tmp_path, [
+        {"kind": "searched", "allocation": "L0.query:8", "accuracy": 0.90, "val_accuracy": 0.60, "val_f1": 0.6},
+        {"kind": "searched", "allocation": "L5.key:2", "accuracy": 0.80, "val_accuracy": 0.70, "val_f1": 0.7},
+    ])
+    assert [a.compact(modules) for a in warm_start_allocations(run, modules, count=1)] == ["L5.key:2"]
+
+
 def test_no_warm_start_without_a_run(modules):
     assert warm_start_allocations(None, modules, count=2) == []
 
