@@ -317,7 +317,7 @@ def ranked(frame: pd.DataFrame, by: str = "candidate_id") -> pd.Index:
 def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per model, gains, Welch p-values, ROI and Pareto membership.
 
-    Sorted by `selection_column` (best first), so row 0 of the searched rows is the run's best searched model.
+    Sorted by `selection_order` (best first), so row 0 of the searched rows is the run's best searched model.
     `accuracy`, `f1`, `eval_loss`, `peak_memory_mb`, `val_accuracy` are means with a `_std` column beside them;
     `cost_usd` and `device_hours` are totals over seeds, `cost_usd_mean`/`_std` and
     `device_hours_mean`/`_std` per seed. `roi_per_usd` = gain_vs_<roi_baseline> / cost_usd_mean and
