@@ -136,7 +136,12 @@ def _existing_run(space: Space) -> None:
 
 
 def _run_with_another_recipe(space: Space) -> None:
-    space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "config": {"train": {"lr": 0.01}}}))
+    """run.json of the case's own config (BASE) as an earlier run recorded it, but trained at lr 0.01."""
+    from orchestrator.config import load_config
+
+    earlier = load_config(None, ["name=bad", f"results_dir={space.results}", f"model.name={space.tiny}",
+                                 f"data.task={space.data}", "train.lr=0.01"])
+    space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "config": earlier.to_dict()}, default=str))
 
 
 def _results_is_file(space: Space) -> None:
