@@ -7,6 +7,7 @@ and `evaluate` after every epoch. It is the yardstick the Ray paths are compared
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -83,6 +84,28 @@ def start() -> dict:
 def begin(script: str, quick: bool) -> tuple[dict, Path]:
     """start(), and the script's runs folder for its preset."""
     return start(), RESULTS / f"{script}_runs" / ("quick" if quick else "full")
+
+
+def fresh_runs_root(runs_root: Path) -> Path:
+    """The script's runs folder, emptied of its own earlier runs (run names must be new)."""
+    if runs_root.exists():
+        shutil.rmtree(runs_root)
+    runs_root.mkdir(parents=True)
+    return runs_root
+
+
+@contextlib.contextmanager
+def embedded_ray():
+    """The product's embedded local Ray (`orchestrator.pipeline.init_ray`) for the block, shut down after it."""
+    import ray
+
+    from orchestrator.pipeline import init_ray
+
+    init_ray(None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def add_out_argument(parser) -> None:

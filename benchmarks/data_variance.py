@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -112,19 +111,10 @@ def markdown(rows: pd.DataFrame, found: dict, ctx: dict, cmd: str) -> str:
 def main() -> None:
     args = parse_args()
     ctx, runs_root = C.begin("data_variance", args.quick)
-    import ray
-
-    from orchestrator.pipeline import init_ray
-
-    if runs_root.exists():
-        shutil.rmtree(runs_root)  # this script's own earlier runs: run names must be new
-    runs_root.mkdir(parents=True)
-    init_ray(None)
-    try:
+    C.fresh_runs_root(runs_root)
+    with C.embedded_ray():
         rows = [row for split, dropout in itertools.product(args.splits, args.dropouts)
                 for row in train_setting(runs_root, split, dropout, args)]
-    finally:
-        ray.shutdown()
     rows = pd.DataFrame(rows)
     failed = rows[rows.status != "completed"]
     if not failed.empty:

@@ -57,10 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def product_rows(args, task, allocation, results_dir: str, workers: int) -> list[dict]:
     """Every seed through init_ray → run_training (1-worker models two at a time, 2-worker ones alone)."""
-    import ray
-
     from orchestrator.config import load_config
-    from orchestrator.pipeline import init_ray
     from orchestrator.train import TrainJob, run_training
 
     seeds = ",".join(map(str, args.seeds))
@@ -70,11 +67,8 @@ def product_rows(args, task, allocation, results_dir: str, workers: int) -> list
                        f"train.max_concurrent={2 // workers}", "train.cpus_per_worker=1", "train.use_gpu=false"])
     cfg.run_dir.mkdir(parents=True)
     jobs = [TrainJob(allocation.candidate_id, "baseline", "uniform_qv", allocation.as_dict(), seed) for seed in args.seeds]
-    init_ray(None)
-    try:
+    with C.embedded_ray():
         trials = run_training(cfg, task, jobs)
-    finally:
-        ray.shutdown()
     return [{"path": f"{workers} worker{'s' if workers > 1 else ''}", "seed": job.seed,
              "accuracy": trials[job.job_id]["accuracy"], "train_loss": trials[job.job_id]["train_loss"],
              "train_wall_s": trials[job.job_id]["train_wall_s"]} for job in jobs]

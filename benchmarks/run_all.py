@@ -1,7 +1,7 @@
 """Run every benchmark in sequence and write benchmarks/README.md (index, latest results, scaling model).
 
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
-sparse_adapters.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py and
+sparse_adapters.py, dynamic_reallocation.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py and
 data_variance.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
 limit, logs in results/benchmarks/logs/, how each went in results/benchmarks/run_all_status.json, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target, its
@@ -56,6 +56,10 @@ SCRIPTS = [
      "search (seed-averaged), ROI > 0", (13, 240)),  # quick: 6.3 min measured (2026-12-02, 17:59)
     ("sparse_adapters", "sparse routed LoRA experts vs a dense mixture vs plain LoRA at equal params: accuracy, "
      "latency, memory (another engineer's script)", "see its own header", (10, 120)),
+    ("dynamic_reallocation", "the screen's best allocation of heterolora_dynamic.yaml trained static, dynamic (damped, "
+     "the default) and dynamic undamped, beside uniform_qv at equal budget on Rotten Tomatoes: accuracy, kept and trained "
+     "params, re-allocations, peak memory, latency, device-hours", "dynamic beats static at equal kept params "
+     "(seed-averaged)", (8, 60)),
     ("strategies", "every allocator (optuna, top_p, proportional, knapsack, random) proposes from one probe on the "
      "quickstart space; each one's best candidate and uniform_qv trained side by side: accuracy at equal params",
      "a score-driven strategy beats random and uniform_qv (seed-averaged)", (15, 60)),
