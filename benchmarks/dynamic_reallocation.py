@@ -46,6 +46,7 @@ import pandas as pd  # noqa: E402
 SPACE = C.ROOT / "search_spaces" / "heterolora_dynamic.yaml"
 UNDAMPED = ["train.dynamic_max_move=1", "train.dynamic_min_gain=0"]
 STATIC, DAMPED, UNDAMPED_NAME, BASELINE = "static", "dynamic, damped (default)", "dynamic, undamped", "uniform q,v"
+ORDER = [STATIC, DAMPED, UNDAMPED_NAME, BASELINE]  # the table's rows
 NUMBERS = ["seed", "accuracy", "f1", "trainable_params", "trained_params", "reallocations", "held_reallocations", "moved_rank",
            "peak_memory_mb", "latency_ms_per_batch", "train_wall_s", "device_hours"]  # a static model has no re-allocations
 KEPT = ["status", *NUMBERS, "final_allocation"]
@@ -107,8 +108,8 @@ def train_undamped(args, runs_root: Path, damped_run: Path) -> Path:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant (completed trainings only, in the order they first appear): means over seeds, the std
-    of accuracy, the gain over static in points and its Welch p."""
+    """One row per variant (completed trainings only, in ORDER): means over seeds, the std of accuracy, the gain
+    over static in points and its Welch p."""
     from orchestrator.report import welch_p
 
     done = rows[rows.status == "completed"].copy()
@@ -120,7 +121,8 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
         reallocations=("reallocations", "mean"), held_reallocations=("held_reallocations", "mean"),
         moved_rank=("moved_rank", "mean"), peak_memory_mb=("peak_memory_mb", "mean"),
         latency_ms_per_batch=("latency_ms_per_batch", "mean"), train_wall_s=("train_wall_s", "mean"),
-        device_hours=("device_hours", "sum")).reset_index()
+        device_hours=("device_hours", "sum"))
+    table = table.reindex([name for name in ORDER if name in table.index]).reset_index()
     table["vs_static_pts"] = 100 * (table.accuracy - static.mean())
     table["p_vs_static"] = [np.nan if name == STATIC else welch_p(done[done.variant == name].accuracy, static)
                             for name in table.variant]
@@ -131,18 +133,23 @@ def markdown(table: pd.DataFrame, rows: pd.DataFrame, ctx: dict, cmd: str, wall_
     def pct(mean, std):
         return f"{100 * mean:.1f}" + ("" if np.isnan(std) else f" ± {100 * std:.1f}")
 
+    def number(value, fmt=",.0f"):
+        return "—" if np.isnan(value) else format(value, fmt)
+
     shown = pd.DataFrame({
         "variant": table.variant, "seeds": table.seeds,
         "accuracy %": [pct(m, s) for m, s in zip(table.accuracy, table.accuracy_std)],
         "vs static (Welch p)": [("—" if v == STATIC else f"{d:+.1f}" + ("" if np.isnan(p) else f" ({p:.2f})"))
                                 for v, d, p in zip(table.variant, table.vs_static_pts, table.p_vs_static)],
-        "macro-F1 %": (100 * table.f1).round(1), "kept params": table.kept_params.round(0),
-        "trained params": table.trained_params.round(0),
+        "macro-F1 %": [number(100 * f, ".1f") for f in table.f1],
+        "kept params": [number(v) for v in table.kept_params], "trained params": [number(v) for v in table.trained_params],
         "re-allocations moved / held": [("—" if np.isnan(m) else f"{m:.1f} / {h:.1f}")
                                         for m, h in zip(table.reallocations, table.held_reallocations)],
-        "rank moved Σ|Δr|": table.moved_rank.round(1), "peak train memory MiB": table.peak_memory_mb.round(0),
-        "eval latency ms / batch": table.latency_ms_per_batch.round(1), "train wall s": table.train_wall_s.round(1),
-        "device-h (all seeds)": table.device_hours.round(3)})
+        "rank moved Σ\\|Δr\\|": [number(v, ".1f") for v in table.moved_rank],
+        "peak train memory MiB": [number(v) for v in table.peak_memory_mb],
+        "eval latency ms / batch": [number(v, ".1f") for v in table.latency_ms_per_batch],
+        "train wall s": [number(v, ".1f") for v in table.train_wall_s],
+        "device-h (all seeds)": [number(v, ".3f") for v in table.device_hours]})
     failed = rows[rows.status != "completed"]
     lines = ["# Static vs dynamic re-allocation (HeteroLoRA dynamic)", "",
              f"Command: `{cmd}` · {time.strftime('%Y-%m-%d %H:%M')} · {wall_s / 60:.1f} min", "",

@@ -36,7 +36,8 @@ Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each
            steps per model: expect accuracies near the majority class); the calibrated arm's two
            calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
-           (27 trainings + 6 calibration runs, 3-4 min each on one CPU thread: 105 minutes on 2 cores, 2026-12-03).
+           (27 trainings + 6 calibration runs, 1.5-4 min each on one CPU thread: 48 to 105 minutes on 2 cores,
+           2026-12-03 to 2026-12-05, as loaded).
 
 Targets: lora-search's best beats uniform_qv and random search at equal budget (seed-averaged, with
 the seed spread shown) at a training cost within k + 1 trainings; ROI > 0.
