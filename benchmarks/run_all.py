@@ -11,9 +11,9 @@ replaces a full table), and a scaling model whose numbers are read from the full
 results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
-    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all ten took 9.3 min
-                                                  # on 2 cores, 2026-12-05, 15.9 on 2026-12-03; a script with no time left is
-                                                  # marked skipped: run it with --only)
+    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all eleven took 11.0 min
+                                                  # on 2 cores, 2026-12-05; the ten before 15.9 on 2026-12-03; a script with no
+                                                  # time left is marked skipped: run it with --only)
     python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
     python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
     python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
