@@ -143,9 +143,9 @@ def write_results(out: Path, name: str, frame: pd.DataFrame, text: str) -> None:
     print(text, flush=True)
 
 
-def newsgroups_overrides(results_dir: Path, seeds: list[int], quick: bool) -> list[str]:
-    """What every 20 Newsgroups benchmark run shares: its results folder, seeds, two CPU trainings at a time,
-    and --quick's smoke-sized data (300 train / 200 eval, max_length 64) and probe (2 minibatches, not 8)."""
+def run_overrides(results_dir: Path, seeds: list[int], quick: bool) -> list[str]:
+    """What every benchmark run of a shipped space shares: its results folder, seeds, two CPU trainings at a
+    time, and --quick's smoke-sized data (300 train / 200 eval, max_length 64) and probe (2 minibatches, not 8)."""
     found = [f"results_dir={results_dir}", f"train.seeds=[{','.join(map(str, seeds))}]", "train.max_concurrent=2",
              "train.use_gpu=false"]
     if quick:

@@ -59,7 +59,7 @@ def train_setting(runs_root: Path, split: int, dropout: str, args) -> list[dict]
     from orchestrator.models import adaptable_modules, load_model
     from orchestrator.train import TrainJob, run_training
 
-    overrides = C.newsgroups_overrides(runs_root.resolve(), args.seeds, args.quick) + [
+    overrides = C.run_overrides(runs_root.resolve(), args.seeds, args.quick) + [
         f"name=split{split}-dropout-{DROPOUTS[dropout]}", f"data.split_seed={split}", f"model.dropout={DROPOUTS[dropout]}",
         "train.baselines=[]"]
     cfg = load_config(SPACE, overrides)

@@ -63,11 +63,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def overrides(args, runs_root: Path, name: str) -> list[str]:
-    found = [f"results_dir={runs_root.resolve()}", f"name={name}", f"train.seeds=[{','.join(map(str, args.seeds))}]",
-             "train.max_concurrent=2", "train.use_gpu=false", "register.best=false"]
-    if args.quick:
-        found += ["data.train_size=300", "data.eval_size=200", "screen.proxy_batches=2"]
-    return found
+    return C.run_overrides(runs_root.resolve(), args.seeds, args.quick) + [f"name={name}", "register.best=false"]
 
 
 def variant(trial: dict) -> str:

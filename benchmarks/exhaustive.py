@@ -256,7 +256,7 @@ def main() -> None:
 
     if runs_root.exists() and not args.resume:
         shutil.rmtree(runs_root)  # this script's own earlier run
-    overrides = C.newsgroups_overrides(runs_root.resolve(), args.seeds, args.quick) + [
+    overrides = C.run_overrides(runs_root.resolve(), args.seeds, args.quick) + [
         "name=exhaustive", "train.baselines=[]", f"space.module_types=[{','.join(module_types(args.quick))}]"]
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)

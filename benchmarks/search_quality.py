@@ -126,7 +126,7 @@ def baselines(args) -> list[str]:
 
 
 def common_overrides(args, results_dir: Path) -> list[str]:
-    found = C.newsgroups_overrides(results_dir, args.seeds, args.quick) + [f"screen.survivors={args.survivors}"]
+    found = C.run_overrides(results_dir, args.seeds, args.quick) + [f"screen.survivors={args.survivors}"]
     found += [QUICK_TYPES] * args.quick
     if args.train_size:
         found.append(f"data.train_size={args.train_size}")
