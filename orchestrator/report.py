@@ -792,14 +792,36 @@ def _error_bars(ax, position, value, err, horizontal: bool) -> None:
         ax.errorbar(x, y, **{"xerr" if horizontal else "yerr": err[keep]}, fmt="none", ecolor="black", capsize=3, lw=1.2)
 
 
+LABEL_ABOVE, LABEL_BELOW, LABEL_BESIDE = 7, -13, -3  # vertical offsets of a point's label, in typographic points
+
+
+def label_heights(xs: np.ndarray, ys: np.ndarray, near: float = 0.1) -> list[int]:
+    """Vertical label offset per point: LABEL_ABOVE, LABEL_BELOW or LABEL_BESIDE.
+
+    Points within `near` of the x range of each other are labelled by height (the highest above, the lowest
+    below, any between beside), so no label sits next to the other point; a lone point alternates with its
+    left neighbour in x order."""
+    span = (np.nanmax(xs) - np.nanmin(xs)) or 1.0
+    heights = [0] * len(xs)
+    for i, k in enumerate(np.argsort(xs, kind="stable")):
+        close = sorted((j for j in range(len(xs)) if abs(xs[j] - xs[k]) <= near * span), key=lambda j: ys[j])
+        if len(close) < 2:
+            heights[k] = LABEL_ABOVE if i % 2 == 0 else LABEL_BELOW
+        else:
+            heights[k] = LABEL_ABOVE if k == close[-1] else LABEL_BELOW if k == close[0] else LABEL_BESIDE
+    return heights
+
+
 def _annotate(ax, table: pd.DataFrame, x: str, y: pd.Series) -> None:
-    """Label each model at its point; labels alternate above/below and turn left near the right edge."""
+    """Label each model at its point (see label_heights); labels turn left near the right edge."""
     xs = table[x].to_numpy(dtype=float)
     lo, hi = np.nanmin(xs), np.nanmax(xs)
-    for i, k in enumerate(np.argsort(xs, kind="stable")):
+    heights = label_heights(xs, y.to_numpy(dtype=float))
+    for k in range(len(table)):
         row = table.iloc[k]
         right = hi > lo and (xs[k] - lo) / (hi - lo) > 0.7
-        offset = (-9 if right else 9, 7 if i % 2 == 0 else -13)
+        gap = 13 if heights[k] == LABEL_BESIDE else 9  # beside: clear of the marker and the Pareto ring
+        offset = (-gap if right else gap, heights[k])
         ax.annotate(row.label, (xs[k], y.iloc[k]), textcoords="offset points", xytext=offset,
                     ha="right" if right else "left", fontsize=8.5, color=_color(row.kind),
                     fontweight="bold" if row.kind == "baseline" else "normal")

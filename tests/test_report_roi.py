@@ -88,6 +88,15 @@ def test_pareto_front_golden():
     assert report.pareto_front(frame, "accuracy", y="x").tolist() == [False, False, False, True, False, True]
 
 
+def test_labels_of_points_close_in_x_go_by_height_so_none_sits_beside_the_other_point():
+    # the 20NG report's grad_norm panel: screen#1 (47.5%) and screen#2 (49.1%) at nearly the same score; x order
+    # alone put screen#1's label above its point, next to screen#2's, and screen#2's below, next to screen#1's
+    xs, ys = np.array([0.150, 0.155, 0.170, 1.47, 2.60]), np.array([47.5, 49.1, 53.5, 41.8, 44.8])
+    assert report.label_heights(xs, ys) == [-13, -3, 7, -13, 7]  # below, beside, above; lone ones alternate in x order
+    assert report.label_heights(np.array([0.0, 5.0, 10.0]), np.array([3.0, 1.0, 2.0])) == [7, -13, 7]
+    assert report.label_heights(np.array([1.0, 1.0]), np.array([2.0, 1.0])) == [7, -13]  # no x range at all
+
+
 def test_row_columns_gain_and_roi(table):
     a0, a1, b, c, q = row(table, "aaaa", 0), row(table, "aaaa", 1), row(table, "bbbb"), row(table, "cccc"), row(table, "qqqq")
     assert list(table.columns[:len(report.CONTRACT_COLUMNS)]) == report.CONTRACT_COLUMNS
