@@ -162,17 +162,18 @@ class ScreenConfig:
         from orchestrator.allocators import ALLOCATORS  # lazy: allocators imports this module
 
         _require(self.allocator in ALLOCATORS, "screen.allocator", f"'{self.allocator}' is unknown", f"choose from {sorted(ALLOCATORS)}")
+        from orchestrator.proxies import NORMALISATIONS, PROXIES  # lazy: the registry imports torch
+
+        _require(CALIBRATED not in self.proxies, "screen.proxies", f"'{CALIBRATED}' is measured by training, not a zero-cost proxy",
+                 f"remove it and set screen.rank_by: {CALIBRATED}")
+        # a misspelt proxy is named as such, not reported as rank_by missing from the list
+        unknown = [p for p in self.proxies if p not in PROXIES]
+        _require(not unknown, "screen.proxies", f"unknown proxy {unknown}", f"choose from {sorted(PROXIES)}")
         _require(self.rank_by in self.proxies or self.rank_by == CALIBRATED, "screen.rank_by",
                  f"'{self.rank_by}' is not in screen.proxies", f"add it to screen.proxies, or use '{CALIBRATED}'")
         _require(self.rank_by != CALIBRATED or self.direction == "maximize", "screen.direction",
                  f"'{self.direction}' with rank_by '{CALIBRATED}' (a measured accuracy gain: higher is better)",
                  "use maximize")
-        _require(CALIBRATED not in self.proxies, "screen.proxies", f"'{CALIBRATED}' is measured by training, not a zero-cost proxy",
-                 f"remove it and set screen.rank_by: {CALIBRATED}")
-        from orchestrator.proxies import NORMALISATIONS, PROXIES  # lazy: the registry imports torch
-
-        unknown = [p for p in self.proxies if p not in PROXIES]
-        _require(not unknown, "screen.proxies", f"unknown proxy {unknown}", f"choose from {sorted(PROXIES)}")
         if self.storage is not None:
             from orchestrator.storage import check_url
 

@@ -184,6 +184,8 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["space.layers=[-1]"], "space.layers"),
     (["screen.rank_by=synflow"], "screen.rank_by"),
     (["screen.direction=up"], "screen.direction"),
+    (["screen.proxies=[grad_nrom]"], "screen.proxies"),  # the typo is named, not rank_by's absence from the list
+    (["screen.proxies=[calibrated]"], "screen.proxies"),
     (["train.seeds=[]"], "train.seeds"),
     (["train.baselines=[lora_plus]"], "train.baselines"),
     (["model.max_length=4"], "model.max_length"),
