@@ -836,6 +836,8 @@ def plot_accuracy_vs_params(report: pd.DataFrame, path: Path) -> None:
     ax = axes[0, 0]
     for kind, marker in (("searched", "o"), ("baseline", "s")):
         seeds, part = report[report.kind == kind], table[table.kind == kind]
+        if part.empty:  # e.g. a random-search run without baselines: no legend entry for what is not drawn
+            continue
         ax.scatter(seeds.trainable_params, 100 * seeds.accuracy, marker=marker, color=_color(kind), alpha=0.25, s=18)
         ax.errorbar(part.trainable_params, 100 * part.accuracy, yerr=100 * _nz(part.accuracy_std), fmt=marker,
                     color=_color(kind), ms=8 if kind == "baseline" else 7, capsize=3, label=f"{kind} (mean ± std)")

@@ -211,6 +211,16 @@ def test_write_renders_every_plot_and_page(tmp_path):
     assert "learning_curves.png" not in (tmp_path / "report.html").read_text()
 
 
+def test_pareto_legend_names_only_what_is_drawn(table, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    legend = lambda: [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    report.plot_accuracy_vs_params(table, tmp_path / "a.png")
+    assert {"searched (mean ± std)", "baseline (mean ± std)"} <= set(legend())
+    report.plot_accuracy_vs_params(table[table.kind == "searched"], tmp_path / "b.png")  # a run without baselines
+    assert "searched (mean ± std)" in legend() and "baseline (mean ± std)" not in legend()
+
+
 def test_print_summary_fits_one_screen(table, tmp_path):
     from rich.console import Console
 
