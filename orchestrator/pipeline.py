@@ -234,8 +234,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     placed = {cid: a for cid, (_, _, a) in allocations.items()} | {cid: v[1] for cid, v in variants.items()}
     table = report.build(rows, {cid: scores.scores(a) for cid, a in placed.items()},
                          {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
+    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # first, so the report has the run's wall time
     report.write(table, cfg.run_dir, task.majority_rate())
-    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), registered=register_best(cfg),
+    write_run_json(cfg, registered=register_best(cfg),
                    copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)
     publish_run(cfg.storage_path, cfg.run_dir)
     return table

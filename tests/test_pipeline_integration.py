@@ -85,6 +85,7 @@ def test_run_json_records_config_and_versions(finished_run):
     assert run["versions"]["peft"] == "0.21.2"
     assert run["seeds"]["train"] == [0]
     assert "finished_at" in run and run["task"]["train_examples"] == 192 - 32  # less data.validation_size
+    assert "Run wall time:" in (cfg.run_dir / "report.md").read_text()  # written before the report, not after it
 
 
 def test_saved_adapters_reload_with_plain_peft(finished_run):
