@@ -1282,16 +1282,29 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> pd
 
 
 def print_compare(table: pd.DataFrame, console=None) -> None:
+    """Runs side by side in 80 columns: numbers are never cut (a long run name or task folds instead), a task every
+    run shares goes into the title, and candidate ids and the baseline's std stay in compare.md."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    out = Table(title="lora-search: runs compared")
-    for column in ("run", "task", "best searched", "acc %", "baseline", "base acc %", "gain pts", "p", "cost $"):
-        out.add_column(column, justify="left" if column in ("run", "task", "best searched", "baseline") else "right")
-    for row in table.itertuples():
-        out.add_row(str(row.run), str(row.task), str(row.best_searched), _pm(row.best_accuracy, row.best_accuracy_std, 100),
-                    str(row.baseline), _pm(row.baseline_accuracy, row.baseline_accuracy_std, 100),
-                    "" if math.isnan(row.gain_points) else f"{row.gain_points:+.2f}",
-                    "" if math.isnan(row.p_value) else f"{row.p_value:.3g}", f"{row.total_cost_usd:.4f}")
+    tasks = table.task.astype(str).unique()
+    text = lambda value: value if isinstance(value, str) else ""
+    number = lambda value, fmt, scale=1.0: "" if math.isnan(value) else format(scale * value, fmt)
+    rows = [[text(row.best_searched).split(" · ")[0], number(row.best_accuracy, ".2f", 100),
+             number(row.best_accuracy_std, ".2f", 100), text(row.baseline), number(row.baseline_accuracy, ".2f", 100),
+             number(row.gain_points, "+.2f"), number(row.p_value, ".3g"), f"{row.total_cost_usd:.4f}"]
+            for row in table.itertuples()]
+    folded = [[str(row.run)] + [str(row.task)] * (len(tasks) > 1) for row in table.itertuples()]
+    out = Table(title="lora-search: runs compared" + (f" on {tasks[0]}" if len(tasks) == 1 else ""),
+                box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    for column in ["run"] + ["task"] * (len(tasks) > 1):
+        out.add_column(column, overflow="fold", min_width=8)
+    headers = ("best", "acc %", "± std", "baseline", "base\nacc %", "gain\npts", "p", "cost $")
+    for k, column in enumerate(headers):  # rich crops a no_wrap column narrower than its min_width
+        width = max([len(line) for line in column.split("\n")] + [len(cells[k]) for cells in rows])
+        out.add_column(column, justify="left" if column in ("best", "baseline") else "right", no_wrap=True, min_width=width)
+    for names, cells in zip(folded, rows):
+        out.add_row(*names, *cells)
     console.print(out)

@@ -377,6 +377,32 @@ def test_compare_two_runs(tmp_path, no_plots):
     assert "uniform_qv" in result.output and "Screening" in result.output
 
 
+def compare_rows(tasks: list[str]) -> pd.DataFrame:
+    """What report.compare returns, for a proxy-ranked run and a random-search run without baselines."""
+    return pd.DataFrame({"run": ["newsgroups-budget37k-minimise", "newsgroups-budget37k-random"], "task": tasks,
+                         "best_searched": ["screen#1 · a471bbe1df8", "screen#4 · a6626f43480"],
+                         "best_accuracy": [0.48167, 0.46567], "best_accuracy_std": [0.04148, 0.02511],
+                         "baseline": ["uniform_qv", None], "baseline_accuracy": [0.39933, np.nan],
+                         "gain_points": [8.233, np.nan], "p_value": [0.05447, np.nan], "total_cost_usd": [0.01553, 0.02461]})
+
+
+@pytest.mark.parametrize("tasks", [["newsgroups20"] * 2, ["newsgroups20", "rotten_tomatoes"]])
+def test_compare_table_in_80_columns_cuts_no_number(tasks):
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    report.print_compare(compare_rows(tasks), console)
+    shown = console.export_text()
+    assert all(len(line) <= 80 for line in shown.splitlines())
+    assert "…" not in shown and "nan" not in shown and "None" not in shown  # a missing baseline is blank
+    for number in ("48.17", "4.15", "39.93", "+8.23", "0.0545", "0.0155", "46.57", "2.51", "0.0246"):
+        assert number in shown, number
+    assert ("runs compared on newsgroups20" in shown) == (len(set(tasks)) == 1)  # a shared task goes to the title
+    lines = shown.splitlines()
+    names = [line.split(" ")[0] for line in lines[lines.index(next(l for l in lines if l.startswith("─"))) + 1:]]
+    assert "".join(names).startswith("newsgroups-budget37k-minimise")  # a long run name folds onto the next line
+
+
 def test_a_calibrated_run_counts_its_calibration_as_a_stage():
     table = report.add_derived(report.build(trials(), proxy_scores(), COMPACT, MAJORITY))
     run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.05}}},
