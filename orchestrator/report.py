@@ -1146,24 +1146,38 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
 # ---------------------------------------------------------------- terminal
 
 
+def terminal_table(title: str, columns: list[str], rows: list[list[str]], folding: dict[str, int], left: set[str]):
+    """A rich table that fits an 80-column terminal without cutting a number: the `folding` columns (header → least
+    width) wrap their text, and every other column is exactly as wide as its longest cell, because rich crops a
+    no_wrap column to fit and only honours its min_width."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    for k, column in enumerate(columns):
+        if column in folding:
+            table.add_column(column, overflow="fold", min_width=folding[column])
+        else:
+            width = max([len(line) for line in column.split("\n")] + [len(cells[k]) for cells in rows])
+            table.add_column(column, justify="left" if column in left else "right", no_wrap=True, min_width=width)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
 def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, run_dir: str | Path | None = None) -> None:
     """One screen: the models (mean over seeds) with gain, p-value and ROI, then the summary lines."""
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     report = report if "roi_baseline" in report else add_derived(report)
     labels = baseline_labels(report)
     primary = labels[0] if labels else None
     title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     validated = selection_column(report) == "val_accuracy"
     columns = ["model", "kind", "params", "acc %", "± std"] + ["val %"] * validated + ["F1 %", "cost $\n/ seed"]
     columns += ["Δ pts", "p", "pts/$"] if primary else []
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "kind") else "right",
-                         no_wrap=column != "model", min_width=11 if column == "model" else None)
+    rows = []
     for row in aggregate(report).itertuples():
         std = "" if np.isnan(row.accuracy_std) else f"{100 * row.accuracy_std:.2f}"
         cells = [f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
@@ -1173,7 +1187,8 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
             gain, p = getattr(row, gain_column(primary)), getattr(row, p_column(primary))
             cells += ["" if math.isnan(gain) else f"{gain:+.2f}", "" if math.isnan(p) else f"{p:.3g}",
                       "" if math.isnan(row.roi_per_usd) else f"{row.roi_per_usd:+.4g}"]
-        table.add_row(*cells)
+        rows.append(cells)
+    table = terminal_table(title, columns, rows, folding={"model": 11}, left={"kind"})
     console.print(table)
     for line in summary_lines(report, majority_rate):
         console.print(line)
@@ -1282,29 +1297,21 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> pd
 
 
 def print_compare(table: pd.DataFrame, console=None) -> None:
-    """Runs side by side in 80 columns: numbers are never cut (a long run name or task folds instead), a task every
-    run shares goes into the title, and candidate ids and the baseline's std stay in compare.md."""
-    from rich import box
+    """Runs side by side (see terminal_table); a task every run shares goes into the title, and candidate ids and
+    the baseline's std stay in compare.md."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     tasks = table.task.astype(str).unique()
     text = lambda value: value if isinstance(value, str) else ""
     number = lambda value, fmt, scale=1.0: "" if math.isnan(value) else format(scale * value, fmt)
-    rows = [[text(row.best_searched).split(" · ")[0], number(row.best_accuracy, ".2f", 100),
+    rows = [[str(row.run)] + [str(row.task)] * (len(tasks) > 1) + [
+             text(row.best_searched).split(" · ")[0], number(row.best_accuracy, ".2f", 100),
              number(row.best_accuracy_std, ".2f", 100), text(row.baseline), number(row.baseline_accuracy, ".2f", 100),
              number(row.gain_points, "+.2f"), number(row.p_value, ".3g"), f"{row.total_cost_usd:.4f}"]
             for row in table.itertuples()]
-    folded = [[str(row.run)] + [str(row.task)] * (len(tasks) > 1) for row in table.itertuples()]
-    out = Table(title="lora-search: runs compared" + (f" on {tasks[0]}" if len(tasks) == 1 else ""),
-                box=box.SIMPLE_HEAD, padding=0, show_edge=False)
-    for column in ["run"] + ["task"] * (len(tasks) > 1):
-        out.add_column(column, overflow="fold", min_width=8)
-    headers = ("best", "acc %", "± std", "baseline", "base\nacc %", "gain\npts", "p", "cost $")
-    for k, column in enumerate(headers):  # rich crops a no_wrap column narrower than its min_width
-        width = max([len(line) for line in column.split("\n")] + [len(cells[k]) for cells in rows])
-        out.add_column(column, justify="left" if column in ("best", "baseline") else "right", no_wrap=True, min_width=width)
-    for names, cells in zip(folded, rows):
-        out.add_row(*names, *cells)
+    columns = ["run"] + ["task"] * (len(tasks) > 1) + ["best", "acc %", "± std", "baseline", "base\nacc %", "gain\npts",
+                                                        "p", "cost $"]
+    out = terminal_table("lora-search: runs compared" + (f" on {tasks[0]}" if len(tasks) == 1 else ""), columns, rows,
+                         folding={"run": 8, "task": 8}, left={"best", "baseline"})
     console.print(out)

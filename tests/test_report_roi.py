@@ -229,6 +229,10 @@ def test_print_summary_fits_one_screen(table, tmp_path):
     out = console.export_text()
     assert "uniform_qv" in out and "Spearman" in out and "Pareto front" in out and "+3.00" in out
     assert len(out.splitlines()) <= 40 and max(len(line) for line in out.splitlines()) <= 100
+    narrow = Console(width=80, record=True)  # an 80-column terminal folds the model names and cuts no number
+    report.print_summary(table, MAJORITY, narrow)
+    models = narrow.export_text().split("Majority")[0]
+    assert "…" not in models and "+3.00" in models and "+300" in models
 
 
 def test_print_summary_shows_the_cost_per_seed_its_roi_divides_by(table):
