@@ -159,22 +159,21 @@ def registry_add(run_dir: Path = typer.Argument(..., help="a finished run direct
 
 @registry_app.command("list")
 def registry_list(root: Path = _root_option()):
-    """Every stored version: name, version, current, precision, task, base model, accuracy, size."""
-    from rich.table import Table
-
+    """Every stored version: name, version, current (*), precision, task, base model, accuracy, size."""
     from orchestrator.registry import Registry
+    from orchestrator.report import terminal_table
 
     entries = Registry(root).list()
     if not entries:
         _say(f"The registry at {root} is empty; add an adapter with `lora-search registry add results/<run>`")
         return
-    table = Table("name", "version", "current", "precision", "task", "base model", "accuracy", "bytes", "parent", "created")
-    for e in entries:
-        accuracy = e.metrics.get("accuracy")
-        table.add_row(e.name, str(e.version), "*" if e.current else "", e.precision, e.task, e.base_model,
-                      f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "", f"{e.size_bytes:,}",
-                      f"v{e.parent_version}" if e.parent_version else "", e.created_at)
-    console.print(table, soft_wrap=True)
+    rows = [[e.name, str(e.version), "*" if e.current else "", e.precision, e.task, e.base_model,
+             f"{e.metrics['accuracy']:.4f}" if isinstance(e.metrics.get("accuracy"), (int, float)) else "",
+             f"{e.size_bytes:,}", f"v{e.parent_version}" if e.parent_version else "", e.created_at[:16].replace("T", " ")]
+            for e in entries]
+    columns = ["name", "ver", "cur", "prec", "task", "base model", "accuracy", "bytes", "parent", "created"]
+    console.print(terminal_table("lora-search registry", columns, rows, left={"cur", "prec", "parent"},
+                                 folding={"name": 8, "task": 8, "base model": 8, "created": 10}))
 
 
 @registry_app.command("show")

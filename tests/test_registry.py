@@ -411,6 +411,8 @@ def test_cli_commands(monkeypatch, capsys, fake_run, tmp_path):
     assert code == 0 and "Added tiny v2 (int8" in out
     code, out, _ = cli(monkeypatch, capsys, "registry", "list", *root)
     assert code == 0 and "tiny" in out and "int8" in out and "fp32" in out
+    # captured output is 80 columns wide: the list folds text and cuts no number
+    assert "…" not in out and all(f"{e.size_bytes:,}" in out for e in Registry(tmp_path / "reg").list())
     code, out, _ = cli(monkeypatch, capsys, "registry", "show", "tiny", "--version", "1", *root)
     assert code == 0 and "SHA-256" in out and "candidate_id=a2" in out and "allocation  L0.query:16" in out
     code, out, _ = cli(monkeypatch, capsys, "registry", "rollback", "tiny", *root)
