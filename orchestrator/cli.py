@@ -64,9 +64,11 @@ def validate_proxies(config: Path = typer.Argument(..., help="search space YAML 
 def modules(model: str = typer.Option("minilm-l6", help="packaged model name or local Hugging Face directory")):
     """List the modules an adapter can go on, with the parameters one unit of rank costs there."""
     from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.report import terminal_table
 
-    for module in adaptable_modules(load_model(model, num_labels=2)):
-        console.print(f"{module.short:<28} {module.name:<50} {module.params_per_rank:>6} params/rank")
+    rows = [[m.short, f"{m.params_per_rank:,}", m.name] for m in adaptable_modules(load_model(model, num_labels=2))]
+    console.print(terminal_table(f"modules of {model}", ["module", "params\nper rank", "name in the model"], rows,
+                                 folding={"name in the model": 8}, left={"module"}))
 
 
 @app.command()

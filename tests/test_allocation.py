@@ -67,6 +67,19 @@ def test_tiny_model_modules(tiny_modules):
     assert {m.name for m in tiny_modules} == {full(m.short) for m in tiny_modules}
 
 
+def test_cli_modules_lists_each_module_with_its_cost_in_80_columns(tiny_model_dir, tiny_modules):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, ["modules", "--model", str(tiny_model_dir)], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in result.output
+    for module in tiny_modules:  # one row each: short name, params per unit of rank, the model's own name
+        assert any(line.split() == [module.short, f"{module.params_per_rank:,}", module.name] for line in lines)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainable_params_and_peft_model_match(case, tiny_model_dir, tiny_modules):
     ranks = ranks_of(case, tiny_modules)
