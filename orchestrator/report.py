@@ -1304,11 +1304,10 @@ def print_compare(table: pd.DataFrame, console=None) -> None:
     console = console or Console()
     tasks = table.task.astype(str).unique()
     text = lambda value: value if isinstance(value, str) else ""
-    number = lambda value, fmt, scale=1.0: "" if math.isnan(value) else format(scale * value, fmt)
     rows = [[str(row.run)] + [str(row.task)] * (len(tasks) > 1) + [
-             text(row.best_searched).split(" · ")[0], number(row.best_accuracy, ".2f", 100),
-             number(row.best_accuracy_std, ".2f", 100), text(row.baseline), number(row.baseline_accuracy, ".2f", 100),
-             number(row.gain_points, "+.2f"), number(row.p_value, ".3g"), f"{row.total_cost_usd:.4f}"]
+             text(row.best_searched).split(" · ")[0], _pm(row.best_accuracy, None, 100),
+             _pm(row.best_accuracy_std, None, 100), text(row.baseline), _pm(row.baseline_accuracy, None, 100),
+             _pm(row.gain_points, None, fmt="+.2f"), _pm(row.p_value, None, fmt=".3g"), f"{row.total_cost_usd:.4f}"]
             for row in table.itertuples()]
     columns = ["run"] + ["task"] * (len(tasks) > 1) + ["best", "acc %", "± std", "baseline", "base\nacc %", "gain\npts",
                                                         "p", "cost $"]
