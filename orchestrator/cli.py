@@ -101,7 +101,8 @@ def compose(adapters: str = typer.Option(..., "--adapters", help="registered ada
             method: str = typer.Option("all", "--method", help="uniform, learned or all (+ zero_shot, single_best, few_shot_training)"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: results/compose-<task>)"),
             register: Optional[str] = typer.Option(None, "--register", help="store the composed adapter (learned, else uniform) under NAME"),
-            registry: Path = typer.Option(Path("results/registry"), "--registry", help="registry directory holding the adapters"),
+            registry: Path = typer.Option(Path("results/registry"), "--registry", "--root",
+                                         help="registry directory holding the adapters"),
             trials: int = typer.Option(40, "--trials", help="Optuna TPE trials of the learned weights"),
             l1: float = typer.Option(0.05, "--l1", help="penalty on the sum of |weights| (LoraHub)"),
             eval_size: int = typer.Option(1000, "--eval-size", help="cap on held-out eval examples"),
@@ -130,7 +131,9 @@ registry_app = typer.Typer(no_args_is_help=True,
 
 
 def _root_option():
-    return typer.Option(Path("results/registry"), "--root", help="registry directory: registry.db (SQLite) + <name>/v<version>/")
+    # --registry as well, so one spelling works for `compose` and `registry` alike
+    return typer.Option(Path("results/registry"), "--root", "--registry",
+                        help="registry directory: registry.db (SQLite) + <name>/v<version>/")
 
 
 def _say(text: str) -> None:

@@ -283,8 +283,9 @@ def test_cli_compose(monkeypatch, capsys, pool, tiny_model_dir, tmp_path, senten
                           (["--adapters", "alpha,beta", "--register", "bad/name"], "not a valid adapter name")):
         code, _, err = cli(monkeypatch, capsys, *common, *args, "--out", tmp_path / "bad")
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
-    code, _, err = cli(monkeypatch, capsys, "compose", "--registry", tmp_path / "none", "--task", data, "--adapters", "a,b")
-    assert code == 2 and "no registry at" in err
+    for flag in ("--registry", "--root"):  # `registry` commands spell it --root; both work here
+        code, _, err = cli(monkeypatch, capsys, "compose", flag, tmp_path / "none", "--task", data, "--adapters", "a,b")
+        assert code == 2 and "no registry at" in err, flag
 
 
 def test_bad_out_or_register_fails_before_anything_runs(monkeypatch, capsys, tmp_path):

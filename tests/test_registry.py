@@ -409,7 +409,7 @@ def test_cli_commands(monkeypatch, capsys, fake_run, tmp_path):
     assert code == 0 and "Added tiny v1 (fp32" in out and "current" in out and "candidate a2" in out
     code, out, _ = cli(monkeypatch, capsys, "registry", "add", fake_run, "--candidate", "a1", "--precision", "int8", *root)
     assert code == 0 and "Added tiny v2 (int8" in out
-    code, out, _ = cli(monkeypatch, capsys, "registry", "list", *root)
+    code, out, _ = cli(monkeypatch, capsys, "registry", "list", "--registry", tmp_path / "reg")  # compose's spelling
     assert code == 0 and "tiny" in out and "int8" in out and "fp32" in out
     # captured output is 80 columns wide: the list folds text and cuts no number
     assert "…" not in out and all(f"{e.size_bytes:,}" in out for e in Registry(tmp_path / "reg").list())
