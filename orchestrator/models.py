@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ HEAD_MODULES = ["classifier"]  # trained and saved with the adapter (PEFT module
 _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
 # Without one of these, transformers 5 silently builds a 5-token default vocabulary: every word becomes [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
+# transformers 5.23 warns about its own deprecated property whenever PEFT wraps a model: once in every Ray
+# worker's log, about nothing a user can change. Every process that builds a model imports this module.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ import sqlite3
 import struct
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -665,9 +664,7 @@ def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict)
     from orchestrator.models import load_model
 
     model = load_model(base_model, num_labels=num_labels_of(tensors))
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # transformers 5.23 warns about its own deprecated name whenever PEFT wraps a model
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / CONFIG_FILE).write_bytes(config_bytes)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / WEIGHTS_FILE),
                   metadata={"format": "pt"})

@@ -80,6 +80,18 @@ def test_cli_modules_lists_each_module_with_its_cost_in_80_columns(tiny_model_di
         assert any(line.split() == [module.short, f"{module.params_per_rank:,}", module.name] for line in lines)
 
 
+def test_wrapping_a_model_prints_no_transformers_deprecation_noise(tiny_model_dir):
+    """A fresh process (as in a Ray worker): apply_lora must not print transformers' own FutureWarning."""
+    import subprocess
+    import sys
+
+    script = ("from orchestrator.allocation import Allocation, apply_lora; from orchestrator.models import load_model; "
+              f"apply_lora(load_model({str(tiny_model_dir)!r}, 2), Allocation.from_ranks({{'layer.0.attention.self.query': 1}}))")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainable_params_and_peft_model_match(case, tiny_model_dir, tiny_modules):
     ranks = ranks_of(case, tiny_modules)
