@@ -1206,12 +1206,37 @@ def default_compare_dir(run_dirs: list[str | Path]) -> Path:
     return Path(run_dirs[0]).parent / ("compare-" + "-".join(names))
 
 
+# Config keys that say where a run's files go or whether it registers, not what it computed.
+_NOT_SETTINGS = ("name", "results_dir", "storage_path", "screen.storage", "register.")
+
+
+def _flat_settings(config: dict, prefix: str = "") -> dict[str, str]:
+    """{'train.lr': '0.004', …}: every leaf of a run.json config under its dotted override key."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat_settings(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def differing_settings(configs: list[dict]) -> list[str]:
+    """Per run, the settings on which the runs disagree, as `key=value; …` (what a compare is comparing)."""
+    flats = [_flat_settings(config) for config in configs]
+    keys = [key for key in dict.fromkeys(k for flat in flats for k in flat)
+            if not key.startswith(_NOT_SETTINGS) and len({flat.get(key) for flat in flats}) > 1]
+    return ["; ".join(f"{key}={flat.get(key, '(unset)')}" for key in keys) for flat in flats]
+
+
 def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """One row per run: task, best searched model, the baselines, gain over the ROI baseline and cost."""
-    rows, seen = [], {}
+    """One row per run: task, best searched model, the baselines, gain over the ROI baseline, cost, and the
+    settings in which the runs differ."""
+    rows, seen, configs = [], {}, []
     for run_dir in map(Path, run_dirs):
         report = load(run_dir)
         context = run_context(run_dir, report)
+        configs.append(context["run"].get("config", {}))
         report = add_derived(report, context["base_params"], context["baselines"])
         table, labels = aggregate(report), baseline_labels(report, context["baselines"])
         name = context["name"] or run_dir.name
@@ -1240,7 +1265,7 @@ def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
             "total_cost_usd": costs["total_cost_usd"], "device_hours": costs["train_device_hours"],
             "run_dir": str(run_dir),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).assign(settings=differing_settings(configs))
 
 
 def plot_compare(table: pd.DataFrame, path: Path) -> None:
@@ -1314,3 +1339,7 @@ def print_compare(table: pd.DataFrame, console=None) -> None:
     out = terminal_table("lora-search: runs compared" + (f" on {tasks[0]}" if len(tasks) == 1 else ""), columns, rows,
                          folding={"run": 8, "task": 8}, left={"best", "baseline"})
     console.print(out)
+    if table.settings.astype(bool).any():
+        console.print("Settings that differ:")
+        for row in table.itertuples():
+            console.print(f"  {row.run}: {row.settings}", markup=False, highlight=False)

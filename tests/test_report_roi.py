@@ -247,7 +247,7 @@ def test_print_summary_shows_the_cost_per_seed_its_roi_divides_by(table):
     assert "0.0100" in line and "0.0200" not in line and "+300" in line  # 2 seeds at $0.01: +3.00 pts ÷ $0.01
 
 
-def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str = "synthetic_task"):
+def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str = "synthetic_task", lr: float = 2e-3):
     """A finished run as pipeline.run leaves it (without adapters): trials/, run.json, screen.csv, module_scores.json."""
     (path / "trials").mkdir(parents=True)
     rows = trials()
@@ -259,7 +259,7 @@ def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str
               "status": "failed", "error": "RuntimeError: worker died"}
     (path / "trials" / "bbbb-s1.json").write_text(json.dumps(failed))  # as train.keep_failure writes it
     run = {"config": {"name": name, "model": {"name": "tiny"}, "space": {"module_types": TYPES},
-                      "train": {"baselines": ["uniform_qv"], "seeds": [0, 1]},
+                      "train": {"baselines": ["uniform_qv"], "seeds": [0, 1], "lr": lr},
                       "cost": {"price_per_device_hour": {"cpu": 0.0446, "gpu": 1.006}}},
            "seeds": {"train": [0, 1], "screen": 0, "split": 0},
            "task": {"task": task, "train_examples": 100, "eval_examples": 50, "majority_rate": MAJORITY},
@@ -359,7 +359,7 @@ def test_compare_two_runs(tmp_path, no_plots):
     from orchestrator.cli import app
 
     first = make_run_dir(tmp_path / "results" / "one", name="one")
-    second = make_run_dir(tmp_path / "results" / "two", name="two", task="other_task", scale=0.9)
+    second = make_run_dir(tmp_path / "results" / "two", name="two", task="other_task", scale=0.9, lr=4e-3)
     for run_dir in (first, second):
         report.rebuild(run_dir)
     table = report.compare([first, second], tmp_path / "cmp")
@@ -372,10 +372,13 @@ def test_compare_two_runs(tmp_path, no_plots):
         assert (tmp_path / "cmp" / name).is_file(), name
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000
     assert report.default_compare_dir([first, second]) == tmp_path / "results" / "compare-one-two"
+    assert table.settings.tolist() == ["train.lr=0.002", "train.lr=0.004"]  # the run names differ too: not a setting
+    assert "train.lr=0.004" in (tmp_path / "cmp" / "compare.md").read_text()
 
     result = CliRunner().invoke(app, ["compare", str(first), str(second)], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "runs compared" in result.output and (tmp_path / "results" / "compare-one-two" / "compare.png").is_file()
+    assert "Settings that differ:\n  one: train.lr=0.002\n  two: train.lr=0.004" in result.output
     result = CliRunner().invoke(app, ["report", str(first)], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "uniform_qv" in result.output and "Screening" in result.output
@@ -387,7 +390,19 @@ def compare_rows(tasks: list[str]) -> pd.DataFrame:
                          "best_searched": ["screen#1 · a471bbe1df8", "screen#4 · a6626f43480"],
                          "best_accuracy": [0.48167, 0.46567], "best_accuracy_std": [0.04148, 0.02511],
                          "baseline": ["uniform_qv", None], "baseline_accuracy": [0.39933, np.nan],
-                         "gain_points": [8.233, np.nan], "p_value": [0.05447, np.nan], "total_cost_usd": [0.01553, 0.02461]})
+                         "gain_points": [8.233, np.nan], "p_value": [0.05447, np.nan], "total_cost_usd": [0.01553, 0.02461],
+                         "settings": ["screen.allocator=optuna", "screen.allocator=random"]})
+
+
+def test_differing_settings_names_only_what_the_runs_disagree_on():
+    base = {"name": "a", "results_dir": "results", "register": {"name": None},
+            "space": {"ranks": [1, 2], "budget": {"params": 9216}}, "train": {"lr": 0.002, "seeds": [0]}}
+    other = {"name": "b", "results_dir": "/tmp/r", "register": {"name": "mine"},
+             "space": {"ranks": [1, 2, 4], "budget": {"params": 18432}}, "train": {"lr": 0.002}}
+    assert report.differing_settings([base, other]) == [
+        "space.ranks=[1, 2]; space.budget.params=9216; train.seeds=[0]",
+        "space.ranks=[1, 2, 4]; space.budget.params=18432; train.seeds=(unset)"]
+    assert report.differing_settings([base, dict(base, name="c")]) == ["", ""]  # only where the files go differs
 
 
 @pytest.mark.parametrize("tasks", [["newsgroups20"] * 2, ["newsgroups20", "rotten_tomatoes"]])
