@@ -34,6 +34,8 @@ Run (from the repository root):
                                                # proxies on 2 minibatches, calibration of value and FFN-up only (a smoke test)
     python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings + 5 calibration runs, 60–92 min on 2 cores: 2026-12-04, 2026-12-03)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
+    python benchmarks/exhaustive.py --lr 8e-3 --out results/benchmarks/exhaustive-lr8e-3   # at another learning rate
+                                               # (at 8e-3 uniform q,v r1 and FFN-up L0-4 r1 are level: README, Benchmarks)
 Writes results/benchmarks/exhaustive.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the run (trials, adapters, module_scores.json) stays in
 results/benchmarks/exhaustive_runs/<quick|full>/.
@@ -73,8 +75,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--survivors", type=int, help="k: models a proxy arm trains (default 2; quick 1)")
     parser.add_argument("--resume", action="store_true", help="keep the earlier run's finished trainings")
+    parser.add_argument("--lr", type=float, help="train.lr instead of the space's 2e-3 (needs --out: the default "
+                                                 "folder holds the space's tables)")
     C.add_out_argument(parser)
     args = parser.parse_args()
+    if args.lr is not None and args.out is None:
+        parser.error("--lr needs --out, e.g. --out results/benchmarks/exhaustive-lr8e-3")
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.survivors = args.survivors or (1 if args.quick else 2)
     return args
@@ -98,6 +104,15 @@ def small_space(modules, quick: bool) -> dict[str, object]:
 def module_types(quick: bool) -> tuple[str, ...]:
     """The run's space: the calibration trains one run per type (the full space's types; two of them in --quick)."""
     return QUICK_TYPES if quick else TYPES
+
+
+def run_setup(args, runs_root: Path) -> tuple[Path, list[str]]:
+    """The runs folder (one per --lr, so the space's run stays resumable) and the config overrides."""
+    if args.lr is not None:
+        runs_root = runs_root.with_name(f"{runs_root.name}-lr{args.lr:g}")
+    overrides = C.run_overrides(runs_root.resolve(), args.seeds, args.quick) + [
+        "name=exhaustive", "train.baselines=[]", f"space.module_types=[{','.join(module_types(args.quick))}]"]
+    return runs_root, overrides + [f"train.lr={args.lr}"] * (args.lr is not None)
 
 
 def train_all(cfg, task, modules, budget, space: dict, resume: bool):
@@ -217,7 +232,7 @@ def plot(models: pd.DataFrame, shipped: tuple[str, str], path: Path) -> None:
 
 
 def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_line: str, probe_s: float) -> str:
-    flag = " --quick" if args.quick else ""
+    flag = (" --quick" if args.quick else "") + (f" --lr {args.lr:g}" if args.lr is not None else "")
     picks = {"the shipped proxy": table[table.arm.str.endswith("as shipped")].iloc[0],
              "the calibration": table[table.arm.str.startswith(f"lora-search ({CALIBRATED},")].iloc[0]}
     verdicts = [f"- **{'MET' if row.meets_target else 'MISSED'}**: {who}'s top {args.survivors} reach "
@@ -249,6 +264,7 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
 def main() -> None:
     args = parse_args()
     ctx, runs_root = C.begin("exhaustive", args.quick)  # before the imports: it sets HF_HUB_OFFLINE
+    runs_root, overrides = run_setup(args, runs_root)
     from orchestrator.allocators import make_budget
     from orchestrator.config import load_config
     from orchestrator.data import load_task, task_summary
@@ -256,8 +272,6 @@ def main() -> None:
 
     if runs_root.exists() and not args.resume:
         shutil.rmtree(runs_root)  # this script's own earlier run
-    overrides = C.run_overrides(runs_root.resolve(), args.seeds, args.quick) + [
-        "name=exhaustive", "train.baselines=[]", f"space.module_types=[{','.join(module_types(args.quick))}]"]
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))

@@ -106,3 +106,17 @@ def test_expected_hours_in_random_order_is_the_mean_over_every_order():
     models = models_table().assign(device_hours=[0.3, 1.1, 0.7, 2.0, 0.2])  # a and b are within 0.5 point of the best
     every_order = [exhaustive.hours_to_reach(list(order), models, 0.60) for order in itertools.permutations(range(5))]
     assert exhaustive.expected_hours_in_random_order(models, 0.60) == pytest.approx(sum(every_order) / len(every_order))
+
+
+def test_lr_gets_its_own_runs_folder_and_needs_out(monkeypatch, tmp_path):
+    from argparse import Namespace
+
+    shipped = Namespace(lr=None, seeds=[0], quick=False)
+    root, overrides = exhaustive.run_setup(shipped, tmp_path / "full")
+    assert root == tmp_path / "full" and not any(o.startswith("train.lr=") for o in overrides)
+    root, overrides = exhaustive.run_setup(Namespace(lr=8e-3, seeds=[0], quick=False), tmp_path / "full")
+    assert root == tmp_path / "full-lr0.008" and "train.lr=0.008" in overrides
+    monkeypatch.setattr(sys, "argv", ["exhaustive.py", "--lr", "8e-3"])
+    with pytest.raises(SystemExit) as exit_:  # the default folder holds the space's own tables
+        exhaustive.parse_args()
+    assert exit_.value.code == 2
