@@ -36,7 +36,9 @@ def finished_run(tmp_path_factory):
     pipeline.init_ray(None)
     try:
         table = pipeline.run(cfg)
-        actors = [actor.class_name for actor in list_actors(limit=10_000, raise_on_missing_output=False)]
+        # this run's own state API (init_ray names it): another Ray cluster on the machine must not confuse the test
+        address = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
+        actors = [actor.class_name for actor in list_actors(address=address, limit=10_000, raise_on_missing_output=False)]
     finally:
         ray.shutdown()
     return cfg, table, actors
