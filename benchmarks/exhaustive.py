@@ -35,7 +35,7 @@ Run (from the repository root):
     python benchmarks/exhaustive.py            # the shipped data, seeds 0 1 2 (36 trainings + 5 calibration runs, 60–92 min on 2 cores: 2026-12-04, 2026-12-03)
     python benchmarks/exhaustive.py --resume   # go on after an interruption: finished trainings are kept
     python benchmarks/exhaustive.py --lr 8e-3 --out results/benchmarks/exhaustive-lr8e-3   # at another learning rate
-                                               # (at 8e-3 uniform q,v r1 and FFN-up L0-4 r1 are level: README, Benchmarks)
+                                               # (at 8e-3 no allocation beats uniform q,v r1 by more than 0.6: README, Benchmarks)
 Writes results/benchmarks/exhaustive.{csv,md,png} (--quick: in results/benchmarks/quick/; --out changes the
 folder); the run (trials, adapters, module_scores.json) stays in
 results/benchmarks/exhaustive_runs/<quick|full>/.
