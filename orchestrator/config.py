@@ -416,6 +416,14 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = _OverrideText(value)
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A config as a mapping (RunConfig.to_dict(), run.json's "config") under its dotted override keys."""
+    found = {}
+    for key, value in tree.items():
+        found |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return found
+
+
 def build(cls, raw: Any, prefix: str):
     """Recursively build dataclass `cls` from a mapping, naming the field of any bad key or type."""
     where = prefix.rstrip(".") or "config"

@@ -16,7 +16,7 @@ import pandas as pd
 from orchestrator import report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, space_modules
-from orchestrator.config import CALIBRATED, RunConfig
+from orchestrator.config import CALIBRATED, RunConfig, flat_keys
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, head_params, load_model
@@ -124,7 +124,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
 def _check_same_run(cfg: RunConfig, stored: dict) -> None:
     """Refuse to resume a run with a config that changes what its finished models were (RESUMABLE_CHANGES aside).
     A key an older version did not record counts as its default (new options default to the old behaviour)."""
-    now, then = _flat_config(cfg), _flat_config(RunConfig()) | _flat(stored)
+    now, then = _flat_config(cfg), _flat_config(RunConfig()) | flat_keys(stored)
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
     if changed:
@@ -135,14 +135,7 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
 
 def _flat_config(cfg: RunConfig) -> dict:
     """The config as run.json stores it, flattened to dotted keys."""
-    return _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    found = {}
-    for key, value in tree.items():
-        found |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
-    return found
+    return flat_keys(json.loads(json.dumps(cfg.to_dict(), default=str)))
 
 
 def _versions() -> dict[str, str]:

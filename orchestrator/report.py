@@ -45,6 +45,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from orchestrator.config import flat_keys
 from orchestrator.errors import UserError
 
 CONTRACT_COLUMNS = ["candidate_id", "kind", "label", "allocation", "trainable_params", "head_params", "accuracy", "f1",
@@ -1210,20 +1211,10 @@ def default_compare_dir(run_dirs: list[str | Path]) -> Path:
 _NOT_SETTINGS = ("name", "results_dir", "storage_path", "screen.storage", "register.")
 
 
-def _flat_settings(config: dict, prefix: str = "") -> dict[str, str]:
-    """{'train.lr': '0.004', …}: every leaf of a run.json config under its dotted override key."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat |= _flat_settings(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = json.dumps(value) if isinstance(value, list) else str(value)
-    return flat
-
-
 def differing_settings(configs: list[dict]) -> list[str]:
     """Per run, the settings on which the runs disagree, as `key=value; …` (what a compare is comparing)."""
-    flats = [_flat_settings(config) for config in configs]
+    text = lambda value: json.dumps(value) if isinstance(value, list) else str(value)
+    flats = [{key: text(value) for key, value in flat_keys(config).items()} for config in configs]
     keys = [key for key in dict.fromkeys(k for flat in flats for k in flat)
             if not key.startswith(_NOT_SETTINGS) and len({flat.get(key) for flat in flats}) > 1]
     return ["; ".join(f"{key}={flat.get(key, '(unset)')}" for key in keys) for flat in flats]
