@@ -93,6 +93,12 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories, e.
     console.print(f"Comparison: {out_dir}/ (compare.md, compare.csv, compare.png)")
 
 
+def _root_option():
+    # --registry as well, so one spelling works for `compose` and the `registry` commands alike
+    return typer.Option(Path("results/registry"), "--root", "--registry",
+                        help="registry directory: registry.db (SQLite) + <name>/v<version>/")
+
+
 @app.command()
 def compose(adapters: str = typer.Option(..., "--adapters", help="registered adapters, comma-separated: NAME or NAME@VERSION"),
             task: str = typer.Option(..., "--task", help="the new task: built-in, a CSV/JSONL/Parquet file, or TASK:GROUP,GROUP "
@@ -101,8 +107,7 @@ def compose(adapters: str = typer.Option(..., "--adapters", help="registered ada
             method: str = typer.Option("all", "--method", help="uniform, learned or all (+ zero_shot, single_best, few_shot_training)"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: results/compose-<task>)"),
             register: Optional[str] = typer.Option(None, "--register", help="store the composed adapter (learned, else uniform) under NAME"),
-            registry: Path = typer.Option(Path("results/registry"), "--registry", "--root",
-                                         help="registry directory holding the adapters"),
+            registry: Path = _root_option(),
             trials: int = typer.Option(40, "--trials", help="Optuna TPE trials of the learned weights"),
             l1: float = typer.Option(0.05, "--l1", help="penalty on the sum of |weights| (LoraHub)"),
             eval_size: int = typer.Option(1000, "--eval-size", help="cap on held-out eval examples"),
@@ -128,12 +133,6 @@ def compose(adapters: str = typer.Option(..., "--adapters", help="registered ada
 
 registry_app = typer.Typer(no_args_is_help=True,
                            help="Versioned, checksummed store of trained adapters (safetensors only; fp32, fp16 or int8).")
-
-
-def _root_option():
-    # --registry as well, so one spelling works for `compose` and `registry` alike
-    return typer.Option(Path("results/registry"), "--root", "--registry",
-                        help="registry directory: registry.db (SQLite) + <name>/v<version>/")
 
 
 def _say(text: str) -> None:
