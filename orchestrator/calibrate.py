@@ -77,7 +77,7 @@ def calibration_config(cfg: RunConfig) -> RunConfig:
     """The main run's recipe on the calibration sample, in its own run directory inside the main one; explicit
     calibrate.epochs replace the recipe's epochs and step cap."""
     schedule = {} if cfg.calibrate.epochs is None else {"epochs": cfg.calibrate.epochs, "max_steps": None}
-    train = dataclasses.replace(cfg.train, seeds=[cfg.screen.seed], early_stopping=False, **schedule)
+    train = dataclasses.replace(cfg.train, seeds=[cfg.screen.seed], early_stopping=False, lr_grid=None, **schedule)
     return dataclasses.replace(cfg, name=cfg.name + CALIBRATION_SUFFIX, results_dir=str(cfg.run_dir.resolve()), train=train)
 
 

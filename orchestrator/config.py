@@ -30,6 +30,7 @@ MAX_RUN_NAME = 100
 RUN_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_RUN_NAME - 1}}}$")
 CALIBRATED = "calibrated"  # screen.rank_by value: rank by the calibration's measured scores (orchestrator/calibrate.py)
 CALIBRATION_SUFFIX = ".calibration"  # the calibration's own run is '<name>.calibration' (orchestrator/calibrate.py)
+LR_SWEEP_SUFFIX = ".lr-sweep"  # train.lr_grid's trainings are the run '<name>.lr-sweep' (orchestrator/lr_tuning.py)
 NULL_TEXTS = ("null", "Null", "NULL", "~", "")  # YAML's spellings of null, in an override of an optional field
 
 
@@ -206,6 +207,10 @@ class CalibrateConfig:
 class TrainConfig:
     epochs: int = _help("passes over the training data", 1)
     lr: float = _help("AdamW learning rate (5e-4 does not learn in one epoch here: DESIGN §9.1)", 2e-3)
+    lr_grid: list[float] | None = _help("learning rates to tune each model over before it trains: every model trains once "
+                                        "(first seed) at each, and the one with the best validation accuracy trains it for "
+                                        "every seed; needs data.validation_size. Costs models × len(grid) trainings more. "
+                                        "null: every model at train.lr", None)
     batch_size: int = _help("examples per optimizer step, over all workers and accumulation steps (so 1 and N "
                             "workers train the same recipe)", 32)
     grad_accum_steps: int = _help("micro-batches per optimizer step: each worker runs batch_size / (num_workers × "
@@ -240,6 +245,13 @@ class TrainConfig:
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", f"{self.max_steps} is not positive",
                  "use 1 or more, or null for all epochs")
         _require(0 < self.lr < 1, "train.lr", f"{self.lr} is out of range", "use e.g. 2e-3")
+        if self.lr_grid is not None:
+            _require(len(set(self.lr_grid)) >= 2, "train.lr_grid", f"{self.lr_grid} has fewer than two learning rates",
+                     "give two or more, e.g. [2e-3, 4e-3, 8e-3], or null to train at train.lr")
+            for i, lr in enumerate(self.lr_grid):
+                _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < 1, f"train.lr_grid[{i}]",
+                         f"{lr!r} is not a learning rate in (0, 1)", "use e.g. 4e-3")
+            self.lr_grid = sorted(set(self.lr_grid))
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
         _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
         for i, seed in enumerate(self.seeds):
@@ -341,11 +353,16 @@ class RunConfig:
     def __post_init__(self):
         _require(is_safe_name(self.name), "name", f"{self.name!r} is not a safe run name",
                  "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
-        # the calibration's own config (calibrate.calibration_config) already carries the suffix and never calibrates
-        if self.screen.rank_by == CALIBRATED and not self.name.endswith(CALIBRATION_SUFFIX):
-            _require(is_safe_name(self.name + CALIBRATION_SUFFIX), "name", f"{self.name!r} leaves no room for the "
-                     f"'{CALIBRATION_SUFFIX}' of its calibration run (screen.rank_by: {CALIBRATED})",
-                     f"use at most {MAX_RUN_NAME - len(CALIBRATION_SUFFIX)} characters, not ending in '.'")
+        # a sub-run's own config (calibrate.calibration_config, lr_tuning.sweep_config) carries its suffix and has no sub-runs
+        sub_runs = {CALIBRATION_SUFFIX: self.screen.rank_by == CALIBRATED and f"screen.rank_by: {CALIBRATED}",
+                    LR_SWEEP_SUFFIX: self.train.lr_grid is not None and "train.lr_grid"}
+        for suffix, setting in sub_runs.items():
+            if setting and not self.name.endswith(suffix):
+                _require(is_safe_name(self.name + suffix), "name", f"{self.name!r} leaves no room for the '{suffix}' of "
+                         f"its sub-run ({setting})", f"use at most {MAX_RUN_NAME - len(suffix)} characters, not ending in '.'")
+        _require(self.train.lr_grid is None or self.data.validation_size is not None, "train.lr_grid",
+                 "picks each model's learning rate on held-out training examples, and data.validation_size holds none out",
+                 "set data.validation_size, e.g. data.validation_size=300 (the eval split only measures)")
         results = Path(self.results_dir)
         _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
                  "point results_dir at a directory (it is created if missing)")

@@ -7,7 +7,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -183,6 +183,18 @@ def calibrated_scores(cfg: RunConfig, task: TaskData, modules, budget, scores: M
     return scores
 
 
+def tuned_learning_rates(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> list[TrainJob]:
+    """train.lr_grid: sweep each model's lr (or read it back), record it in run.json, give each job its model's pick
+    (a model whose every sweep training failed keeps train.lr). Without a grid, `jobs` as they are."""
+    from orchestrator import lr_tuning
+
+    if cfg.train.lr_grid is None:
+        return jobs
+    sweep = lr_tuning.summary(lr_tuning.run_sweep(cfg, task, jobs))
+    write_run_json(cfg, lr_sweep=sweep)
+    return [replace(job, lr=sweep["chosen"].get(job.candidate_id)) for job in jobs]
+
+
 def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.DataFrame:
     from orchestrator.screen import ScreenContext, run_screen, write_screen
 
@@ -221,6 +233,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
     jobs += [TrainJob(cid, "routed", label, alloc.as_dict(), seed, "routed", gating, experts)
              for cid, (label, alloc, gating, experts) in variants.items() for seed in cfg.train.seeds]
+    jobs = tuned_learning_rates(cfg, task, jobs)
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
     rows = [row for job_id, row in trials.items() if job_id in wanted]

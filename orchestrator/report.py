@@ -335,7 +335,7 @@ def aggregate(report: pd.DataFrame) -> pd.DataFrame:
                 extra[mean] = (column, "mean")
             extra[mean.removesuffix("_mean") + "_std"] = (column, "std")
     for column in report.columns:
-        if column in ("params_pct_of_base", "num_adapted_modules", "total_rank", "adapters_per_type", "roi_baseline") \
+        if column in ("params_pct_of_base", "num_adapted_modules", "total_rank", "adapters_per_type", "roi_baseline", "lr") \
                 or column.startswith("proxy_"):
             extra[column] = (column, "first")
         elif column.startswith(GAIN_PREFIX):
@@ -390,15 +390,22 @@ def _parse_time(text) -> float | None:
         return None
 
 
+# run.json key of a stage of short trainings before the training stage → (prefix of its cost_breakdown keys, its row in
+# cost_table, how the summary line counts its trainings)
+PRE_TRAINING_STAGES = {"calibration": ("calibrate", "calibrate (short trainings)", "calibration: {} short trainings"),
+                       "lr_sweep": ("lr_sweep", "tune lr (each model × lr, first seed)", "lr sweep: {} trainings")}
+
+
 def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_scores: dict | None = None,
                    screen: pd.DataFrame | None = None) -> dict:
     """Screening vs training: seconds, device-hours and dollars of each stage, and compute-to-best.
 
     Screening cost is the proxy probe (module_scores.json `seconds`, one Ray task on 1 CPU, priced at the
     CPU device-hour price); the Tune screen trials only sum per-module scores (milliseconds) and are not
-    counted. A calibrated screen (run.json `calibration`) adds its short trainings as their own stage.
-    `compute_to_best_s` = probe seconds + calibration seconds + the training wall seconds of the best searched
-    model (its first seed): the compute to obtain it had it been the only model trained.
+    counted. A calibrated screen (run.json `calibration`) and a learning-rate sweep (run.json `lr_sweep`) add their
+    trainings as stages of their own. `compute_to_best_s` = probe seconds + calibration seconds + the best searched
+    model's lr-sweep seconds + its training wall seconds (its first seed): the compute to obtain it had it been the
+    only model trained.
     """
     run_info = run_info or {}
     price = run_info.get("config", {}).get("cost", {}).get("price_per_device_hour", {}).get("cpu", float("nan"))
@@ -407,28 +414,31 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
     screen_dh = probe_s / 3600.0
     train_cost, train_dh = float(report.cost_usd.sum()), float(report.device_hours.sum())
     screen_cost = screen_dh * float(price)
-    calibration = run_info.get("calibration") or {}
-    calibrate_s, calibrate_dh = float(calibration.get("seconds", 0.0)), float(calibration.get("device_hours", 0.0))
-    calibrate_cost = float(calibration.get("cost_usd", 0.0))
-    total = (0.0 if math.isnan(screen_cost) else screen_cost) + calibrate_cost + train_cost
+    before = {}
+    for key, (prefix, _, _) in PRE_TRAINING_STAGES.items():
+        stage = run_info.get(key) or {}
+        before |= {f"{prefix}_runs": int(stage.get("trainings", 0)), f"{prefix}_seconds": float(stage.get("seconds", 0.0)),
+                   f"{prefix}_device_hours": float(stage.get("device_hours", 0.0)),
+                   f"{prefix}_cost_usd": float(stage.get("cost_usd", 0.0))}
+    total = ((0.0 if math.isnan(screen_cost) else screen_cost) + train_cost
+             + sum(before[f"{prefix}_cost_usd"] for prefix, _, _ in PRE_TRAINING_STAGES.values()))
     table = aggregate(report)
     searched = table[table.kind == "searched"]
-    best_wall = float("nan")
+    best_wall, best_sweep_s = float("nan"), 0.0
     if not searched.empty:
-        best = report[report.candidate_id == searched.iloc[0].candidate_id].sort_values("seed")
-        best_wall = float(best.train_wall_s.iloc[0])
+        best_id = searched.iloc[0].candidate_id
+        best_wall = float(report[report.candidate_id == best_id].sort_values("seed").train_wall_s.iloc[0])
+        best_sweep_s = float(((run_info.get("lr_sweep") or {}).get("seconds_by_candidate") or {}).get(best_id, 0.0))
     started, finished = _parse_time(run_info.get("started_at")), _parse_time(run_info.get("finished_at"))
     return {
         "candidates_screened": int(len(screen)) if screen is not None else None,
         "survivors": int(screen.survivor.sum()) if screen is not None and "survivor" in screen else None,
         "probe_seconds": probe, "screen_seconds": probe_s, "screen_device_hours": screen_dh, "screen_cost_usd": screen_cost,
-        "calibration_runs": int(calibration.get("trainings", 0)), "calibrate_seconds": calibrate_s,
-        "calibrate_device_hours": calibrate_dh,
-        "calibrate_cost_usd": calibrate_cost,
+        **before,
         "models_trained": int(report.candidate_id.nunique()), "training_runs": int(len(report)),
         "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
         "total_cost_usd": total, "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
-        "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + calibrate_s + best_wall,
+        "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + before["calibrate_seconds"] + best_sweep_s + best_wall,
         "run_wall_s": finished - started if started and finished and finished >= started else float("nan"),
     }
 
@@ -436,10 +446,10 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
 def cost_table(costs: dict) -> pd.DataFrame:
     rows = [{"stage": "screen (proxy probe)", "items": costs["candidates_screened"], "seconds": costs["screen_seconds"],
              "device_hours": costs["screen_device_hours"], "cost_usd": costs["screen_cost_usd"]}]
-    if costs.get("calibration_runs"):
-        rows.append({"stage": "calibrate (short trainings)", "items": costs["calibration_runs"],
-                     "seconds": costs["calibrate_seconds"], "device_hours": costs["calibrate_device_hours"],
-                     "cost_usd": costs["calibrate_cost_usd"]})
+    for prefix, stage, _ in PRE_TRAINING_STAGES.values():
+        if costs.get(f"{prefix}_runs"):
+            rows.append({"stage": stage, "items": costs[f"{prefix}_runs"], "seconds": costs[f"{prefix}_seconds"],
+                         "device_hours": costs[f"{prefix}_device_hours"], "cost_usd": costs[f"{prefix}_cost_usd"]})
     rows += [{"stage": "train", "items": costs["training_runs"], "seconds": costs["train_seconds"],
              "device_hours": costs["train_device_hours"], "cost_usd": costs["train_cost_usd"]}]
     table = pd.DataFrame(rows)
@@ -560,8 +570,9 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
         share = costs["screen_share_of_cost"]
         lines.append(f"Screening: {costs['candidates_screened'] or 0} candidates from a {costs['screen_seconds']:.1f} s probe "
                      f"(${costs['screen_cost_usd']:.5f}, {100 * share:.1f}% of cost); "
-                     + (f"calibration: {costs['calibration_runs']} short trainings, {costs['calibrate_seconds']:.0f} s "
-                        f"(${costs['calibrate_cost_usd']:.4f}); " if costs.get("calibration_runs") else "")
+                     + "".join(f"{counted.format(costs[f'{prefix}_runs'])}, {costs[f'{prefix}_seconds']:.0f} s "
+                               f"(${costs[f'{prefix}_cost_usd']:.4f}); " for prefix, _, counted in PRE_TRAINING_STAGES.values()
+                               if costs.get(f"{prefix}_runs"))
                      + f"training: {costs['training_runs']} runs, "
                      f"{costs['train_seconds']:.0f} s (${costs['train_cost_usd']:.4f}); compute to best searched "
                      f"{costs['compute_to_best_s']:.0f} s")
@@ -578,6 +589,8 @@ def models_table(report: pd.DataFrame) -> pd.DataFrame:
     if table.get("params_pct_of_base", pd.Series(dtype=float)).notna().any():
         out["% of base"] = table.params_pct_of_base.map(lambda v: f"{v:.3f}")
     out["adapters"] = table.get("adapters_per_type", "")
+    if table.get("lr", pd.Series(dtype=float)).nunique() > 1:  # train.lr_grid picked each model's own
+        out["lr"] = table.lr.map(lambda v: f"{v:g}")
     out["accuracy %"] = [_pm(m, s, 100) for m, s in zip(table.accuracy, table.accuracy_std)]
     if selection_column(table) == "val_accuracy":
         out["validation %"] = [_pm(m, s, 100) for m, s in zip(table.val_accuracy, table.val_accuracy_std)]
@@ -639,7 +652,7 @@ def routing_table(report: pd.DataFrame) -> pd.DataFrame:
 
 
 def rows_table(report: pd.DataFrame) -> pd.DataFrame:
-    shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "params_pct_of_base", "adapters_per_type",
+    shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "params_pct_of_base", "adapters_per_type", "lr",
              "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"] + ROUTING_COLUMNS
     shown += [c for c in report.columns if c.startswith(GAIN_PREFIX)] + ["roi_per_usd", "roi_per_mparams"]
     shown += [c for c in report.columns if c.startswith("proxy_")]
@@ -681,7 +694,8 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
     costs = context.get("costs")
     if costs:
         blocks += [("h2", "Screening vs training cost"), ("table", cost_table(costs))]
-        notes = [f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe + its training)."]
+        notes = [f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe, calibration and its lr "
+                 "sweep where the run had them, and its training)."]
         if not math.isnan(costs["run_wall_s"]):
             notes.append(f"Run wall time: {costs['run_wall_s']:.0f} s.")
         blocks.append(("p", " ".join(notes)))

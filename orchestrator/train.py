@@ -60,10 +60,14 @@ class TrainJob:
     method: str = "lora"  # lora | adalora (the AdaLoRA baseline) | dynamic (re-allocated while training) | routed
     gating: str = ""  # routed: topk (sparse) | dense
     experts: int = 0  # routed: experts per routed module
+    lr: float | None = None  # this model's learning rate (train.lr_grid's pick for it); None: train.lr
 
     @property
     def job_id(self) -> str:
         return f"{self.candidate_id}-s{self.seed}"
+
+    def learning_rate(self, t: TrainConfig) -> float:
+        return t.lr if self.lr is None else self.lr
 
 
 # ---------------------------------------------------------------- inside each Ray Train worker
@@ -254,7 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=job.learning_rate(t), weight_decay=t.weight_decay)
     scheduler = _linear_warmup_decay(optimizer, steps, t.warmup_ratio)
     start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), adapted, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -442,7 +446,7 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, device_count: int)
                 shutil.copy2(Path(checkpoint) / name, target / name)
     device_hours = metrics["train_wall_s"] * device_count / 3600
     status = "completed" if metrics["epoch"] >= metrics["epochs_planned"] else "stopped"
-    row = {**asdict(job), **{k: v for k, v in metrics.items() if k not in NOT_KEPT},
+    row = {**asdict(job), "lr": job.learning_rate(cfg.train), **{k: v for k, v in metrics.items() if k not in NOT_KEPT},
            "history": json.loads(metrics["history"]), "status": status, "adapter_dir": str(target.relative_to(cfg.run_dir)),
            "device_hours": device_hours, "cost_usd": device_hours * cfg.cost.price_per_device_hour[metrics["device"]]}
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))

@@ -192,6 +192,10 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["model.dropout=1.0"], "model.dropout"),
     (["data.train_size=4"], "data.train_size"),
     (["cost.price_per_device_hour={cpu: -1, gpu: 1}"], "cost.price_per_device_hour.cpu"),
+    (["train.lr_grid=[2e-3,8e-3]"], "train.lr_grid"),  # no data.validation_size to pick on
+    (["train.lr_grid=[2e-3]", "data.validation_size=64"], "train.lr_grid"),
+    (["train.lr_grid=[2e-3,2]", "data.validation_size=64"], "train.lr_grid[1]"),
+    (["train.lr_grid=[2e-3,x]", "data.validation_size=64"], "train.lr_grid[1]"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(UserError) as err:

@@ -428,7 +428,7 @@ def test_a_calibrated_run_counts_its_calibration_as_a_stage():
            "calibration": {"trainings": 4, "seconds": 40.0, "device_hours": 0.011, "cost_usd": 0.0005}}
     plain = report.cost_breakdown(table, {"config": run["config"]}, {"seconds": {"grad_norm": 36.0}})
     costs = report.cost_breakdown(table, run, {"seconds": {"grad_norm": 36.0}})
-    assert plain["calibration_runs"] == 0 and costs["calibration_runs"] == 4
+    assert plain["calibrate_runs"] == 0 and costs["calibrate_runs"] == 4
     assert costs["total_cost_usd"] == pytest.approx(plain["total_cost_usd"] + 0.0005)
     assert costs["compute_to_best_s"] == pytest.approx(plain["compute_to_best_s"] + 40.0)
     stages = report.cost_table(costs).set_index("stage")

@@ -1,0 +1,121 @@
+"""Learning-rate tuning before the training stage (`train.lr_grid`).
+
+Why: on 20 Newsgroups at 9,216 LoRA params the learning rate moved every allocation more than placement did
+(uniform q,v r1: 45.1% at lr 2e-3, 61.7% at 8e-3), and by different amounts per allocation, so allocations compared
+at one untuned lr partly compare how well that lr suits each (README, Benchmarks). With a grid, each model the run
+trains (survivors, baselines, their variants) trains once, on the first seed, at every lr of the grid, in the sub-run
+`<name>.lr-sweep` inside the run directory; the lr with the best validation accuracy (data.validation_size: the
+eval split never picks) then trains that model for every other seed. Its first seed is the sweep's training at that
+lr, copied into the run (training is deterministic per seed: results/benchmarks/ddp_parity.md), so a grid of g lrs
+costs g - 1 trainings per model. Written: lr_sweep.{csv,md} and run.json `lr_sweep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator.config import LR_SWEEP_SUFFIX, RunConfig
+from orchestrator.data import TaskData
+from orchestrator.train import TrainJob, adapter_dir, run_training
+
+TABLE = "lr_sweep.csv"
+
+
+def sweep_config(cfg: RunConfig) -> RunConfig:
+    """The main run's recipe on its first seed, in its own run directory inside the main one."""
+    train = dataclasses.replace(cfg.train, seeds=cfg.train.seeds[:1], lr_grid=None)
+    return dataclasses.replace(cfg, name=cfg.name + LR_SWEEP_SUFFIX, results_dir=str(cfg.run_dir.resolve()), train=train)
+
+
+def sweep_jobs(jobs: list[TrainJob], grid: list[float], seed: int) -> list[TrainJob]:
+    """Each model's `seed` job once per lr, under a candidate id that names the lr (its own adapter folder)."""
+    return [dataclasses.replace(job, candidate_id=f"{job.candidate_id}-lr{lr:g}", lr=lr)
+            for job in jobs if job.seed == seed for lr in grid]
+
+
+def sweep_table(tried: list[TrainJob], trials: dict[str, dict]) -> pd.DataFrame:
+    """One row per (model, lr); `chosen` marks each model's best validation accuracy (then F1, then the lower lr)."""
+    rows = []
+    for job in tried:
+        trial = trials.get(job.job_id, {})
+        rows.append({"candidate_id": job.candidate_id.removesuffix(f"-lr{job.lr:g}"), "label": job.label, "lr": job.lr,
+                     "val_accuracy": trial.get("val_accuracy"), "val_f1": trial.get("val_f1"),
+                     "accuracy": trial.get("accuracy"), "status": trial.get("status", "not run"),
+                     "train_wall_s": trial.get("train_wall_s", 0.0), "device_hours": trial.get("device_hours", 0.0),
+                     "cost_usd": trial.get("cost_usd", 0.0)})
+    table = pd.DataFrame(rows)
+    table["chosen"] = False
+    ranked = table.dropna(subset=["val_accuracy"]).sort_values(["val_accuracy", "val_f1", "lr"],
+                                                               ascending=[False, False, True], kind="stable")
+    table.loc[ranked.drop_duplicates("candidate_id").index, "chosen"] = True
+    table["reused"] = table.chosen & (table.status == "completed")  # the model's first seed in the main run
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """What run.json records: the trainings, their cost, each model's chosen lr and its sweep seconds."""
+    chosen, extra = table[table.chosen], table[~table.reused]  # reused trainings count in the main run's training
+    return {"trainings": int(extra.val_accuracy.notna().sum()), "seconds": float(extra.train_wall_s.sum()),
+            "device_hours": float(extra.device_hours.sum()), "cost_usd": float(extra.cost_usd.sum()),
+            "grid": sorted(table.lr.unique().tolist()), "chosen": dict(zip(chosen.candidate_id, chosen.lr)),
+            "seconds_by_candidate": extra.groupby("candidate_id").train_wall_s.sum().to_dict()}
+
+
+def markdown(table: pd.DataFrame, cfg: RunConfig, task: TaskData) -> str:
+    shown = table.assign(val_accuracy=100 * table.val_accuracy, accuracy=100 * table.accuracy,
+                         chosen=table.chosen.map({True: "✓", False: ""}))
+    wide = shown.pivot_table(index=["label", "candidate_id"], columns="lr", values="val_accuracy", sort=False, dropna=False)
+    wide.columns = [f"lr {lr:g}" for lr in wide.columns]
+    picked = table[table.chosen].set_index("candidate_id").lr
+    wide["chosen lr"] = [f"{picked[cid]:g}" if cid in picked else "none finished" for _, cid in wide.index]
+    return "\n".join([
+        "# Learning-rate sweep: each model's lr, picked on validation accuracy", "",
+        f"Every model trained once (seed {cfg.train.seeds[0]}) at each lr of train.lr_grid, scored on "
+        f"{len(task.validation)} validation examples held out of the training split (data.validation_size). At the best "
+        f"lr (✓) that training is the model's seed {cfg.train.seeds[0]} in the run (`reused`: copied, not trained again), "
+        f"and the other seeds of train.seeds {cfg.train.seeds} train at it. {time.strftime('%Y-%m-%d %H:%M')}.", "",
+        "## Validation accuracy (%) by lr", "", wide.reset_index().to_markdown(index=False, floatfmt=".2f"), "",
+        "## Every training", "", shown.drop(columns=["train_wall_s"]).to_markdown(index=False, floatfmt=".4g"), "",
+        "`accuracy` (the eval split) is shown only to read; it never picks.", ""])
+
+
+def run_sweep(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> pd.DataFrame:
+    """Train every model of `jobs` at every lr of train.lr_grid (a resumed run keeps finished ones); writes and
+    returns the sweep's table."""
+    from orchestrator.report import write_atomic
+
+    sub = sweep_config(cfg)
+    sub.run_dir.mkdir(parents=True, exist_ok=True)
+    tried = sweep_jobs(jobs, cfg.train.lr_grid, sub.train.seeds[0])
+    print(f"lr sweep: {len(tried)} trainings ({len(tried) // len(cfg.train.lr_grid)} models × lr "
+          f"{', '.join(f'{lr:g}' for lr in cfg.train.lr_grid)}), seed {sub.train.seeds[0]}", flush=True)
+    table = sweep_table(tried, run_training(sub, task, tried))
+    reuse_chosen(cfg, table, {job.candidate_id: job for job in tried})
+    write_atomic(cfg.run_dir / TABLE, lambda p: table.to_csv(p, index=False))
+    write_atomic(cfg.run_dir / "lr_sweep.md", lambda p: Path(p).write_text(markdown(table, cfg, task), encoding="utf-8"))
+    return table
+
+
+def reuse_chosen(cfg: RunConfig, table: pd.DataFrame, tried: dict[str, TrainJob]) -> None:
+    """Each model's completed sweep training at its chosen lr becomes its first seed in the main run: the trial and
+    its adapter are copied (adapter first: the trial file is what marks a job finished), never trained again."""
+    from orchestrator.report import write_atomic
+
+    sub = sweep_config(cfg)
+    for row in table[table.reused].itertuples():
+        job = tried[f"{row.candidate_id}-lr{row.lr:g}"]
+        target = cfg.run_dir / "trials" / f"{row.candidate_id}-s{job.seed}.json"
+        if target.is_file():
+            continue
+        trial = json.loads((sub.run_dir / "trials" / f"{job.job_id}.json").read_text())
+        adapter = adapter_dir(cfg.run_dir, dataclasses.replace(job, candidate_id=row.candidate_id), job.seed)
+        shutil.copytree(sub.run_dir / trial["adapter_dir"], adapter, dirs_exist_ok=True)
+        trial |= {"candidate_id": row.candidate_id, "adapter_dir": str(adapter.relative_to(cfg.run_dir)),
+                  "lr_sweep_trial": job.job_id}
+        write_atomic(target, lambda p: Path(p).write_text(json.dumps(trial, indent=1)))
