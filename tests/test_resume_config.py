@@ -56,3 +56,12 @@ def test_keys_an_older_version_did_not_record_count_as_their_default(tmp_path):
     with pytest.raises(UserError, match=r"^--resume: data\.validation_size is 200 here but None in the run being resumed"):
         pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", "data.validation_size=200"]),
                                  resume=True)
+
+
+def test_another_learning_rate_grid_is_another_run(tmp_path):
+    grid = ["data.validation_size=64", "train.lr_grid=[2e-3,8e-3]"]
+    _started(tmp_path, grid)
+    pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", *grid]), resume=True)
+    wider = load_config(None, [f"results_dir={tmp_path}", "name=job", "data.validation_size=64", "train.lr_grid=[2e-3,8e-3,1.6e-2]"])
+    with pytest.raises(UserError, match=r"^--resume: train\.lr_grid is \[0\.002, 0\.008, 0\.016\] here but \[0\.002, 0\.008\]"):
+        pipeline.prepare_run_dir(wider, resume=True)
