@@ -208,9 +208,9 @@ class TrainConfig:
     epochs: int = _help("passes over the training data", 1)
     lr: float = _help("AdamW learning rate (5e-4 does not learn in one epoch here: DESIGN §9.1)", 2e-3)
     lr_grid: list[float] | None = _help("learning rates to tune each model over before it trains: every model trains once "
-                                        "(first seed) at each, and the one with the best validation accuracy trains it for "
-                                        "every seed; needs data.validation_size. Costs models × len(grid) trainings more. "
-                                        "null: every model at train.lr", None)
+                                        "(first seed) at each, and the one with the best validation accuracy is its lr for "
+                                        "every seed (that training is its first seed); needs data.validation_size. Costs "
+                                        "models × (len(grid) - 1) trainings more. null: every model at train.lr", None)
     batch_size: int = _help("examples per optimizer step, over all workers and accumulation steps (so 1 and N "
                             "workers train the same recipe)", 32)
     grad_accum_steps: int = _help("micro-batches per optimizer step: each worker runs batch_size / (num_workers × "
