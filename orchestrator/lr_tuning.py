@@ -67,10 +67,21 @@ def summary(table: pd.DataFrame) -> dict:
             "seconds_by_candidate": extra.groupby("candidate_id").train_wall_s.sum().to_dict()}
 
 
+def at_the_edge(table: pd.DataFrame) -> str:
+    """The models whose chosen lr is the grid's lowest or highest (their best may lie beyond it), as one sentence."""
+    chosen, grid = table[table.chosen], sorted(table.lr.unique())
+    sides = {"lowest": chosen[chosen.lr == grid[0]].label, "highest": chosen[chosen.lr == grid[-1]].label}
+    found = [f"{', '.join(labels)} at the {side} ({grid[0] if side == 'lowest' else grid[-1]:g})"
+             for side, labels in sides.items() if len(labels)]
+    return f"At the edge of the grid, so their best lr may lie beyond it: {'; '.join(found)}." if found else ""
+
+
 def markdown(table: pd.DataFrame, cfg: RunConfig, task: TaskData) -> str:
     shown = table.assign(val_accuracy=100 * table.val_accuracy, accuracy=100 * table.accuracy,
-                         chosen=table.chosen.map({True: "✓", False: ""}))
-    wide = shown.pivot_table(index=["label", "candidate_id"], columns="lr", values="val_accuracy", sort=False, dropna=False)
+                         chosen=table.chosen.map({True: "✓", False: ""}), reused=table.reused.map({True: "✓", False: ""}))
+    models = list(dict.fromkeys(zip(table.label, table.candidate_id)))  # run order: survivors, then baselines
+    wide = shown.set_index(["label", "candidate_id", "lr"]).val_accuracy.unstack("lr").reindex(models)
+    wide = wide.apply(lambda column: column.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"))
     wide.columns = [f"lr {lr:g}" for lr in wide.columns]
     picked = table[table.chosen].set_index("candidate_id").lr
     wide["chosen lr"] = [f"{picked[cid]:g}" if cid in picked else "none finished" for _, cid in wide.index]
@@ -80,7 +91,8 @@ def markdown(table: pd.DataFrame, cfg: RunConfig, task: TaskData) -> str:
         f"{len(task.validation)} validation examples held out of the training split (data.validation_size). At the best "
         f"lr (✓) that training is the model's seed {cfg.train.seeds[0]} in the run (`reused`: copied, not trained again), "
         f"and the other seeds of train.seeds {cfg.train.seeds} train at it. {time.strftime('%Y-%m-%d %H:%M')}.", "",
-        "## Validation accuracy (%) by lr", "", wide.reset_index().to_markdown(index=False, floatfmt=".2f"), "",
+        "## Validation accuracy (%) by lr", "", wide.reset_index().to_markdown(index=False, disable_numparse=True), "",
+        *([at_the_edge(table), ""] if at_the_edge(table) else []),
         "## Every training", "", shown.drop(columns=["train_wall_s"]).to_markdown(index=False, floatfmt=".4g"), "",
         "`accuracy` (the eval split) is shown only to read; it never picks.", ""])
 
@@ -97,6 +109,8 @@ def run_sweep(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> pd.DataFr
           f"{', '.join(f'{lr:g}' for lr in cfg.train.lr_grid)}), seed {sub.train.seeds[0]}", flush=True)
     table = sweep_table(tried, run_training(sub, task, tried))
     reuse_chosen(cfg, table, {job.candidate_id: job for job in tried})
+    if at_the_edge(table):
+        print(f"lr sweep: {at_the_edge(table)}", flush=True)
     write_atomic(cfg.run_dir / TABLE, lambda p: table.to_csv(p, index=False))
     write_atomic(cfg.run_dir / "lr_sweep.md", lambda p: Path(p).write_text(markdown(table, cfg, task), encoding="utf-8"))
     return table

@@ -65,8 +65,27 @@ def test_a_model_whose_sweep_all_failed_keeps_train_lr(tmp_path):
     cfg = load_config(None, GRID + [f"results_dir={tmp_path}"])
     from orchestrator.data import Split, TaskData
 
-    task = TaskData("t", Split(["a"] * 8, [0] * 8), Split(["a"] * 8, [0] * 8), ["x", "y"], validation=Split(["a"] * 8, [0] * 8))
-    assert "| none finished" in lr_tuning.markdown(table, cfg, task)
+    task = TaskData("t", ["x", "y"], Split(["a"] * 8, [0] * 8), Split(["a"] * 8, [0] * 8), validation=Split(["a"] * 8, [0] * 8))
+    text = lr_tuning.markdown(table, cfg, task)
+    assert "| qqqq           |            |            | none finished |" in text
+
+
+def test_the_sweeps_table_has_a_row_per_model_and_names_the_models_at_the_grids_edge():
+    tried = lr_tuning.sweep_jobs(jobs(seeds=(0,)) + [TrainJob("bbbb", "searched", "screen#2", {"m": 1}, 0)],
+                                 [8e-3, 1.6e-2, 3.2e-2], seed=0)
+    accuracies = {"aaaa": (0.60, 0.67, 0.70), "qqqq": (0.66, 0.73, 0.72), "bbbb": (0.68, 0.68, 0.05)}
+    table = lr_tuning.sweep_table(tried, {t.job_id: trial(accuracies[t.candidate_id.split("-")[0]][i % 3])
+                                          for i, t in enumerate(tried)})
+    from orchestrator.data import Split, TaskData
+
+    split = Split(["a"] * 8, [0] * 8)
+    text = lr_tuning.markdown(table, load_config(None, GRID), TaskData("t", ["x", "y"], split, split, validation=split))
+    assert "| screen#1   | aaaa           | 60.00      | 67.00      | 70.00      | 0.032       |" in text
+    assert "| uniform_qv | qqqq           | 66.00      | 73.00      | 72.00      | 0.016       |" in text
+    assert text.count("| screen#") == 2 + 6  # one row per model above, one per training below
+    assert ("At the edge of the grid, so their best lr may lie beyond it: screen#2 at the lowest (0.008); screen#1 at "
+            "the highest (0.032).") in text
+    assert lr_tuning.at_the_edge(table[table.candidate_id == "qqqq"]) == ""
 
 
 def test_the_sweeps_cost_counts_only_the_trainings_the_run_does_not_reuse():
