@@ -1190,13 +1190,15 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
     primary = labels[0] if labels else None
     title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
     validated = selection_column(report) == "val_accuracy"
+    own_lr = report.get("lr", pd.Series(dtype=float)).nunique() > 1  # train.lr_grid picked each model's own
     columns = ["model", "kind", "params", "acc %", "± std"] + ["val %"] * validated + ["F1 %", "cost $\n/ seed"]
     columns += ["Δ pts", "p", "pts/$"] if primary else []
     rows = []
     for row in aggregate(report).itertuples():
         std = "" if np.isnan(row.accuracy_std) else f"{100 * row.accuracy_std:.2f}"
-        cells = [f"{row.candidate_id} {row.label}", row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}",
-                 std] + ([f"{100 * row.val_accuracy:.2f}"] if validated else []) + [
+        model = f"{row.candidate_id} {row.label}" + (f" lr={row.lr:g}" if own_lr else "")  # folded: no width added
+        cells = [model, row.kind, f"{row.trainable_params:,}", f"{100 * row.accuracy:.2f}", std] + (
+                 [f"{100 * row.val_accuracy:.2f}"] if validated else []) + [
                  f"{100 * row.f1:.2f}", _pm(row.cost_usd_mean, None, fmt=".4f")]  # per seed, as pts/$ is
         if primary:
             gain, p = getattr(row, gain_column(primary)), getattr(row, p_column(primary))

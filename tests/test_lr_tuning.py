@@ -125,6 +125,12 @@ def test_the_report_shows_each_models_lr_and_the_sweep_as_a_stage_of_its_own():
     table = report.add_derived(report.build(rows, proxy_scores(), COMPACT, MAJORITY))
     assert set(report.models_table(table)["lr"]) == {"0.008", "0.002"}
     assert "lr" not in report.models_table(report.add_derived(report.build(trials(), proxy_scores(), COMPACT, MAJORITY)))
+    from rich.console import Console
+
+    narrow = Console(width=80, record=True)  # the terminal folds each model's lr into its name: no number is cut
+    report.print_summary(table, MAJORITY, narrow)
+    models = narrow.export_text().split("Majority")[0]
+    assert "lr=0.008" in models and "lr=0.002" in models and "…" not in models and "+300" in models
     run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.05}}},
            "lr_sweep": {"trainings": 6, "seconds": 600.0, "device_hours": 0.17, "cost_usd": 0.0074,
                         "seconds_by_candidate": {"aaaa": 200.0, "cccc": 300.0}}}
