@@ -156,6 +156,16 @@ def write_run_json(cfg: RunConfig, **fields) -> None:
     report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
 
 
+def earlier_sessions(cfg: RunConfig) -> list[dict]:
+    """run.json's `sessions` (each start of the run, and its finish): what a resumed run's wall time adds up. A run
+    directory from before sessions were kept gives its one recorded start and finish."""
+    path = cfg.run_dir / "run.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if "sessions" in stored:
+        return stored["sessions"]
+    return [{k: stored[k] for k in ("started_at", "finished_at") if k in stored}] if "started_at" in stored else []
+
+
 def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
     from orchestrator.screen import probe_scores
 
@@ -209,9 +219,10 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
     check_study_storage(cfg.screen.storage, cfg.name, resume)
     prepare_run_dir(cfg, resume)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
-                   started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   started_at=started, sessions=earlier_sessions(cfg) + [{"started_at": started}],
                    warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
                                "enqueued_trials": len(points)} if earlier else None)
     set_runtime_env()
@@ -240,7 +251,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     placed = {cid: a for cid, (_, _, a) in allocations.items()} | {cid: v[1] for cid, v in variants.items()}
     table = report.build(rows, {cid: scores.scores(a) for cid, a in placed.items()},
                          {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
-    write_run_json(cfg, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # first, so the report has the run's wall time
+    finished, sessions = time.strftime("%Y-%m-%dT%H:%M:%S%z"), earlier_sessions(cfg)
+    sessions[-1]["finished_at"] = finished
+    write_run_json(cfg, finished_at=finished, sessions=sessions)  # first, so the report has the run's wall time
     report.write(table, cfg.run_dir, task.majority_rate())
     write_run_json(cfg, registered=register_best(cfg),
                    copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)

@@ -429,7 +429,6 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         best_id = searched.iloc[0].candidate_id
         best_wall = float(report[report.candidate_id == best_id].sort_values("seed").train_wall_s.iloc[0])
         best_sweep_s = float(((run_info.get("lr_sweep") or {}).get("seconds_by_candidate") or {}).get(best_id, 0.0))
-    started, finished = _parse_time(run_info.get("started_at")), _parse_time(run_info.get("finished_at"))
     return {
         "candidates_screened": int(len(screen)) if screen is not None else None,
         "survivors": int(screen.survivor.sum()) if screen is not None and "survivor" in screen else None,
@@ -439,8 +438,17 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
         "total_cost_usd": total, "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
         "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + before["calibrate_seconds"] + best_sweep_s + best_wall,
-        "run_wall_s": finished - started if started and finished and finished >= started else float("nan"),
+        **dict(zip(("run_wall_s", "run_sessions", "run_sessions_untimed"), run_wall_seconds(run_info))),
     }
+
+
+def run_wall_seconds(run_info: dict) -> tuple[float, int, int]:
+    """(wall seconds summed over the run's timed sessions, sessions, sessions not timed): a resumed run has several
+    sessions, and one its driver died in has a start but no finish. NaN when none was timed."""
+    sessions = run_info.get("sessions") or [run_info]  # an older run.json: its one start and finish
+    spans = [(_parse_time(s.get("started_at")), _parse_time(s.get("finished_at"))) for s in sessions]
+    timed = [end - start for start, end in spans if start is not None and end is not None and end >= start]
+    return (float(sum(timed)) if timed else float("nan")), len(spans), len(spans) - len(timed)
 
 
 def cost_table(costs: dict) -> pd.DataFrame:
@@ -697,7 +705,9 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
         notes = [f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe, calibration and its lr "
                  "sweep where the run had them, and its training)."]
         if not math.isnan(costs["run_wall_s"]):
-            notes.append(f"Run wall time: {costs['run_wall_s']:.0f} s.")
+            resumed = f", over {costs['run_sessions']} sessions (the run was resumed)" if costs["run_sessions"] > 1 else ""
+            untimed = f"; {costs['run_sessions_untimed']} stopped before finishing (not timed)" if costs["run_sessions_untimed"] else ""
+            notes.append(f"Run wall time: {costs['run_wall_s']:.0f} s{resumed}{untimed}.")
         blocks.append(("p", " ".join(notes)))
     blocks.append(("h2", "Plots"))
     for name in plots:

@@ -437,3 +437,20 @@ def test_a_calibrated_run_counts_its_calibration_as_a_stage():
     assert "calibrate (short trainings)" not in set(report.cost_table(plain).stage)
     line = next(text for text in report.roi_lines(table, {"costs": costs}) if text.startswith("Screening"))
     assert "calibration: 4 short trainings, 40 s" in line
+
+
+def test_a_resumed_runs_wall_time_adds_up_its_sessions():
+    at = "2026-01-01T{}+0000".format
+    one = {"started_at": at("10:00:00"), "finished_at": at("10:30:00")}  # a run.json from before sessions were kept
+    assert report.run_wall_seconds(one) == (1800.0, 1, 0)
+    resumed = {"sessions": [{"started_at": at("10:00:00")},  # its driver died: no finish, not counted
+                            {"started_at": at("11:00:00"), "finished_at": at("11:20:00")},
+                            {"started_at": at("12:00:00"), "finished_at": at("12:00:04")}]}
+    assert report.run_wall_seconds(resumed) == (1204.0, 3, 1)
+    assert math.isnan(report.run_wall_seconds({"sessions": [{"started_at": at("10:00:00")}]})[0])  # none timed
+    table = report.add_derived(report.build(trials(), proxy_scores(), COMPACT, MAJORITY))
+    costs = report.cost_breakdown(table, resumed, {"seconds": {"grad_norm": 36.0}})
+    blocks = report._sections(table, MAJORITY, {"costs": costs}, [])
+    notes = next(text for kind, text in blocks if kind == "p" and str(text).startswith("Compute to the best"))
+    assert notes.endswith("Run wall time: 1204 s, over 3 sessions (the run was resumed); 1 stopped before finishing "
+                          "(not timed).")
