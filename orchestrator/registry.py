@@ -511,7 +511,7 @@ class Registry:
         run_dir = Path(run_dir)
         row, run = best_candidate(run_dir, candidate_id)
         metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "val_accuracy", "eval_loss", "trainable_params",
-                                                     "head_params", "seed", "latency_ms_per_batch", "train_wall_s", "cost_usd")
+                                                     "head_params", "seed", "lr", "latency_ms_per_batch", "train_wall_s", "cost_usd")
                    if row.get(k) is not None}
         metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage

@@ -195,6 +195,10 @@ def test_a_run_tunes_each_models_lr_on_validation_trains_the_other_seeds_at_it_a
     assert "tune lr (each model × lr, first seed)" in (cfg.run_dir / "report.md").read_text()
     assert {p.name: p.stat().st_mtime_ns for p in sorted((cfg.run_dir / "trials").glob("*.json"))} == written
     assert again.accuracy.tolist() == table.accuracy.tolist()  # the resumed run trained nothing again
+    from orchestrator.registry import Registry
+
+    [entry] = Registry(cfg.registry_root).list("rotten_tomatoes")  # the adapter keeps the rate it was trained at
+    assert entry.metrics["lr"] == best.lr and entry.metrics["candidate_id"] == best.candidate_id
     sessions = json.loads((cfg.run_dir / "run.json").read_text())["sessions"]
     assert len(sessions) == 2 and all(s["finished_at"] >= s["started_at"] for s in sessions)
     assert "over 2 sessions (the run was resumed)" in (cfg.run_dir / "report.md").read_text()
