@@ -33,9 +33,14 @@ def sweep_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, name=cfg.name + LR_SWEEP_SUFFIX, results_dir=str(cfg.run_dir.resolve()), train=train)
 
 
+def sweep_id(candidate_id: str, lr: float) -> str:
+    """A model's candidate id in the sweep: one per lr, so each training has its own trial file and adapter folder."""
+    return f"{candidate_id}-lr{lr:g}"
+
+
 def sweep_jobs(jobs: list[TrainJob], grid: list[float], seed: int) -> list[TrainJob]:
-    """Each model's `seed` job once per lr, under a candidate id that names the lr (its own adapter folder)."""
-    return [dataclasses.replace(job, candidate_id=f"{job.candidate_id}-lr{lr:g}", lr=lr)
+    """Each model's `seed` job once per lr, under its sweep id."""
+    return [dataclasses.replace(job, candidate_id=sweep_id(job.candidate_id, lr), lr=lr)
             for job in jobs if job.seed == seed for lr in grid]
 
 
@@ -44,7 +49,7 @@ def sweep_table(tried: list[TrainJob], trials: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for job in tried:
         trial = trials.get(job.job_id, {})
-        rows.append({"candidate_id": job.candidate_id.removesuffix(f"-lr{job.lr:g}"), "label": job.label, "lr": job.lr,
+        rows.append({"candidate_id": job.candidate_id.removesuffix(sweep_id("", job.lr)), "label": job.label, "lr": job.lr,
                      "val_accuracy": trial.get("val_accuracy"), "val_f1": trial.get("val_f1"),
                      "accuracy": trial.get("accuracy"), "status": trial.get("status", "not run"),
                      "train_wall_s": trial.get("train_wall_s", 0.0), "device_hours": trial.get("device_hours", 0.0),
@@ -108,7 +113,7 @@ def run_sweep(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> pd.DataFr
     print(f"lr sweep: {len(tried)} trainings ({len(tried) // len(cfg.train.lr_grid)} models × lr "
           f"{', '.join(f'{lr:g}' for lr in cfg.train.lr_grid)}), seed {sub.train.seeds[0]}", flush=True)
     table = sweep_table(tried, run_training(sub, task, tried))
-    reuse_chosen(cfg, table, {job.candidate_id: job for job in tried})
+    reuse_chosen(cfg, sub, table, {job.candidate_id: job for job in tried})
     if at_the_edge(table):
         print(f"lr sweep: {at_the_edge(table)}", flush=True)
     write_atomic(cfg.run_dir / TABLE, lambda p: table.to_csv(p, index=False))
@@ -116,19 +121,20 @@ def run_sweep(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> pd.DataFr
     return table
 
 
-def reuse_chosen(cfg: RunConfig, table: pd.DataFrame, tried: dict[str, TrainJob]) -> None:
+def reuse_chosen(cfg: RunConfig, sub: RunConfig, table: pd.DataFrame, tried: dict[str, TrainJob]) -> None:
     """Each model's completed sweep training at its chosen lr becomes its first seed in the main run: the trial and
-    its adapter are copied (adapter first: the trial file is what marks a job finished), never trained again."""
+    its adapter are copied (adapter first: the trial file is what marks a job finished), never trained again. `sub`
+    is the sweep's own run (sweep_config)."""
     from orchestrator.report import write_atomic
 
-    sub = sweep_config(cfg)
     for row in table[table.reused].itertuples():
-        job = tried[f"{row.candidate_id}-lr{row.lr:g}"]
-        target = cfg.run_dir / "trials" / f"{row.candidate_id}-s{job.seed}.json"
+        job = tried[sweep_id(row.candidate_id, row.lr)]
+        model = dataclasses.replace(job, candidate_id=row.candidate_id)  # the main run's job of the same seed
+        target = cfg.run_dir / "trials" / f"{model.job_id}.json"
         if target.is_file():
             continue
         trial = json.loads((sub.run_dir / "trials" / f"{job.job_id}.json").read_text())
-        adapter = adapter_dir(cfg.run_dir, dataclasses.replace(job, candidate_id=row.candidate_id), job.seed)
+        adapter = adapter_dir(cfg.run_dir, model, job.seed)
         shutil.copytree(sub.run_dir / trial["adapter_dir"], adapter, dirs_exist_ok=True)
         trial |= {"candidate_id": row.candidate_id, "adapter_dir": str(adapter.relative_to(cfg.run_dir)),
                   "lr_sweep_trial": job.job_id}

@@ -110,7 +110,7 @@ def test_the_chosen_training_becomes_the_models_first_seed_without_training_agai
             {"candidate_id": job.candidate_id, "seed": 0, "lr": job.lr, "adapter_dir": f"adapters/{job.candidate_id}",
              **trial(accuracy)}))
     table = lr_tuning.sweep_table(tried, {t.job_id: trial(a) for t, a in zip(tried, (0.5, 0.6))})
-    lr_tuning.reuse_chosen(cfg, table, {t.candidate_id: t for t in tried})
+    lr_tuning.reuse_chosen(cfg, sub, table, {t.candidate_id: t for t in tried})
     kept = json.loads((cfg.run_dir / "trials" / "aaaa-s0.json").read_text())
     assert (kept["candidate_id"], kept["lr"], kept["adapter_dir"], kept["lr_sweep_trial"]) == (
         "aaaa", 8e-3, "adapters/aaaa", "aaaa-lr0.008-s0")
