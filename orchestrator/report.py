@@ -587,6 +587,11 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
     return lines
 
 
+def own_learning_rates(table: pd.DataFrame) -> bool:
+    """Whether the models trained at different learning rates (train.lr_grid picked each model's own)."""
+    return table.get("lr", pd.Series(dtype=float)).nunique() > 1
+
+
 def models_table(report: pd.DataFrame) -> pd.DataFrame:
     """The aggregated table formatted for reading (strings with mean ± std)."""
     table = aggregate(report if "roi_baseline" in report else add_derived(report))
@@ -597,7 +602,7 @@ def models_table(report: pd.DataFrame) -> pd.DataFrame:
     if table.get("params_pct_of_base", pd.Series(dtype=float)).notna().any():
         out["% of base"] = table.params_pct_of_base.map(lambda v: f"{v:.3f}")
     out["adapters"] = table.get("adapters_per_type", "")
-    if table.get("lr", pd.Series(dtype=float)).nunique() > 1:  # train.lr_grid picked each model's own
+    if own_learning_rates(table):
         out["lr"] = table.lr.map(lambda v: f"{v:g}")
     out["accuracy %"] = [_pm(m, s, 100) for m, s in zip(table.accuracy, table.accuracy_std)]
     if selection_column(table) == "val_accuracy":
@@ -1200,7 +1205,7 @@ def print_summary(report: pd.DataFrame, majority_rate: float, console=None, *, r
     primary = labels[0] if labels else None
     title = "lora-search: trained models (mean over seeds" + (f"; Δ, p, pts/$ vs {primary})" if primary else ")")
     validated = selection_column(report) == "val_accuracy"
-    own_lr = report.get("lr", pd.Series(dtype=float)).nunique() > 1  # train.lr_grid picked each model's own
+    own_lr = own_learning_rates(report)
     columns = ["model", "kind", "params", "acc %", "± std"] + ["val %"] * validated + ["F1 %", "cost $\n/ seed"]
     columns += ["Δ pts", "p", "pts/$"] if primary else []
     rows = []
