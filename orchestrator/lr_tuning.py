@@ -90,6 +90,7 @@ def markdown(table: pd.DataFrame, cfg: RunConfig, task: TaskData) -> str:
     wide.columns = [f"lr {lr:g}" for lr in wide.columns]
     picked = table[table.chosen].set_index("candidate_id").lr
     wide["chosen lr"] = [f"{picked[cid]:g}" if cid in picked else "none finished" for _, cid in wide.index]
+    edge = at_the_edge(table)
     return "\n".join([
         "# Learning-rate sweep: each model's lr, picked on validation accuracy", "",
         f"Every model trained once (seed {cfg.train.seeds[0]}) at each lr of train.lr_grid, scored on "
@@ -97,7 +98,7 @@ def markdown(table: pd.DataFrame, cfg: RunConfig, task: TaskData) -> str:
         f"lr (✓) that training is the model's seed {cfg.train.seeds[0]} in the run (`reused`: copied, not trained again), "
         f"and the other seeds of train.seeds {cfg.train.seeds} train at it. {time.strftime('%Y-%m-%d %H:%M')}.", "",
         "## Validation accuracy (%) by lr", "", wide.reset_index().to_markdown(index=False, disable_numparse=True), "",
-        *([at_the_edge(table), ""] if at_the_edge(table) else []),
+        *([edge, ""] if edge else []),
         "## Every training", "", shown.drop(columns=["train_wall_s"]).to_markdown(index=False, floatfmt=".4g"), "",
         "`accuracy` (the eval split) is shown only to read; it never picks.", ""])
 
@@ -114,8 +115,8 @@ def run_sweep(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> pd.DataFr
           f"{', '.join(f'{lr:g}' for lr in cfg.train.lr_grid)}), seed {sub.train.seeds[0]}", flush=True)
     table = sweep_table(tried, run_training(sub, task, tried))
     reuse_chosen(cfg, sub, table, {job.candidate_id: job for job in tried})
-    if at_the_edge(table):
-        print(f"lr sweep: {at_the_edge(table)}", flush=True)
+    if edge := at_the_edge(table):
+        print(f"lr sweep: {edge}", flush=True)
     write_atomic(cfg.run_dir / TABLE, lambda p: table.to_csv(p, index=False))
     write_atomic(cfg.run_dir / "lr_sweep.md", lambda p: Path(p).write_text(markdown(table, cfg, task), encoding="utf-8"))
     return table
