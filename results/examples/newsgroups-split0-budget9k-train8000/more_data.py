@@ -8,7 +8,8 @@ Ray Train, two trainings at a time). The lr is picked on the eval split for both
 
 Run from the repository root:
     python results/examples/newsgroups-split0-budget9k-train8000/more_data.py 8e-3 1.6e-2   (71 min on 2 cores)
-Writes more_data.csv beside this file (the run itself in /tmp/runs/ng-train8000).
+    python results/examples/newsgroups-split0-budget9k-train8000/more_data.py 3.2e-2 --resume   (adds a rate)
+Writes more_data.csv beside this file: every rate the run in /tmp/runs/ng-train8000 has trained.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import _common as C  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("lrs", type=float, nargs="+")
+parser.add_argument("--resume", action="store_true", help="add rates to the earlier run; its trainings are kept")
 args = parser.parse_args()
 C.begin("more_data", quick=False)  # before the imports: it sets HF_HUB_OFFLINE
 
@@ -49,7 +51,7 @@ jobs = [TrainJob(sweep_id(a.candidate_id, lr), "searched", label, a.as_dict(), s
         for lr in args.lrs for seed in SEEDS for label, a in arms.items()]
 
 pipeline.set_runtime_env()
-pipeline.prepare_run_dir(cfg, resume=False)
+pipeline.prepare_run_dir(cfg, args.resume)
 pipeline.write_run_json(cfg, command="more_data.py", allocations=len(arms))
 pipeline.init_ray(None)
 try:
