@@ -25,13 +25,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("lrs", type=float, nargs="+")
 parser.add_argument("--resume", action="store_true", help="add rates to the earlier run; its trainings are kept")
 args = parser.parse_args()
-C.begin("more_data", quick=False)  # before the imports: it sets HF_HUB_OFFLINE
+C.start()  # before the imports: it sets the product's runtime variables (HF_HUB_OFFLINE among them)
 
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
+from exhaustive import small_space  # noqa: E402
 
 from orchestrator import pipeline  # noqa: E402
-from orchestrator.allocation import Allocation, uniform  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.data import load_task  # noqa: E402
 from orchestrator.lr_tuning import sweep_id  # noqa: E402
@@ -44,13 +44,10 @@ cfg = load_config(ROOT / "search_spaces" / "newsgroups_tight_budget.yaml",
                    f"train.seeds=[{','.join(map(str, SEEDS))}]"])
 task = load_task(cfg.data)
 modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
-arms = {"ffn_up L1-5 r1": Allocation.from_ranks({m.name: 1 for m in modules
-                                                 if m.type == "intermediate.dense" and 1 <= m.layer <= 5}),
-        "q+v r1": uniform(modules, ("query", "value"), 1)}
+arms = {label: a for label, a in small_space(modules, quick=False).items() if label in ("ffn_up L1-5 r1", "q+v r1")}
 jobs = [TrainJob(sweep_id(a.candidate_id, lr), "searched", label, a.as_dict(), seed, lr=lr)
         for lr in args.lrs for seed in SEEDS for label, a in arms.items()]
 
-pipeline.set_runtime_env()
 pipeline.prepare_run_dir(cfg, args.resume)
 pipeline.write_run_json(cfg, command="more_data.py", allocations=len(arms))
 pipeline.init_ray(None)
