@@ -34,8 +34,8 @@ def test_readme_reports_both_modes_and_links_the_quick_tables(tmp_path, monkeypa
     (tmp_path / "quick" / "screening_cost.md").write_text("# Quick table\n\nCommand: `... --quick` · 2026-12-02 08:00\n")
     statuses = {
         "full": {"screening_cost": {"status": "ok", "wall_s": 600.0, "finished": "2026-12-02 07:00"},
-                 "_run_all": {"status": "ok", "wall_s": 600.0, "finished": "2026-12-02 07:00", "deadline_min": None,
-                              "only": ["screening_cost"]}},
+                 "_run_all_only": {"status": "ok", "wall_s": 600.0, "finished": "2026-12-02 07:00", "deadline_min": None,
+                                   "only": ["screening_cost"]}},
         "quick": {"screening_cost": {"status": "timed out after 8.0 min", "wall_s": 480.0,
                                      "finished": "2026-12-02 07:30"},
                   "_run_all": {"status": "ok", "wall_s": 1700.0, "finished": "2026-12-02 07:58", "deadline_min": 30.0,
@@ -54,6 +54,9 @@ def test_readme_reports_both_modes_and_links_the_quick_tables(tmp_path, monkeypa
     assert "2026-12-02 09:00; results file from an earlier run: 2026-12-02 08:00" in row
     assert "`python benchmarks/run_all.py --only screening_cost`: finished 2026-12-02 07:00" in text
     assert "`python benchmarks/run_all.py --quick`: finished 2026-12-02 07:58, 28.3 min in all (deadline 30 min)" in text
+    # a run of a few scripts is shown as such, never as a run of them all
+    row = next(line for line in text.splitlines() if line.startswith("| [`run_all.py`]"))
+    assert "full: never run whole" in row and "quick: 28.3 min, 2026-12-02 07:58" in row
     assert "full numbers" in text.split("## Latest --quick results")[0]  # full tables pasted, quick ones linked
     assert "| screening_cost | [quick/screening_cost.md](../results/benchmarks/quick/screening_cost.md) | " \
            "2026-12-02 08:00 |" in text

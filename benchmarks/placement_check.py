@@ -1,0 +1,167 @@
+"""Does placement still pay once each model has its own learning rate? Two allocations side by side over rates.
+
+What it measures: two allocations of benchmarks/exhaustive.small_space at the same ~9,216-param budget, by default
+FFN-up layers 1-5 r1 (the 20 Newsgroups exhaustive best at tuned rates) and uniform q,v r1, trained through
+`orchestrator.train.run_training` (Ray Tune + Ray Train) at every learning rate given, over seeds, on a shipped
+space's data and recipe. Per rate: each arm's eval accuracy (mean ± std over seeds) and their difference with
+Welch's p; then the difference at each arm's own best rate. The rate is picked on the eval split for both arms
+alike: a diagnostic of whether placement matters at a tuned rate, not a product claim (the product picks each
+model's rate on held-out validation data: `train.lr_grid`). A best rate at the edge of the grid is flagged: add
+rates with --resume before reading it.
+
+Target (issue #12): the first arm − uniform q,v ≥ +1.6 points at their best rates (HeteroLoRA's MRPC result),
+Welch p < 0.05.
+
+Run (from the repository root):
+    python benchmarks/placement_check.py --quick   # smoke: 300 train / 200 eval, max_length 64, one rate, seeds 0 1
+    python benchmarks/placement_check.py           # Reuters R8 (search_spaces/reuters_r8.yaml: 4,000 train / 1,000
+                                                   # eval), rates 4e-3 8e-3 1.6e-2, seeds 0 1 2: 18 trainings
+    python benchmarks/placement_check.py --lrs 3.2e-2 --resume   # add a rate: the earlier trainings are kept
+    python benchmarks/placement_check.py --space search_spaces/newsgroups_tight_budget.yaml \\
+        --set data.train_size=8000 --lrs 8e-3 1.6e-2 3.2e-2 --out results/examples/newsgroups-split0-budget9k-train8000
+Writes <out>/placement_check.{csv,md} (default results/benchmarks/, --quick results/benchmarks/quick/): every rate
+the run has trained, not only those of this call. The run (trials, adapters) stays in
+results/benchmarks/placement_check_runs/<quick|full>/<space file name>/; without --resume it starts over there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import pandas as pd  # noqa: E402
+
+TARGET_PTS = 1.6  # issue #12: HeteroLoRA's MRPC gain over uniform q,v at equal params
+ARMS = ("ffn_up L1-5 r1", "q+v r1")  # the second arm is the yardstick
+FULL_SPACE = C.ROOT / "search_spaces" / "reuters_r8.yaml"
+FULL_LRS, QUICK_LRS = (4e-3, 8e-3, 1.6e-2), (8e-3,)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300/200 examples, max_length 64, one rate, seeds 0 1")
+    parser.add_argument("--space", type=Path, default=FULL_SPACE, help="the shipped space whose data and recipe to use")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.train_size=8000")
+    parser.add_argument("--lrs", type=float, nargs="+", help="learning rates (default 4e-3 8e-3 1.6e-2; --quick 8e-3)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; --quick 0 1)")
+    parser.add_argument("--arms", nargs=2, default=ARMS, metavar="LABEL",
+                        help="two labels of benchmarks/exhaustive.small_space; the second is the yardstick")
+    parser.add_argument("--resume", action="store_true", help="add rates or seeds to the earlier run; its trainings are kept")
+    C.add_out_argument(parser)
+    args = parser.parse_args(argv)
+    args.lrs = args.lrs or list(QUICK_LRS if args.quick else FULL_LRS)
+    args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    return args
+
+
+def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
+    """Per rate: each arm's accuracy (%) mean ± std and the difference with Welch's p; and the comparison at each
+    arm's own best rate (by mean), with the flag `at_edge` when a best rate is the lowest or highest trained."""
+    from orchestrator.report import welch_p
+
+    first, yardstick = arms
+    percent = rows.assign(accuracy=100 * rows.accuracy)
+    by_arm = {arm: percent[percent.label == arm] for arm in arms}
+    per_lr = []
+    for lr in sorted(percent.lr.unique()):
+        a, b = (by_arm[arm][by_arm[arm].lr == lr].accuracy for arm in arms)
+        per_lr.append({"lr": lr, f"{first} %": _mean_std(a), f"{yardstick} %": _mean_std(b),
+                       "gain": round(a.mean() - b.mean(), 2), "welch_p": round(welch_p(a, b), 3), "seeds": f"{len(a)}/{len(b)}"})
+    means = {arm: by_arm[arm].groupby("lr").accuracy.mean() for arm in arms}
+    best_lr = {arm: float(means[arm].idxmax()) for arm in arms}
+    best = {arm: by_arm[arm][by_arm[arm].lr == best_lr[arm]].accuracy for arm in arms}
+    gain = best[first].mean() - best[yardstick].mean()
+    p = welch_p(best[first], best[yardstick])
+    lrs = sorted(percent.lr.unique())
+    summary = {"best_lr": best_lr, "best_mean": {arm: float(best[arm].mean()) for arm in arms}, "gain": float(gain),
+               "welch_p": p, "met": bool(gain >= TARGET_PTS and p < 0.05),
+               "at_edge": [arm for arm in arms if len(lrs) > 1 and best_lr[arm] in (lrs[0], lrs[-1])]}
+    return pd.DataFrame(per_lr), summary
+
+
+def _mean_std(values: pd.Series) -> str:
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
+def verdict(summary: dict, arms: tuple[str, str]) -> str:
+    first, yardstick = arms
+    lr, mean = summary["best_lr"], summary["best_mean"]
+    line = (f"At each arm's best rate ({first} {lr[first]:g}: {mean[first]:.2f}%; {yardstick} {lr[yardstick]:g}: "
+            f"{mean[yardstick]:.2f}%): **{summary['gain']:+.2f} points** (Welch p = {summary['welch_p']:.2f}); "
+            f"target ≥ +{TARGET_PTS} with p < 0.05: ")
+    if summary["met"]:
+        line += "**met**."
+    elif summary["gain"] >= TARGET_PTS:
+        line += "**missed**: the gain is there, but the seeds cannot tell it from noise."
+    else:
+        line += f"**missed** by {TARGET_PTS - summary['gain']:.2f} points."
+    if summary["at_edge"]:
+        line += (f" The best rate of {' and of '.join(summary['at_edge'])} is at the edge of the grid: the optimum may "
+                 "lie beyond it (add rates with --resume).")
+    return line
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    ctx, runs_root = C.begin("placement_check", args.quick)
+
+    import ray
+    from exhaustive import small_space
+
+    from orchestrator import pipeline
+    from orchestrator.config import load_config
+    from orchestrator.data import load_task
+    from orchestrator.lr_tuning import sweep_id
+    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.train import TrainJob, run_training
+
+    runs = runs_root / args.space.stem
+    if not args.resume:
+        C.fresh_runs_root(runs)  # this script's own earlier run of the space: without --resume it starts over
+    overrides = C.run_overrides(runs.resolve(), args.seeds, args.quick) + ["train.baselines=[]", *args.set]
+    cfg = load_config(args.space, overrides)
+    task = load_task(cfg.data)
+    modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
+    space = small_space(modules, quick=False)
+    unknown = [label for label in args.arms if label not in space]
+    if unknown:
+        print(f"--arms: {unknown} are not labels of benchmarks/exhaustive.small_space; pick from {sorted(space)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    arms = {label: space[label] for label in args.arms}
+    jobs = [TrainJob(sweep_id(a.candidate_id, lr), "searched", label, a.as_dict(), seed, lr=lr)
+            for lr in args.lrs for seed in args.seeds for label, a in arms.items()]
+
+    pipeline.prepare_run_dir(cfg, args.resume)
+    pipeline.write_run_json(cfg, command=C.invoked_command(__file__), allocations=len(arms))
+    pipeline.init_ray(None)
+    try:
+        trials = run_training(cfg, task, jobs)
+    finally:
+        ray.shutdown()
+    rows = pd.DataFrame([{"lr": t["lr"], "label": t["label"], "seed": t["seed"], "accuracy": t["accuracy"],
+                          "trainable_params": t["trainable_params"], "train_wall_s": t["train_wall_s"]}
+                         for t in trials.values() if t.get("status") == "completed"]).sort_values(["lr", "label", "seed"])
+    per_lr, summary = summarise(rows, tuple(args.arms))
+    params = rows.groupby("label").trainable_params.first()
+    text = "\n\n".join([
+        f"# Placement at a tuned learning rate: {args.arms[0]} vs {args.arms[1]} ({cfg.data.task})",
+        f"Command: `{C.invoked_command(__file__)}` · {time.strftime('%Y-%m-%d %H:%M')} · load after {C.load_now()} · "
+        f"{C.context_line(ctx)}",
+        f"Space {args.space.name} with {' '.join(args.set) or 'no overrides'}: {cfg.data.train_size} train / "
+        f"{cfg.data.eval_size} eval examples, max_length {cfg.model.max_length}, {cfg.train.epochs} epoch(s); trainable "
+        f"LoRA params {', '.join(f'{label} {params[label]:,}' for label in args.arms)}; every model trains at its row's "
+        "rate (the space's train.lr is not used). Rates picked on the eval split "
+        "for both arms alike (a diagnostic, not a product claim). Per seed: placement_check.csv.",
+        C.md_table(per_lr.assign(lr=[f"{lr:g}" for lr in per_lr.lr])), verdict(summary, tuple(args.arms)), C.NOISE_NOTE])
+    out = C.out_dir(args)
+    C.write_results(out, "placement_check", rows, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

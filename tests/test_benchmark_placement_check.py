@@ -1,0 +1,56 @@
+"""benchmarks/placement_check.py: each arm is compared at its own best rate, and the verdict says what was measured."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import placement_check  # noqa: E402
+
+ARMS = ("ffn", "qv")
+
+
+def rows(accuracy: dict[tuple[str, float], list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"label": label, "lr": lr, "seed": seed, "accuracy": value}
+                         for (label, lr), values in accuracy.items() for seed, value in enumerate(values)])
+
+
+def test_each_arm_is_read_at_its_own_best_rate():
+    per_lr, summary = placement_check.summarise(rows({
+        ("ffn", 1e-3): [0.60, 0.62, 0.61], ("ffn", 2e-3): [0.70, 0.71, 0.72], ("ffn", 4e-3): [0.65, 0.66, 0.64],
+        ("qv", 1e-3): [0.50, 0.52, 0.51], ("qv", 2e-3): [0.60, 0.61, 0.62], ("qv", 4e-3): [0.68, 0.69, 0.70]}), ARMS)
+    assert list(per_lr.lr) == [1e-3, 2e-3, 4e-3]
+    assert per_lr.gain.round(6).tolist() == [10.0, 10.0, -4.0]  # points, per rate
+    assert summary["best_lr"] == {"ffn": 2e-3, "qv": 4e-3}
+    assert summary["gain"] == pytest.approx(71.0 - 69.0)  # at each one's best, not at a shared rate (+10)
+    assert summary["at_edge"] == ["qv"]  # its best is the grid's top: its optimum may lie beyond
+    assert not summary["met"]
+    assert per_lr.loc[1, "ffn %"] == "71.00 ± 1.00"
+
+
+def test_target_needs_the_gain_and_a_small_welch_p():
+    clear = rows({("ffn", 1e-3): [0.80, 0.81, 0.80, 0.81], ("qv", 1e-3): [0.70, 0.71, 0.70, 0.71]})
+    _, summary = placement_check.summarise(clear, ARMS)
+    assert summary["met"] and summary["welch_p"] < 0.05 and summary["at_edge"] == []  # one rate: no edge to speak of
+    assert "**met**" in placement_check.verdict(summary, ARMS)
+
+    noisy = rows({("ffn", 1e-3): [0.95, 0.60, 0.90], ("qv", 1e-3): [0.70, 0.71, 0.72]})
+    _, summary = placement_check.summarise(noisy, ARMS)
+    assert summary["gain"] >= placement_check.TARGET_PTS and not summary["met"]
+    assert "cannot tell it from noise" in placement_check.verdict(summary, ARMS)
+
+    short = rows({("ffn", 1e-3): [0.705, 0.715, 0.71], ("qv", 1e-3): [0.70, 0.705, 0.71]})
+    _, summary = placement_check.summarise(short, ARMS)
+    assert "missed** by 1.10 points" in placement_check.verdict(summary, ARMS)
+
+
+def test_defaults_are_the_documented_presets():
+    full, quick = placement_check.parse_args([]), placement_check.parse_args(["--quick"])
+    assert full.space.name == "reuters_r8.yaml" and full.lrs == [4e-3, 8e-3, 1.6e-2] and full.seeds == [0, 1, 2]
+    assert quick.lrs == [8e-3] and quick.seeds == [0, 1]
+    assert tuple(full.arms) == ("ffn_up L1-5 r1", "q+v r1")
