@@ -153,8 +153,9 @@ def main() -> None:
             C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
         total = time.time() - started
         # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
-        statuses["_run_all_only" if args.only else "_run_all"] = {"status": "ok", "wall_s": total, "finished": time.strftime("%Y-%m-%d %H:%M"),
-                                "deadline_min": args.deadline_min, "only": args.only}
+        statuses["_run_all_only" if args.only else "_run_all"] = {
+            "status": "ok", "wall_s": total, "finished": time.strftime("%Y-%m-%d %H:%M"), "deadline_min": args.deadline_min,
+            "only": args.only}
         C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
         print(f"[run_all] all done in {total / 60:.1f} min", flush=True)
     C.write_text(HERE / "README.md", readme(every_mode))
