@@ -67,8 +67,9 @@ def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, 
     first, yardstick = arms
     percent = rows.assign(accuracy=100 * rows.accuracy)
     by_arm = {arm: percent[percent.label == arm] for arm in arms}
+    lrs = sorted(percent.lr.unique())
     per_lr = []
-    for lr in sorted(percent.lr.unique()):
+    for lr in lrs:
         a, b = (by_arm[arm][by_arm[arm].lr == lr].accuracy for arm in arms)
         per_lr.append({"lr": lr, f"{first} %": _mean_std(a), f"{yardstick} %": _mean_std(b),
                        "gain": round(a.mean() - b.mean(), 2), "welch_p": round(welch_p(a, b), 3), "seeds": f"{len(a)}/{len(b)}"})
@@ -77,7 +78,6 @@ def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, 
     best = {arm: by_arm[arm][by_arm[arm].lr == best_lr[arm]].accuracy for arm in arms}
     gain = best[first].mean() - best[yardstick].mean()
     p = welch_p(best[first], best[yardstick])
-    lrs = sorted(percent.lr.unique())
     summary = {"best_lr": best_lr, "best_mean": {arm: float(best[arm].mean()) for arm in arms}, "gain": float(gain),
                "welch_p": p, "met": bool(gain >= TARGET_PTS and p < 0.05),
                "at_edge": [arm for arm in arms if len(lrs) > 1 and best_lr[arm] in (lrs[0], lrs[-1])]}
