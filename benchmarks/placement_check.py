@@ -3,11 +3,11 @@
 What it measures: two allocations of benchmarks/exhaustive.small_space at the same ~9,216-param budget, by default
 FFN-up layers 1-5 r1 (the 20 Newsgroups exhaustive best at tuned rates) and uniform q,v r1, trained through
 `orchestrator.train.run_training` (Ray Tune + Ray Train) at every learning rate given, over seeds, on a shipped
-space's data and recipe. Per rate: each arm's eval accuracy (mean ± std over seeds) and their difference with
-Welch's p; then the difference at each arm's own best rate. The rate is picked on the eval split for both arms
-alike: a diagnostic of whether placement matters at a tuned rate, not a product claim (the product picks each
-model's rate on held-out validation data: `train.lr_grid`). A best rate at the edge of the grid is flagged: add
-rates with --resume before reading it.
+space's data and recipe, every epoch of it (no ASHA early stopping). Per rate: each arm's last-epoch eval accuracy
+(mean ± std over seeds) and their difference with Welch's p; then the difference at each arm's own best rate. The
+rate is picked on the eval split for both arms alike: a diagnostic of whether placement matters at a tuned rate, not
+a product claim (the product picks each model's rate on held-out validation data: `train.lr_grid`). A best rate at
+the edge of the grid is flagged: add rates with --resume before reading it.
 
 Target (issue #12): the first arm − uniform q,v ≥ +1.6 points at their best rates (HeteroLoRA's MRPC result),
 Welch p < 0.05.
@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lrs = args.lrs or list(QUICK_LRS if args.quick else FULL_LRS)
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     return args
+
+
+def config_overrides(runs: Path, args: argparse.Namespace) -> list[str]:
+    """The space's config as this script trains it: no baselines, and no ASHA with train.epochs > 1, which would stop
+    the arms at different epochs and compare unequal training (--set can still turn it back on)."""
+    return C.run_overrides(runs, args.seeds, args.quick) + ["train.baselines=[]", "train.early_stopping=false", *args.set]
 
 
 def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
@@ -123,8 +129,7 @@ def main(argv=None) -> None:
     runs = runs_root / args.space.stem
     if not args.resume:
         C.fresh_runs_root(runs)  # this script's own earlier run of the space: without --resume it starts over
-    overrides = C.run_overrides(runs.resolve(), args.seeds, args.quick) + ["train.baselines=[]", *args.set]
-    cfg = load_config(args.space, overrides)
+    cfg = load_config(args.space, config_overrides(runs.resolve(), args))
     task = load_task(cfg.data)
     modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
     space = small_space(modules, quick=False)
@@ -154,7 +159,8 @@ def main(argv=None) -> None:
         f"Command: `{C.invoked_command(__file__)}` · {time.strftime('%Y-%m-%d %H:%M')} · load after {C.load_now()} · "
         f"{C.context_line(ctx)}",
         f"Space {args.space.name} with {' '.join(args.set) or 'no overrides'}: {cfg.data.train_size} train / "
-        f"{cfg.data.eval_size} eval examples, max_length {cfg.model.max_length}, {cfg.train.epochs} epoch(s); trainable "
+        f"{cfg.data.eval_size} eval examples, max_length {cfg.model.max_length}, {cfg.train.epochs} epoch(s), early stopping "
+        f"{'on' if cfg.train.early_stopping and cfg.train.epochs > 1 else 'off'}; trainable "
         f"LoRA params {', '.join(f'{label} {params[label]:,}' for label in args.arms)}; every model trains at its row's "
         "rate (the space's train.lr is not used). Rates picked on the eval split "
         "for both arms alike (a diagnostic, not a product claim). Per seed: placement_check.csv.",

@@ -54,3 +54,15 @@ def test_defaults_are_the_documented_presets():
     assert full.space.name == "reuters_r8.yaml" and full.lrs == [4e-3, 8e-3, 1.6e-2] and full.seeds == [0, 1, 2]
     assert quick.lrs == [8e-3] and quick.seeds == [0, 1]
     assert tuple(full.arms) == ("ffn_up L1-5 r1", "q+v r1")
+
+
+def test_arms_train_every_epoch_unless_told_otherwise(tmp_path):
+    from orchestrator.config import load_config
+
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "newsgroups_tight_budget.yaml"
+    args = placement_check.parse_args(["--space", str(space), "--set", "train.epochs=3"])
+    cfg = load_config(space, placement_check.config_overrides(tmp_path, args))
+    assert cfg.train.epochs == 3 and not cfg.train.early_stopping  # ASHA would stop the arms at different epochs
+    assert cfg.train.baselines == [] and cfg.results_dir == str(tmp_path)
+    args = placement_check.parse_args(["--space", str(space), "--set", "train.epochs=3", "train.early_stopping=true"])
+    assert load_config(space, placement_check.config_overrides(tmp_path, args)).train.early_stopping  # --set wins
