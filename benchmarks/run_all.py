@@ -15,6 +15,8 @@ Run (from the repository root):
                                                   # on 2 cores, 2026-12-05; the ten before 15.9 on 2026-12-03; a script with no
                                                   # time left is marked skipped: run it with --only)
     python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
+    python benchmarks/run_all.py --resume         # continue an interrupted run of them all: the scripts it finished
+                                                  # are kept, the rest (failed ones too) run; works with --quick
     python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
     python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
 
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,6 +45,7 @@ import pandas as pd  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STATUS_FILE = C.RESULTS / "run_all_status.json"  # {"full" | "quick": {script: how its last run_all run went}}
+IN_PROGRESS = "_run_all_in_progress"  # a run of every script not finished yet: the scripts done, for --resume
 
 # name, what it measures, its target, per-script time cap in minutes (quick, full)
 SCRIPTS = [
@@ -94,6 +98,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--deadline-min", type=float, help="total time limit (default 30 in quick mode, none in full)")
     parser.add_argument("--ddp", action="store_true", help="pass --ddp to orchestration_overhead.py (1 vs 2 workers)")
     parser.add_argument("--readme-only", action="store_true", help="write benchmarks/README.md from stored results")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run of every script: skip those it finished, run the rest")
     args = parser.parse_args()
     if args.deadline_min is None and args.quick:
         args.deadline_min = 30.0
@@ -116,48 +122,79 @@ def run_script(name: str, args, cap_s: float) -> dict:
             rc = proc.wait(timeout=cap_s)
             status = "ok" if rc == 0 else f"failed (exit {rc})"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # the script's own process group: it and the Ray processes it started
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
             status = f"timed out after {cap_s / 60:.1f} min"
+        except BaseException:  # Ctrl-C or a kill reaches only run_all: the script has its own session, stop it too
+            _stop(proc)
+            raise
     wall = time.time() - started
     print(f"[run_all] {name}: {status} in {wall / 60:.1f} min", flush=True)
     return {"script": name, "command": shown, "status": status, "wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M"),
             "load_avg_after": C.load_now()}
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the script's own process group: it and the Ray processes it started
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_scripts(args, statuses: dict, save: Callable[[], None]) -> None:
+    """Run the scripts in order into `statuses` (one mode's), saving after each. A run of them all records which
+    finished under IN_PROGRESS until it ends, so an interrupted one can be continued with --resume."""
+    whole = not args.only
+    if args.resume and not (whole and IN_PROGRESS in statuses):
+        print("--resume: " + ("continues a run of every script; drop --only" if not whole else
+                              "no interrupted run of every script to continue; drop --resume"), file=sys.stderr)
+        raise SystemExit(2)
+    if whole and not args.resume and IN_PROGRESS in statuses:
+        print(f"[run_all] starting over: the unfinished run ({len(statuses[IN_PROGRESS]['done'])} scripts done) "
+              "is dropped (--resume continues it)", flush=True)
+    progress = statuses[IN_PROGRESS] if args.resume else {"done": [], "wall_s": 0.0, "sittings": 0}
+    progress["sittings"] += 1
+    if whole:
+        statuses[IN_PROGRESS] = progress
+        save()  # from here an interrupted run can be continued, even one stopped in its first script
+    earlier_s, started = progress["wall_s"], time.time()
+    for name, _, _, caps in SCRIPTS:
+        if (args.only and name not in args.only) or name in progress["done"] or not (HERE / f"{name}.py").is_file():
+            continue
+        cap = 60 * caps[0 if args.quick else 1]
+        if args.deadline_min is not None:
+            left = 60 * args.deadline_min - (time.time() - started) - 45  # keep time to write the README
+            if left < 60:
+                statuses[name] = {"script": name, "status": "skipped: deadline reached", "wall_s": 0.0,
+                                  "command": f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""),
+                                  "finished": time.strftime("%Y-%m-%d %H:%M")}
+                continue
+            cap = min(cap, left)
+        statuses[name] = run_script(name, args, cap)
+        if statuses[name]["status"] == "ok":
+            progress["done"].append(name)
+        progress["wall_s"] = earlier_s + time.time() - started
+        save()
+    if whole:
+        del statuses[IN_PROGRESS]  # (a run of a few scripts leaves an unfinished run of them all to --resume)
+    # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
+    statuses["_run_all_only" if args.only else "_run_all"] = {
+        "status": "ok", "wall_s": earlier_s + time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "deadline_min": args.deadline_min, "only": args.only, "sittings": progress["sittings"]}
+    save()
+
+
 def main() -> None:
     args = parse_args()
+    # A kill (timeout, a job stop) ends run_all through Python, so the running script is stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     every_mode = json.loads(STATUS_FILE.read_text()) if STATUS_FILE.is_file() else {}
     statuses = every_mode.setdefault("quick" if args.quick else "full", {})
     if not args.readme_only:
-        started = time.time()
-        for name, _, _, caps in SCRIPTS:
-            if args.only and name not in args.only:
-                continue
-            if not (HERE / f"{name}.py").is_file():
-                continue
-            cap = 60 * caps[0 if args.quick else 1]
-            if args.deadline_min is not None:
-                left = 60 * args.deadline_min - (time.time() - started) - 45  # keep time to write the README
-                if left < 60:
-                    statuses[name] = {"script": name, "status": "skipped: deadline reached", "wall_s": 0.0,
-                                      "command": f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""),
-                                      "finished": time.strftime("%Y-%m-%d %H:%M")}
-                    continue
-                cap = min(cap, left)
-            statuses[name] = run_script(name, args, cap)
-            C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
-        total = time.time() - started
-        # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
-        statuses["_run_all_only" if args.only else "_run_all"] = {
-            "status": "ok", "wall_s": total, "finished": time.strftime("%Y-%m-%d %H:%M"), "deadline_min": args.deadline_min,
-            "only": args.only}
-        C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1))
-        print(f"[run_all] all done in {total / 60:.1f} min", flush=True)
+        run_scripts(args, statuses, save=lambda: C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1)))
+        print(f"[run_all] all done in {statuses['_run_all_only' if args.only else '_run_all']['wall_s'] / 60:.1f} min",
+              flush=True)
     C.write_text(HERE / "README.md", readme(every_mode))
     print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
 
@@ -201,7 +238,8 @@ def _run_line(mode: str, run: dict) -> str:
     scripts = f" --only {' '.join(run['only'])}" if run.get("only") else ""
     return (f"Latest `python benchmarks/run_all.py{' --quick' if mode == 'quick' else ''}{scripts}`: finished "
             f"{run['finished']}, {run['wall_s'] / 60:.1f} min in all"
-            + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "") + ".")
+            + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "")
+            + (f", in {run['sittings']} sittings (continued with --resume)" if run.get("sittings", 1) > 1 else "") + ".")
 
 
 def readme(every_mode: dict) -> str:
@@ -218,7 +256,10 @@ def readme(every_mode: dict) -> str:
              "`results/benchmarks/run_all_status.json`).", "",
              f"> {C.NOISE_NOTE} Tests never assert on these timings.", ""]
     lines += [_run_line(mode, run) for mode, run in runs.items() if run]
-    lines += [_run_line(mode, run) for mode, run in partial.items() if run] + [""]
+    lines += [_run_line(mode, run) for mode, run in partial.items() if run]
+    lines += [f"Unfinished `python benchmarks/run_all.py{' --quick' if mode == 'quick' else ''}`: "
+              f"{', '.join(unfinished['done']) or 'no script'} done; add `--resume` to run the rest."
+              for mode in ("full", "quick") if (unfinished := every_mode.get(mode, {}).get(IN_PROGRESS))] + [""]
     lines += ["## Index", "", "| script | measures | command | target | latest run |", "|---|---|---|---|---|"]
     for name, what, target, _ in SCRIPTS:
         if not (HERE / f"{name}.py").is_file():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -60,3 +63,47 @@ def test_readme_reports_both_modes_and_links_the_quick_tables(tmp_path, monkeypa
     assert "full numbers" in text.split("## Latest --quick results")[0]  # full tables pasted, quick ones linked
     assert "| screening_cost | [quick/screening_cost.md](../results/benchmarks/quick/screening_cost.md) | " \
            "2026-12-02 08:00 |" in text
+
+
+def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch, capsys):
+    names = [name for name, *_ in run_all.SCRIPTS[:3]]
+    ran, interrupt_at = [], {names[2]}
+
+    def fake_run(name, args, cap_s):
+        if name in interrupt_at:
+            raise KeyboardInterrupt
+        ran.append(name)
+        return {"script": name, "status": "failed (exit 1)" if name == names[1] else "ok", "wall_s": 60.0,
+                "finished": "2026-12-06 05:00"}
+
+    monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS[:3])
+    monkeypatch.setattr(run_all, "run_script", fake_run)
+    statuses, saved = {}, []
+
+    def args(resume=False, only=None):
+        return argparse.Namespace(quick=False, only=only, deadline_min=None, resume=resume)
+
+    def save():
+        saved.append(json.loads(json.dumps(statuses)))  # the status file as written at that moment
+
+    with pytest.raises(KeyboardInterrupt):
+        run_all.run_scripts(args(), statuses, save)
+    assert saved[-1][run_all.IN_PROGRESS]["done"] == [names[0]]  # the failed one is not done: --resume reruns it
+    assert "_run_all" not in saved[-1]
+    assert f"{names[0]} done; add `--resume`" in run_all.readme({"full": saved[-1]})
+
+    with pytest.raises(SystemExit):  # --resume continues a run of every script, not of a few
+        run_all.run_scripts(args(resume=True, only=[names[1]]), statuses, save)
+    run_all.run_scripts(args(only=[names[0]]), statuses, save)  # a run of one script in between ...
+    assert statuses[run_all.IN_PROGRESS]["done"] == [names[0]]  # ... leaves the unfinished run as it was
+    ran.clear()
+    interrupt_at.clear()
+    run_all.run_scripts(args(resume=True), statuses, save)
+    assert ran == names[1:]  # only what the interrupted run had not finished
+    record = statuses["_run_all"]
+    assert record["sittings"] == 2 and run_all.IN_PROGRESS not in statuses
+    assert "in 2 sittings (continued with --resume)" in run_all.readme({"full": statuses})
+
+    with pytest.raises(SystemExit) as stopped:  # nothing left to continue
+        run_all.run_scripts(args(resume=True), statuses, save)
+    assert stopped.value.code == 2 and "no interrupted run" in capsys.readouterr().err
