@@ -142,9 +142,10 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_scripts(args, statuses: dict, save: Callable[[], None]) -> None:
-    """Run the scripts in order into `statuses` (one mode's), saving after each. A run of them all records which
-    finished under IN_PROGRESS until it ends, so an interrupted one can be continued with --resume."""
+def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict:
+    """Run the scripts in order into `statuses` (one mode's), saving after each; return the run's own record. A run of
+    them all records which finished under IN_PROGRESS until it ends, so an interrupted one can be continued with
+    --resume."""
     whole = not args.only
     if args.resume and not (whole and IN_PROGRESS in statuses):
         print("--resume: " + ("continues a run of every script; drop --only" if not whole else
@@ -179,10 +180,11 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> None:
     if whole:
         del statuses[IN_PROGRESS]  # (a run of a few scripts leaves an unfinished run of them all to --resume)
     # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
-    statuses["_run_all_only" if args.only else "_run_all"] = {
+    record = statuses["_run_all_only" if args.only else "_run_all"] = {
         "status": "ok", "wall_s": earlier_s + time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M"),
         "deadline_min": args.deadline_min, "only": args.only, "sittings": progress["sittings"]}
     save()
+    return record
 
 
 def main() -> None:
@@ -192,9 +194,8 @@ def main() -> None:
     every_mode = json.loads(STATUS_FILE.read_text()) if STATUS_FILE.is_file() else {}
     statuses = every_mode.setdefault("quick" if args.quick else "full", {})
     if not args.readme_only:
-        run_scripts(args, statuses, save=lambda: C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1)))
-        print(f"[run_all] all done in {statuses['_run_all_only' if args.only else '_run_all']['wall_s'] / 60:.1f} min",
-              flush=True)
+        run = run_scripts(args, statuses, save=lambda: C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1)))
+        print(f"[run_all] all done in {run['wall_s'] / 60:.1f} min", flush=True)
     C.write_text(HERE / "README.md", readme(every_mode))
     print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
 

@@ -98,9 +98,9 @@ def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch
     assert statuses[run_all.IN_PROGRESS]["done"] == [names[0]]  # ... leaves the unfinished run as it was
     ran.clear()
     interrupt_at.clear()
-    run_all.run_scripts(args(resume=True), statuses, save)
+    record = run_all.run_scripts(args(resume=True), statuses, save)
     assert ran == names[1:]  # only what the interrupted run had not finished
-    record = statuses["_run_all"]
+    assert record is statuses["_run_all"]
     assert record["sittings"] == 2 and run_all.IN_PROGRESS not in statuses
     assert "in 2 sittings (continued with --resume)" in run_all.readme({"full": statuses})
 
