@@ -12,11 +12,12 @@ results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
     python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all eleven took 11.0 min
-                                                  # on 2 cores, 2026-12-05; the ten before 15.9 on 2026-12-03; a script with no
-                                                  # time left is marked skipped: run it with --only)
-    python benchmarks/run_all.py                  # full presets (hours on CPU; search_quality alone ~1 h)
-    python benchmarks/run_all.py --resume         # continue an interrupted run of them all: the scripts it finished
-                                                  # are kept, the rest (failed ones too) run; works with --quick
+                                                  # on 2 cores, 2026-12-05; the ten before 15.9 on 2026-12-03)
+    python benchmarks/run_all.py                  # full presets (~6.7 h on 2 cores; search_quality alone ~50 min)
+    python benchmarks/run_all.py --deadline-min 100   # full presets, only the scripts that fit in 100 min (by their
+                                                  # last run's time); the rest wait for --resume
+    python benchmarks/run_all.py --resume         # continue an interrupted or deadline-cut run of them all: the scripts it
+                                                  # finished are kept, the rest (failed ones too) run; works with --quick
     python benchmarks/run_all.py --readme-only    # rewrite benchmarks/README.md from the stored results
     python benchmarks/run_all.py --quick --only screening_cost orchestration_overhead
 
@@ -95,7 +96,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
     parser.add_argument("--only", nargs="+", help="run only these scripts (names without .py)")
-    parser.add_argument("--deadline-min", type=float, help="total time limit (default 30 in quick mode, none in full)")
+    parser.add_argument("--deadline-min", type=float,
+                        help="time limit for this sitting (default 30 in quick mode, none in full): a script that would "
+                        "not finish in the time left, by its last run, is skipped, and a run of every script stays open "
+                        "for --resume")
     parser.add_argument("--ddp", action="store_true", help="pass --ddp to orchestration_overhead.py (1 vs 2 workers)")
     parser.add_argument("--readme-only", action="store_true", help="write benchmarks/README.md from stored results")
     parser.add_argument("--resume", action="store_true",
@@ -142,10 +146,19 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict:
+def expected_s(last: dict, cap_s: float) -> float:
+    """How long a script will take: its last finished run in this mode, what that estimate was when it was
+    skipped, else its time cap."""
+    if last.get("status") == "ok":
+        return last["wall_s"]
+    return last.get("expected_s", cap_s)
+
+
+def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
     """Run the scripts in order into `statuses` (one mode's), saving after each; return the run's own record. A run of
     them all records which finished under IN_PROGRESS until it ends, so an interrupted one can be continued with
-    --resume."""
+    --resume. With --deadline-min a script that would not finish in the time left is skipped, not started; a run of
+    them all that skipped some stays unfinished (None is returned), so it can go on over several sittings."""
     whole = not args.only
     if args.resume and not (whole and IN_PROGRESS in statuses):
         print("--resume: " + ("continues a run of every script; drop --only" if not whole else
@@ -159,17 +172,20 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict:
     if whole:
         statuses[IN_PROGRESS] = progress
         save()  # from here an interrupted run can be continued, even one stopped in its first script
-    earlier_s, started = progress["wall_s"], time.time()
+    earlier_s, started, skipped = progress["wall_s"], time.time(), []
     for name, _, _, caps in SCRIPTS:
         if (args.only and name not in args.only) or name in progress["done"] or not (HERE / f"{name}.py").is_file():
             continue
         cap = 60 * caps[0 if args.quick else 1]
         if args.deadline_min is not None:
             left = 60 * args.deadline_min - (time.time() - started) - 45  # keep time to write the README
-            if left < 60:
-                statuses[name] = {"script": name, "status": "skipped: deadline reached", "wall_s": 0.0,
+            needs = expected_s(statuses.get(name, {}), cap)
+            if needs > left or left < 60:  # not started, rather than killed at the deadline with its work lost
+                statuses[name] = {"script": name, "status": f"skipped: deadline reached (needs ~{needs / 60:.0f} min, "
+                                  f"{max(left, 0) / 60:.0f} left)", "wall_s": 0.0, "expected_s": needs,
                                   "command": f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""),
                                   "finished": time.strftime("%Y-%m-%d %H:%M")}
+                skipped.append(name)
                 continue
             cap = min(cap, left)
         statuses[name] = run_script(name, args, cap)
@@ -177,6 +193,9 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict:
             progress["done"].append(name)
         progress["wall_s"] = earlier_s + time.time() - started
         save()
+    if whole and skipped:  # the deadline ended this sitting: the run stays unfinished, --resume runs the rest
+        save()
+        return None
     if whole:
         del statuses[IN_PROGRESS]  # (a run of a few scripts leaves an unfinished run of them all to --resume)
     # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
@@ -195,7 +214,11 @@ def main() -> None:
     statuses = every_mode.setdefault("quick" if args.quick else "full", {})
     if not args.readme_only:
         run = run_scripts(args, statuses, save=lambda: C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1)))
-        print(f"[run_all] all done in {run['wall_s'] / 60:.1f} min", flush=True)
+        if run is None:
+            left = [name for name, *_ in SCRIPTS if name not in statuses[IN_PROGRESS]["done"]]
+            print(f"[run_all] deadline: {', '.join(left)} left; the same command with --resume runs them", flush=True)
+        else:
+            print(f"[run_all] all done in {run['wall_s'] / 60:.1f} min", flush=True)
     C.write_text(HERE / "README.md", readme(every_mode))
     print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
 

@@ -107,3 +107,29 @@ def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch
     with pytest.raises(SystemExit) as stopped:  # nothing left to continue
         run_all.run_scripts(args(resume=True), statuses, save)
     assert stopped.value.code == 2 and "no interrupted run" in capsys.readouterr().err
+
+
+def test_a_deadline_skips_what_would_not_fit_and_leaves_the_run_to_resume():
+    names = [name for name, *_ in run_all.SCRIPTS[:3]]
+    ran = []
+
+    def fake_run(name, args, cap_s):
+        ran.append(name)
+        return {"script": name, "status": "ok", "wall_s": 60.0, "finished": "2026-12-06 06:00"}
+
+    statuses = {names[0]: {"status": "ok", "wall_s": 60.0},  # fits in 3 minutes
+                names[1]: {"status": "ok", "wall_s": 600.0}}  # does not; names[2] has no run: its cap (> 3 min) counts
+    args = argparse.Namespace(quick=False, only=None, deadline_min=3.0, resume=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS[:3])
+        patch.setattr(run_all, "run_script", fake_run)
+        assert run_all.run_scripts(args, statuses, save=lambda: None) is None  # not finished: nothing recorded as a run
+        assert ran == names[:1] and statuses[run_all.IN_PROGRESS]["done"] == names[:1]
+        assert statuses[names[1]]["status"].startswith("skipped: deadline reached (needs ~10 min")
+        assert "_run_all" not in statuses
+        args.deadline_min, args.resume = 3.0, True  # the next sitting: the skip kept what names[1] needs
+        assert run_all.run_scripts(args, statuses, save=lambda: None) is None and ran == names[:1]
+        args.deadline_min = None
+        record = run_all.run_scripts(args, statuses, save=lambda: None)
+    assert ran == names and record["sittings"] == 3 and run_all.IN_PROGRESS not in statuses
+    assert run_all.expected_s({"status": "failed (exit 1)", "wall_s": 5.0}, cap_s=99.0) == 99.0
