@@ -176,7 +176,7 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
     for name, _, _, caps in SCRIPTS:
         if (args.only and name not in args.only) or name in progress["done"] or not (HERE / f"{name}.py").is_file():
             continue
-        cap = 60 * caps[0 if args.quick else 1]
+        cap, cut = 60 * caps[0 if args.quick else 1], False
         if args.deadline_min is not None:
             left = 60 * args.deadline_min - (time.time() - started) - 45  # keep time to write the README
             needs = expected_s(statuses.get(name, {}), cap)
@@ -188,8 +188,10 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
                                   "finished": time.strftime("%Y-%m-%d %H:%M")}
                 skipped.append(name)
                 continue
-            cap = min(cap, left)
+            cut, cap = left < cap, min(cap, left)
         statuses[name] = run_script(name, args, cap)
+        if cut and statuses[name]["status"].startswith("timed out"):
+            skipped.append(name)  # stopped by the deadline, not by its own time cap: --resume runs it again
         if statuses[name]["status"] == "ok":
             progress["done"].append(name)
         progress["wall_s"] = earlier_s + time.time() - started

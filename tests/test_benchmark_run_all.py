@@ -133,3 +133,17 @@ def test_a_deadline_skips_what_would_not_fit_and_leaves_the_run_to_resume():
         record = run_all.run_scripts(args, statuses, save=lambda: None)
     assert ran == names and record["sittings"] == 3 and run_all.IN_PROGRESS not in statuses
     assert run_all.expected_s({"status": "failed (exit 1)", "wall_s": 5.0}, cap_s=99.0) == 99.0
+
+
+def test_a_script_the_deadline_stopped_is_left_to_resume(monkeypatch):
+    name = run_all.SCRIPTS[0][0]
+    monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS[:1])
+    monkeypatch.setattr(run_all, "run_script", lambda name, args, cap_s: {
+        "script": name, "status": f"timed out after {cap_s / 60:.1f} min", "wall_s": cap_s, "finished": "2026-12-06 08:11"})
+    statuses = {name: {"status": "ok", "wall_s": 60.0}}  # fits, by its last run, but runs past the deadline this time
+    args = argparse.Namespace(quick=False, only=None, deadline_min=3.0, resume=False)
+    assert run_all.run_scripts(args, statuses, save=lambda: None) is None  # the run stays open ...
+    assert statuses[run_all.IN_PROGRESS]["done"] == []  # ... and --resume runs it again
+    args.deadline_min = None  # stopped by its own time cap instead: a finished run with a timed-out script
+    assert run_all.run_scripts(args, statuses, save=lambda: None)["status"] == "ok"
+    assert statuses[name]["status"].startswith("timed out") and run_all.IN_PROGRESS not in statuses
