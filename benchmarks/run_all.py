@@ -172,7 +172,7 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
     if whole:
         statuses[IN_PROGRESS] = progress
         save()  # from here an interrupted run can be continued, even one stopped in its first script
-    earlier_s, started, skipped = progress["wall_s"], time.time(), []
+    earlier_s, started, cut_short = progress["wall_s"], time.time(), False  # cut_short: the deadline left some script
     for name, _, _, caps in SCRIPTS:
         if (args.only and name not in args.only) or name in progress["done"] or not (HERE / f"{name}.py").is_file():
             continue
@@ -186,17 +186,17 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
                                   f"{max(left, 0) / 60:.0f} left)", "wall_s": 0.0, "expected_s": needs,
                                   "command": f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""),
                                   "finished": time.strftime("%Y-%m-%d %H:%M")}
-                skipped.append(name)
+                cut_short = True
                 continue
             cut, cap = left < cap, min(cap, left)
         statuses[name] = run_script(name, args, cap)
         if cut and statuses[name]["status"].startswith("timed out"):
-            skipped.append(name)  # stopped by the deadline, not by its own time cap: --resume runs it again
+            cut_short = True  # stopped by the deadline, not by its own time cap: --resume runs it again
         if statuses[name]["status"] == "ok":
             progress["done"].append(name)
         progress["wall_s"] = earlier_s + time.time() - started
         save()
-    if whole and skipped:  # the deadline ended this sitting: the run stays unfinished, --resume runs the rest
+    if whole and cut_short:  # the deadline ended this sitting: the run stays unfinished, --resume runs the rest
         save()
         return None
     if whole:
