@@ -148,7 +148,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def expected_s(last: dict, cap_s: float) -> float:
     """How long a script will take: its last finished run in this mode, what that estimate was when it was
-    skipped, else its time cap."""
+    skipped or stopped by a deadline, else its time cap."""
     if last.get("status") == "ok":
         return last["wall_s"]
     return last.get("expected_s", cap_s)
@@ -192,6 +192,8 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
         statuses[name] = run_script(name, args, cap)
         if cut and statuses[name]["status"].startswith("timed out"):
             cut_short = True  # stopped by the deadline, not by its own time cap: --resume runs it again
+            # It needs at least what it ran: the next sitting schedules it by that, not by its time cap.
+            statuses[name]["expected_s"] = max(needs, statuses[name]["wall_s"])
         if statuses[name]["status"] == "ok":
             progress["done"].append(name)
         progress["wall_s"] = earlier_s + time.time() - started

@@ -143,7 +143,9 @@ def test_a_script_the_deadline_stopped_is_left_to_resume(monkeypatch):
     statuses = {name: {"status": "ok", "wall_s": 60.0}}  # fits, by its last run, but runs past the deadline this time
     args = argparse.Namespace(quick=False, only=None, deadline_min=3.0, resume=False)
     assert run_all.run_scripts(args, statuses, save=lambda: None) is None  # the run stays open ...
-    assert statuses[run_all.IN_PROGRESS]["done"] == []  # ... and --resume runs it again
+    assert statuses[run_all.IN_PROGRESS]["done"] == []  # ... and --resume runs it again,
+    ran_s = statuses[name]["wall_s"]  # scheduled by what it ran (more than its last run), not by its time cap
+    assert ran_s > 60 and run_all.expected_s(statuses[name], cap_s=3600) == ran_s
     args.deadline_min = None  # stopped by its own time cap instead: a finished run with a timed-out script
     assert run_all.run_scripts(args, statuses, save=lambda: None)["status"] == "ok"
     assert statuses[name]["status"].startswith("timed out") and run_all.IN_PROGRESS not in statuses
