@@ -133,6 +133,8 @@ def test_a_deadline_skips_what_would_not_fit_and_leaves_the_run_to_resume():
         record = run_all.run_scripts(args, statuses, save=lambda: None)
     assert ran == names and record["sittings"] == 3 and run_all.IN_PROGRESS not in statuses
     assert run_all.expected_s({"status": "failed (exit 1)", "wall_s": 5.0}, cap_s=99.0) == 99.0
+    skipped_under_an_older_cap = {"status": "skipped: deadline reached", "wall_s": 0.0, "expected_s": 7200.0}
+    assert run_all.expected_s(skipped_under_an_older_cap, cap_s=5400.0) == 5400.0  # it is killed at the cap
 
 
 def test_a_script_the_deadline_stopped_is_left_to_resume(monkeypatch):
