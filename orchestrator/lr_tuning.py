@@ -6,7 +6,7 @@ at one untuned lr partly compare how well that lr suits each (README, Benchmarks
 trains (survivors, baselines, their variants) trains once, on the first seed, at every lr of the grid, in the sub-run
 `<name>.lr-sweep` inside the run directory; the lr with the best validation accuracy (data.validation_size: the
 eval split never picks) then trains that model for every other seed. Its first seed is the sweep's training at that
-lr, copied into the run (training is deterministic per seed: results/benchmarks/ddp_parity.md), so a grid of g lrs
+lr, copied into the run (a seed repeats its training: results/benchmarks/ddp_parity.md; README), so a grid of g lrs
 costs g - 1 trainings per model. Written: lr_sweep.{csv,md} and run.json `lr_sweep`.
 """
 
