@@ -88,7 +88,7 @@ SCRIPTS = [
      "no target (it says which differences other tables can resolve)", (8, 45)),
     ("placement_check", "two allocations at equal params, FFN-up layers 1-5 r1 and uniform q,v r1, trained side by side "
      "over learning rates and seeds through `run_training` on Reuters R8 (4,000 train): each at its own best rate, "
-     "the difference with Welch's p", "+1.6 points over uniform q,v at the best rates, p < 0.05", (6, 90)),  # full: 51 min (2026-12-06)
+     "the difference with Welch's p", "+1.6 points over uniform q,v at the best rates, p < 0.05", (6, 90)),  # full: 51 and 64 min (2026-12-06)
 ]  # on a slow day the last one may come after the 30-minute --quick deadline: then run it with --only
 
 
