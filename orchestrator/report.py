@@ -538,6 +538,12 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
             lines.append(f"Gain over {base.label} ({base.accuracy:.4f}, {base.trainable_params:,} params): "
                          f"{100 * (best.accuracy - base.accuracy):+.2f} points")
     lines.append(f"Training cost: {report.device_hours.sum():.4f} device-hours, ${report.cost_usd.sum():.4f}")
+    setups = report["kernels"].dropna().unique().tolist() if "kernels" in report else []  # older trials lack it
+    if len(setups) == 1:
+        lines.append(f"Trained on: {setups[0]}")
+    elif setups:  # README "Reproducibility": a seed repeats bit for bit only on the same setup
+        lines.append(f"Trained on {len(setups)} kernel setups (a seed's last bits may differ between them): "
+                     f"{'; '.join(setups)}")
     losers = report.loc[~report.beats_majority.astype(bool), "candidate_id"].unique().tolist()
     if losers:
         lines.append(f"WARNING: {len(losers)} model(s) do not beat the majority class: {', '.join(losers)}")

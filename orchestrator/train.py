@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import resource
 import shutil
 import tempfile
@@ -85,6 +86,27 @@ def _max_over_workers(value: float, device: torch.device) -> float:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return float(tensor.item())
     return value
+
+
+def kernels(device: torch.device) -> str:
+    """The chip and the kernels a training's floats come from. The same versions, seed and data repeat a training
+    bit for bit on one machine; where this string differs, the last bits may too (README "Reproducibility")."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return f"cpu {cpu_kernels()}, {torch.get_num_threads()} threads"
+
+
+def cpu_kernels() -> str:
+    """The CPU, the ISA of torch's own kernels and MKL's reproducibility mode (its MKL_CBWR setting)."""
+    return f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, MKL_CBWR={os.environ.get('MKL_CBWR', 'auto')}"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 @torch.no_grad()
@@ -281,6 +303,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 measure_inference=cfg.routing.enabled)
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
+                       kernels=kernels(device),
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
         history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})

@@ -68,6 +68,9 @@ def test_report_files_and_columns(finished_run):
     task = json.loads((run_dir / "run.json").read_text())["task"]
     assert (task["train_examples"], task["validation_examples"], task["eval_examples"]) == (160, 32, 96)
     assert "(160 train / 32 validation / 96 eval examples)" in (run_dir / "report.md").read_text()
+    # the kernel setup each model trained on (README "Reproducibility"): one CPU thread per worker in the quickstart
+    assert on_disk.kernels.str.fullmatch(r"cpu .+, \w+ kernels, MKL_CBWR=\w+, 1 threads").all(), on_disk.kernels
+    assert f"Trained on: {on_disk.kernels.iloc[0]}" in (run_dir / "report.md").read_text()
 
 
 def test_screen_table_and_study(finished_run):

@@ -17,11 +17,15 @@ K0 = "bert.encoder.layer.0.attention.self.key"
 MAJORITY = 0.55
 
 
+KERNELS = "cpu AMD EPYC, AVX2 kernels, MKL_CBWR=auto, 1 threads"  # as train.kernels writes it
+
+
 def trial(cid, kind, label, seed, acc, f1, params, wall, device_hours, cost, memory, ranks) -> dict:
     """A trial row as train.keep_result writes it (trials/<job>.json)."""
     return dict(candidate_id=cid, kind=kind, label=label, ranks=ranks, seed=seed, accuracy=acc, f1=f1,
                 eval_loss=round(1 - acc, 2), latency_ms_per_batch=2.0, epoch=1, train_loss=0.5, train_wall_s=wall,
-                peak_memory_mb=memory, trainable_params=params, head_params=66, device="cpu", resumed_from_epoch=0,
+                peak_memory_mb=memory, trainable_params=params, head_params=66, device="cpu", kernels=KERNELS,
+                resumed_from_epoch=0,
                 history=[{"epoch": 1, "accuracy": acc}], status="completed", adapter_dir=f"adapters/{cid}",
                 device_hours=device_hours, cost_usd=cost)
 
@@ -126,6 +130,7 @@ def test_summary_lines_golden(table):
         "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)",
         "Gain over uniform_qv (0.6500, 1,024 params): +10.00 points",
         "Training cost: 0.0500 device-hours, $1.2500",
+        f"Trained on: {KERNELS}",
         "WARNING: 1 model(s) do not beat the majority class: a2",
     ]
 
@@ -135,7 +140,21 @@ def test_summary_lines_without_losers_or_baseline():
     lines = report.summary_lines(report.build(trials, SCORES, COMPACT, 0.4), 0.4)
     assert lines == ["Majority-class accuracy (the floor): 0.4000",
                      "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)",
-                     "Training cost: 0.0400 device-hours, $1.0000"]
+                     "Training cost: 0.0400 device-hours, $1.0000",
+                     f"Trained on: {KERNELS}"]
+
+
+def test_summary_names_every_kernel_setup_and_none_for_trials_before_they_were_recorded():
+    """A seed repeats bit for bit only on one kernel setup (README "Reproducibility"): a run resumed on another
+    machine says so."""
+    trials = make_trials()
+    trials[0]["kernels"] = "cpu Intel Xeon, AVX512 kernels, MKL_CBWR=auto, 1 threads"
+    lines = report.summary_lines(report.build(trials, SCORES, COMPACT, MAJORITY), MAJORITY)
+    assert (f"Trained on 2 kernel setups (a seed's last bits may differ between them): {KERNELS}; "
+            "cpu Intel Xeon, AVX512 kernels, MKL_CBWR=auto, 1 threads") in lines
+    older = [{k: v for k, v in t.items() if k != "kernels"} for t in make_trials()]
+    assert not [line for line in report.summary_lines(report.build(older, SCORES, COMPACT, MAJORITY), MAJORITY)
+                if line.startswith("Trained on")]
 
 
 def test_with_a_validation_split_the_best_model_is_chosen_on_it_not_on_the_eval_split(tmp_path):

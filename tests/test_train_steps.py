@@ -13,7 +13,7 @@ from orchestrator.config import TrainConfig, load_config
 from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer
-from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, _max_over_workers, accumulation_groups,
+from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, _max_over_workers, accumulation_groups, kernels,
                                 build_adapted, concurrent_trainings, epoch_metrics, optimizer_step, total_steps)
 
 
@@ -169,3 +169,15 @@ def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_
     metrics = epoch_metrics(adapted, loader, None, torch.device("cpu"), 2, measure_inference=True)
     assert metrics["peak_memory_mb"] >= peak_mib
     assert metrics["peak_infer_mem_mb"] >= 0 and {"accuracy", "latency_ms_mean"} <= set(metrics)
+
+
+def test_kernels_name_the_cpu_the_kernel_isa_mkls_mode_and_the_threads(monkeypatch):
+    """What a seed's exact floats depend on beyond versions and data (README "Reproducibility"): the kernel ISA and
+    MKL's mode each changed the trained weights in a measured check; MKL repeats itself only at one thread count."""
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    setup = kernels(torch.device("cpu"))
+    assert setup.startswith("cpu ") and not setup.startswith("cpu ,")
+    assert setup.endswith(f", {torch.backends.cpu.get_cpu_capability()} kernels, MKL_CBWR=AVX2, "
+                          f"{torch.get_num_threads()} threads")
+    monkeypatch.delenv("MKL_CBWR")
+    assert "MKL_CBWR=auto" in kernels(torch.device("cpu"))
