@@ -33,6 +33,9 @@ RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZER
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning",
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# The CPU kernel choices a seed's exact floats depend on (README "Reproducibility"): set in the driver's environment,
+# they go to every worker, a cluster's too, so that pinned runs repeat bit for bit across x86 machines.
+KERNEL_PINS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY")
 # What --resume may change: which models to train, how many at once, memory knobs that keep the recipe (micro-
 # batches, eval batch), and what happens after. Anything else (data, model, space, screen, recipe, prices, storage)
 # would mix models of two different runs in one report.
@@ -48,8 +51,10 @@ def set_runtime_env() -> None:
 
 
 def runtime_env_vars(defaults: dict[str, str] = RUNTIME_ENV) -> dict[str, str]:
-    """These variables for Ray's processes, a value the user set in the driver's environment kept."""
-    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+    """These variables for Ray's processes, a value the user set in the driver's environment kept, and the kernel
+    pins the user set."""
+    pins = {key: os.environ[key] for key in KERNEL_PINS if key in os.environ}
+    return {**{key: os.environ.get(key, value) for key, value in defaults.items()}, **pins}
 
 
 def init_ray(address: str | None) -> None:

@@ -30,6 +30,17 @@ def test_runtime_env_keeps_a_value_the_user_set(monkeypatch):
     assert pipeline.runtime_env_vars()[HEALTH_CHECK] == "3"
 
 
+def test_kernel_pins_set_in_the_driver_go_to_the_workers_and_only_then(monkeypatch):
+    """README "Reproducibility": MKL_CBWR / ATEN_CPU_CAPABILITY pin the CPU kernels; a cluster's workers need them too."""
+    for key in pipeline.KERNEL_PINS:
+        monkeypatch.delenv(key, raising=False)
+    assert not set(pipeline.KERNEL_PINS) & set(pipeline.runtime_env_vars())  # unpinned: each machine picks its own
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert {k: pipeline.runtime_env_vars()[k] for k in pipeline.KERNEL_PINS} == {"MKL_CBWR": "AVX2",
+                                                                                 "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 @pytest.mark.slow
 def test_ray_processes_of_the_embedded_cluster_get_the_runtime_env(monkeypatch):
     """Ray Train's controller reads the poll interval from its own process's environment: a Ray task must see it."""
