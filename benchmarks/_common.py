@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import math
 import os
 import platform
 import shlex
@@ -38,7 +39,9 @@ NOISE_NOTE = ("Measured on a 2-core CPU machine shared with other engineers' tes
 
 def machine_context() -> dict:
     """What the numbers were measured on, and how loaded the machine was."""
-    found = {"python": platform.python_version(), "cpus": os.cpu_count(),
+    from orchestrator.train import cpu_kernels
+
+    found = {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_kernels(),
              "load_avg_1_5_15": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
     for name in ("torch", "transformers", "peft", "ray", "optuna"):
         try:
@@ -49,7 +52,7 @@ def machine_context() -> dict:
 
 
 def context_line(ctx: dict) -> str:
-    return (f"Python {ctx['python']}, {ctx['cpus']} CPU cores, torch {ctx['torch']}, transformers {ctx['transformers']}, "
+    return (f"Python {ctx['python']}, {ctx['cpus']} CPU cores ({ctx['cpu']}), torch {ctx['torch']}, transformers {ctx['transformers']}, "
             f"peft {ctx['peft']}, ray {ctx['ray']}, optuna {ctx['optuna']}; load average (1/5/15 min) at start "
             f"{ctx['load_avg_1_5_15']}")
 
@@ -167,13 +170,15 @@ class PlainResult:
     steps_per_epoch: int = 0
     trainable_params: int = 0
     metrics: list[dict] = field(default_factory=list)
+    trained: dict = field(default_factory=dict)  # name → tensor: the trained parameters (LoRA and head) at the end
 
 
 def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: int = 64, epochs: int = 1,
                 batch_size: int = 32, eval_batch_size: int = 64, lr: float = 2e-3, warmup_ratio: float = 0.06,
                 seed: int = 0, threads: int = 1, evaluate_every_epoch: bool = True,
-                measure_checkpoint: bool = False) -> PlainResult:
-    """Train one allocation in-process exactly as a Ray Train worker would, timing each piece."""
+                measure_checkpoint: bool = False, max_steps: int | None = None) -> PlainResult:
+    """Train one allocation in-process exactly as a Ray Train worker would, timing each piece. `max_steps` ends
+    training after that many steps, the schedule with it (as `train.max_steps` does)."""
     import torch
 
     from orchestrator.allocation import apply_lora
@@ -194,13 +199,14 @@ def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: 
     out.trainable_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    scheduler = _linear_warmup_decay(optimizer, epochs * len(train_loader), warmup_ratio)
+    steps = min(epochs * len(train_loader), max_steps or math.inf)
+    scheduler = _linear_warmup_decay(optimizer, steps, warmup_ratio)
     device = torch.device("cpu")
-    for epoch in range(epochs):
+    for epoch in range(math.ceil(steps / len(train_loader))):
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         losses = []
-        for batch in train_loader:
+        for batch in itertools.islice(train_loader, steps - epoch * len(train_loader)):
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -216,6 +222,7 @@ def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: 
             out.epoch_eval_s.append(time.perf_counter() - t0)
         out.metrics.append(metrics)
     out.total_s = time.perf_counter() - started
+    out.trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if measure_checkpoint:
         out.checkpoint_s = _checkpoint_seconds(model, optimizer, scheduler)
     return out

@@ -12,10 +12,9 @@ LoRA params ±5%, DESIGN §9.1), on the packaged MiniLM-L6, with the product's o
   the best mean accuracy;
 - lora-search on that space: the product's proxy probe (`pipeline.module_scores`, the shipped proxies)
   scores all 12 exactly as the screen scores candidates (`ModuleScores.scores`); the top k by the
-  shipped `rank_by`/`direction` (grad_norm, minimised) are the ones it would train. Training is
-  reproducible per seed at a stable rate (results/benchmarks/ddp_parity.md: the same seed gives the same model), so
-  the arm reuses those k models' trainings instead of training them twice. Every other proxy's pick
-  (both directions) is shown beside it;
+  shipped `rank_by`/`direction` (grad_norm, minimised) are the ones it would train. Training repeats
+  bit for bit per seed on one machine (README "Reproducibility"), so the arm reuses those k models'
+  trainings instead of training them twice. Every other proxy's pick (both directions) is shown beside it;
 - lora-search (calibrated): the product's calibration (`pipeline.calibrated_scores`, the `calibrate`
   defaults: one training per module type of this space with the run's recipe) scores all 12 by
   `calibrated`, and the top k by it (maximised) are the ones it would train; its cost adds the

@@ -2,7 +2,7 @@
 
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
 sparse_adapters.py, dynamic_reallocation.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py,
-data_variance.py and placement_check.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
+data_variance.py, placement_check.py and reproducibility.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
 limit, logs in results/benchmarks/logs/, how each went in results/benchmarks/run_all_status.json, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target, its
 latest full and quick run), the latest full results pasted from results/benchmarks/*.md, links to the
@@ -11,9 +11,9 @@ replaces a full table), and a scaling model whose numbers are read from the full
 results/benchmarks/screening_cost.csv and orchestration_overhead.csv.
 
 Run (from the repository root):
-    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (all eleven took 11.0 min
-                                                  # on 2 cores, 2026-12-05; the ten before 15.9 on 2026-12-03)
-    python benchmarks/run_all.py                  # full presets (~6.7 h on 2 cores; search_quality alone ~50 min)
+    python benchmarks/run_all.py --quick          # every script with --quick, 30-min deadline (the first eleven took
+                                                  # 11.0 min on 2 cores, 2026-12-05; the last two 1.5 and 2.3 min)
+    python benchmarks/run_all.py                  # full presets (~7.3 h on 2 cores; search_quality alone ~50-80 min)
     python benchmarks/run_all.py --deadline-min 100   # full presets, only the scripts that fit in 100 min (by their
                                                   # last run's time); the rest wait for --resume
     python benchmarks/run_all.py --resume         # continue an interrupted or deadline-cut run of them all: the scripts it
@@ -89,6 +89,10 @@ SCRIPTS = [
     ("placement_check", "two allocations at equal params, FFN-up layers 1-5 r1 and uniform q,v r1, trained side by side "
      "over learning rates and seeds through `run_training` on Reuters R8 (4,000 train): each at its own best rate, "
      "the difference with Welch's p", "+1.6 points over uniform q,v at the best rates, p < 0.05", (6, 90)),  # full: 51 and 64 min (2026-12-06)
+    ("reproducibility", "the same training (FFN-up layers 1-5 r1 on Reuters R8, 20 steps) in a fresh process under "
+     "kernel settings: as installed twice, 2 threads, MKL_CBWR=AVX2 / COMPATIBLE, ATEN_CPU_CAPABILITY=default, both "
+     "pins twice: whether the weights repeat bit for bit", "no target (it says what a seed's exact floats depend on)",
+     (5, 20)),
 ]  # on a slow day the last one may come after the 30-minute --quick deadline: then run it with --only
 
 
