@@ -47,7 +47,7 @@ def test_summary_per_variant_with_gain_over_static_and_failed_trainings_left_out
     assert table.moved_rank[D.UNDAMPED_NAME] == 300 and table.held_reallocations[D.DAMPED] == 5
     assert table.device_hours[D.STATIC] == pytest.approx(200 / 3600)  # summed over seeds
     text = D.markdown(D.summarise(rows), rows, {"python": "3.11", "cpus": 2, "torch": "t", "transformers": "t",
-                                                 "peft": "p", "ray": "r", "optuna": "o", "load_avg_1_5_15": "1 / 1 / 1"},
+                                                 "cpu": "c", "peft": "p", "ray": "r", "optuna": "o", "load_avg_1_5_15": "1 / 1 / 1"},
                       "python benchmarks/dynamic_reallocation.py", 60.0)
     assert "| dynamic, undamped " in text and "-18.0" in text and "5.0 / 0.0" in text and "221,184" in text
     assert "nan" not in text  # a static model's re-allocations read "—"
