@@ -60,19 +60,37 @@ def setting_name(env: dict, threads: int) -> str:
     return " ".join([f"{k}={v}" for k, v in env.items()] + [f"{threads} threads"] * (threads > 1)) or "as installed"
 
 
+def allocations(model_name: str, num_labels: int) -> dict:
+    """benchmarks/exhaustive.small_space of the model: label → Allocation."""
+    from exhaustive import small_space
+
+    from orchestrator.models import adaptable_modules, load_model
+
+    return small_space(adaptable_modules(load_model(model_name, num_labels)), quick=False)
+
+
+def check_label(args) -> None:
+    """An unknown --label stops here, in one line, before any training."""
+    from orchestrator.config import load_config
+
+    known = allocations(load_config(args.space, []).model.name, 2)
+    if args.label not in known:
+        print(f"--label: {args.label!r} is not a label of benchmarks/exhaustive.small_space; pick from {sorted(known)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def train_once(args, threads: int, weights_file: Path) -> dict:
     """In the child process: one training; its weights to `weights_file` (safetensors), what it measured returned."""
-    from exhaustive import small_space
     from safetensors.torch import save_file
 
     from orchestrator.config import load_config
     from orchestrator.data import load_task
-    from orchestrator.models import adaptable_modules, load_model
     from orchestrator.train import cpu_kernels
 
     cfg = load_config(args.space, C.run_overrides(Path(tempfile.gettempdir()), [args.seed], args.quick))
     task = load_task(cfg.data)
-    allocation = small_space(adaptable_modules(load_model(cfg.model.name, task.num_labels)), quick=False)[args.label]
+    allocation = allocations(cfg.model.name, task.num_labels)[args.label]
     result = C.plain_train(task, allocation, model_name=cfg.model.name, max_length=cfg.model.max_length,
                            batch_size=cfg.train.batch_size, lr=cfg.train.lr, warmup_ratio=cfg.train.warmup_ratio,
                            seed=args.seed, threads=threads, evaluate_every_epoch=False, max_steps=args.steps)
@@ -87,8 +105,9 @@ def run_setting(args, env: dict, threads: int, weights_file: Path) -> dict:
     from orchestrator.pipeline import KERNEL_PINS
 
     child_env = {k: v for k, v in os.environ.items() if k not in KERNEL_PINS} | env
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"threads": threads, "weights": str(weights_file)}),
-            "--space", str(args.space), "--label", args.label, "--steps", str(args.steps), "--seed", str(args.seed)]
+    child = json.dumps({"threads": threads, "weights": str(weights_file)})
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--space", str(args.space),
+            "--label", args.label, "--steps", str(args.steps), "--seed", str(args.seed)]
     done = subprocess.run(argv + ["--quick"] * args.quick, env=child_env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the training under {setting_name(env, threads)} failed:\n{done.stderr[-2000:]}")
@@ -124,6 +143,7 @@ def main(argv=None) -> None:
         print(json.dumps(train_once(args, child["threads"], Path(child["weights"]))), flush=True)
         return
     ctx = C.start()
+    check_label(args)
     rows, weights = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (env, threads) in enumerate(SETTINGS):

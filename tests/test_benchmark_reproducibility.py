@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -56,3 +57,12 @@ def test_the_verdict_says_when_the_same_setting_does_not_repeat():
                           "identical": [True, False, False, False]})
     line = reproducibility.verdict(table)
     assert "as installed: **NOT bit-identical**" in line and "Pinned twice: **bit-identical**" in line
+
+
+def test_an_unknown_label_stops_before_any_training_in_one_line(capsys):
+    args = reproducibility.parse_args(["--quick", "--label", "q+v r9"])
+    with pytest.raises(SystemExit) as stopped:
+        reproducibility.check_label(args)
+    assert stopped.value.code == 2
+    assert "--label: 'q+v r9' is not a label of benchmarks/exhaustive.small_space; pick from" in capsys.readouterr().err
+    reproducibility.check_label(reproducibility.parse_args(["--label", "q+v r1"]))  # a known one passes
