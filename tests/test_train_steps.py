@@ -173,7 +173,8 @@ def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_
 
 def test_kernels_name_the_cpu_the_kernel_isa_mkls_mode_and_the_threads(monkeypatch):
     """What a seed's exact floats depend on beyond versions and data (README "Reproducibility"): the kernel ISA and
-    MKL's mode each changed the trained weights in a measured check; MKL repeats itself only at one thread count."""
+    MKL's mode each changed the trained weights in a measured check; the thread count is named because MKL promises
+    repeats only at a fixed one (1 and 2 gave the same weights here: benchmarks/reproducibility.py)."""
     monkeypatch.setenv("MKL_CBWR", "AVX2")
     setup = kernels(torch.device("cpu"))
     assert setup.startswith("cpu ") and not setup.startswith("cpu ,")
