@@ -284,6 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = _linear_warmup_decay(optimizer, steps, t.warmup_ratio)
     start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), adapted, optimizer, scheduler)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    kernel_setup = kernels(device)  # fixed for the training: read once, not every epoch
     trained_params = adapted.routing.trainable_params() if adapted.routing else sum(
         p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
     if fault == "oom":
@@ -303,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 measure_inference=cfg.routing.enabled)
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
-                       kernels=kernels(device),
+                       kernels=kernel_setup,
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
                        **adapted.kept())
         history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
