@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +38,11 @@ NOISE_NOTE = ("Measured on a 2-core CPU machine shared with other engineers' tes
 
 def machine_context() -> dict:
     """What the numbers were measured on, and how loaded the machine was."""
+    from orchestrator.pipeline import package_versions
     from orchestrator.train import cpu_kernels
 
-    found = {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_kernels(),
-             "load_avg_1_5_15": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
-    for name in ("torch", "transformers", "peft", "ray", "optuna"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_kernels(), "load_avg_1_5_15": load_now(),
+            **package_versions(("torch", "transformers", "peft", "ray", "optuna"))}
 
 
 def context_line(ctx: dict) -> str:

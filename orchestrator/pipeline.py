@@ -143,9 +143,10 @@ def _flat_config(cfg: RunConfig) -> dict:
     return flat_keys(json.loads(json.dumps(cfg.to_dict(), default=str)))
 
 
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+def package_versions(names=VERSIONED_PACKAGES) -> dict[str, str]:
+    """Each package's installed version, or "not installed": what a run's (or a benchmark's) numbers came from."""
+    found = {}
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -156,8 +157,9 @@ def _versions() -> dict[str, str]:
 def write_run_json(cfg: RunConfig, **fields) -> None:
     path = cfg.run_dir / "run.json"
     data = json.loads(path.read_text()) if path.is_file() else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    data.update(config=cfg.to_dict(), versions=_versions(), seeds={"train": cfg.train.seeds, "screen": cfg.screen.seed,
-                                                                   "split": cfg.data.split_seed}, **fields)
+    versions = {"python": platform.python_version(), **package_versions()}
+    seeds = {"train": cfg.train.seeds, "screen": cfg.screen.seed, "split": cfg.data.split_seed}
+    data.update(config=cfg.to_dict(), versions=versions, seeds=seeds, **fields)
     report.write_atomic(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
 
 
