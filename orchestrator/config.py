@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("built-in task (rotten_tomatoes, sms_spam, reuters_r8, newsgroups20) or a CSV/JSONL/Parquet file", "rotten_tomatoes")
+    task: str = _help("built-in task (rotten_tomatoes, sms_spam, reuters_r8, reuters_r52, newsgroups20) or a CSV/JSONL/Parquet file", "rotten_tomatoes")
     eval_path: str | None = _help("separate eval file for a user task; default: a seeded split of `task`", None)
     train_size: int | None = _help("cap on training examples (seeded sample); null keeps all", 4000)
     eval_size: int | None = _help("cap on eval examples (seeded sample); null keeps all", 1000)

