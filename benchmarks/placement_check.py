@@ -21,7 +21,8 @@ Run (from the repository root):
         --set data.train_size=8000 --lrs 8e-3 1.6e-2 3.2e-2 --out results/examples/newsgroups-split0-budget9k-train8000
 Writes <out>/placement_check.{csv,md} (default results/benchmarks/, --quick results/benchmarks/quick/): every rate
 the run has trained, not only those of this call. The run (trials, adapters) stays in
-results/benchmarks/placement_check_runs/<quick|full>/<space file name>/; without --resume it starts over there.
+results/benchmarks/placement_check_runs/<quick|full>/<run name>/ (the space's `name`, or --set name=...); without
+--resume it starts over there.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def config_overrides(runs: Path, args: argparse.Namespace) -> list[str]:
     """The space's config as this script trains it: no baselines, and no ASHA with train.epochs > 1, which would stop
     the arms at different epochs and compare unequal training (--set can still turn it back on)."""
     return C.run_overrides(runs, args.seeds, args.quick) + ["train.baselines=[]", "train.early_stopping=false", *args.set]
+
+
+def runs_folder(runs_root: Path, args: argparse.Namespace) -> Path:
+    """The run's folder, named by the run (the space's name, or --set name=...): a run of the same space under its own
+    name keeps the other's trainings, which starting over would delete."""
+    from orchestrator.config import load_config
+
+    return runs_root / load_config(args.space, args.set).name
 
 
 def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
@@ -126,7 +135,7 @@ def main(argv=None) -> None:
     from orchestrator.models import adaptable_modules, load_model
     from orchestrator.train import TrainJob, run_training
 
-    runs = runs_root / args.space.stem
+    runs = runs_folder(runs_root, args)
     if not args.resume:
         C.fresh_runs_root(runs)  # this script's own earlier run of the space: without --resume it starts over
     cfg = load_config(args.space, config_overrides(runs.resolve(), args))

@@ -66,3 +66,11 @@ def test_arms_train_every_epoch_unless_told_otherwise(tmp_path):
     assert cfg.train.baselines == [] and cfg.results_dir == str(tmp_path)
     args = placement_check.parse_args(["--space", str(space), "--set", "train.epochs=3", "train.early_stopping=true"])
     assert load_config(space, placement_check.config_overrides(tmp_path, args)).train.early_stopping  # --set wins
+
+
+def test_a_run_under_its_own_name_keeps_the_spaces_default_run(tmp_path):
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "reuters_r8.yaml"
+    default = placement_check.runs_folder(tmp_path, placement_check.parse_args(["--space", str(space)]))
+    other = placement_check.runs_folder(tmp_path, placement_check.parse_args(
+        ["--space", str(space), "--set", "name=reuters-r52", "data.task=reuters_r52"]))
+    assert default == tmp_path / "reuters-r8" and other == tmp_path / "reuters-r52"  # starting one over keeps the other
