@@ -41,8 +41,8 @@ def machine_context() -> dict:
     from orchestrator.pipeline import package_versions
     from orchestrator.train import cpu_kernels
 
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_kernels(), "load_avg_1_5_15": load_now(),
-            **package_versions(("torch", "transformers", "peft", "ray", "optuna"))}
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu_kernels(),
+            "load_avg_1_5_15": load_now(), **package_versions(("torch", "transformers", "peft", "ray", "optuna"))}
 
 
 def context_line(ctx: dict) -> str:

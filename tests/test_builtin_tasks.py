@@ -19,7 +19,7 @@ def test_reuters_is_the_package_split(task, topics, train, test):
     assert loaded.label_names[0] == "acq" and "earn" in loaded.label_names  # topic names, sorted
 
 
-def test_reuters_r52_caps_sample_seeded_and_keep_its_majority_topic():
+def test_reuters_r52_caps_are_seeded_samples_that_keep_its_majority_topic():
     capped = load_task(DataConfig(task="reuters_r52"))  # the defaults: 4,000 train / 1,000 eval
     assert (len(capped.train), len(capped.eval)) == (4000, 1000)
     assert capped.train.texts == load_task(DataConfig(task="reuters_r52")).train.texts
