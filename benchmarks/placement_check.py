@@ -19,7 +19,7 @@ Run (from the repository root):
     python benchmarks/placement_check.py --lrs 3.2e-2 --resume   # add a rate: the earlier trainings are kept
     python benchmarks/placement_check.py --space search_spaces/newsgroups_tight_budget.yaml \\
         --set data.train_size=8000 --lrs 8e-3 1.6e-2 3.2e-2 --out results/examples/newsgroups-split0-budget9k-train8000
-    python benchmarks/placement_check.py --set name=reuters-r52 data.task=reuters_r52 --lrs 8e-3 1.6e-2 3.2e-2 \\
+    python benchmarks/placement_check.py --set name=reuters-r52 data.task=reuters_r52 --lrs 8e-3 1.6e-2 2.4e-2 3.2e-2 \\
         --out results/examples/reuters-r52-budget9k   # Reuters R52 under its own name: the R8 run is kept
 Writes <out>/placement_check.{csv,md} (default results/benchmarks/, --quick results/benchmarks/quick/): every rate
 the run has trained, not only those of this call. The run (trials, adapters) stays in
