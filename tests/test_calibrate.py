@@ -175,9 +175,8 @@ def test_a_calibration_without_one_finished_run_stops_the_run(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_calibration_trains_one_run_per_type_on_ray_with_the_recipe_and_resumes(tmp_path, tiny_model_dir, sentences):
-    import ray
-
+def test_calibration_trains_one_run_per_type_on_ray_with_the_recipe_and_resumes(tmp_path, tiny_model_dir, sentences,
+                                                                                embedded_ray):
     texts, labels = sentences
     task = TaskData("tiny", ["neg", "pos"], Split(texts[:48], labels[:48]), Split(texts[48:], labels[48:]))
     cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=cal", f"model.name={tiny_model_dir}",
@@ -191,12 +190,7 @@ def test_calibration_trains_one_run_per_type_on_ray_with_the_recipe_and_resumes(
     modules = searchable_units(base, adaptable_modules(base), [])
     budget = make_budget(modules, cfg.space)
     cfg.run_dir.mkdir(parents=True)
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        table = calibrate.run_calibration(cfg, task, modules, budget)
-    finally:
-        ray.shutdown()
+    table = calibrate.run_calibration(cfg, task, modules, budget)
     assert sorted(table.module_type) == ["query", "value"] and (table.status == "completed").all()
     assert table.accuracy.between(0, 1).all() and (table.device_hours > 0).all()
     trials = sorted(p.name for p in (cfg.run_dir / "cal.calibration" / "trials").glob("*.json"))

@@ -325,13 +325,10 @@ def test_seed_draws_the_few_shot_sample_not_the_eval_split(pool, tmp_path, sente
 
 
 @pytest.mark.slow
-def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sentences):
+def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sentences, embedded_ray):
     """A source task trained by orchestrator.train.run_training (Ray Tune + Ray Train) and registered, composed
     with a second registered source for a third task; the registered composition loads and predicts as evaluated.
     (One Ray training, not two: each costs ~30 s of Ray Train start-up; the second source is a random adapter.)"""
-    import ray
-
-    from orchestrator import pipeline
     from orchestrator.allocation import uniform
     from orchestrator.compose import run_compose
     from orchestrator.config import ModelConfig, RunConfig, TrainConfig
@@ -344,13 +341,8 @@ def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sent
     ranks = uniform(adaptable_modules(load_model(str(tiny_model_dir), 2)), ("query", "value"), 4).as_dict()
     cfg = RunConfig(name="sentiment", results_dir=str(tmp_path / "runs"), model=ModelConfig(str(tiny_model_dir), 32),
                     train=TrainConfig(epochs=1, batch_size=16, eval_batch_size=32))
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        task = TaskData("sentiment", ["no", "yes"], Split(texts[:48], labels[:48]), Split(texts[48:], labels[48:]))
-        row = run_training(cfg, task, [TrainJob("uniform_qv", "baseline", "uniform_qv", ranks, 0)])["uniform_qv-s0"]
-    finally:
-        ray.shutdown()
+    task = TaskData("sentiment", ["no", "yes"], Split(texts[:48], labels[:48]), Split(texts[48:], labels[48:]))
+    row = run_training(cfg, task, [TrainJob("uniform_qv", "baseline", "uniform_qv", ranks, 0)])["uniform_qv-s0"]
     assert row["status"] == "completed"
     registry.add("sentiment", cfg.run_dir / row["adapter_dir"], "sentiment", str(tiny_model_dir), None,
                  {"accuracy": row["accuracy"]})

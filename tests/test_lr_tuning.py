@@ -162,24 +162,17 @@ def test_a_run_without_validation_examples_is_refused_before_anything_is_written
 
 
 @pytest.mark.slow
-def test_a_run_tunes_each_models_lr_on_validation_trains_the_other_seeds_at_it_and_resumes(tmp_path):
-    import ray
-
+def test_a_run_tunes_each_models_lr_on_validation_trains_the_other_seeds_at_it_and_resumes(tmp_path, embedded_ray):
     from orchestrator import pipeline
 
     cfg = load_config("search_spaces/quickstart.yaml", [
         "name=slice", f"results_dir={tmp_path}", "data.train_size=192", "data.eval_size=96", "data.validation_size=32",
         "model.max_length=32", "screen.num_trials=2", "screen.candidates_per_trial=4", "screen.survivors=1",
         "screen.proxy_batches=2", "train.baselines=[]", "train.seeds=[0,1]", "train.lr_grid=[1e-3,1e-2]"])
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        table = pipeline.run(cfg)
-        trials = sorted((cfg.run_dir / "trials").glob("*.json"))
-        written = {p.name: p.stat().st_mtime_ns for p in trials}
-        again = pipeline.run(cfg, resume=True)
-    finally:
-        ray.shutdown()
+    table = pipeline.run(cfg)
+    trials = sorted((cfg.run_dir / "trials").glob("*.json"))
+    written = {p.name: p.stat().st_mtime_ns for p in trials}
+    again = pipeline.run(cfg, resume=True)
     sweep = pd.read_csv(cfg.run_dir / "lr_sweep.csv")
     assert sorted(sweep.lr) == [1e-3, 1e-2] and sweep.chosen.sum() == 1 and sweep.val_accuracy.notna().all()
     best = sweep[sweep.chosen].iloc[0]

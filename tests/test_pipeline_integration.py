@@ -22,25 +22,24 @@ SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.
          "data.validation_size=32"]  # selection (ASHA, best model) on 32 examples held out of the 192
 # Two models (each training costs ~30 s of Ray Train start-up here), one at a time so that the second runs in
 # the first one's Tune trial process: the survivor and AdaLoRA, the baseline with its own training path (rank
-# pruning, singular values). uniform_qv trains in test_fault_tolerance and test_job_submit; uniform_all is
+# pruning, singular values). uniform_qv trains in test_fault_tolerance; uniform_all is
 # plain LoRA like the survivor (a step of it: test_train_steps; reliability/ makes it fail).
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    import ray
+def _actors(ray) -> dict[str, str]:
+    """id -> class of every actor the cluster has had, from its own state API (init_ray names it): another Ray
+    cluster on the machine must not confuse the test."""
+    address = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
+    return {a.actor_id: a.class_name for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False)}
 
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, embedded_ray):
     results = tmp_path_factory.mktemp("results")
     cfg = load_config("search_spaces/quickstart.yaml", SLICE + [f"results_dir={results}"])
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        table = pipeline.run(cfg)
-        # this run's own state API (init_ray names it): another Ray cluster on the machine must not confuse the test
-        address = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
-        actors = [actor.class_name for actor in list_actors(address=address, limit=10_000, raise_on_missing_output=False)]
-    finally:
-        ray.shutdown()
+    before = _actors(embedded_ray)  # the shared cluster's earlier tests' actors
+    table = pipeline.run(cfg)
+    actors = [name for actor_id, name in _actors(embedded_ray).items() if actor_id not in before]
     return cfg, table, actors
 
 

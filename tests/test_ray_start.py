@@ -47,6 +47,7 @@ def test_ray_processes_of_the_embedded_cluster_get_the_runtime_env(monkeypatch):
     import ray
 
     monkeypatch.setenv(HEALTH_CHECK, "0.75")
+    ray.shutdown()  # the shared cluster (conftest's embedded_ray), if up, has its own environment
     pipeline.set_runtime_env()
     pipeline.init_ray(None)
     try:

@@ -161,9 +161,7 @@ def test_plain_lora_checkpoints_still_use_peft_files(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_trains_plain_and_sparse(tiny_model_dir, tmp_path):
-    import ray
-
+def test_pipeline_trains_plain_and_sparse(tiny_model_dir, tmp_path, embedded_ray):
     from orchestrator.data import load_task, make_loader
     from orchestrator.models import load_tokenizer
     from orchestrator.routing import load_routed
@@ -175,12 +173,7 @@ def test_pipeline_trains_plain_and_sparse(tiny_model_dir, tmp_path):
         "screen.proxy_batches=1", "screen.batch_size=8", "train.batch_size=16", "train.eval_batch_size=8",
         "train.baselines=[]", "routing.num_experts=[2]", "routing.top_k=1", "routing.gating=[topk]",
         "register.best=false"])  # two models, one round of two; dense gating: test_dense_gating_uses_every_expert
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        pipeline.run(cfg)
-    finally:
-        ray.shutdown()
+    pipeline.run(cfg)
     table = pd.read_csv(cfg.run_dir / "report.csv")
     assert sorted(table.adapter) == ["plain", "sparse top-k"]
     assert set(table.kind) == {"searched", "routed"} and table.allocation.nunique() == 1

@@ -219,6 +219,7 @@ def hostile_run(tmp_path_factory) -> HostileRun:
         patch.setenv(FAULT_ENV, f"nan:{run.nan_job},oom:{run.oom_job}")
         try:
             with _driver_output_to(run.driver_log):
+                ray.shutdown()  # the shared cluster (conftest's embedded_ray), if up: this run's has the secrets
                 pipeline.set_runtime_env()
                 pipeline.init_ray(None)
                 run.ray_session_dir = Path(ray._private.worker.global_worker.node.get_session_dir_path())

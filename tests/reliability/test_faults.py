@@ -90,11 +90,10 @@ def test_fault_plan_refuses_a_malformed_spec(monkeypatch, spec):
 
 
 @pytest.mark.slow
-def test_a_failed_model_trains_again_on_resume_once_its_trial_file_is_removed(hostile_run, tmp_path, monkeypatch):
+def test_a_failed_model_trains_again_on_resume_once_its_trial_file_is_removed(hostile_run, tmp_path, monkeypatch,
+                                                                              embedded_ray):
     """What the README tells a user to do once a failure's cause is fixed (here: the fault is no longer injected)."""
     import shutil
-
-    import ray
 
     from orchestrator import pipeline
     from orchestrator.config import load_config
@@ -106,13 +105,8 @@ def test_a_failed_model_trains_again_on_resume_once_its_trial_file_is_removed(ho
     cfg = load_config(REPO / "search_spaces/quickstart.yaml", SMALL + [f"results_dir={results}"])
     (cfg.run_dir / "trials" / f"{hostile_run.nan_job}.json").unlink()
     oom_trial = (cfg.run_dir / "trials" / f"{hostile_run.oom_job}.json").read_text()
-    monkeypatch.delenv(FAULT_ENV, raising=False)
-    pipeline.set_runtime_env()
-    pipeline.init_ray(None)
-    try:
-        table = pipeline.run(cfg, resume=True)
-    finally:
-        ray.shutdown()
+    monkeypatch.delenv(FAULT_ENV, raising=False)  # read by the driver when the training starts
+    table = pipeline.run(cfg, resume=True)
     retried = json.loads((cfg.run_dir / "trials" / f"{hostile_run.nan_job}.json").read_text())
     assert retried["status"] == "completed" and retried["label"] == "uniform_qv"
     assert (cfg.run_dir / "trials" / f"{hostile_run.oom_job}.json").read_text() == oom_trial  # not retried
