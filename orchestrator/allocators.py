@@ -79,6 +79,9 @@ def make_budget(modules: list[AdaptableModule], space: SpaceConfig) -> Budget:
 
 def _reachable(costs: list[list[int]], low: int, high: int) -> bool:
     """Whether one cost (or none) per module sums into [low, high]: a subset sum over a bitset (bit s = sum s)."""
+    high = min(high, sum(max(options) for options in costs))  # no sum exceeds this: a huge budget needs no huge bitset
+    if low > high:
+        return False
     sums, cap = 1, (1 << (high + 1)) - 1
     for options in costs:  # each module at most once: shift the sums without it
         sums |= functools.reduce(operator.or_, (sums << cost for cost in set(options))) & cap

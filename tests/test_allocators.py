@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from orchestrator.allocators import (Budget, baseline_allocations, distribution_space, make_budget, sample_allocations,
-                                     space_modules)
+from orchestrator.allocators import (Budget, _reachable, baseline_allocations, distribution_space, make_budget,
+                                     sample_allocations, space_modules)
 from orchestrator.allocation import budget_params
 from orchestrator.config import MODULE_TYPES, BudgetConfig, SpaceConfig
 from orchestrator.errors import UserError
@@ -42,12 +42,18 @@ def test_make_budget_qv_rank(tiny_modules):
     assert make_budget(tiny_modules, space(budget=BudgetConfig(params=3000, qv_rank=None))) == Budget(3000, 0.05)
 
 
-@pytest.mark.parametrize("params", [10, 60, 10**7])
+@pytest.mark.parametrize("params", [10, 60, 10**7, 10**12])
 def test_make_budget_refuses_unreachable(params, tiny_modules):
     # smallest candidate: one 64-param module at rank 1; largest: all 12 modules at rank 8 = 8 × 896
     with pytest.raises(UserError) as err:
         make_budget(tiny_modules, space(budget=BudgetConfig(params=params, qv_rank=None)))
     assert str(err.value).startswith(f"space.budget: {params} params cannot be met by this space (possible: 64..7168 in steps of 32")
+
+
+def test_reachability_of_a_band_past_every_sum_builds_no_bitset_that_large():
+    # before, a 10**12-param budget built a bitset of 10**12 / step bits (gigabytes, 15 s); 10**15 cannot even allocate
+    assert not _reachable([[1, 2], [3]], 10**15, 10**15 + 5)
+    assert _reachable([[1, 2], [3]], 5, 10**15)  # 2 + 3, and the sums stay bounded by the largest, 5
 
 
 def test_make_budget_refuses_a_band_between_reachable_counts(tiny_modules):
