@@ -72,7 +72,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_a_killed_driver_resume
         driver.wait()
     assert killed, "no Ray Train worker was found to kill"
     first = sorted((run_dir / "trials").glob("*.json"))
-    assert len(first) == 1, "no model finished before the deadline"
+    assert len(first) == 1, f"{len(first)} models finished before the driver was killed (one was expected)"
     [trial] = [json.loads(p.read_text()) for p in first]
     assert trial["status"] == "completed" and [h["epoch"] for h in trial["history"]] == [1, 2]
     assert trial["resumed_from_epoch"] == 1  # the killed model restarted from its epoch-1 checkpoint, not from scratch
