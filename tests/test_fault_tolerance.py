@@ -43,9 +43,10 @@ def _run_cli(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _kill_a_worker_then_the_driver(driver: subprocess.Popen, run_dir: Path, deadline_s: float = 400) -> int | None:
-    """SIGKILL the first model's Train worker once its epoch-1 checkpoint is registered, then the driver and the
-    embedded Ray it started once a model has finished. Returns the killed worker's pid (None if none was found)."""
+def _kill_a_worker_until_a_model_finishes(driver: subprocess.Popen, run_dir: Path,
+                                          deadline_s: float = 400) -> int | None:
+    """SIGKILL the first model's Train worker once its epoch-1 checkpoint is registered, then wait until a model has
+    finished (the caller kills the driver). Returns the killed worker's pid (None if none was found)."""
     killed = None
     end = time.time() + deadline_s
     while time.time() < end and not list((run_dir / "trials").glob("*.json")):
@@ -65,7 +66,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_a_killed_driver_resume
     run_dir = tmp_path / "faults"
     driver = _run_cli(args)
     try:
-        killed = _kill_a_worker_then_the_driver(driver, run_dir)
+        killed = _kill_a_worker_until_a_model_finishes(driver, run_dir)
     finally:  # also when the wait fails: never leave a driver and its Ray cluster running
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
