@@ -31,6 +31,7 @@ from orchestrator.errors import UserError
 JOURNAL = "journal:"
 SCREEN_STUDY = "screen"
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PASSWORD_PARAMETERS = ("password", "passwd", "pwd")  # query parameters SQLAlchemy's drivers read a password from
 SQLITE_BUSY_TIMEOUT_S = 60  # a reader waits out the writer's commit instead of failing with "database is locked"
 RAY_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # what pyarrow.fs.FileSystem.from_uri opens
 
@@ -45,13 +46,22 @@ def check_url(url: str) -> None:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        password = make_url(url).password
+        parsed = make_url(url)
     except ArgumentError:
         raise UserError(f"screen.storage: {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///study.db, "
                         "postgresql://user@host/db or journal:study.log, or null for the run's study.db") from None
-    if password is not None and not ENV_REFERENCE.fullmatch(str(password)):
+    if any(not ENV_REFERENCE.fullmatch(password) for password in _passwords(parsed)):
         raise UserError("screen.storage: the URL holds a literal password, which would be written to run.json; "
                         "reference an environment variable instead, e.g. postgresql://user:${DB_PASSWORD}@host/db")
+
+
+def _passwords(parsed) -> list[str]:
+    """The URL's password and every password query parameter (drivers take both: ...@host/db?password=...)."""
+    found = [] if parsed.password is None else [str(parsed.password)]
+    for key, value in parsed.query.items():
+        if key.lower() in PASSWORD_PARAMETERS:
+            found += [value] if isinstance(value, str) else list(value)
+    return found
 
 
 def _expanded(url: str) -> str:

@@ -10,7 +10,7 @@ from orchestrator.storage import (check_run_storage, check_storage_path, check_s
 
 
 @pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
-                                 "journal:/shared/runs/study.log"])
+                                 "postgresql://user@db.example/lora?password=${DB_PASSWORD}", "journal:/shared/runs/study.log"])
 def test_valid_urls_pass(url):
     check_url(url)
     assert load_config(None, [f"screen.storage={url}"]).screen.storage == url
@@ -18,7 +18,9 @@ def test_valid_urls_pass(url):
 
 @pytest.mark.parametrize("url, message", [("journal:", "needs a file path"), ("journal:  ", "needs a file path"),
                                           ("my study db", "is not a SQLAlchemy URL"),
-                                          ("postgresql://user:hunter2@db/lora", "literal password.*DB_PASSWORD")])
+                                          ("postgresql://user:hunter2@db/lora", "literal password.*DB_PASSWORD"),
+                                          ("postgresql://user@db/lora?password=hunter2", "literal password"),
+                                          ("mysql+pymysql://user@db/lora?passwd=hunter2", "literal password")])
 def test_bad_urls_name_the_field(url, message):
     with pytest.raises(UserError, match=f"^screen.storage: .*{message}"):
         check_url(url)
