@@ -140,16 +140,16 @@ def load_sources(registry, specs: list[str], base_model: str | None = None) -> t
     if len(specs) < 2:
         raise UserError(f"compose --adapters: {len(specs)} adapter(s) given; give at least 2 registered names, "
                         "comma-separated (see `lora-search registry list`)")
-    if len(set(specs)) != len(specs):
-        raise UserError(f"compose --adapters: {specs} names an adapter twice; give each once")
     sources, entries = [], []
     for spec in specs:
-        name, _, version = spec.partition("@")
-        if version and not version.isdigit():
+        name, at, version = spec.partition("@")
+        if at and not re.fullmatch(r"[0-9]+", version):
             raise UserError(f"compose --adapters: '{spec}' is not NAME or NAME@VERSION; e.g. rotten_tomatoes@2")
         entry, contents = registry.verified_files(name, int(version) if version else None)
-        tensors = decode(contents[entry.weights_file], entry.precision)
         label = f"{entry.name}@{entry.version}"
+        if label in {s.name for s in sources}:  # e.g. `tiny` and `tiny@1` while v1 is current
+            raise UserError(f"compose --adapters: {specs} names {label} twice; give each adapter version once")
+        tensors = decode(contents[entry.weights_file], entry.precision)
         sources.append(Source(label, entry.task, lora_blocks(json.loads(contents[CONFIG_FILE]), tensors, label)))
         entries.append(entry)
     shas = {e.base_model_sha256 for e in entries}

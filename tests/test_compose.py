@@ -241,6 +241,8 @@ def test_bad_input_is_one_line_user_error(pool, tiny_model_dir, tmp_path):
             ComposeConfig(**kwargs)
     for names, message in ((["alpha", "nope"], "no adapter named 'nope'"), (["alpha"], "at least 2"),
                            (["alpha", "alpha"], "twice"), (["alpha", "beta@x"], "NAME@VERSION"),
+                           (["alpha", "beta@²"], "NAME@VERSION"), (["alpha", "beta@"], "NAME@VERSION"),
+                           (["alpha", "alpha@1"], "names alpha@1 twice"),  # v1 is alpha's current version
                            (["alpha", "beta@7"], "has no version 7")):
         with pytest.raises(UserError, match=message):
             load_sources(registry, names)
