@@ -62,6 +62,14 @@ def is_safe_name(name: str) -> bool:
     return bool(RUN_NAME_PATTERN.fullmatch(name)) and ".." not in name
 
 
+REGISTRY_DB = "registry.db"  # in a registry's root, beside a folder per adapter name
+
+
+def is_adapter_name(name: str) -> bool:
+    """A registry name: a safe name that is not the registry's database (or its -wal / -shm files)."""
+    return is_safe_name(name) and not name.startswith(REGISTRY_DB)
+
+
 @dataclass
 class ModelConfig:
     name: str = _help("'minilm-l6' (the packaged all-MiniLM-L6-v2) or a local Hugging Face model directory", "minilm-l6")
@@ -327,8 +335,9 @@ class RegisterConfig:
     def __post_init__(self):
         _require(self.precision in ("fp32", "fp16", "int8"), "register.precision", f"'{self.precision}' is unknown",
                  "use fp32, fp16 or int8")
-        _require(self.name is None or is_safe_name(self.name), "register.name",
-                 f"{self.name!r} is not a safe registry name", "use letters, digits, '-', '_' and '.' only (no '..')")
+        _require(self.name is None or is_adapter_name(self.name), "register.name",
+                 f"{self.name!r} is not a safe registry name",
+                 f"use letters, digits, '-', '_' and '.' only (no '..', not starting with {REGISTRY_DB})")
 
 
 @dataclass
@@ -363,6 +372,9 @@ class RunConfig:
         _require(self.train.lr_grid is None or self.data.validation_size is not None, "train.lr_grid",
                  "picks each model's learning rate on held-out training examples, and data.validation_size holds none out",
                  "set data.validation_size, e.g. data.validation_size=300 (the eval split only measures)")
+        _require(self.run_dir.resolve() != self.registry_root.resolve(), "name",
+                 f"{self.name!r} is the adapter registry's directory ({self.registry_root})",
+                 "pick another run name, or put the registry elsewhere with register.root")
         results = Path(self.results_dir)
         _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
                  "point results_dir at a directory (it is created if missing)")

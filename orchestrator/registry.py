@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator.config import is_safe_name
+from orchestrator.config import REGISTRY_DB, is_adapter_name
 from orchestrator.errors import UserError
 
 DEFAULT_ROOT = Path("results") / "registry"
@@ -296,9 +296,9 @@ def _now() -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not is_safe_name(name):
+    if not isinstance(name, str) or not is_adapter_name(name):
         raise UserError(f"registry: '{name}' is not a valid adapter name; use letters, digits, '-', '_' and '.' "
-                        "(no slashes), e.g. rotten_tomatoes")
+                        f"(no slashes, not starting with {REGISTRY_DB}), e.g. rotten_tomatoes")
     return name
 
 
@@ -312,7 +312,7 @@ class Registry:
 
     def __init__(self, root: str | Path = DEFAULT_ROOT):
         self.root = Path(root)
-        self.db_path = self.root / "registry.db"
+        self.db_path = self.root / REGISTRY_DB
 
     # -------------------------------------------------------- plumbing
 
@@ -355,7 +355,7 @@ class Registry:
                     raise
             else:
                 yield conn
-        except sqlite3.OperationalError as err:
+        except sqlite3.DatabaseError as err:  # locked, or a damaged file ("database disk image is malformed")
             raise self._db_error(err) from None
         finally:
             conn.close()
@@ -411,10 +411,10 @@ class Registry:
         live = ", ".join(f"v{r['version']}" for r in rows)
         raise UserError(f"registry: '{name}' has no version {version} (it has {live}); pick one of those")
 
-    def _base_hash(self, conn, base_model: str) -> str:
-        """SHA-256 of the base model's weights, cached in the database by path, mtime and size."""
+    def _base_hash(self, conn, files: list[Path]) -> str:
+        """SHA-256 of the base model's weight files, cached in the database by path, mtime and size."""
         parts = []
-        for path in base_model_files(base_model):
+        for path in files:
             stat = path.stat()
             key = str(path.resolve())
             row = conn.execute("SELECT sha256 FROM base_model_hashes WHERE path = ? AND mtime_ns = ? AND size = ?",
@@ -429,8 +429,9 @@ class Registry:
         return sha256_bytes("\n".join(f"{n}:{d}" for n, d in parts).encode())
 
     def base_model_hash(self, base_model: str) -> str:
+        files = base_model_files(base_model)  # a missing model is refused before any registry is created
         with self._connect(write=True, create=True) as conn:
-            return self._base_hash(conn, base_model)
+            return self._base_hash(conn, files)
 
     def _staging(self) -> Path:
         """A fresh directory on the root's file system (so that os.replace into place is atomic)."""
@@ -556,25 +557,17 @@ class Registry:
 
         The current version can only be removed when it is the last one left.
         """
-        folder, trash = self.root / name / f"v{version}", None
-        try:
-            with self._connect(write=True) as conn:
-                row = self._pick(conn, name, version)
-                others = [r for r in self._rows(conn, name) if r["version"] != version]
-                if row["is_current"] and others:
-                    raise UserError(f"registry: '{name}' v{version} is the current version; make another current first "
-                                    f"(`lora-search registry rollback {name}` or `promote {name} <version>`), then remove it")
-                conn.execute("UPDATE entries SET removed_at = ?, is_current = 0 WHERE name = ? AND version = ?",
-                             (_now(), name, version))
-                if folder.exists():
-                    trash = self._staging() / "removed"
-                    os.replace(folder, trash)
-        except BaseException:
-            if trash is not None and trash.exists():  # the commit failed: put the files back
-                os.replace(trash, folder)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash.parent, ignore_errors=True)
+        with self._connect(write=True) as conn:
+            row = self._pick(conn, name, version)
+            others = [r for r in self._rows(conn, name) if r["version"] != version]
+            if row["is_current"] and others:
+                raise UserError(f"registry: '{name}' v{version} is the current version; make another current first "
+                                f"(`lora-search registry rollback {name}` or `promote {name} <version>`), then remove it")
+            conn.execute("UPDATE entries SET removed_at = ?, is_current = 0 WHERE name = ? AND version = ?",
+                         (_now(), name, version))
+        # Only after the commit: a crash before it keeps the version whole, one after it leaves files no live row
+        # names (the number is never reused, so nothing reads them).
+        shutil.rmtree(self.root / name / f"v{version}", ignore_errors=True)
 
     # -------------------------------------------------------- reading
 
@@ -618,24 +611,29 @@ class Registry:
         """A plain PEFT adapter directory (int8 dequantised to fp32) plus registry_entry.json; checksums checked first."""
         entry, contents = self.verified_files(name, version)
         out = Path(out_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"registry: export target '{out}' exists and is not empty; give a new directory")
+        if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+            raise UserError(f"registry: export target '{out}' exists and is not an empty directory; give a new directory")
         weights = contents[entry.weights_file]
         if entry.precision == "int8":
             from safetensors.torch import save
 
             weights = save(decode(weights, "int8"), metadata={"format": "pt", "lora_search_precision": "int8-dequantised"})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        staged = None
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
             (staged / CONFIG_FILE).write_bytes(contents[CONFIG_FILE])
             (staged / WEIGHTS_FILE).write_bytes(weights)
             (staged / "registry_entry.json").write_text(json.dumps(entry.to_dict(), indent=1, default=str))
             if out.exists():
                 out.rmdir()
             os.replace(staged, out)
+        except OSError as err:
+            raise UserError(f"registry: cannot export to '{out}' ({err.strerror or err}); give a new directory you "
+                            "can write") from None
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return out
 
     def load(self, name: str, version: int | None = None, base_model: str | None = None):
@@ -646,8 +644,9 @@ class Registry:
         """
         entry, contents = self.verified_files(name, version)
         base = base_model if base_model is not None else entry.base_model
+        files = base_model_files(str(base))
         with self._connect(write=True) as conn:
-            actual = self._base_hash(conn, str(base))
+            actual = self._base_hash(conn, files)
         if actual != entry.base_model_sha256:
             raise UserError(f"registry: base model '{base}' (SHA-256 {actual[:12]}…) is not the one {entry.name} "
                             f"v{entry.version} was stored with ('{entry.base_model}', SHA-256 "

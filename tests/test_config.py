@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 import typing
 
@@ -370,7 +371,14 @@ def test_longest_calibrated_name_builds_its_calibration_config():
 def test_register_name_is_checked_as_the_registry_checks_it():
     from orchestrator.registry import _check_name
 
-    with pytest.raises(UserError, match=r"^register.name: 'a\.\.b' is not a safe registry name"):
-        load_config(None, ["register.name=a..b"])
-    with pytest.raises(UserError):
-        _check_name("a..b")
+    for name in ("a..b", "registry.db", "registry.db-shm"):  # the last two are the registry's own database files
+        with pytest.raises(UserError, match=rf"^register.name: '{re.escape(name)}' is not a safe registry name"):
+            load_config(None, [f"register.name={name}"])
+        with pytest.raises(UserError):
+            _check_name(name)
+
+
+def test_a_run_may_not_be_named_as_the_registry_directory(tmp_path):
+    with pytest.raises(UserError, match=r"^name: 'registry' is the adapter registry's directory .*register\.root"):
+        load_config(None, ["name=registry", f"results_dir={tmp_path}"])
+    assert load_config(None, ["name=registry", f"results_dir={tmp_path}", f"register.root={tmp_path}/adapters"])

@@ -177,6 +177,31 @@ def test_remove(registry, adapter, tiny_model_dir):
     assert not list((registry.root / ".staging").iterdir())
 
 
+DIES_BEFORE_COMMIT = """
+import contextlib, os, sys
+from orchestrator.registry import Registry
+opened = Registry._connect
+
+@contextlib.contextmanager
+def dying(self, write, create=False):
+    with opened(self, write, create) as conn:
+        yield conn
+        os._exit(9)  # the process dies after the command's writes, before its COMMIT
+
+Registry._connect = dying
+Registry(sys.argv[1]).remove("sentiment", 1)
+"""
+
+
+def test_a_remove_killed_before_its_commit_keeps_the_version_whole(registry, adapter, tiny_model_dir):
+    add(registry, adapter, tiny_model_dir)
+    add(registry, adapter, tiny_model_dir)
+    killed = subprocess.run([sys.executable, "-c", DIES_BEFORE_COMMIT, str(registry.root)], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    assert [e.version for e in registry.list()] == [1, 2]
+    assert registry.verify("sentiment", 1).version == 1  # every file there, checksums intact
+
+
 def test_unknown_names_and_versions(registry, adapter, tiny_model_dir):
     assert registry.list() == [] and not registry.root.exists()  # reading creates nothing
     with pytest.raises(UserError, match="no adapter named 'nope'.*registry list"):
@@ -184,15 +209,26 @@ def test_unknown_names_and_versions(registry, adapter, tiny_model_dir):
     add(registry, adapter, tiny_model_dir)
     with pytest.raises(UserError, match="no version 7 \\(it has v1\\)"):
         registry.load("sentiment", 7)
-    for bad in ("../escape", "a/b", "", ".hidden", "sentiment\n"):
+    for bad in ("../escape", "a/b", "", ".hidden", "sentiment\n", "registry.db", "registry.db-wal"):
         with pytest.raises(UserError, match="not a valid adapter name"):
             add(registry, adapter, tiny_model_dir, name=bad)
     with pytest.raises(UserError, match="precision 'bf16' is unknown"):
         add(registry, adapter, tiny_model_dir, precision="bf16")
     assert [e.version for e in registry.list()] == [1]
+    damaged = bytearray(registry.db_path.read_bytes())
+    damaged[4096:8192] = b"\xff" * 4096  # a page past the header: sqlite opens it, then reads garbage
+    registry.db_path.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match="registry.db cannot be used \\(database disk image is malformed\\).*backup"):
+        registry.list()
     registry.db_path.write_bytes(b"not a database" * 100)
     with pytest.raises(UserError, match="registry.db cannot be used.*restore it from a backup"):
         registry.list()
+
+
+def test_an_add_refused_for_its_base_model_creates_no_registry(registry, adapter, tmp_path):
+    with pytest.raises(UserError):
+        add(registry, adapter, tmp_path / "no-such-model")
+    assert not registry.root.exists()
 
 
 # ---------------------------------------------------------------- load, export, integrity
@@ -223,8 +259,15 @@ def test_export_round_trip(registry, adapter, tiny_model_dir, tokenizer, tmp_pat
     torch.testing.assert_close(logits(plain, tokenizer), logits(reference, tokenizer), rtol=0, atol=1e-6)
     again = registry.add("reimported", out, "tiny.csv", str(tiny_model_dir))  # allocation read from the config
     assert again.files[WEIGHTS_FILE] == sha(directory / WEIGHTS_FILE) and again.allocation == compact
-    with pytest.raises(UserError, match="exists and is not empty"):
-        registry.export("sentiment", 1, out)
+    a_file, a_link = tmp_path / "a-file", tmp_path / "a-link"
+    a_file.write_text("x")
+    (tmp_path / "empty").mkdir()
+    a_link.symlink_to(tmp_path / "empty")
+    for target, message in ((out, "exists and is not an empty directory"), (a_file, "exists and is not an empty directory"),
+                            (a_link, "exists and is not an empty directory"), (a_file / "sub", "cannot export to")):
+        with pytest.raises(UserError, match=message):
+            registry.export("sentiment", 1, target)
+    assert a_file.read_text() == "x" and not list((tmp_path / "empty").iterdir())
 
 
 def test_tampered_file_is_refused_and_nothing_changes(registry, adapter, tiny_model_dir, tmp_path):
