@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -372,7 +373,7 @@ class RunConfig:
         _require(self.train.lr_grid is None or self.data.validation_size is not None, "train.lr_grid",
                  "picks each model's learning rate on held-out training examples, and data.validation_size holds none out",
                  "set data.validation_size, e.g. data.validation_size=300 (the eval split only measures)")
-        _require(self.run_dir.resolve() != self.registry_root.resolve(), "name",
+        _require(os.path.abspath(self.run_dir) != os.path.abspath(self.registry_root), "name",  # no symlink followed
                  f"{self.name!r} is the adapter registry's directory ({self.registry_root})",
                  "pick another run name, or put the registry elsewhere with register.root")
         results = Path(self.results_dir)
