@@ -22,6 +22,7 @@ from orchestrator.allocation import Allocation, budget_params, uniform
 from orchestrator.config import SpaceConfig
 from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
+from orchestrator.shortcuts import is_shortcut_item
 
 __all__ = ["Budget", "space_modules", "make_budget", "distribution_space", "sample_allocations", "baseline_allocations",
            "Allocator", "ALLOCATORS", "register_allocator", "get_allocator", "summed_score"]
@@ -32,13 +33,14 @@ class Budget:
     target: int
     tolerance: float
 
+    # rounded to 6 decimals first: 46080 × 1.15 is 52991.99999999999 in floats, and its edge 52992 belongs to the band
     @property
     def low(self) -> int:
-        return int(np.ceil(self.target * (1 - self.tolerance)))
+        return math.ceil(round(self.target * (1 - self.tolerance), 6))
 
     @property
     def high(self) -> int:
-        return int(np.floor(self.target * (1 + self.tolerance)))
+        return math.floor(round(self.target * (1 + self.tolerance), 6))
 
     def admits(self, params: int) -> bool:
         return self.low <= params <= self.high
@@ -130,8 +132,9 @@ def _draw(modules, probs, ranks, budget: Budget, rng) -> Allocation | None:
         rank = int(rng.choice(fitting))
         chosen[modules[i].name] = rank
         total += rank * modules[i].params_per_rank
-        if budget.admits(total):
-            return Allocation.from_ranks(chosen)
+        allocation = Allocation.from_ranks(chosen)
+        if budget.admits(total) and allocation.lora_ranks:  # shortcuts alone cannot train
+            return allocation
     return None
 
 
@@ -159,15 +162,16 @@ def baseline_allocations(modules: list[AdaptableModule], budget: Budget, names: 
 # inside the budget band. Shaped like the proxy registry (and Optuna's samplers): one narrow base
 # class, a name → class table, a decorator that fills it and a lookup that names the YAML field.
 
-_MAX_DP_CELLS = 20_000_000  # max(modules, rank choices) × kept solutions × budget units of the knapsack table
+_MAX_DP_CELLS = 20_000_000  # max(modules, 2 × rank choices) × kept solutions × 2 × budget units of the knapsack table
 
 
 class Allocator(ABC):
     """Scores + budget → candidate allocations.
 
     `propose` is the contract the screen relies on: every allocation it returns lies inside the band
-    (`budget.admits` of its exact parameter count), no two share a candidate id, at most `count` come
-    back, and the same rng seed gives the same list. Subclasses implement `generate`; `propose`
+    (`budget.admits` of its exact parameter count), puts a rank on at least one LoRA module (shortcuts
+    alone cannot train: PEFT needs a target), no two share a candidate id, at most `count` come back,
+    and the same rng seed gives the same list. Subclasses implement `generate`; `propose`
     checks the inputs and enforces the contract on what `generate` yields.
     """
 
@@ -184,7 +188,7 @@ class Allocator(ABC):
         values = _signed_values(unit_scores, modules, sign) if self.uses_scores else np.zeros(len(modules))
         found: dict[str, Allocation] = {}
         for allocation in self.generate(values, modules, ranks, budget, count, rng):
-            if budget.admits(allocation.trainable_params(modules)):
+            if allocation.lora_ranks and budget.admits(allocation.trainable_params(modules)):
                 found.setdefault(allocation.candidate_id, allocation)
                 if len(found) == count:
                     break
@@ -290,7 +294,7 @@ class Knapsack(Allocator):
     def generate(self, values, modules, ranks, budget, count, rng):
         choices = np.array([0, *ranks])
         gains = values[:, None] * choices[None, :]
-        solutions = _knapsack(gains, _costs(modules, choices), budget, count)
+        solutions = _knapsack(gains, _costs(modules, choices), budget, count, _lora_rows(modules))
         if solutions is None:
             raise UserError(f"screen.allocator: knapsack needs too large a table for a budget of {budget.target} params "
                             "with these module shapes; use proportional or top_p")
@@ -356,7 +360,7 @@ class Proportional(Allocator):
             if picks is not None:
                 return [_allocation(modules, choices, picks)]
         nearest = -(choices[None, :] - targets[:, None]) ** 2
-        solutions = _knapsack(nearest, _costs(modules, choices), budget, 1)
+        solutions = _knapsack(nearest, _costs(modules, choices), budget, 1, _lora_rows(modules))
         return [_allocation(modules, choices, picks) for _, picks in solutions or []]
 
 
@@ -421,17 +425,24 @@ def _allocation(modules: list[AdaptableModule], choices: np.ndarray, picks) -> A
 
 
 def _feasible(modules: list[AdaptableModule], ranks: list[int], budget: Budget) -> bool:
-    """Whether any allocation lands in the band (assumed so when the exact check is too large)."""
+    """Whether any allocation with a LoRA module lands in the band (assumed so when the exact check is too large)."""
     choices = np.array([0, *ranks])
     costs = _costs(modules, choices)
-    return _knapsack(np.zeros(costs.shape), costs, budget, 1) != []
+    return _knapsack(np.zeros(costs.shape), costs, budget, 1, _lora_rows(modules)) != []
 
 
-def _knapsack(gains: np.ndarray, costs: np.ndarray, budget: Budget, keep: int) -> list[tuple[float, list[int]]] | None:
-    """The `keep` best picks (one column per row of `gains`) whose cost sum lies in the band.
+def _lora_rows(modules: list[AdaptableModule]) -> np.ndarray:
+    """Which entries are LoRA modules (not shortcut sites): an allocation needs one of them on."""
+    return np.array([not is_shortcut_item(m.name) for m in modules])
 
-    Exact multiple-choice knapsack with a k-best table: best[k, c] is the k-th best gain of the
-    modules so far at exactly c cost units. Any path in the top `keep` of a state extends a path in
+
+def _knapsack(gains: np.ndarray, costs: np.ndarray, budget: Budget, keep: int,
+              required: np.ndarray | None = None) -> list[tuple[float, list[int]]] | None:
+    """The `keep` best picks (one column per row of `gains`, column 0 = off) whose cost sum lies in the band
+    and that switch on at least one `required` row (default: any row; shortcut sites alone cannot train).
+
+    Exact multiple-choice knapsack with a k-best table: best[k, s] is the k-th best gain of the rows so far in
+    state s = (a required row is on: 0/1, cost units). Any path in the top `keep` of a state extends a path in
     the top `keep` of its predecessor state, so the table loses nothing. Distinct paths are distinct
     allocations. Returns [(gain, picks)], best first, or None when the table would be too large.
     """
@@ -440,32 +451,38 @@ def _knapsack(gains: np.ndarray, costs: np.ndarray, budget: Budget, keep: int) -
     if low > high:
         return []
     n, m = gains.shape
-    keep = min(keep, _MAX_DP_CELLS // (max(n, m) * (high + 1)))  # fewer solutions rather than a huge table
+    width = high + 1  # states of one flag value; flag f's costs are columns f * width ...
+    keep = min(keep, _MAX_DP_CELLS // (max(n, 2 * m) * 2 * width))  # fewer solutions rather than a huge table
     if keep < 1:
         return None
+    required = np.ones(n, dtype=bool) if required is None else np.asarray(required, dtype=bool)
     steps = costs // unit
-    best = np.full((keep, high + 1), -np.inf)
+    best = np.full((keep, 2 * width), -np.inf)
     best[0, 0] = 0.0
-    back = np.zeros((n, keep, high + 1), dtype=np.int32)  # index into the stacked (choice, previous k) axis
+    back = np.zeros((n, keep, 2 * width), dtype=np.int32)  # index into the stacked (move, previous k) axis
+    moves = [[(j, before, int(before or (required[i] and j > 0))) for j in range(m) for before in (0, 1)]
+             for i in range(n)]  # (column, flag before, flag after) of each row
     for i in range(n):
-        stacked = np.full((m * keep, high + 1), -np.inf)
-        for j in range(m):
+        stacked = np.full((len(moves[i]) * keep, 2 * width), -np.inf)
+        for t, (j, before, after) in enumerate(moves[i]):
             step = int(steps[i, j])
             if step <= high:
-                stacked[j * keep:(j + 1) * keep, step:] = best[:, :high + 1 - step] + gains[i, j]
+                stacked[t * keep:(t + 1) * keep, after * width + step:(after + 1) * width] = (
+                    best[:, before * width:(before + 1) * width - step] + gains[i, j])
         top = np.argsort(-stacked, axis=0, kind="stable")[:keep]
         best = np.take_along_axis(stacked, top, axis=0)
         back[i] = top
-    ks, cs = np.nonzero(np.isfinite(best[:, low:]))
+    ks, cs = np.nonzero(np.isfinite(best[:, width + low:]))  # flag 1 only
     cs = cs + low
-    ends = np.lexsort((ks, cs, -best[ks, cs]))[:keep]  # best gain first; ties by cost, then table order
+    ends = np.lexsort((ks, cs, -best[ks, width + cs]))[:keep]  # best gain first; ties by cost, then table order
     solutions = []
     for k, c in zip(ks[ends].tolist(), cs[ends].tolist()):
-        gain, picks = float(best[k, c]), [0] * n
+        gain, picks, state = float(best[k, width + c]), [0] * n, width + c
         for i in range(n - 1, -1, -1):
-            j, k = divmod(int(back[i, k, c]), keep)
+            t, k = divmod(int(back[i, k, state]), keep)
+            j, before, after = moves[i][t]
             picks[i] = j
-            c -= int(steps[i, j])
+            state = before * width + state - after * width - int(steps[i, j])
         solutions.append((gain, picks))
     return solutions
 

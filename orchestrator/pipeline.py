@@ -376,7 +376,14 @@ def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,
             if not allocation.shortcuts:
                 chosen[f"dyn-{cid}"] = (kind, f"{label}+dynamic", allocation)
     for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
-        # AdaLoRA shares uniform_qv's final allocation but is a different model: give it its own id
-        cid = f"adalora-{allocation.candidate_id}" if name == "adalora" else allocation.candidate_id
-        chosen.setdefault(cid, ("baseline", name, allocation))
+        params = allocation.trainable_params(modules)
+        if name == "uniform_qv" and not budget.admits(params):
+            print(f"baseline uniform_qv: no query,value rank meets the budget band {budget.low:,}..{budget.high:,}; "
+                  f"it trains at the nearest rank, {params:,} params", flush=True)
+        # AdaLoRA shares uniform_qv's final allocation but is a different model, and a survivor may equal a
+        # baseline (the report needs both rows to compare them): each gets its own id
+        cid = allocation.candidate_id
+        if name == "adalora" or cid in chosen:
+            cid = f"{name}-{cid}"
+        chosen[cid] = ("baseline", name, allocation)
     return chosen

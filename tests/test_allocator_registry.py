@@ -265,7 +265,7 @@ def test_knapsack_beats_every_other_allocator(budget, sign):
 def test_knapsack_keeps_fewer_solutions_rather_than_a_huge_table(monkeypatch):
     scores, budget = random_scores(13), Budget(73728, 0.05)
     full = propose("knapsack", scores, budget)
-    monkeypatch.setattr(allocators, "_MAX_DP_CELLS", 36 * (77414 // 384 + 1) * 3)  # room for 3 solutions per state
+    monkeypatch.setattr(allocators, "_MAX_DP_CELLS", 36 * 2 * (77414 // 384 + 1) * 3)  # room for 3 solutions per state
     assert propose("knapsack", scores, budget) == full[:3]
 
 
@@ -309,8 +309,19 @@ def test_shortcut_sites_are_allocated_like_modules(name):
     sites = [shortcuts.ShortcutSite("residual", layer, 384, 384) for layer in range(6)]
     space = MINILM + sites
     scores = random_scores(9, space) | {site.name: 10.0 for site in sites}  # the shortcuts score best
-    budget = Budget(9216, 0.0)
+    budget = Budget(9216, 0.05)  # exact, the band holds no top_p prefix with a LoRA module (six sites at r2 fill it)
     found = propose(name, scores, budget, count=10, modules=space)
     assert found and all(budget.admits(a.trainable_params(space)) for a in found)
     if name in SCORED:
         assert set(found[0].as_dict()) & {site.name for site in sites}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_allocation_is_shortcuts_alone(name):
+    """Six residual sites at r2 make 9,216 params, in the band, and they score best; PEFT cannot train shortcuts alone."""
+    shortcuts = pytest.importorskip("orchestrator.shortcuts")
+    sites = [shortcuts.ShortcutSite("residual", layer, 384, 384) for layer in range(6)]
+    space = MINILM + sites
+    scores = random_scores(9, space) | {site.name: 10.0 for site in sites}
+    found = propose(name, scores, Budget(9216, 0.05), count=25, modules=space, ranks=[1, 2])
+    assert found and all(a.lora_ranks for a in found), [a.compact(space) for a in found if not a.lora_ranks]

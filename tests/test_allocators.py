@@ -31,6 +31,8 @@ def test_budget_band():
     assert (budget.low, budget.high) == (1946, 2150)  # ceil(1945.6), floor(2150.4)
     assert budget.admits(1946) and budget.admits(2150) and budget.admits(2048)
     assert not budget.admits(1945) and not budget.admits(2151)
+    edge = Budget(46080, 0.15)  # 46080 × 1.15 is 52991.99999999999 in floats; 52992 is in the band
+    assert (edge.low, edge.high) == (39168, 52992) and Budget(100, 0.15).high == 115
     exact = Budget(1000, 0.0)
     assert (exact.low, exact.high) == (1000, 1000)
     assert exact.admits(1000) and not exact.admits(999) and not exact.admits(1001)
@@ -189,3 +191,34 @@ def test_distribution_space_keys():
     params = distribution_space(space(module_types=["query", "value"]))
     assert set(params) == {"w_query", "w_value", "depth_bias", "max_rank"}
     assert params["max_rank"].categories == RANKS
+
+
+def test_a_survivor_equal_to_a_baseline_leaves_the_baseline_its_own_row(tiny_modules, capsys):
+    import pandas as pd
+
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import _allocations_to_train
+
+    budget = Budget(2048, 0.05)
+    qv = baseline_allocations(tiny_modules, budget, ["uniform_qv"])["uniform_qv"]
+    screen = pd.DataFrame({"candidate_id": [qv.candidate_id], "allocation": [qv.compact(tiny_modules)], "survivor": [True]})
+    cfg = load_config(None, ["train.baselines=[uniform_qv,adalora]"])
+    chosen = _allocations_to_train(screen, tiny_modules, budget, cfg, warm=[])
+    assert {cid: (kind, label) for cid, (kind, label, _) in chosen.items()} == {
+        qv.candidate_id: ("searched", "screen#1"), f"uniform_qv-{qv.candidate_id}": ("baseline", "uniform_qv"),
+        f"adalora-{qv.candidate_id}": ("baseline", "adalora")}
+    assert "baseline uniform_qv" not in capsys.readouterr().out  # r8 meets the band
+
+
+def test_a_uniform_qv_baseline_outside_the_band_is_named(tiny_modules, capsys):
+    import pandas as pd
+
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import _allocations_to_train
+
+    budget = Budget(384, 0.05)  # q,v r1 = 256 and r2 = 512 params on the tiny model: no rank meets 365..403
+    screen = pd.DataFrame({"candidate_id": [], "allocation": [], "survivor": []})
+    chosen = _allocations_to_train(screen, tiny_modules, budget, load_config(None, []), warm=[])
+    assert [label for _, label, _ in chosen.values()] == ["uniform_qv"]
+    assert ("baseline uniform_qv: no query,value rank meets the budget band 365..403; it trains at the nearest rank, "
+            in capsys.readouterr().out)
