@@ -37,8 +37,8 @@ import json
 import math
 import os
 import re
-import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -322,12 +322,15 @@ def aggregate(report: pd.DataFrame) -> pd.DataFrame:
     `accuracy`, `f1`, `eval_loss`, `peak_memory_mb`, `val_accuracy` are means with a `_std` column beside them;
     `cost_usd` and `device_hours` are totals over seeds, `cost_usd_mean`/`_std` and
     `device_hours_mean`/`_std` per seed. `roi_per_usd` = gain_vs_<roi_baseline> / cost_usd_mean and
-    `roi_per_mparams` = gain_vs_<roi_baseline> / (trainable_params / 10⁶), with mean gains.
+    `roi_per_mparams` = gain_vs_<roi_baseline> / (trainable_params / 10⁶), with mean gains. `trainable_params` is
+    the mean over seeds, rounded: a dynamic model keeps a different count per seed.
     """
-    keys = ["candidate_id", "kind", "label", "allocation", "trainable_params"]
+    keys = ["candidate_id", "kind", "label", "allocation"]
     grouped = report.groupby(keys, sort=False, dropna=False)
-    table = grouped.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), f1=("f1", "mean"),
-                        seeds=("seed", "nunique"), cost_usd=("cost_usd", "sum"), device_hours=("device_hours", "sum"))
+    table = grouped.agg(trainable_params=("trainable_params", "mean"), accuracy=("accuracy", "mean"),
+                        accuracy_std=("accuracy", "std"), f1=("f1", "mean"), seeds=("seed", "nunique"),
+                        cost_usd=("cost_usd", "sum"), device_hours=("device_hours", "sum"))
+    table["trainable_params"] = table.trainable_params.round().astype("int64")
     extra = {}
     for column, mean in _SPREAD.items():
         if column in report:
@@ -385,7 +388,7 @@ def proxy_correlations(report: pd.DataFrame) -> pd.DataFrame:
 
 def _parse_time(text) -> float | None:
     try:
-        return time.mktime(time.strptime(str(text), "%Y-%m-%dT%H:%M:%S%z")) if text else None
+        return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S%z").timestamp() if text else None  # offset kept
     except ValueError:
         return None
 

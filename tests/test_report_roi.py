@@ -143,6 +143,16 @@ def test_aggregate_mean_std_welch_and_pareto(table):
     assert set(agg.index[agg.pareto_peak_memory_mb]) == {"aaaa", "bbbb", "cccc"}
 
 
+def test_a_dynamic_model_whose_seeds_keep_different_counts_is_one_row():
+    rows = trials()
+    for seed, (accuracy, kept) in enumerate([(0.83, 50112), (0.81, 49728)]):
+        rows.append(dict(rows[0], candidate_id="dyn-aaaa", seed=seed, accuracy=accuracy, trainable_params=kept))
+    agg = report.aggregate(report.build(rows, {}, COMPACT | {"dyn-aaaa": COMPACT["aaaa"]}, MAJORITY))
+    dynamic = agg[agg.candidate_id == "dyn-aaaa"]
+    assert len(dynamic) == 1 and dynamic.seeds.item() == 2 and dynamic.trainable_params.item() == 49920
+    assert dynamic.accuracy_std.item() == pytest.approx(math.sqrt(2) * 0.01)
+
+
 def test_welch_p_nan_with_one_seed():
     assert math.isnan(report.welch_p([0.8], [0.7, 0.72]))
     assert math.isnan(report.welch_p([0.8, 0.81], [0.7]))
@@ -448,6 +458,9 @@ def test_a_resumed_runs_wall_time_adds_up_its_sessions():
                             {"started_at": at("12:00:00"), "finished_at": at("12:00:04")}]}
     assert report.run_wall_seconds(resumed) == (1204.0, 3, 1)
     assert math.isnan(report.run_wall_seconds({"sessions": [{"started_at": at("10:00:00")}]})[0])  # none timed
+    # across a daylight-saving change (or read in another time zone) the stored offsets count: 2 hours, not 1
+    autumn = {"started_at": "2026-10-25T01:30:00+0200", "finished_at": "2026-10-25T02:30:00+0100"}
+    assert report.run_wall_seconds(autumn) == (7200.0, 1, 0)
     table = report.add_derived(report.build(trials(), proxy_scores(), COMPACT, MAJORITY))
     costs = report.cost_breakdown(table, resumed, {"seconds": {"grad_norm": 36.0}})
     blocks = report._sections(table, MAJORITY, {"costs": costs}, [])
