@@ -376,8 +376,10 @@ class RunConfig:
         _require(os.path.abspath(self.run_dir) != os.path.abspath(self.registry_root), "name",  # no symlink followed
                  f"{self.name!r} is the adapter registry's directory ({self.registry_root})",
                  "pick another run name, or put the registry elsewhere with register.root")
-        results = Path(self.results_dir)
-        _require(not results.exists() or results.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory",
+        results = Path(self.results_dir).absolute()
+        existing = next(p for p in (results, *results.parents) if p.exists())
+        _require(existing.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory" if existing == results
+                 else f"'{self.results_dir}' lies below the file '{existing}'",
                  "point results_dir at a directory (it is created if missing)")
         if self.storage_path is not None:
             from orchestrator.storage import check_storage_path
@@ -411,16 +413,44 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         except UnicodeDecodeError:
             raise UserError(f"config: '{path}' is not valid YAML (not UTF-8 text); re-encode it as UTF-8") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _load_yaml(text) or {}
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             line = f" at line {where.line + 1}" if where else ""
-            raise UserError(f"config: '{path}' is not valid YAML{line}; fix the syntax there") from None
+            raise UserError(f"config: '{path}' is not valid YAML{line}{_problem(err)}; fix the syntax there") from None
+        except RecursionError:
+            raise UserError(f"config: '{path}' nests too deeply to be a config; fix the syntax there") from None
         if not isinstance(raw, dict):
             raise UserError(f"config: '{path}' must hold a mapping of sections (name, model, data, ...); see search_spaces/quickstart.yaml")
     for item in overrides:
         _apply_override(raw, item)
     return build(RunConfig, raw, "")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: its keys may be overridden below it
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader refuses it with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None)
+    return f" ({' '.join(str(problem).split())})" if problem else ""
 
 
 @dataclass(frozen=True)
@@ -429,8 +459,13 @@ class _OverrideText:
 
     text: str
 
-    def parsed(self):
-        return yaml.safe_load(self.text)
+    def parsed(self, name: str):
+        try:
+            return _load_yaml(self.text)
+        except (yaml.YAMLError, RecursionError) as err:
+            problem = _problem(err) if isinstance(err, yaml.YAMLError) else " (nested too deeply)"
+            raise UserError(f"{name}: {self.text!r} is not a YAML value{problem}; write a number as 2, a list as "
+                            "[0, 1], and quote text") from None
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -483,7 +518,7 @@ def _coerce(hint, value, name: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
     if isinstance(value, _OverrideText):
-        value = value.text if hint is str else value.parsed()
+        value = value.text if hint is str else value.parsed(name)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, name + ".")
     if origin is list:

@@ -215,6 +215,10 @@ def _label_names(column: pd.Series, path: Path) -> list[str]:
         values = sorted(set(int(v) for v in column))
         if values[0] < 0:
             raise UserError(f"data: '{path}' has negative label {values[0]}; integer labels must be 0..K-1")
+        if values[-1] >= len(column):  # class indices: a gap keeps an empty class, but not more classes than rows
+            raise UserError(f"data: '{path}' has integer label {values[-1]} but only {len(column)} labelled rows; integer "
+                            f"labels are class indices 0..K-1 (here a head of {values[-1] + 1:,} outputs): renumber "
+                            "them, or write them as text")
         return [str(i) for i in range(values[-1] + 1)]
     return sorted({str(v) for v in column})
 
@@ -241,6 +245,9 @@ def _random_split(whole: Split, cfg: DataConfig) -> tuple[Split, Split]:
 def load_task(cfg: DataConfig) -> TaskData:
     """Load, split and sample a task; refuse data that cannot train a classifier."""
     reader = BUILTIN_TASKS.get(cfg.task, _read_user_task)
+    if cfg.eval_path and cfg.task in BUILTIN_TASKS:
+        raise UserError(f"data.eval_path: the built-in task {cfg.task} has its own eval split; drop eval_path, or give "
+                        "your own data as data.task")
     task = reader(cfg)
     rng = np.random.default_rng(cfg.split_seed)
     for part, cap in (("train", cfg.train_size), ("eval", cfg.eval_size)):

@@ -94,6 +94,14 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
     return model
 
 
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """model.max_length against the model's position embeddings (longer inputs fail inside the first forward)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise UserError(f"model.max_length: {max_length} is more tokens than the model's {positions} positions; "
+                        f"use at most {positions}")
+
+
 def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:
     """Every Linear inside an encoder layer, in model order. Pooler and classifier are not adaptable."""
     found = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import time
 from dataclasses import asdict, replace
@@ -19,7 +20,7 @@ from orchestrator.allocators import baseline_allocations, make_budget, space_mod
 from orchestrator.config import CALIBRATED, RunConfig, flat_keys
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
-from orchestrator.models import adaptable_modules, head_params, load_model
+from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
 from orchestrator.proxies import ModuleScores
 from orchestrator.storage import check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, run_training
@@ -65,6 +66,7 @@ def init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS for the driver
     if address:
+        _check_reachable(address)
         # Ray refuses to merge a ray.init env var that the submitted job's runtime_env also sets: leave those to the job.
         try:
             job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
@@ -86,6 +88,20 @@ def init_ray(address: str | None) -> None:
                  dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A host:port (or ray://host:port) address must accept a connection: ray.init would retry an unreachable one for
+    minutes without a word. "auto" and other forms are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})", address.strip())
+    if not match:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"--address: cannot reach the Ray cluster at {address} ({err.strerror or err}); start it "
+                        "(`ray start --head`), check RAY_ADDRESS, or drop --address for an embedded local Ray") from None
+
+
 def _allow_a_slow_dashboard_start(seconds: int = DASHBOARD_START_S) -> None:
     """Ray gives its dashboard 60 s to start, then fails ray.init; a loaded 2-core machine can take longer.
 
@@ -104,6 +120,14 @@ def _free_loopback_port() -> int:
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """Create (or, with resume, reopen) results/<name>, refusing to overwrite a finished or running run."""
+    run_dir = check_run_dir(cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.results_dir = str(Path(cfg.results_dir).resolve())  # absolute: Tune trials run in their own working directories
+    return run_dir
+
+
+def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """The resolved results/<name> a run may write (a new name, or with resume its own run); creates nothing."""
     root = Path(cfg.results_dir).resolve()
     try:
         run_dir = cfg.run_dir.resolve()
@@ -121,8 +145,6 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
         raise UserError(f"--resume: '{cfg.run_dir}' holds no run to resume; drop --resume to start it")
     if exists:
         _check_same_run(cfg, json.loads((run_dir / "run.json").read_text()).get("config") or {})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.results_dir = str(root)  # absolute: Tune trials run in their own working directories
     return run_dir
 
 
@@ -217,6 +239,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
 
     task = load_task(cfg.data)  # validate everything before the run directory exists
     base = load_model(cfg.model.name, task.num_labels)
+    check_max_length(base, cfg.model.max_length)
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
@@ -224,7 +247,10 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
     points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
+    check_run_dir(cfg, resume)  # before the study check, which may create the study's storage
     check_study_storage(cfg.screen.storage, cfg.name, resume)
+    set_runtime_env()
+    init_ray(address)  # an unreachable --address fails here, before anything is written
     prepare_run_dir(cfg, resume)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
@@ -232,8 +258,6 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
                    started_at=started, sessions=earlier_sessions(cfg) + [{"started_at": started}],
                    warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
                                "enqueued_trials": len(points)} if earlier else None)
-    set_runtime_env()
-    init_ray(address)
 
     scores = module_scores(cfg, task, modules)
     if cfg.screen.rank_by == CALIBRATED:

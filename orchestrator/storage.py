@@ -133,13 +133,16 @@ def open_storage(url: str, *, create: bool):
         path = Path(url[len(JOURNAL):]).expanduser()
         if not create and not path.is_file():
             raise UserError(f"screen.storage: journal file '{path}' does not exist; check the run's storage URL")
+        if path.is_dir():
+            raise UserError(f"screen.storage: journal path '{path}' is a directory; give a file in it, e.g. "
+                            f"journal:{path / 'study.log'}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # The open-lock (O_EXCL lock file) works on NFS; the default symlink lock does not everywhere.
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
         except OSError as err:
-            raise UserError(f"screen.storage: cannot create the journal's folder '{path.parent}' ({err.strerror or err}); "
-                            "use a writable path") from None
-        # The open-lock (O_EXCL lock file) works on NFS; the default symlink lock does not everywhere.
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+            raise UserError(f"screen.storage: cannot open the journal '{path}' ({err.strerror or err}); "
+                            "use a writable file path") from None
     engine_kwargs = {}
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1].split("?", 1)[0]

@@ -136,19 +136,21 @@ def check_counts(n: int, n_off_budget: int) -> None:
 def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, address: str | None) -> pd.DataFrame:
     from orchestrator import pipeline
     from orchestrator.data import load_task
-    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.models import adaptable_modules, check_max_length, load_model
     from orchestrator.train import run_training
 
     check_counts(n, n_off_budget)
     cfg.screen.proxies = sorted(PROXIES)  # validate every registered proxy, whatever the config screens with
-    pipeline.prepare_run_dir(cfg, resume)
+    pipeline.check_run_dir(cfg, resume)  # a taken name is refused before the data loads; nothing is written yet
     task = load_task(cfg.data)
     base = load_model(cfg.model.name, task.num_labels)
+    check_max_length(base, cfg.model.max_length)
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)
     chosen = validation_jobs(cfg, modules, n, n_off_budget)
-    pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
     pipeline.set_runtime_env()
     pipeline.init_ray(address)
+    pipeline.prepare_run_dir(cfg, resume)
+    pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
     scores = pipeline.module_scores(cfg, task, modules)
     jobs = [TrainJob(cid, "searched", label, a.as_dict(), seed) for cid, (label, a) in chosen.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)

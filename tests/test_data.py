@@ -107,6 +107,14 @@ def test_integer_labels_with_a_gap(tmp_path, sentences):
     task = load_task(cfg(write_csv(tmp_path / "gap.csv", rows)))
     assert task.label_names == ["0", "1", "2"]
     assert set(task.train.labels) == {0, 2}
+    huge = [(t, lab * 10**9) for t, lab in zip(texts, labels)]  # before: 10⁹ label names, then out of memory
+    with pytest.raises(UserError, match=r"has integer label 1000000000 but only \d+ labelled rows; .*renumber"):
+        load_task(cfg(write_csv(tmp_path / "huge.csv", huge)))
+
+
+def test_an_eval_file_for_a_builtin_task_is_refused(tmp_path):
+    with pytest.raises(UserError, match="^data.eval_path: the built-in task rotten_tomatoes has its own eval split"):
+        load_task(DataConfig(task="rotten_tomatoes", eval_path=str(tmp_path / "missing.csv")))
 
 
 def test_pair_columns(tmp_path, sentences):

@@ -20,6 +20,30 @@ def test_a_longer_deadline_set_by_the_user_stays(monkeypatch):
     assert services.ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 900
 
 
+def test_an_unreachable_address_is_one_line_before_ray_init(monkeypatch):
+    """ray.init retries an address nobody listens on for minutes, silently; the run had written run.json by then."""
+    import socket
+
+    import ray
+
+    from orchestrator.errors import UserError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(UserError, match=rf"^--address: cannot reach the Ray cluster at {address} \(Connection "
+                                            r"refused\); start it .*drop --address"):
+            pipeline.init_ray(address)
+    with socket.socket() as server:  # a listening port passes on to ray.init
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        pipeline._check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    pipeline._check_reachable("auto")  # Ray's own forms are left to Ray
+
+
 HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 

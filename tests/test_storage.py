@@ -68,10 +68,13 @@ def test_a_new_run_does_not_write_into_an_earlier_runs_study(kind, tmp_path):
         check_study_storage(url, "exp1", resume=False)
 
 
-def test_a_journal_in_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+def test_a_journal_in_a_folder_that_cannot_be_made_or_that_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="^screen.storage: cannot create the journal's folder .*; use a writable path$"):
+    with pytest.raises(UserError, match=r"^screen.storage: cannot open the journal .*\(Not a directory\); use a writable file path$"):
         check_study_storage(f"journal:{tmp_path}/file/sub/study.log", "exp", resume=False)
+    with pytest.raises(UserError, match=f"^screen.storage: journal path '{tmp_path}' is a directory; give a file in it"):
+        check_study_storage(f"journal:{tmp_path}", "exp", resume=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_password_is_hidden_in_messages():

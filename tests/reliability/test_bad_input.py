@@ -157,6 +157,9 @@ CASES = [
     Case("yaml_is_list", "- name: demo\n- train: {}\n", ("must hold a mapping of sections", "see search_spaces/quickstart.yaml")),
     Case("yaml_is_scalar", "just a sentence\n", ("must hold a mapping of sections", "quickstart.yaml")),
     Case("yaml_not_utf8", "name: caf\xe9\n".encode("latin-1"), ("not UTF-8", "re-encode it as UTF-8")),
+    Case("yaml_duplicate_key", "name: demo\ntrain: {epochs: 3}\ntrain: {lr: 0.001}\n",
+         ("not valid YAML at line 3 (key 'train' is given twice)", "fix the syntax")),
+    Case("yaml_nested_too_deeply", "name: " + "[" * 3000 + "]" * 3000 + "\n", ("nests too deeply", "fix the syntax")),
     # ---- keys
     Case("unknown_top_key", {"trian": {"epochs": 2}}, ("trian: unknown key", "did you mean 'train'?")),
     Case("unknown_nested_key", {"train": {"epoch": 2}}, ("train.epoch: unknown key", "did you mean 'train.epochs'?")),
@@ -209,6 +212,11 @@ CASES = [
          setup=_data("data/empty.csv", "")),
     Case("data_header_only", {"data": {"task": "$root/data/header.csv"}}, ("header.csv' has no rows", "add labelled examples"),
          setup=_data("data/header.csv", "text,label\n")),
+    Case("data_label_past_every_row", {"data": {"task": "$root/data/huge.csv"}},
+         ("huge.csv' has integer label 1000000000 but only 40 labelled rows", "renumber them, or write them as text"),
+         setup=_data("data/huge.csv", _csv([(t, lab * 10**9) for t, lab in GOOD_ROWS]))),
+    Case("eval_path_of_a_builtin_task", {"data": {"task": "rotten_tomatoes", "eval_path": "$root/none.csv"}},
+         ("data.eval_path: the built-in task rotten_tomatoes has its own eval split", "drop eval_path")),
     Case("data_one_class", {"data": {"task": "$root/data/one.csv"}}, ("data.task", "single class", "add examples of another label"),
          setup=_data("data/one.csv", _csv([(f"good film {i}", 1) for i in range(30)]))),
     Case("data_missing_text_column", {"data": {"task": "$root/data/cols.csv"}},
@@ -263,6 +271,14 @@ CASES = [
                                             "resume with its config, or start a new run"), setup=_run_with_another_recipe, resume=True),
     Case("results_dir_is_file", {}, ("results_dir:", "exists and is not a directory", "point results_dir at a directory"),
          setup=_results_is_file),
+    Case("results_dir_below_a_file", {"results_dir": "$results/sub"}, ("results_dir:", "lies below the file",
+                                                                       "point results_dir at a directory"), setup=_results_is_file),
+    Case("run_exists_with_a_new_study_storage", {"screen": {"storage": "sqlite:///$root/new-study.db"}},
+         ("name: run directory", "already exists", "pass --resume"), setup=_existing_run),  # and no study file made
+    Case("journal_path_is_a_directory", {"screen": {"storage": "journal:$root/data"}},
+         ("screen.storage: journal path", "is a directory", "give a file in it")),
+    Case("max_length_beyond_the_model", {"model": {"max_length": 1024}},
+         ("model.max_length: 1024 is more tokens than the model's 128 positions", "use at most 128")),
     # ---- overrides
     Case("override_without_equals", {}, ("override 'train.epochs': expected key.sub=value", "e.g. train.epochs=2"),
          overrides=("train.epochs",)),
@@ -273,6 +289,10 @@ CASES = [
          overrides=("train.epochs.x=1",)),
     Case("override_unknown_key", {}, ("train.epoch: unknown key", "did you mean 'train.epochs'?"), overrides=("train.epoch=2",)),
     Case("override_bad_type", {}, ("train.epochs: expected int, got 'two'", "give an int"), overrides=("train.epochs=two",)),
+    Case("override_not_yaml", {}, ("train.seeds: '[0,1' is not a YAML value", "a list as [0, 1]"),
+         overrides=("train.seeds=[0,1",)),
+    Case("override_yaml_tag", {}, ("train.epochs: '!!python/tuple [1]' is not a YAML value", "quote text"),
+         overrides=("train.epochs=!!python/tuple [1]",)),
     # ---- screen
     Case("rank_by_not_in_proxies", {"screen": {"proxies": ["params"], "rank_by": "grad_norm"}},
          ("screen.rank_by: 'grad_norm' is not in screen.proxies", "add it to screen.proxies")),
@@ -385,17 +405,21 @@ def _good_config(space: Space) -> Path:
 @pytest.mark.parametrize("args, expect", [(("--n", "0"), ("--n: 0 ", "give --n 3 or more")),
                                           (("--n", "-4"), ("--n: -4 ", "give --n 3 or more")),
                                           (("--n", "2"), ("--n: 2 ", "give --n 3 or more")),
-                                          (("--off-budget", "-1"), ("--off-budget: -1 is negative", "give 0"))])
+                                          (("--off-budget", "-1"), ("--off-budget: -1 is negative", "give 0")),
+                                          (("data.task=$root/none.csv",), ("none.csv", "not found")),
+                                          (("space.layers=[99]",), ("space.layers: layers [99] do not exist", "0..1"))])
 def test_validate_proxies_bad_counts_refused_up_front(args, expect, tmp_path, tiny_model_dir, no_ray, capsys, monkeypatch):
-    """n < 3 at the budget leaves ρ and τ nothing to rank; refused before Ray starts or anything is written."""
+    """n < 3 at the budget leaves ρ and τ nothing to rank, a data file that is not there, layers the model lacks:
+    refused before Ray starts or anything is written."""
     space = Space(tmp_path, Path(tiny_model_dir))
     config = _good_config(space)
     before = snapshot(tmp_path)
 
+    args = [Template(a).safe_substitute(space.subs()) for a in args]
     code, out, err = run_cli(["validate-proxies", config, *args], capsys, monkeypatch)
 
     assert_one_line_error(code, out, err, *expect)
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before  # the bad data file and layers too: before, the run directory was made first
 
 
 def test_validate_proxies_with_every_training_failed(tmp_path, tiny_model_dir, capsys, monkeypatch):
