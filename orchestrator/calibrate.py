@@ -36,6 +36,7 @@ from orchestrator.config import CALIBRATED, CALIBRATION_SUFFIX, RunConfig, Train
 from orchestrator.data import TaskData
 from orchestrator.errors import UserError
 from orchestrator.models import AdaptableModule
+from orchestrator.shortcuts import is_shortcut_item
 
 TABLE = "calibration.csv"
 
@@ -53,8 +54,9 @@ def type_allocation(modules: list[AdaptableModule], ranks: list[int], budget: Bu
 
 
 def calibration_allocations(cfg: RunConfig, modules: list[AdaptableModule], budget: Budget) -> dict[str, Allocation | None]:
-    """Module type → its single-type allocation (None: the type alone cannot meet the budget band)."""
-    searchable = space_modules(modules, cfg.space)
+    """Module type → its single-type allocation (None: the type alone cannot meet the budget band). Shortcut
+    sites are not calibrated (a shortcut alone has no LoRA module for PEFT to train): they score 0, the mean."""
+    searchable = [m for m in space_modules(modules, cfg.space) if not is_shortcut_item(m.name)]
     types = sorted({m.type for m in searchable})
     return {t: type_allocation([m for m in searchable if m.type == t], cfg.space.ranks, budget) for t in types}
 

@@ -28,8 +28,9 @@ TABLE = "lr_sweep.csv"
 
 
 def sweep_config(cfg: RunConfig) -> RunConfig:
-    """The main run's recipe on its first seed, in its own run directory inside the main one."""
-    train = dataclasses.replace(cfg.train, seeds=cfg.train.seeds[:1], lr_grid=None)
+    """The main run's recipe on its first seed, in its own run directory inside the main one. Without ASHA: a rate is
+    picked on each training's last epoch, and ASHA would stop some at an earlier one, judged against other rates."""
+    train = dataclasses.replace(cfg.train, seeds=cfg.train.seeds[:1], lr_grid=None, early_stopping=False)
     return dataclasses.replace(cfg, name=cfg.name + LR_SWEEP_SUFFIX, results_dir=str(cfg.run_dir.resolve()), train=train)
 
 

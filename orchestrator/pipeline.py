@@ -158,6 +158,10 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
         key, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise UserError(f"--resume: {key} is {now[key]!r} here but {then[key]!r} in the run being resumed{more}; "
                         "resume with its config, or start a new run (name=...)")
+    first = (then.get("train.seeds") or [None])[0]
+    if first is not None and cfg.train.seeds[0] != first:  # its adapters are each model's, its lr sweep each rate
+        raise UserError(f"--resume: train.seeds is {cfg.train.seeds} here but starts with {first} in the run being "
+                        f"resumed; keep {first} first and add seeds after it, e.g. train.seeds=[{first}, ...]")
 
 
 def _flat_config(cfg: RunConfig) -> dict:

@@ -67,6 +67,16 @@ def test_every_type_of_the_space_gets_one_allocation_inside_the_band(tiny_module
         assert budget.admits(allocation.trainable_params(tiny_modules))
 
 
+def test_shortcut_sites_are_not_calibrated(tiny_model, tiny_modules):
+    """A shortcut alone has no LoRA module for PEFT to train: its calibration run could only fail."""
+    from orchestrator.allocation import searchable_units
+
+    cfg = load_config(None, ON + ["space.module_types=[query,value]", "space.shortcuts=[residual]", "space.ranks=[1,2,4]",
+                                  "space.budget.qv_rank=2"])
+    units = searchable_units(tiny_model, tiny_modules, cfg.space.shortcuts)
+    assert set(calibrate.calibration_allocations(cfg, units, make_budget(units, cfg.space))) == {"query", "value"}
+
+
 def test_calibration_scores_on_examples_held_out_of_the_training_split_never_on_the_eval_split():
     texts = [f"text {i}" for i in range(100)]
     evaluated = [f"eval {i}" for i in range(50)]

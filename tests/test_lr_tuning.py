@@ -29,6 +29,8 @@ def test_the_grid_is_sorted_once_and_its_sub_run_is_the_first_seed_inside_the_ru
     sub = lr_tuning.sweep_config(cfg)
     assert sub.run_dir == (tmp_path / "demo" / "demo.lr-sweep").resolve()
     assert sub.train.seeds == [3] and sub.train.lr_grid is None and sub.train.epochs == cfg.train.epochs
+    # ASHA would stop some rates' trainings early, and the sweep compares last epochs
+    assert cfg.train.early_stopping and not sub.train.early_stopping
 
 
 def test_a_run_name_must_leave_room_for_the_sweeps_suffix():

@@ -32,6 +32,15 @@ def test_resume_may_add_seeds_and_baselines_and_change_concurrency_memory_and_re
     pipeline.prepare_run_dir(more, resume=True)
 
 
+def test_resume_must_keep_the_first_seed_first(tmp_path):
+    """The first seed's adapters are each model's (and with train.lr_grid its sweep picked the rate)."""
+    _started(tmp_path)
+    moved = load_config(None, [f"results_dir={tmp_path}", "name=job", "train.seeds=[2,0]"])
+    with pytest.raises(UserError, match=r"^--resume: train.seeds is \[2, 0\] here but starts with 0 in the run being "
+                                        r"resumed; keep 0 first and add seeds after it"):
+        pipeline.prepare_run_dir(moved, resume=True)
+
+
 def test_resume_with_another_recipe_is_refused_naming_the_key_and_writes_nothing(tmp_path):
     cfg = _started(tmp_path)
     before = (cfg.run_dir / "run.json").read_text()
