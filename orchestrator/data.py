@@ -277,7 +277,7 @@ def _hold_out_validation(task: TaskData, size: int, rng: np.random.Generator) ->
 def task_summary(task: TaskData) -> dict:
     held_out = {} if task.validation is None else {"validation_examples": len(task.validation)}
     return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train), **held_out,
-            "eval_examples": len(task.eval), "majority_rate": round(task.majority_rate(), 4)}
+            "eval_examples": len(task.eval), "majority_rate": task.majority_rate()}  # exact: `report` compares to it
 
 
 # ---------------------------------------------------------------- tokenised batches

@@ -1163,6 +1163,9 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     seeds = (run_info.get("seeds") or {}).get("train")
     if seeds is not None:
         trials = [t for t in trials if t.get("seed") in seeds]
+    baselines = run_info.get("config", {}).get("train", {}).get("baselines")
+    if baselines is not None:  # a resume may drop a baseline: its earlier trials stay on disk, not in the report
+        trials = [t for t in trials if t.get("kind") != "baseline" or t.get("label") in baselines]
     if not any(t.get("accuracy") is not None for t in trials):
         raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; run `lora-search run ... --resume` "
                         "to train them")
@@ -1177,8 +1180,7 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
         screen = read_stored(run_dir / "screen.csv", "candidate_id", "allocation")
         compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
     majority = run_info["task"]["majority_rate"]
-    table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"),
-                  baselines=run_info.get("config", {}).get("train", {}).get("baselines"))
+    table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines)
     return write(table, run_dir, majority)
 
 

@@ -517,16 +517,18 @@ def load_routed(base_model: nn.Module, path: str | Path) -> RoutingState:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise UserError(f"routing: '{path}' lacks {CONFIG_FILE} or {WEIGHTS_FILE}; point at a folder written by save_routed")
-    raw = json.loads((path / CONFIG_FILE).read_text())
-    if raw.get("format_version") not in (1, FORMAT_VERSION):
-        raise UserError(f"routing: '{path}' has format_version {raw.get('format_version')}, expected {FORMAT_VERSION}")
     try:
+        raw = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        if raw.get("format_version") not in (1, FORMAT_VERSION):
+            raise UserError(f"routing: '{path}' has format_version {raw.get('format_version')}, expected {FORMAT_VERSION}")
         names = tuple(raw["module_names"])
         ranks = [raw["expert_ranks"]] * len(names) if raw["format_version"] == 1 else raw["expert_ranks"]
         config = RoutingConfig(names, tuple(tuple(r) for r in ranks), raw["top_k"], raw["mode"],
                                raw["gating"], raw["aux"], raw["renormalize"], raw["alpha_ratio"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"routing: '{path / CONFIG_FILE}' lacks or mangles {err}; write it again with save_routed") from None
+        config.check()
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not a mapping, a key missing or mistyped
+        raise UserError(f"routing: '{path / CONFIG_FILE}' is damaged or not written by save_routed "
+                        f"({type(err).__name__}: {err}); write it again with save_routed") from None
     state = attach_routed_adapters(base_model, config.module_names, config.num_experts,
                                    dict(zip(config.module_names, config.expert_ranks)),
                                    config.top_k, config.mode, config.gating, config.aux, config.renormalize,

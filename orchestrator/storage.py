@@ -108,7 +108,8 @@ def _stored_config(run_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         stored = None
     config = stored.get("config") if isinstance(stored, dict) else None
-    if not (isinstance(config, dict) and isinstance(config.get("screen", {}), dict)):
+    screen = config.get("screen", {}) if isinstance(config, dict) else None
+    if not (isinstance(screen, dict) and isinstance(screen.get("storage"), (str, type(None)))):
         raise UserError(f"RUN_DIR: '{run_json}' is not valid run.json; give the directory of a lora-search run")
     return config
 

@@ -89,7 +89,8 @@ def test_the_page_shown_is_the_runs_own_study_in_a_shared_storage(tmp_path):
     assert study_path(storage, run_study(run_dir)[1]) == f"/dashboard/studies/{storage.get_study_id_from_name('screen-mine')}"
 
 
-WRONG_SHAPES = {"list": [], "config_string": {"config": "x"}, "screen_list": {"config": {"screen": []}}}
+WRONG_SHAPES = {"list": [], "config_string": {"config": "x"}, "screen_list": {"config": {"screen": []}},
+                "storage_list": {"config": {"name": "d", "screen": {"storage": ["x"]}}}}
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_json", "no_study_yet", *WRONG_SHAPES])

@@ -151,6 +151,9 @@ def test_majority_rate_and_summary():
     assert task.majority_rate() == 0.75
     assert task_summary(task) == {"task": "t", "labels": ["a", "b"], "train_examples": 5, "eval_examples": 4,
                                   "majority_rate": 0.75}
+    # exact, not rounded: a model stuck on the majority class scores exactly this, and `report` must not see it beat it
+    third = TaskData("t", ["a", "b"], Split(["x"] * 3, [1, 1, 0]), Split(["y"] * 3, [1, 0, 0]))
+    assert task_summary(third)["majority_rate"] == 1 / 3
 
 
 def test_split_subset_and_random_split():

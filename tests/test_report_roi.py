@@ -265,6 +265,8 @@ def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str
         t = dict(t, accuracy=min(1.0, t["accuracy"] * scale))
         (path / "trials" / f"{t['candidate_id']}-s{t['seed']}.json").write_text(json.dumps(t, indent=1))
     (path / "trials" / "aaaa-s7.json").write_text(json.dumps(dict(rows[0], seed=7)))  # a seed the config dropped
+    dropped = dict(next(t for t in rows if t["kind"] == "baseline"), candidate_id="adalora-qqqq", label="adalora")
+    (path / "trials" / "adalora-qqqq-s0.json").write_text(json.dumps(dropped))  # a baseline a resume dropped
     failed = {"candidate_id": "bbbb", "kind": "searched", "label": "screen#2", "ranks": MODELS["bbbb"][3], "seed": 1,
               "status": "failed", "error": "RuntimeError: worker died"}
     (path / "trials" / "bbbb-s1.json").write_text(json.dumps(failed))  # as train.keep_failure writes it
@@ -286,9 +288,9 @@ def make_run_dir(path, *, scale: float = 1.0, name: str = "synthetic", task: str
 def test_rebuild_reproduces_the_pipeline_report(tmp_path, no_plots):
     run_dir = make_run_dir(tmp_path / "run")
     run = json.loads((run_dir / "run.json").read_text())
-    # what pipeline.run does: build from the finished trials of the configured seeds, then write
+    # what pipeline.run does: build from its own jobs' trials (the configured seeds and baselines), then write
     kept = [json.loads(p.read_text()) for p in sorted((run_dir / "trials").glob("*.json"))]
-    kept = [t for t in kept if t["seed"] in run["seeds"]["train"]]
+    kept = [t for t in kept if t["seed"] in run["seeds"]["train"] and t["label"] != "adalora"]
     report.write(report.build(kept, proxy_scores(), COMPACT, MAJORITY), run_dir, MAJORITY)
     expected = pd.read_parquet(run_dir / "report.parquet")
     assert expected.params_pct_of_base.notna().all()  # write took base_params from run.json
@@ -297,7 +299,8 @@ def test_rebuild_reproduces_the_pipeline_report(tmp_path, no_plots):
     again = pd.read_parquet(run_dir / "report.parquet")
     pd.testing.assert_frame_equal(again, expected)
     pd.testing.assert_frame_equal(rebuilt, expected)
-    assert 7 not in set(again.seed) and len(again) == 6  # the failed run is left out
+    assert 7 not in set(again.seed) and len(again) == 6  # the failed run and the dropped baseline are left out
+    assert "adalora" not in set(again.label)
     assert rebuilt.attrs["failed"] == ["bbbb-s1 (RuntimeError: worker died)"]
     assert row(again, "aaaa").proxy_grad_norm == 8 * 0.25 + 4 * 2.0  # Σ rank × unit score (L0.query 0.25, L1.key 2.0)
     text = (run_dir / "report.md").read_text()

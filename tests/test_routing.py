@@ -322,6 +322,18 @@ def test_load_refuses_files_that_do_not_fit(tiny_model_dir, tmp_path):
         load_routed(fresh(tiny_model_dir), tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("text", ['{"format_version": 2, "module_na', '[1, 2]', "top_k"])
+def test_load_refuses_a_damaged_config_in_one_line(tiny_model_dir, tmp_path, text):
+    model, state = routed(tiny_model_dir)
+    save_routed(model, state, tmp_path)
+    if text == "top_k":  # valid JSON, one value of the wrong type
+        text = json.dumps(json.loads((tmp_path / CONFIG_FILE).read_text()) | {"top_k": "1"})
+    (tmp_path / CONFIG_FILE).write_text(text)
+    with pytest.raises(UserError, match=f"^routing: '.*{CONFIG_FILE}' is damaged or not written by save_routed .*; "
+                                        "write it again with save_routed$"):
+        load_routed(fresh(tiny_model_dir), tmp_path)
+
+
 def test_attach_rejects_bad_settings(tiny_model_dir):
     with pytest.raises(UserError, match="routing.modules"):
         attach_routed_adapters(fresh(tiny_model_dir), ["bert.encoder.layer.0.attention.self"], 2, 2, 1)
