@@ -266,7 +266,8 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(cfg.model.name)
     micro_batch = t.batch_size // (t.num_workers * t.grad_accum_steps)  # batch_size is the global batch per step
     train_loader = ray.train.torch.prepare_data_loader(
-        make_loader(task.train, tokenizer, cfg.model.max_length, micro_batch, shuffle=True, seed=job.seed))
+        make_loader(task.train, tokenizer, cfg.model.max_length, micro_batch, shuffle=True, seed=job.seed,
+                    sampler=distributed_sampler(len(task.train), job.seed)))
     eval_loader = make_loader(task.eval, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
     validation_loader = None if task.validation is None else make_loader(
         task.validation, tokenizer, cfg.model.max_length, t.eval_batch_size, shuffle=False)
@@ -293,8 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     epochs = math.ceil(steps / steps_per_epoch)
     for epoch in range(start_epoch, epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        shuffle_for_epoch(train_loader, job.seed, epoch)
         model.train()
         started, losses = time.perf_counter(), []
         groups = accumulation_groups(train_loader, t.grad_accum_steps)
@@ -386,6 +386,33 @@ def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epo
                        Path(tmp) / TRAIN_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def distributed_sampler(examples: int, seed: int):
+    """With several workers, each one's share of an order that the training seed fixes (Ray's own sampler is seeded 0
+    whatever the seed, so every seed would see one order); None with one worker (the loader shuffles)."""
+    from torch.utils.data import DistributedSampler
+
+    context = ray.train.get_context()
+    if context.get_world_size() == 1:
+        return None
+    # DistributedSampler seeds epoch e with seed + e: spread apart, seed s's epoch 1 is not seed s+1's epoch 0
+    return DistributedSampler(range(examples), num_replicas=context.get_world_size(), rank=context.get_world_rank(),
+                              shuffle=True, seed=_spread_seed(seed))
+
+
+def shuffle_for_epoch(loader, seed: int, epoch: int) -> None:
+    """Each epoch's order from (seed, epoch) alone, so a worker restarted at epoch k replays epoch k exactly (a
+    generator left running from epoch 0 restarts at epoch 0's order). Epoch 0 keeps the seed itself, as before."""
+    if hasattr(loader.sampler, "set_epoch"):  # several workers: the DistributedSampler above
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(seed if epoch == 0 else _spread_seed(seed, epoch))
+
+
+def _spread_seed(*key: int) -> int:
+    """A 32-bit seed (torch's CPU generator keeps 32 bits) spread from the key: distinct keys give distinct orders."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 def _restore(checkpoint, adapted: Adapted, optimizer, scheduler) -> tuple[int, float, list[dict]]:

@@ -125,6 +125,29 @@ def test_an_epoch_over_a_ray_prepared_loader_sees_every_example_once(shuffle):
     assert sorted(seen) == list(range(10))
 
 
+def test_a_restarted_worker_replays_the_epoch_it_resumes():
+    """A worker restarted at epoch k builds a fresh loader: its order must be epoch k's, not epoch 0's again."""
+    from ray.train.torch.train_loop_utils import _WrappedDataLoader
+    from torch.utils.data import DataLoader
+
+    from orchestrator.train import shuffle_for_epoch
+
+    def loader(seed):
+        plain = DataLoader(list(range(50)), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return _WrappedDataLoader(plain, torch.device("cpu"), auto_transfer=False)
+
+    def order(prepared, seed, epoch):
+        shuffle_for_epoch(prepared, seed, epoch)
+        return next(iter(prepared)).tolist()
+
+    running = loader(3)
+    uninterrupted = [order(running, 3, epoch) for epoch in range(3)]
+    assert [order(loader(3), 3, epoch) for epoch in range(3)] == uninterrupted  # each from a fresh (restarted) loader
+    assert len({tuple(o) for o in uninterrupted}) == 3
+    assert next(iter(loader(3))).tolist() == uninterrupted[0]  # epoch 0 is the seed's order, as it always was
+    assert order(loader(0), 0, 1) != order(loader(1), 1, 0)  # seed 0's second epoch is not seed 1's first
+
+
 def test_concurrent_trainings_fit_a_single_gpu_node():
     two = TrainConfig(max_concurrent=2)
     assert concurrent_trainings(two, use_gpu=False, cluster_gpus=0, nodes=1) == 2  # CPU: as configured
