@@ -343,11 +343,13 @@ def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, schedu
                    fault: str | None = None) -> list[float]:
     """One optimizer step over a group of micro-batches (gradient accumulation); their losses.
 
-    Each micro-batch's loss is divided by the group size, so the summed gradient is that of the mean
-    loss over the whole group: the step equals one on the concatenated batch (tested).
+    Each micro-batch's (mean) loss is weighted by its share of the group's examples, so the summed gradient is
+    that of the mean loss over the whole group, also when the epoch's last micro-batches are uneven: the step
+    equals one on the concatenated batch (tested).
     """
     device = next(model.parameters()).device
     losses = []
+    examples = [len(batch["labels"]) for batch in group]
     for i, batch in enumerate(group):
         with _no_sync_unless(i == len(group) - 1, model):  # DDP all-reduces the sum on the last one only
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -357,7 +359,7 @@ def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, schedu
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"non-finite training loss {value} at step {step}")
-            (loss / len(group)).backward()
+            (loss * examples[i] / sum(examples)).backward()
         losses.append(value)
     adapted.after_backward()
     optimizer.step()

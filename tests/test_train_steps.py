@@ -51,6 +51,16 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_model_dir, tin
         torch.testing.assert_close(after_two[name], after_one[name], rtol=1e-5, atol=1e-6)
 
 
+def test_uneven_micro_batches_weigh_by_their_examples(tiny_model_dir, tiny_split):
+    """An epoch's last group can be uneven (14 examples in micro-batches of 4: ..., [4, 2]): 6 then 2 rows here."""
+    whole = _first_batch(tiny_model_dir, tiny_split)
+    parts = [{k: v[:6] for k, v in whole.items()}, {k: v[6:] for k, v in whole.items()}]
+    _, after_one = _step(_adapted(tiny_model_dir), [whole])
+    _, after_two = _step(_adapted(tiny_model_dir), parts)
+    for name in after_one:
+        torch.testing.assert_close(after_two[name], after_one[name], rtol=1e-5, atol=1e-6)
+
+
 def test_non_finite_loss_stops_before_any_update(tiny_model_dir, tiny_split):
     adapted = _adapted(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in adapted.peft_model.named_parameters() if p.requires_grad}
