@@ -644,9 +644,7 @@ class Registry:
         """
         entry, contents = self.verified_files(name, version)
         base = base_model if base_model is not None else entry.base_model
-        files = base_model_files(str(base))
-        with self._connect(write=True) as conn:
-            actual = self._base_hash(conn, files)
+        actual = self.base_model_hash(str(base))  # the registry exists: verified_files read it
         if actual != entry.base_model_sha256:
             raise UserError(f"registry: base model '{base}' (SHA-256 {actual[:12]}…) is not the one {entry.name} "
                             f"v{entry.version} was stored with ('{entry.base_model}', SHA-256 "
