@@ -132,9 +132,10 @@ def _draw(modules, probs, ranks, budget: Budget, rng) -> Allocation | None:
         rank = int(rng.choice(fitting))
         chosen[modules[i].name] = rank
         total += rank * modules[i].params_per_rank
-        allocation = Allocation.from_ranks(chosen)
-        if budget.admits(total) and allocation.lora_ranks:  # shortcuts alone cannot train
-            return allocation
+        if budget.admits(total):  # before building the Allocation: this runs once per module of every draw
+            allocation = Allocation.from_ranks(chosen)
+            if allocation.lora_ranks:  # shortcuts alone cannot train
+                return allocation
     return None
 
 
