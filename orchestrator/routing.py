@@ -325,6 +325,13 @@ class RoutingState:
             hook.remove()
         self._hooks = []
 
+    def detach(self) -> None:
+        """Put the original Linear modules back and remove the hooks: the model computes as before attaching
+        (the caller restores requires_grad, which attaching set)."""
+        self.remove_hooks()
+        for name, routed in self.modules.items():
+            self.model.set_submodule(name, routed.base_layer)
+
     # -- loss, parameters, statistics
 
     def aux_loss(self, weight: float, kind: str | None = None) -> torch.Tensor:
@@ -529,11 +536,18 @@ def load_routed(base_model: nn.Module, path: str | Path) -> RoutingState:
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not a mapping, a key missing or mistyped
         raise UserError(f"routing: '{path / CONFIG_FILE}' is damaged or not written by save_routed "
                         f"({type(err).__name__}: {err}); write it again with save_routed") from None
+    flags = [p.requires_grad for p in base_model.parameters()]
     state = attach_routed_adapters(base_model, config.module_names, config.num_experts,
                                    dict(zip(config.module_names, config.expert_ranks)),
                                    config.top_k, config.mode, config.gating, config.aux, config.renormalize,
                                    config.alpha_ratio)
-    load_routed_weights(base_model, state, path)
+    try:
+        load_routed_weights(base_model, state, path)
+    except BaseException:  # leave the model as it came, so a retry with the right files works on it
+        state.detach()
+        for parameter, flag in zip(base_model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        raise
     return state
 
 

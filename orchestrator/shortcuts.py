@@ -485,7 +485,11 @@ def load_shortcuts(model: nn.Module, directory, trainable: bool = True) -> Short
         raise UserError(f"{Path(directory) / SPECS_FILE}: saved for hidden size {meta['hidden_size']}, "
                         f"but the model has {hidden}; load it on the base model it was trained on")
     shortcut_set = attach_shortcuts(model, specs, alpha_ratio=float(meta.get("alpha_ratio", 2.0)))
-    shortcut_set.load_weights(directory)
+    try:
+        shortcut_set.load_weights(directory)
+    except BaseException:  # leave the model as it came, so a retry with the right files works on it
+        shortcut_set.detach()
+        raise
     for parameter in shortcut_set.parameters():
         parameter.requires_grad_(trainable)
     return shortcut_set

@@ -322,6 +322,27 @@ def test_load_refuses_files_that_do_not_fit(tiny_model_dir, tmp_path):
         load_routed(fresh(tiny_model_dir), tmp_path / "nowhere")
 
 
+def test_a_failed_load_leaves_the_model_as_it_came_and_a_retry_on_it_works(tiny_model_dir, batches, tmp_path):
+    model, state = routed(tiny_model_dir)
+    randomise_experts(state)
+    save_routed(model, state, tmp_path / "good")
+    expected = model(**batches[0]).logits.detach()
+    save_routed(model, state, tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / CONFIG_FILE).read_text())
+    (tmp_path / "bad" / CONFIG_FILE).write_text(json.dumps(config | {"expert_ranks": [[2, 2, 2, 4]] * len(QV)}))
+
+    target = fresh(tiny_model_dir)
+    before = target(**batches[0]).logits.detach()
+    flags = [p.requires_grad for p in target.parameters()]
+    with pytest.raises(UserError, match="shape"):
+        load_routed(target, tmp_path / "bad")
+    assert not any(isinstance(m, RoutedLoRALinear) for m in target.modules())
+    assert [p.requires_grad for p in target.parameters()] == flags
+    assert torch.equal(target(**batches[0]).logits, before)  # no hook left behind either
+    load_routed(target, tmp_path / "good")
+    assert torch.equal(target(**batches[0]).logits.detach(), expected)
+
+
 @pytest.mark.parametrize("text", ['{"format_version": 2, "module_na', '[1, 2]', "top_k"])
 def test_load_refuses_a_damaged_config_in_one_line(tiny_model_dir, tmp_path, text):
     model, state = routed(tiny_model_dir)

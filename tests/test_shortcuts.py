@@ -191,6 +191,24 @@ def test_save_load_round_trip(model, batch, tiny_model_dir, tmp_path):
     assert torch.equal(logits(fresh, batch), expected)
 
 
+def test_a_failed_load_leaves_the_model_as_it_came_and_a_retry_on_it_works(model, batch, tiny_model_dir, tmp_path):
+    shortcut_set = attach_shortcuts(model, EVERY_SITE, seed=0)
+    randomize_b(shortcut_set)
+    expected = logits(model, batch)
+    save_shortcuts(shortcut_set, tmp_path / "good")
+    save_shortcuts(shortcut_set, tmp_path / "bad")
+    (tmp_path / "bad" / WEIGHTS_FILE).unlink()
+
+    fresh = load_model(str(tiny_model_dir), 2).eval()
+    before = logits(fresh, batch)
+    with pytest.raises(UserError, match="safetensors"):
+        load_shortcuts(fresh, tmp_path / "bad")
+    assert not hasattr(fresh, "shortcuts")
+    assert torch.equal(logits(fresh, batch), before)  # no hook left behind either
+    load_shortcuts(fresh, tmp_path / "good")
+    assert torch.equal(logits(fresh, batch), expected)
+
+
 def test_peft_model_with_lora_and_shortcuts(tiny_model_dir, batch, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
