@@ -10,10 +10,12 @@ verifies that every key matches exactly one module of the model.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -146,6 +148,48 @@ def apply_adalora(model: nn.Module, allocation: Allocation, total_steps: int):
                            total_step=total_steps, tinit=int(0.1 * total_steps), tfinal=int(0.2 * total_steps),
                            deltaT=max(1, total_steps // 50), modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
     return get_peft_model(model, config)
+
+
+ADALORA_STATE = "adalora_state.safetensors"
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # RankAllocator's importance scores and their moving averages
+
+
+def save_adalora_state(peft_model: nn.Module, directory: str | Path) -> None:
+    """What a restarted AdaLoRA worker needs, into `directory`/adalora_state.safetensors: the trainable weights
+    untrimmed, the rank pattern and the importance averages. PEFT's save_pretrained cuts the weights to the pruned
+    ranks, which a fresh AdaLoRA model cannot load, and keeps no importance scores."""
+    from safetensors.torch import save_file
+
+    tuner = peft_model.base_model
+    tensors = {f"param.{n}": p for n, p in peft_model.named_parameters() if p.requires_grad}
+    for kind in _ALLOCATOR_STATE:
+        tensors |= {f"{kind}.{n}": t for n, t in getattr(tuner.rankallocator, kind).items()}
+    pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, Path(directory) / ADALORA_STATE,
+              metadata={"rank_pattern": json.dumps(pattern)})
+
+
+def load_adalora_state(peft_model: nn.Module, directory: str | Path) -> None:
+    """Restore what save_adalora_state wrote onto a fresh AdaLoRA model built the same way (apply_adalora)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / ADALORA_STATE), framework="pt") as f:
+        saved, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    weights = {k.removeprefix("param."): t for k, t in saved.items() if k.startswith("param.")}
+    if set(weights) != set(params):
+        raise RuntimeError(f"{ADALORA_STATE} does not fit this AdaLoRA model: missing {sorted(set(params) - set(weights))[:3]}, "
+                           f"unexpected {sorted(set(weights) - set(params))[:3]}")
+    device = next(iter(params.values())).device
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    tuner = peft_model.base_model
+    for kind in _ALLOCATOR_STATE:
+        setattr(tuner.rankallocator, kind,
+                {k.removeprefix(f"{kind}."): t.to(device) for k, t in saved.items() if k.startswith(f"{kind}.")})
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = json.loads(metadata["rank_pattern"])
 
 
 def apply_lora(model: nn.Module, allocation: Allocation):

@@ -30,7 +30,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, attach_allocation_shortcuts,
-                                     searchable_units)
+                                     load_adalora_state, save_adalora_state, searchable_units)
 from orchestrator.allocators import make_budget, space_modules
 from orchestrator.config import RunConfig, TrainConfig
 from orchestrator.data import TaskData, make_loader
@@ -210,6 +210,8 @@ class Adapted:
             save_routed(self.peft_model, self.routing, path)
         else:
             self.peft_model.save_pretrained(path)
+        if self.adalora:  # beside PEFT's adapter, cut to the pruned ranks: the untrimmed state a restart resumes from
+            save_adalora_state(self.peft_model, path)
         if self.shortcuts is not None:
             save_shortcuts(self.shortcuts, path)
 
@@ -219,6 +221,8 @@ class Adapted:
 
         if self.routing is not None:
             load_routed_weights(self.peft_model, self.routing, path)
+        elif self.adalora:
+            load_adalora_state(self.peft_model, path)
         else:
             set_peft_model_state_dict(self.peft_model, load_file(Path(path) / "adapter_model.safetensors"))
         if self.shortcuts is not None:

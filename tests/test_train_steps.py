@@ -1,6 +1,7 @@
 """The training step: gradient accumulation equals one step on the whole batch; the uniform baselines train every
 adapter they place; step counts and max_steps."""
 
+import copy
 import math
 import resource
 
@@ -215,3 +216,44 @@ def test_kernels_name_the_cpu_the_kernel_isa_mkls_mode_and_the_threads(monkeypat
                           f"{torch.get_num_threads()} threads")
     monkeypatch.delenv("MKL_CBWR")
     assert "MKL_CBWR=auto" in kernels(torch.device("cpu"))
+
+
+def test_an_adalora_worker_restarted_after_pruning_began_continues_exactly(tiny_model_dir, tiny_split, tmp_path):
+    """The checkpoint keeps AdaLoRA's untrimmed weights, rank pattern and importance averages: a fresh worker that
+    loads it takes the same next steps as the worker that wrote it (PEFT's own adapter file is cut to the pruned
+    ranks, which a fresh AdaLoRA model cannot load)."""
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"results_dir={tmp_path}", "name=unit", "train.epochs=3"])
+    batches = list(make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 4, shuffle=False))
+
+    def fresh_worker():
+        base = load_model(str(tiny_model_dir), 2, seed=0)
+        allocation = baseline_allocations(adaptable_modules(base), Budget(2048, 0.05), ["uniform_qv"])["uniform_qv"]
+        adapted = build_adapted(cfg, TrainJob("adalora", "baseline", "adalora", allocation.as_dict(), 0, method="adalora"),
+                                base,
+                                steps_per_epoch=10)
+        adapted.peft_model.eval()  # no dropout: both workers must compute the same function
+        optimizer = torch.optim.AdamW([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=1e-2)
+        return adapted, optimizer, _linear_warmup_decay(optimizer, 30, 0.1)
+
+    def train(worker, steps):
+        adapted, optimizer, scheduler = worker
+        for step in steps:
+            optimizer_step(adapted.peft_model, adapted, [batches[step % len(batches)]], optimizer, scheduler, step,
+                           use_bf16=False)
+
+    first = fresh_worker()
+    train(first, range(12))  # 30 steps planned: pruning runs from step 4 (tinit 3) to step 24
+    tuner = first[0].peft_model.base_model
+    assert not all(all(kept) for kept in tuner.peft_config["default"].rank_pattern.values())  # pruning has begun
+    first[0].save(str(tmp_path))
+    optimizer_state, scheduler_state = copy.deepcopy(first[1].state_dict()), first[2].state_dict()  # not live tensors
+
+    restarted = fresh_worker()
+    restarted[0].load(str(tmp_path))
+    restarted[1].load_state_dict(optimizer_state)
+    restarted[2].load_state_dict(scheduler_state)
+    train(first, range(12, 30))
+    train(restarted, range(12, 30))
+    assert restarted[0].peft_model.base_model.peft_config["default"].rank_pattern == tuner.peft_config["default"].rank_pattern
+    for (name, param), again in zip(first[0].peft_model.named_parameters(), restarted[0].peft_model.parameters()):
+        assert torch.equal(param, again), name
