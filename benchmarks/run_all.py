@@ -3,7 +3,7 @@
 What it does: runs benchmarks/screening_cost.py, orchestration_overhead.py, search_quality.py,
 sparse_adapters.py, dynamic_reallocation.py, strategies.py, proxy_remedies.py, composition.py, ddp_parity.py, exhaustive.py,
 data_variance.py, placement_check.py and reproducibility.py, each in its own subprocess (its own process group, killed whole on timeout) with a time
-limit, logs in results/benchmarks/logs/, how each went in results/benchmarks/run_all_status.json, then
+limit, logs in results/benchmarks/logs/ (--quick: results/benchmarks/quick/logs/), how each went in results/benchmarks/run_all_status.json, then
 writes benchmarks/README.md: an index of the scripts (what each measures, its command, its target, its
 latest full and quick run), the latest full results pasted from results/benchmarks/*.md, links to the
 --quick ones (results/benchmarks/quick/*.md: scripts write there with --quick, so a quick run never
@@ -99,7 +99,8 @@ SCRIPTS = [
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
-    parser.add_argument("--only", nargs="+", help="run only these scripts (names without .py)")
+    parser.add_argument("--only", nargs="+", choices=[name for name, *_ in SCRIPTS], metavar="SCRIPT",
+                        help="run only these scripts (names without .py)")
     parser.add_argument("--deadline-min", type=float,
                         help="time limit for this sitting (default 30 in quick mode, none in full): a script that would "
                         "not finish in the time left, by its last run, is skipped, and a run of every script stays open "
@@ -119,7 +120,7 @@ def run_script(name: str, args, cap_s: float) -> dict:
     cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
     if name == "orchestration_overhead" and args.ddp:
         cmd.append("--ddp")
-    log = C.RESULTS / "logs" / f"{name}.log"
+    log = (C.QUICK_RESULTS if args.quick else C.RESULTS) / "logs" / f"{name}.log"  # a quick run keeps a full run's log
     log.parent.mkdir(parents=True, exist_ok=True)
     shown = " ".join(["python", f"benchmarks/{name}.py"] + cmd[2:])
     print(f"[run_all] {shown} (limit {cap_s / 60:.1f} min, log {log.relative_to(C.ROOT)})", flush=True)
@@ -163,7 +164,9 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
     """Run the scripts in order into `statuses` (one mode's), saving after each; return the run's own record. A run of
     them all records which finished under IN_PROGRESS until it ends, so an interrupted one can be continued with
     --resume. With --deadline-min a script that would not finish in the time left is skipped, not started; a run of
-    them all that skipped some stays unfinished (None is returned), so it can go on over several sittings."""
+    them all that skipped some stays unfinished (None is returned), so it can go on over several sittings; so does one
+    in which a script failed or timed out, so that --resume runs it again. The scripts that failed in this sitting are
+    in the record (or the unfinished run's entry) under "failed"."""
     whole = not args.only
     if args.resume and not (whole and IN_PROGRESS in statuses):
         print("--resume: " + ("continues a run of every script; drop --only" if not whole else
@@ -174,6 +177,7 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
               "is dropped (--resume continues it)", flush=True)
     progress = statuses[IN_PROGRESS] if args.resume else {"done": [], "wall_s": 0.0, "sittings": 0}
     progress["sittings"] += 1
+    progress["failed"] = []
     if whole:
         statuses[IN_PROGRESS] = progress
         save()  # from here an interrupted run can be continued, even one stopped in its first script
@@ -194,24 +198,27 @@ def run_scripts(args, statuses: dict, save: Callable[[], None]) -> dict | None:
                 cut_short = True
                 continue
             cut, cap = left < cap, min(cap, left)
-        statuses[name] = run_script(name, args, cap)
-        if cut and statuses[name]["status"].startswith("timed out"):
+        statuses[name] = status = run_script(name, args, cap)
+        if status["status"] == "ok":
+            progress["done"].append(name)
+        elif cut and status["status"].startswith("timed out"):
             cut_short = True  # stopped by the deadline, not by its own time cap: --resume runs it again
             # It needs at least what it ran: the next sitting schedules it by that, not by its time cap.
-            statuses[name]["expected_s"] = max(needs, statuses[name]["wall_s"])
-        if statuses[name]["status"] == "ok":
-            progress["done"].append(name)
+            status["expected_s"] = max(needs, status["wall_s"])
+        else:  # failed, or stopped by its own time cap
+            progress["failed"].append(name)
         progress["wall_s"] = earlier_s + time.time() - started
         save()
-    if whole and cut_short:  # the deadline ended this sitting: the run stays unfinished, --resume runs the rest
+    if whole and (cut_short or progress["failed"]):  # the run stays unfinished: --resume runs the rest
         save()
         return None
     if whole:
         del statuses[IN_PROGRESS]  # (a run of a few scripts leaves an unfinished run of them all to --resume)
     # A run of a few scripts (--only) is kept apart, so it never stands in for a run of them all.
     record = statuses["_run_all_only" if args.only else "_run_all"] = {
-        "status": "ok", "wall_s": earlier_s + time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M"),
-        "deadline_min": args.deadline_min, "only": args.only, "sittings": progress["sittings"]}
+        "status": "failed: " + ", ".join(progress["failed"]) if progress["failed"] else "ok",
+        "wall_s": earlier_s + time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "deadline_min": args.deadline_min, "only": args.only, "sittings": progress["sittings"], "failed": progress["failed"]}
     save()
     return record
 
@@ -226,11 +233,16 @@ def main() -> None:
         run = run_scripts(args, statuses, save=lambda: C.write_text(STATUS_FILE, json.dumps(every_mode, indent=1)))
         if run is None:
             left = [name for name, *_ in SCRIPTS if name not in statuses[IN_PROGRESS]["done"]]
-            print(f"[run_all] deadline: {', '.join(left)} left; the same command with --resume runs them", flush=True)
+            print(f"[run_all] {', '.join(left)} left; the same command with --resume runs them", flush=True)
         else:
             print(f"[run_all] all done in {run['wall_s'] / 60:.1f} min", flush=True)
     C.write_text(HERE / "README.md", readme(every_mode))
     print(f"[run_all] wrote {(HERE / 'README.md').relative_to(C.ROOT)}", flush=True)
+    failed = [] if args.readme_only else (run or statuses[IN_PROGRESS])["failed"]
+    if failed:
+        print(f"[run_all] failed: {', '.join(failed)} (their logs are in results/benchmarks/"
+              f"{'quick/' if args.quick else ''}logs/)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------- README
@@ -273,7 +285,8 @@ def _run_line(mode: str, run: dict) -> str:
     return (f"Latest `python benchmarks/run_all.py{' --quick' if mode == 'quick' else ''}{scripts}`: finished "
             f"{run['finished']}, {run['wall_s'] / 60:.1f} min in all"
             + (f" (deadline {run['deadline_min']:.0f} min)" if run.get("deadline_min") else "")
-            + (f", in {run['sittings']} sittings (continued with --resume)" if run.get("sittings", 1) > 1 else "") + ".")
+            + (f", in {run['sittings']} sittings (continued with --resume)" if run.get("sittings", 1) > 1 else "")
+            + (f"; failed: {', '.join(run['failed'])}" if run.get("failed") else "") + ".")
 
 
 def readme(every_mode: dict) -> str:
@@ -286,13 +299,16 @@ def readme(every_mode: dict) -> str:
              "data, fewer seeds: a smoke test of the script, not a measurement to quote) "
              "`results/benchmarks/quick/<name>.{csv,md}`, so a quick run never replaces the full tables. This file is "
              "written by `python benchmarks/run_all.py [--quick]`, which runs them all in sequence (each in a "
-             "subprocess with a time limit, logs in `results/benchmarks/logs/`, how each went in "
+             "subprocess with a time limit, logs in `results/benchmarks/logs/` or `results/benchmarks/quick/logs/`, how each "
+             "went in "
              "`results/benchmarks/run_all_status.json`).", "",
              f"> {C.NOISE_NOTE} Tests never assert on these timings.", ""]
     lines += [_run_line(mode, run) for mode, run in runs.items() if run]
     lines += [_run_line(mode, run) for mode, run in partial.items() if run]
     lines += [f"Unfinished `python benchmarks/run_all.py{' --quick' if mode == 'quick' else ''}`: "
-              f"{', '.join(unfinished['done']) or 'no script'} done; add `--resume` to run the rest."
+              f"{', '.join(unfinished['done']) or 'no script'} done"
+              + (f", {', '.join(unfinished['failed'])} failed" if unfinished.get("failed") else "")
+              + "; add `--resume` to run the rest."
               for mode in ("full", "quick") if (unfinished := every_mode.get(mode, {}).get(IN_PROGRESS))] + [""]
     lines += ["## Index", "", "| script | measures | command | target | latest run |", "|---|---|---|---|---|"]
     for name, what, target, _ in SCRIPTS:

@@ -67,13 +67,13 @@ def test_readme_reports_both_modes_and_links_the_quick_tables(tmp_path, monkeypa
 
 def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch, capsys):
     names = [name for name, *_ in run_all.SCRIPTS[:3]]
-    ran, interrupt_at = [], {names[2]}
+    ran, interrupt_at, fail_at = [], {names[2]}, {names[1]}
 
     def fake_run(name, args, cap_s):
         if name in interrupt_at:
             raise KeyboardInterrupt
         ran.append(name)
-        return {"script": name, "status": "failed (exit 1)" if name == names[1] else "ok", "wall_s": 60.0,
+        return {"script": name, "status": "failed (exit 1)" if name in fail_at else "ok", "wall_s": 60.0,
                 "finished": "2026-12-06 05:00"}
 
     monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS[:3])
@@ -90,7 +90,7 @@ def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch
         run_all.run_scripts(args(), statuses, save)
     assert saved[-1][run_all.IN_PROGRESS]["done"] == [names[0]]  # the failed one is not done: --resume reruns it
     assert "_run_all" not in saved[-1]
-    assert f"{names[0]} done; add `--resume`" in run_all.readme({"full": saved[-1]})
+    assert f"{names[0]} done, {names[1]} failed; add `--resume`" in run_all.readme({"full": saved[-1]})
 
     with pytest.raises(SystemExit):  # --resume continues a run of every script, not of a few
         run_all.run_scripts(args(resume=True, only=[names[1]]), statuses, save)
@@ -98,6 +98,7 @@ def test_an_interrupted_run_of_every_script_resumes_where_it_stopped(monkeypatch
     assert statuses[run_all.IN_PROGRESS]["done"] == [names[0]]  # ... leaves the unfinished run as it was
     ran.clear()
     interrupt_at.clear()
+    fail_at.clear()
     record = run_all.run_scripts(args(resume=True), statuses, save)
     assert ran == names[1:]  # only what the interrupted run had not finished
     assert record is statuses["_run_all"]
@@ -148,6 +149,43 @@ def test_a_script_the_deadline_stopped_is_left_to_resume(monkeypatch):
     assert statuses[run_all.IN_PROGRESS]["done"] == []  # ... and --resume runs it again,
     ran_s = statuses[name]["wall_s"]  # scheduled by what it ran (more than its last run), not by its time cap
     assert ran_s > 60 and run_all.expected_s(statuses[name], cap_s=3600) == ran_s
-    args.deadline_min = None  # stopped by its own time cap instead: a finished run with a timed-out script
-    assert run_all.run_scripts(args, statuses, save=lambda: None)["status"] == "ok"
-    assert statuses[name]["status"].startswith("timed out") and run_all.IN_PROGRESS not in statuses
+    assert statuses[run_all.IN_PROGRESS]["failed"] == []  # the deadline stopped it: not a failure
+    args.deadline_min = None  # stopped by its own time cap instead: a failure, and the run stays open for --resume
+    assert run_all.run_scripts(args, statuses, save=lambda: None) is None
+    assert statuses[name]["status"].startswith("timed out") and statuses[run_all.IN_PROGRESS]["failed"] == [name]
+
+
+def test_a_run_with_a_failed_script_stays_open_and_resume_reruns_only_that_one(monkeypatch):
+    names = [name for name, *_ in run_all.SCRIPTS[:3]]
+    ran, fail_at = [], {names[1]}
+
+    def fake_run(name, args, cap_s):
+        ran.append(name)
+        return {"script": name, "status": "failed (exit 1)" if name in fail_at else "ok", "wall_s": 60.0,
+                "finished": "2026-12-07 05:00"}
+
+    monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS[:3])
+    monkeypatch.setattr(run_all, "run_script", fake_run)
+    statuses = {}
+    args = argparse.Namespace(quick=False, only=None, deadline_min=None, resume=False)
+    assert run_all.run_scripts(args, statuses, save=lambda: None) is None  # never recorded as a finished run
+    assert ran == names and "_run_all" not in statuses
+    assert statuses[run_all.IN_PROGRESS]["failed"] == [names[1]]
+    assert f"{names[0]}, {names[2]} done, {names[1]} failed; add `--resume`" in run_all.readme({"full": statuses})
+    ran.clear()
+    fail_at.clear()
+    args.resume = True
+    record = run_all.run_scripts(args, statuses, save=lambda: None)
+    assert ran == [names[1]] and record["status"] == "ok" and record["failed"] == []
+
+    fail_at.add(names[0])  # a run of a few scripts records its failures
+    only = argparse.Namespace(quick=False, only=[names[0]], deadline_min=None, resume=False)
+    record = run_all.run_scripts(only, statuses, save=lambda: None)
+    assert record["status"] == f"failed: {names[0]}" and f"failed: {names[0]}." in run_all.readme({"full": statuses})
+
+
+def test_only_refuses_a_script_name_that_does_not_exist(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "screening_costs"])
+    with pytest.raises(SystemExit) as stopped:
+        run_all.parse_args()
+    assert stopped.value.code == 2 and "invalid choice: 'screening_costs'" in capsys.readouterr().err
