@@ -212,7 +212,7 @@ def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: 
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if evaluate_every_epoch:
             t0 = time.perf_counter()
-            metrics.update(evaluate(model, eval_loader, device, task.num_labels))
+            metrics.update(evaluate(model, eval_loader, device))
             out.epoch_eval_s.append(time.perf_counter() - t0)
         out.metrics.append(metrics)
     out.total_s = time.perf_counter() - started

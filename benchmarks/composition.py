@@ -123,7 +123,7 @@ def register_learned(registry, sources, first, work: Path) -> dict:
     adapter = save_composed(sources, outcomes["learned"].weights, outcomes["learned"].head, MODEL, out)
     entry = register(registry, "composed-sci-med-space", adapter, sources, MODEL, task.name, row)
     loader = make_loader(task.eval, load_tokenizer(MODEL), cfg.max_length, 64, shuffle=False)
-    again = evaluate(registry.load(entry.name, entry.version), loader, torch.device("cpu"), task.num_labels)
+    again = evaluate(registry.load(entry.name, entry.version), loader, torch.device("cpu"))
     return {"name": entry.name, "version": entry.version, "allocation_rank": sum(
         int(part.rsplit(":", 1)[1]) for part in entry.allocation.split(",")), "accuracy_in_compare": row["accuracy"],
         "accuracy_after_registry_load": again["accuracy"], "size_bytes": entry.size_bytes}

@@ -116,7 +116,7 @@ def run_seed(args, seed: int, task, tokenizer, names: list[str], lora_rank: int,
     log(row(f"lora r={lora_rank}", seed, result, majority, lora_params))
     merged = copy.deepcopy(peft_model).merge_and_unload()
     log(row(f"lora r={lora_rank}, merged (eval only)", seed, measure_inference(
-        merged, eval_loader, next(merged.parameters()).device, task.num_labels), majority, lora_params))
+        merged, eval_loader, next(merged.parameters()).device), majority, lora_params))
     del peft_model, merged
 
     for gating in ("topk", "dense"):
@@ -133,7 +133,7 @@ def run_seed(args, seed: int, task, tokenizer, names: list[str], lora_rank: int,
         log(row(label, seed, result, majority, lora_params))
         if gating == "topk":
             state.set_sparse_compute(True)
-            result = measure_inference(model, eval_loader, next(model.parameters()).device, task.num_labels, state=state)
+            result = measure_inference(model, eval_loader, next(model.parameters()).device, state=state)
             stats = state.stats()
             result |= {"trainable_params": state.trainable_params(), "fraction_active": stats["fraction_active"],
                        "router_entropy": stats["router_entropy"], "usage_entropy": stats["usage_entropy"]}

@@ -441,7 +441,7 @@ def compare(sources: list[Source], base_model: str, task: TaskData, cfg: Compose
         if outcome.model is None:
             merged.set_weights(outcome.weights)
             merged.set_head(outcome.head)
-        metrics = evaluate(outcome.model or merged.model, eval_loader, device, task.num_labels)
+        metrics = evaluate(outcome.model or merged.model, eval_loader, device)
         outcome.model = None  # a trained reference model is not kept
         rows.append({"task": task.name, "shots": cfg.shots, "few_shot_examples": len(few_split), "seed": cfg.seed,
                      "method": method, "accuracy": metrics["accuracy"], "f1": metrics["f1"],

@@ -274,6 +274,15 @@ def _hold_out_validation(task: TaskData, size: int, rng: np.random.Generator) ->
     task.train = task.train.subset(np.sort(order[size:]))
 
 
+def accuracy_and_macro_f1(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Accuracy, and macro-F1 over the classes that occur in the truth or the predictions: a class that a small eval
+    sample lacks and no prediction names has no F1 (scored 0, it would pull down even a perfect model's mean)."""
+    from sklearn.metrics import f1_score
+
+    return {"accuracy": float(np.mean(predicted == truth)),
+            "f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+
+
 def task_summary(task: TaskData) -> dict:
     held_out = {} if task.validation is None else {"validation_examples": len(task.validation)}
     return {"task": task.name, "labels": task.label_names, "train_examples": len(task.train), **held_out,

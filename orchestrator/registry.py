@@ -742,7 +742,7 @@ def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
         tensors = decode(blob, precision)
         error = max(float((tensors[k] - reference[k]).abs().max()) for k in reference if reference[k].is_floating_point())
         model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors).to(device)
-        metrics = evaluate(model, loader, device, task.num_labels)
+        metrics = evaluate(model, loader, device)
         rows.append({"precision": precision, "weights_file": name, "size_bytes": size,
                      "accuracy": metrics["accuracy"], "f1": metrics["f1"], "eval_loss": metrics["eval_loss"],
                      "max_abs_weight_error": error})

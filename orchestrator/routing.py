@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.data import accuracy_and_macro_f1
 from orchestrator.errors import UserError
 from orchestrator.models import HEAD_MODULES, head_params
 
@@ -579,7 +580,7 @@ def load_routed_weights(model: nn.Module, state: RoutingState, path: str | Path)
 
 def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eval_loader, epochs: int = 1,
                  lr: float = 2e-3, aux_weight: float = 0.01, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
-                 device: torch.device | str | None = None, num_labels: int | None = None) -> dict:
+                 device: torch.device | str | None = None) -> dict:
     """The recipe of orchestrator/train.py (AdamW, warm-up + linear decay, bf16 autocast on GPU) plus the
     aux term; then one measured pass over the eval set. `state=None` trains any model's trainable
     parameters the same way (e.g. a PEFT LoRA baseline), so all variants share one loop and one clock.
@@ -588,7 +589,6 @@ def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eva
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    num_labels = num_labels or int(model.config.num_labels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     scheduler = _linear_warmup_decay(optimizer, epochs * len(train_loader), warmup_ratio)
@@ -624,7 +624,7 @@ def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eva
               "train_cpu_s": cpu, "train_steps": len(losses), "trainable_params": adapter, "head_params": head}
     if state is not None:
         state.reset_stats()
-    result |= measure_inference(model, eval_loader, device, num_labels, state=state)
+    result |= measure_inference(model, eval_loader, device, state=state)
     if state is not None:
         stats = state.stats()
         result |= {k: stats[k] for k in ("fraction_active", "router_entropy", "usage_entropy", "usage_sorted")}
@@ -638,16 +638,14 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_inference(model: nn.Module, loader, device: torch.device | str, num_labels: int,
-                      state: RoutingState | None = None, warmup_batches: int = 1) -> dict:
+def measure_inference(model: nn.Module, loader, device: torch.device | str, state: RoutingState | None = None,
+                      warmup_batches: int = 1) -> dict:
     """Accuracy, macro-F1 and eval loss (as orchestrator.train.evaluate), per-batch forward latency
     (mean and p95, after `warmup_batches` untimed batches; wall clock, and the process's CPU time,
     which a busy shared machine distorts far less) and peak inference memory above the
     pre-eval baseline: CUDA max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM, reset
     through /proc/self/clear_refs after malloc_trim), or RSS sampled every millisecond where that is refused.
     """
-    from sklearn.metrics import f1_score
-
     device = torch.device(device)
     model.eval()
     for i, batch in enumerate(loader):
@@ -671,9 +669,7 @@ def measure_inference(model: nn.Module, loader, device: torch.device | str, num_
             labels.append(batch["labels"].cpu())
     predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
     ms, cpu_ms = 1000 * np.asarray(seconds), 1000 * np.asarray(cpu_seconds)
-    return {"accuracy": float(np.mean(predicted == truth)),
-            "f1": float(f1_score(truth, predicted, average="macro", labels=list(range(num_labels)), zero_division=0)),
-            "eval_loss": sum(losses) / len(truth), "latency_ms_mean": float(ms.mean()),
+    return {**accuracy_and_macro_f1(truth, predicted), "eval_loss": sum(losses) / len(truth), "latency_ms_mean": float(ms.mean()),
             "latency_ms_p95": float(np.percentile(ms, 95)), "eval_batches": len(ms),
             "latency_cpu_ms_mean": float(cpu_ms.mean()), "latency_cpu_ms_p95": float(np.percentile(cpu_ms, 95)),
             "peak_infer_mem_mb": memory.peak_mb, "peak_infer_mem_method": memory.method}

@@ -33,7 +33,7 @@ from orchestrator.allocation import (Allocation, apply_adalora, apply_lora, atta
                                      load_adalora_state, save_adalora_state, searchable_units)
 from orchestrator.allocators import make_budget, space_modules
 from orchestrator.config import RunConfig, TrainConfig
-from orchestrator.data import TaskData, make_loader
+from orchestrator.data import TaskData, accuracy_and_macro_f1, make_loader
 from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
 from orchestrator.routing import CONFIG_FILE as ROUTED_CONFIG, WEIGHTS_FILE as ROUTED_WEIGHTS
@@ -110,10 +110,8 @@ def _cpu_model() -> str:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, num_labels: int) -> dict:
+def evaluate(model, loader, device: torch.device) -> dict:
     """Accuracy, macro-F1, mean loss and inference latency over the whole eval split."""
-    from sklearn.metrics import f1_score
-
     model.eval()
     predictions, labels, losses, batch_seconds = [], [], [], []
     for batch in loader:
@@ -128,9 +126,7 @@ def evaluate(model, loader, device: torch.device, num_labels: int) -> dict:
         predictions.append(logits.argmax(-1).cpu())
         labels.append(target.cpu())
     predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
-    return {"accuracy": float(np.mean(predicted == truth)),
-            "f1": float(f1_score(truth, predicted, average="macro", labels=list(range(num_labels)), zero_division=0)),
-            "eval_loss": sum(losses) / len(truth),
+    return {**accuracy_and_macro_f1(truth, predicted), "eval_loss": sum(losses) / len(truth),
             "latency_ms_per_batch": 1000 * float(np.mean(batch_seconds))}
 
 
@@ -193,10 +189,10 @@ class Adapted:
                 "held_reallocations": self.dynamic.held,
                 "moved_rank": self.dynamic.moved_rank, "final_allocation": final.compact(self.units)}
 
-    def inference_metrics(self, loader, device: torch.device, num_labels: int) -> dict:
+    def inference_metrics(self, loader, device: torch.device) -> dict:
         """Forward latency per batch (mean, p95; wall clock and this process's CPU time, which other load on a
         shared machine distorts far less), peak inference memory and, when routed, the routing statistics."""
-        measured = measure_inference(self.peft_model, loader, device, num_labels, state=self.routing)
+        measured = measure_inference(self.peft_model, loader, device, state=self.routing)
         metrics = {k: measured[k] for k in ("latency_ms_mean", "latency_ms_p95", "latency_cpu_ms_mean", "latency_cpu_ms_p95",
                                             "peak_infer_mem_mb", "peak_infer_mem_method")}
         if self.routing is not None:
@@ -305,7 +301,7 @@ def train_loop_per_worker(config: dict) -> None:
         for step, group in zip(range(epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, steps)), groups):
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
-        metrics = epoch_metrics(adapted, eval_loader, validation_loader, device, task.num_labels,
+        metrics = epoch_metrics(adapted, eval_loader, validation_loader, device,
                                 measure_inference=cfg.routing.enabled)
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
@@ -317,18 +313,18 @@ def train_loop_per_worker(config: dict) -> None:
         _report_with_checkpoint(metrics, adapted, optimizer, scheduler, epoch + 1, elapsed, history)
 
 
-def epoch_metrics(adapted: Adapted, eval_loader, validation_loader, device: torch.device, num_labels: int,
+def epoch_metrics(adapted: Adapted, eval_loader, validation_loader, device: torch.device,
                   measure_inference: bool) -> dict:
     """End of an epoch: eval (and validation) metrics, the epoch's peak memory and, with `measure_inference`
     (routing runs: plain and routed alike, for the comparison), a second, measured inference pass."""
-    metrics = evaluate(adapted.peft_model, eval_loader, device, num_labels)
+    metrics = evaluate(adapted.peft_model, eval_loader, device)
     if validation_loader is not None:
-        validation = evaluate(adapted.peft_model, validation_loader, device, num_labels)
+        validation = evaluate(adapted.peft_model, validation_loader, device)
         metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
     # Read before inference_metrics: its measurement resets the process's peak (VmHWM and ru_maxrss on CPU).
     metrics["peak_memory_mb"] = _max_over_workers(_peak_memory_mb(device), device)
     if measure_inference:
-        metrics.update(adapted.inference_metrics(eval_loader, device, num_labels))
+        metrics.update(adapted.inference_metrics(eval_loader, device))
     return metrics
 
 

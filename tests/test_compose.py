@@ -360,7 +360,7 @@ def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sent
     # the registered adapter, loaded by the registry through PEFT, scores what the report says on the eval split
     task = load_task_spec(str(target), cfg.eval_size)  # the split compose uses: data.split_seed's default
     loader = make_loader(task.eval, load_tokenizer(str(tiny_model_dir)), 32, 32, shuffle=False)
-    metrics = evaluate(registry.load("composed"), loader, torch.device("cpu"), 2)
+    metrics = evaluate(registry.load("composed"), loader, torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(entry.metrics["accuracy"])
     assert metrics["eval_loss"] == pytest.approx(entry.metrics["eval_loss"], rel=1e-4)
     assert "Adapter composition" in (tmp_path / "out" / "compose.md").read_text()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from orchestrator.config import DataConfig
-from orchestrator.data import Split, TaskData, _random_split, load_task, make_loader, task_summary
+from orchestrator.data import Split, TaskData, _random_split, accuracy_and_macro_f1, load_task, make_loader, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import load_tokenizer
 
@@ -313,3 +314,13 @@ def test_integer_labels_with_a_blank_row_stay_integers(tmp_path):
     task = load_task(cfg(tmp_path / "train.csv", eval_path=str(tmp_path / "eval.csv")))
     assert task.label_names == ["0", "1"]
     assert task.eval.labels == [1, 0]
+
+
+def test_macro_f1_averages_over_the_classes_that_occur():
+    """A class the eval sample lacks and no prediction names (R52's rare topics, a gap in integer labels) has no F1:
+    it must not count as 0, or a perfect model scores below 1."""
+    truth = np.array([1, 2, 2, 4])
+    assert accuracy_and_macro_f1(truth, truth.copy()) == {"accuracy": 1.0, "f1": 1.0}
+    predicted = np.array([1, 2, 2, 3])  # 3 is predicted but absent: it counts (F1 0), as does the missed 4
+    scores = accuracy_and_macro_f1(truth, predicted)
+    assert scores["accuracy"] == 0.75 and scores["f1"] == pytest.approx((1 + 1 + 0 + 0) / 4)

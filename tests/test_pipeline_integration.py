@@ -102,7 +102,7 @@ def test_saved_adapters_reload_with_plain_peft(finished_run):
         path = cfg.run_dir / row.adapter_dir
         assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
         model = PeftModel.from_pretrained(load_model(cfg.model.name, task.num_labels, seed=123), path)
-        accuracy = evaluate(model, loader, torch.device("cpu"), task.num_labels)["accuracy"]
+        accuracy = evaluate(model, loader, torch.device("cpu"))["accuracy"]
         assert abs(accuracy - row.accuracy) <= 0.005, row.candidate_id
 
 

@@ -193,5 +193,5 @@ def test_pipeline_trains_plain_and_sparse(tiny_model_dir, tmp_path, embedded_ray
     loader = make_loader(task.eval, load_tokenizer(cfg.model.name), cfg.model.max_length, 8, shuffle=False)
     model = load_model(cfg.model.name, task.num_labels, seed=123)
     load_routed(model, cfg.run_dir / by.loc["sparse top-k", "adapter_dir"])
-    assert evaluate(model, loader, torch.device("cpu"), task.num_labels)["accuracy"] == pytest.approx(
+    assert evaluate(model, loader, torch.device("cpu"))["accuracy"] == pytest.approx(
         by.loc["sparse top-k", "accuracy"], abs=1e-9)

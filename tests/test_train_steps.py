@@ -200,7 +200,7 @@ def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_
     spike = torch.ones(300 * 2**20 // 4)  # 300 MiB, mapped and unmapped whole: the peak a training step leaves
     del spike
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    metrics = epoch_metrics(adapted, loader, None, torch.device("cpu"), 2, measure_inference=True)
+    metrics = epoch_metrics(adapted, loader, None, torch.device("cpu"), measure_inference=True)
     assert metrics["peak_memory_mb"] >= peak_mib
     assert metrics["peak_infer_mem_mb"] >= 0 and {"accuracy", "latency_ms_mean"} <= set(metrics)
 
