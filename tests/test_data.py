@@ -324,3 +324,36 @@ def test_macro_f1_averages_over_the_classes_that_occur():
     predicted = np.array([1, 2, 2, 3])  # 3 is predicted but absent: it counts (F1 0), as does the missed 4
     scores = accuracy_and_macro_f1(truth, predicted)
     assert scores["accuracy"] == 0.75 and scores["f1"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+
+
+def test_labels_and_texts_spelled_like_missing_values_are_data(tmp_path, sentences):
+    """pandas reads "None", "NA", "null" as missing by default: a "None" intent class would vanish with its rows."""
+    rows = [(text, ("flight", "None")[i % 2]) for i, (text, _) in enumerate(labelled(sentences))] + [("NA", "flight")]
+    task = load_task(cfg(write_csv(tmp_path / "intents.csv", rows), eval_fraction=0.25))
+    assert task.label_names == ["None", "flight"] and len(task.train) + len(task.eval) == 41
+    assert "NA" in task.train.texts + task.eval.texts
+
+
+def test_json_labels_keep_their_json_type(tmp_path, sentences):
+    """A JSON string label is a name even when it looks like a number; a JSON number is a class index."""
+    texts, labels = sentences
+    named = load_task(cfg(write_jsonl(tmp_path / "years.jsonl", [{"text": t, "label": ("2019", "2020")[y]}
+                                                                   for t, y in zip(texts[:40], labels)])))
+    assert named.label_names == ["2019", "2020"]
+    coded = load_task(cfg(write_jsonl(tmp_path / "codes.jsonl", [{"text": t, "label": ("01", "02")[y]}
+                                                                   for t, y in zip(texts[:40], labels)])))
+    assert coded.label_names == ["01", "02"]  # not renamed to 1, 2 with an empty class 0
+    indexed = load_task(cfg(write_jsonl(tmp_path / "index.jsonl", [{"text": t, "label": y}
+                                                                    for t, y in zip(texts[:40], labels)])))
+    assert indexed.label_names == ["0", "1"]
+
+
+def test_a_repeated_text_is_kept_once_so_it_cannot_sit_on_both_sides(tmp_path, sentences):
+    rows = labelled(sentences)
+    task = load_task(cfg(write_csv(tmp_path / "twice.csv", rows + rows[:20]), eval_fraction=0.25))
+    assert len(task.train) + len(task.eval) == 40 and not set(task.train.texts) & set(task.eval.texts)
+
+
+def test_eval_path_may_not_be_the_task_file_itself(tmp_path, sentences):
+    path = write_csv(tmp_path / "same.csv", labelled(sentences))
+    expect_error(cfg(path, eval_path=str(tmp_path / "." / "same.csv")), "data.eval_path", "is the data.task file itself")

@@ -213,7 +213,7 @@ CASES = [
     Case("data_header_only", {"data": {"task": "$root/data/header.csv"}}, ("header.csv' has no rows", "add labelled examples"),
          setup=_data("data/header.csv", "text,label\n")),
     Case("data_label_past_every_row", {"data": {"task": "$root/data/huge.csv"}},
-         ("huge.csv' has integer label 1000000000 but only 40 labelled rows", "renumber them, or write them as text"),
+         ("huge.csv' has integer label 1000000000 but only 40 labelled rows", "renumber them, or use names that are not plain numbers"),
          setup=_data("data/huge.csv", _csv([(t, lab * 10**9) for t, lab in GOOD_ROWS]))),
     Case("eval_path_of_a_builtin_task", {"data": {"task": "rotten_tomatoes", "eval_path": "$root/none.csv"}},
          ("data.eval_path: the built-in task rotten_tomatoes has its own eval split", "drop eval_path")),
