@@ -97,6 +97,10 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
 def check_max_length(model: nn.Module, max_length: int) -> None:
     """model.max_length against the model's position embeddings (longer inputs fail inside the first forward)."""
     positions = getattr(model.config, "max_position_embeddings", None)
+    # RoBERTa-style embeddings number positions from padding_idx + 1: that many fewer tokens fit
+    offset = getattr(getattr(getattr(model, "base_model", model), "embeddings", None), "padding_idx", None)
+    if isinstance(positions, int) and isinstance(offset, int):
+        positions -= offset + 1
     if isinstance(positions, int) and max_length > positions:
         raise UserError(f"model.max_length: {max_length} is more tokens than the model's {positions} positions; "
                         f"use at most {positions}")

@@ -25,6 +25,7 @@ from typing import Callable
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from orchestrator.errors import UserError
@@ -360,6 +361,25 @@ def test_bad_input_is_refused_in_one_line(case: Case, tmp_path, tiny_model_dir, 
         new = sorted(set(after) - set(before))
         changed = sorted(k for k in set(after) & set(before) if after[k] != before[k])
         raise LeftBehind(f"refused run left {new} new and {changed} changed paths under tmp_path")
+
+
+@pytest.mark.parametrize("max_length, refused", [(512, False), (513, True), (514, True)])
+def test_max_length_counts_the_positions_roberta_reserves(max_length, refused):
+    """RoBERTa-style models number positions from padding_idx + 1: 514 position embeddings hold 512 tokens."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from orchestrator.models import check_max_length
+
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=514, pad_token_id=1))
+    if refused:
+        with pytest.raises(UserError, match=f"model.max_length: {max_length} is more tokens than the model's 512 "
+                                            "positions; use at most 512"):
+            check_max_length(model, max_length)
+    else:
+        check_max_length(model, max_length)
+        model(input_ids=torch.full((1, max_length), 5))  # and it really fits
 
 
 def test_rank_error_names_the_largest_allowed_rank():
