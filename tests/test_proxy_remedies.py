@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import islice
 
 import pytest
@@ -14,6 +15,7 @@ from orchestrator.proxies import get_proxy, normalise, score_modules
 from orchestrator.proxies.grad_norm import lora_factors
 from orchestrator.proxies.probe import warm_up
 from orchestrator.proxies.scoring import perturbed_b
+from orchestrator.proxies.vote import normalised_ranks, rank_average
 
 PROBE = dict(probe_rank=4, num_batches=3, batch_size=8, max_length=32, seed=7)
 
@@ -96,6 +98,28 @@ def test_normalisations_by_hand(tiny_modules):
     assert normalise({n: 3.0 for n in scores}, tiny_modules, "type_z") == {n: 0.0 for n in scores}
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalise(scores, tiny_modules, "softmax")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_score_stays_nan_and_the_others_keep_their_order(tiny_modules, bad):
+    """One overflowed score must neither zero its whole type (type_z's mean) nor rank first (+inf in `rank`): it
+    stays NaN, which the allocators put below every finite score in either direction."""
+    scores = {m.name: float(10 * m.layer + i) for i, m in enumerate(tiny_modules)}
+    q0, q1 = (next(m for m in tiny_modules if m.type == "query" and m.layer == layer) for layer in (0, 1))
+    k0, k1 = (next(m for m in tiny_modules if m.type == "key" and m.layer == layer) for layer in (0, 1))
+    clean = {how: normalise(scores, tiny_modules, how) for how in ("rank", "type_z")}
+    scores[q0.name] = bad
+    for how in ("rank", "type_z"):
+        normalised = normalise(scores, tiny_modules, how)
+        assert math.isnan(normalised[q0.name]), how
+        assert normalised[k0.name] < normalised[k1.name]  # the other modules keep their order
+    assert normalise(scores, tiny_modules, "type_z")[k1.name] == clean["type_z"][k1.name]  # its type's stats ignore it
+    assert normalise(scores, tiny_modules, "type_z")[q1.name] == 0.0  # the only finite query left
+
+
+def test_vote_ranks_every_non_finite_score_lowest():
+    assert normalised_ranks({"a": math.inf, "b": 1.0, "c": 2.0}) == {"a": 0.0, "b": 0.5, "c": 1.0}
+    assert rank_average({"-fisher": {"a": -math.inf, "b": 1.0, "c": 2.0}}) == {"a": 0.0, "b": 1.0, "c": 0.5}
 
 
 def test_probe_warmup_steps_validated():

@@ -119,8 +119,7 @@ def test_model_left_untouched(name, probe):
     run(name, probe)
     assert bits(model) == before, f"{name} changed the model's weights"
     assert all(p.grad is None for p in model.parameters()), f"{name} left gradients behind"
-    if name != "grad_norm":  # grad_norm (existing code) leaves the model in train()
-        assert [m.training for m in model.modules()] == flags, f"{name} changed train/eval flags"
+    assert [m.training for m in model.modules()] == flags, f"{name} changed train/eval flags"
 
 
 @pytest.mark.parametrize("name", ["snip", "synflow", "grasp"])

@@ -34,13 +34,15 @@ class GradNormProxy(Proxy):
     name = "grad_norm"
 
     def module_scores(self, model, batches, modules, probe_rank):
+        from orchestrator.proxies.scoring import per_unit, scoring_mode  # scoring imports lora_factors from here
+
         totals = {m.name: 0.0 for m in modules}
-        model.train()
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            for m in modules:
-                a, b = lora_factors(model, m.name)
-                totals[m.name] += float(a.grad.pow(2).sum() + b.grad.pow(2).sum())
+        with scoring_mode(model, training=True):  # train mode (dropout on), as in training; flags restored after
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                model(**batch).loss.backward()
+                for m in modules:
+                    a, b = lora_factors(model, m.name)
+                    totals[m.name] += float(a.grad.pow(2).sum() + b.grad.pow(2).sum())
         model.zero_grad(set_to_none=True)
-        return {name: total / (len(batches) * probe_rank) for name, total in totals.items()}
+        return per_unit(totals, len(batches), probe_rank)

@@ -12,6 +12,9 @@ features), and module types differ by orders of magnitude (an FFN's Fisher dwarf
 - `type_z`: z-score within each module type (across layers). Removes every difference *between*
   types and keeps only the layer signal within a type: a diagnostic of what the proxy knows beyond
   module type, and a fix when the type gap is an artefact.
+
+`rank` and `type_z` are computed over the finite scores; a non-finite score stays NaN, so the allocators rank it
+below every finite one in either direction (one NaN in a type's mean would otherwise zero the whole type).
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ def _type_z(scores: dict[str, float], modules) -> dict[str, float]:
         groups[m.type].append(m.name)
     out = {}
     for names in groups.values():
-        values = [scores[n] for n in names]
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        out |= {n: (scores[n] - mean) / sd if sd > 0 else 0.0 for n in names}
-    return out
+        values = [scores[n] for n in names if math.isfinite(scores[n])]
+        mean = sum(values) / max(len(values), 1)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values), 1))
+        out |= {n: (scores[n] - mean) / sd if sd > 0 else 0.0 for n in names if math.isfinite(scores[n])}
+    return {m.name: out.get(m.name, math.nan) for m in modules}
 
 
 def normalise(scores: dict[str, float], modules, how: str) -> dict[str, float]:
@@ -46,7 +49,8 @@ def normalise(scores: dict[str, float], modules, how: str) -> dict[str, float]:
     if how == "per_param":
         return {m.name: scores[m.name] / m.params_per_rank for m in modules}
     if how == "rank":
-        return normalised_ranks({m.name: scores[m.name] for m in modules})
+        ranks = normalised_ranks({m.name: scores[m.name] for m in modules if math.isfinite(scores[m.name])})
+        return {m.name: ranks.get(m.name, math.nan) for m in modules}
     if how == "type_z":
         return _type_z(scores, modules)
     raise ValueError(f"unknown normalisation '{how}'; choose from {NORMALISATIONS}")

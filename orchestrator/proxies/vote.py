@@ -26,13 +26,14 @@ from orchestrator.proxies.scoring import scoring_mode
 
 
 def normalised_ranks(scores: dict[str, float]) -> dict[str, float]:
-    """Ranks in [0, 1], higher score → higher rank; ties get the average; NaN counts as −∞."""
+    """Ranks in [0, 1], higher score → higher rank; ties get the average; a non-finite score (NaN, ±inf: an
+    overflow, or −inf flipped by a '-member') counts as −∞."""
     names = list(scores)
     if not names:
         return {}
     if len(names) == 1:
         return {names[0]: 0.5}
-    key = {name: (-math.inf if math.isnan(v) else float(v)) for name, v in scores.items()}
+    key = {name: (float(v) if math.isfinite(v) else -math.inf) for name, v in scores.items()}
     order = sorted(names, key=lambda name: key[name])
     ranks: dict[str, float] = {}
     start = 0
