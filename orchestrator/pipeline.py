@@ -339,14 +339,21 @@ def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
 
 
 def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[Allocation]:
-    """The best `count` searched allocations of an earlier run (report.ranked: mean over seeds), for this model."""
+    """The best `count` searched allocations of an earlier run (report.ranked: mean over seeds), for this model.
+
+    Dynamic models are left out: their `allocation` is where they started, not what they trained."""
     if run_dir is None:
         return []
     table = report.load(run_dir, field="screen.warm_start_from")
-    searched = report.ranked(table[table.kind == "searched"], by="allocation")
+    static = table[(table.kind == "searched") & ~table.candidate_id.astype(str).str.startswith("dyn-")]
+    searched = report.ranked(static, by="allocation")
     if searched.empty:
         raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
-    allocations = [Allocation.from_compact(text, modules) for text in searched[:count]]
+    try:
+        allocations = [Allocation.from_compact(text, modules) for text in searched[:count]]
+    except UserError as error:
+        raise UserError(f"screen.warm_start_from: '{run_dir}' holds an allocation this model cannot carry ({error}); "
+                        "warm-start from a run on the same base model") from None
     known = {m.name for m in modules}
     for allocation in allocations:
         outside = [name for name, _ in allocation.ranks if name not in known]
@@ -400,9 +407,13 @@ def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,
     for rank, allocation in enumerate(warm, start=1):
         chosen.setdefault(allocation.candidate_id, ("searched", f"warm#{rank}", allocation))
     if cfg.train.dynamic_every is not None:  # each searched model again, re-allocated while it trains
+        static_only = [label for _, label, allocation in chosen.values() if allocation.shortcuts]
         for cid, (kind, label, allocation) in list(chosen.items()):
             if not allocation.shortcuts:
                 chosen[f"dyn-{cid}"] = (kind, f"{label}+dynamic", allocation)
+        if static_only:
+            print(f"dynamic: no dynamic variant of {', '.join(static_only)} (shortcut sites: re-allocation moves "
+                  "LoRA ranks only)", flush=True)
     for name, allocation in baseline_allocations(modules, budget, cfg.train.baselines).items():
         params = allocation.trainable_params(modules)
         if name == "uniform_qv" and not budget.admits(params):

@@ -222,3 +222,21 @@ def test_a_uniform_qv_baseline_outside_the_band_is_named(tiny_modules, capsys):
     assert [label for _, label, _ in chosen.values()] == ["uniform_qv"]
     assert ("baseline uniform_qv: no query,value rank meets the budget band 365..403; it trains at the nearest rank, "
             in capsys.readouterr().out)
+
+
+def test_a_survivor_with_shortcut_sites_trains_static_only_and_is_named(tiny_modules, capsys):
+    import pandas as pd
+
+    from orchestrator.allocation import Allocation
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import _allocations_to_train
+
+    plain = Allocation.from_ranks({tiny_modules[0].name: 2})
+    with_shortcut = Allocation.from_ranks({tiny_modules[1].name: 2, "L1.shortcut.residual": 1})
+    screen = pd.DataFrame({"candidate_id": [plain.candidate_id, with_shortcut.candidate_id], "survivor": [True, True],
+                           "allocation": [plain.compact(tiny_modules), with_shortcut.compact(tiny_modules)]})
+    cfg = load_config(None, ["train.baselines=[]", "train.dynamic_every=0.2"])
+    chosen = _allocations_to_train(screen, tiny_modules, Budget(2048, 0.05), cfg, warm=[])
+    assert [label for _, label, _ in chosen.values()] == ["screen#1", "screen#2", "screen#1+dynamic"]
+    assert "dynamic: no dynamic variant of screen#2 (shortcut sites: re-allocation moves LoRA ranks only)" \
+        in capsys.readouterr().out

@@ -22,11 +22,13 @@ def _earlier_run(tmp_path, rows):
 
 def test_best_searched_allocations_by_mean_accuracy(tmp_path, modules):
     run = _earlier_run(tmp_path, [
-        {"kind": "searched", "allocation": "L0.query:8", "accuracy": 0.70},
-        {"kind": "searched", "allocation": "L0.query:8", "accuracy": 0.90},  # mean 0.80
-        {"kind": "searched", "allocation": "L1.value:4,L2.shortcut.residual:2", "accuracy": 0.85},
-        {"kind": "searched", "allocation": "L5.key:2", "accuracy": 0.60},
-        {"kind": "baseline", "allocation": "L3.query:1", "accuracy": 0.99},  # baselines are never warm starts
+        {"kind": "searched", "candidate_id": "a1", "allocation": "L0.query:8", "accuracy": 0.70},
+        {"kind": "searched", "candidate_id": "a1", "allocation": "L0.query:8", "accuracy": 0.80},  # mean 0.75
+        {"kind": "searched", "candidate_id": "a2", "allocation": "L1.value:4,L2.shortcut.residual:2", "accuracy": 0.85},
+        {"kind": "searched", "candidate_id": "a3", "allocation": "L5.key:2", "accuracy": 0.60},
+        # a dynamic model's allocation is where it started, not what it trained: never averaged in
+        {"kind": "searched", "candidate_id": "dyn-a3", "allocation": "L5.key:2", "accuracy": 0.99},
+        {"kind": "baseline", "candidate_id": "uniform_qv", "allocation": "L3.query:1", "accuracy": 0.99},  # never
     ])
     chosen = warm_start_allocations(run, modules, count=2)
     assert [a.compact(modules) for a in chosen] == ["L1.value:4,L2.shortcut.residual:2", "L0.query:8"]
@@ -34,8 +36,10 @@ def test_best_searched_allocations_by_mean_accuracy(tmp_path, modules):
 
 def test_a_run_with_a_validation_split_gives_its_best_on_validation(tmp_path, modules):
     run = _earlier_run(tmp_path, [
-        {"kind": "searched", "allocation": "L0.query:8", "accuracy": 0.90, "val_accuracy": 0.60, "val_f1": 0.6},
-        {"kind": "searched", "allocation": "L5.key:2", "accuracy": 0.80, "val_accuracy": 0.70, "val_f1": 0.7},
+        {"kind": "searched", "candidate_id": "a1", "allocation": "L0.query:8", "accuracy": 0.90, "val_accuracy": 0.60,
+         "val_f1": 0.6},
+        {"kind": "searched", "candidate_id": "a2", "allocation": "L5.key:2", "accuracy": 0.80, "val_accuracy": 0.70,
+         "val_f1": 0.7},
     ])
     assert [a.compact(modules) for a in warm_start_allocations(run, modules, count=1)] == ["L5.key:2"]
 
@@ -46,11 +50,16 @@ def test_no_warm_start_without_a_run(modules):
 
 def test_refuses_runs_without_searched_models_or_outside_the_space(tmp_path, modules):
     with pytest.raises(UserError, match="no trained searched model"):
-        warm_start_allocations(_earlier_run(tmp_path, [{"kind": "baseline", "allocation": "L0.query:8", "accuracy": 0.9}]),
-                               modules, count=1)
+        warm_start_allocations(_earlier_run(tmp_path, [{"kind": "baseline", "candidate_id": "uniform_qv",
+                                                        "allocation": "L0.query:8", "accuracy": 0.9}]), modules, count=1)
     with pytest.raises(UserError, match="space.shortcuts"):
-        warm_start_allocations(_earlier_run(tmp_path, [{"kind": "searched", "allocation": "L1.shortcut.cross_layer:2",
-                                                        "accuracy": 0.9}]), modules, count=1)
+        warm_start_allocations(_earlier_run(tmp_path, [{"kind": "searched", "candidate_id": "a1",
+                                                        "allocation": "L1.shortcut.cross_layer:2", "accuracy": 0.9}]),
+                               modules, count=1)
+    with pytest.raises(UserError, match=r"^screen\.warm_start_from: '.*' holds an allocation this model cannot carry "
+                                        r"\(allocation: 'L9\.query:2' .*\); warm-start from a run on the same base model$"):
+        warm_start_allocations(_earlier_run(tmp_path, [{"kind": "searched", "candidate_id": "a1",  # a 12-layer model's
+                                                        "allocation": "L9.query:2", "accuracy": 0.9}]), modules, count=1)
     with pytest.raises(UserError, match="^screen.warm_start_from: '.*missing/report.parquet' not found; give the directory of a finished"):
         warm_start_allocations(str(tmp_path / "missing"), modules, count=1)
 
