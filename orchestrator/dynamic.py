@@ -62,6 +62,7 @@ class DynamicReallocator:
         self.reallocations = 0  # re-allocations that moved rank
         self.held = 0  # re-allocations the trust region refused (no proposal close and good enough)
         self.moved_rank = 0  # Σ |Δr| over all re-allocations
+        self._park_a()
         self._zero_masked_weights()
 
     @property
@@ -78,6 +79,7 @@ class DynamicReallocator:
         self.active, self.scores = state["active"], state["scores"]
         self.rng.bit_generator.state = state["rng"]
         self.reallocations, self.held, self.moved_rank = state["reallocations"], state["held"], state["moved_rank"]
+        self._park_a()  # the restored weights: the masked rows of A as the checkpoint holds them
 
     def after_backward(self) -> None:
         """Accumulate every module's B-gradient score (live and masked columns), then mask the update."""
@@ -88,7 +90,7 @@ class DynamicReallocator:
             b.grad[:, self.active[name]:] = 0
             a = self.factors[name][0]
             if a.grad is not None:
-                a.grad[self.active[name]:, :] = 0  # rows of A that feed masked columns stay as initialised
+                a.grad[self.active[name]:, :] = 0  # rows of A that feed masked columns stay as parked
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         self._zero_masked_weights()  # weight decay or stale moments must not revive a masked column
@@ -121,10 +123,16 @@ class DynamicReallocator:
                 and value(ranks) > current + self.min_gain * abs(current)]  # strictly better: ties stay put
         return max(fits, key=value, default=None)
 
+    def _park_a(self) -> None:
+        """A copy of every A, whose masked rows _zero_masked_weights puts back: weight decay shrinks them even with
+        a zero gradient, and a column switched on later must start from its A as it was when it went off."""
+        self.parked_a = {name: a.detach().clone() for name, (a, _) in self.factors.items()}
+
     @torch.no_grad()
     def _zero_masked_weights(self) -> None:
-        for name, (_, b) in self.factors.items():
+        for name, (a, b) in self.factors.items():
             b[:, self.active[name]:] = 0
+            a[self.active[name]:, :] = self.parked_a[name][self.active[name]:, :]
 
     @torch.no_grad()
     def _clear_columns(self, name: str, keep: int, optimizer: torch.optim.Optimizer) -> None:
@@ -135,3 +143,4 @@ class DynamicReallocator:
                 if torch.is_tensor(moment) and moment.shape == tensor.shape:
                     moment[index] = 0
         b[:, keep:] = 0
+        self.parked_a[name][keep:, :] = a[keep:, :]  # parked as trained: they stay so while masked

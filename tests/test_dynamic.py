@@ -24,8 +24,8 @@ def _setup(tiny_model_dir, tiny_split, allocator="knapsack", total_steps=100):
     return model, modules, budget, dynamic, loader
 
 
-def _train(model, dynamic, loader, steps):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+def _train(model, dynamic, loader, steps, weight_decay=0.0):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=weight_decay)
     for step, batch in zip(range(steps), loader):
         model(**batch).loss.backward()
         dynamic.after_backward()
@@ -43,6 +43,28 @@ def test_masked_columns_stay_zero_and_budget_holds(tiny_model_dir, tiny_split):
     for m in modules:
         _, b = lora_factors(model, m.name)
         assert torch.count_nonzero(b[:, dynamic.active[m.name]:]) == 0, m.name
+
+
+def test_weight_decay_does_not_shrink_the_rows_of_a_that_feed_masked_columns(tiny_model_dir, tiny_split):
+    """Masked rows of A get no gradient, but AdamW's decoupled decay shrinks them: a column switched on later would
+    start from a shrunken A. They are put back as they were when they went off."""
+    model, modules, _, dynamic, loader = _setup(tiny_model_dir, tiny_split)
+    dynamic.interval = 10**6  # no re-allocation: every module but the initial query stays off throughout
+    initial = {m.name: lora_factors(model, m.name)[0].detach().clone() for m in modules}
+    _train(model, dynamic, loader, steps=4, weight_decay=0.1)
+    off = [m.name for m in modules if dynamic.active[m.name] == 0]
+    assert len(off) == len(modules) - 1
+    for name in off:
+        assert torch.equal(lora_factors(model, name)[0], initial[name]), name
+    on = next(m.name for m in modules if dynamic.active[m.name])
+    assert not torch.equal(lora_factors(model, on)[0], initial[on])  # the live one trains (and decays)
+
+    model, modules, _, dynamic, loader = _setup(tiny_model_dir, tiny_split)  # with re-allocations
+    _train(model, dynamic, loader, steps=6, weight_decay=0.1)
+    assert dynamic.reallocations > 0
+    for m in modules:  # every masked row as it was when its column went off
+        a, _ = lora_factors(model, m.name)
+        assert torch.equal(a[dynamic.active[m.name]:], dynamic.parked_a[m.name][dynamic.active[m.name]:]), m.name
 
 
 def test_the_last_step_does_not_reallocate(tiny_model_dir, tiny_split):
