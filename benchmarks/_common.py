@@ -115,7 +115,11 @@ def out_dir(args) -> Path:
     return Path(args.out) if args.out else QUICK_RESULTS if args.quick else RESULTS
 
 
-def md_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
+def md_table(frame: pd.DataFrame, floatfmt: str = ".4g", blank_missing: bool = False) -> str:
+    """The frame as a Markdown table; `blank_missing` leaves NaN cells blank (tabulate's missingval replaces only
+    None, so NaN would print "nan")."""
+    if blank_missing:
+        frame = frame.astype(object).where(frame.notna(), None)
     return frame.to_markdown(index=False, floatfmt=floatfmt)
 
 

@@ -231,7 +231,6 @@ def plot(models: pd.DataFrame, shipped: tuple[str, str], path: Path) -> None:
 
 
 def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_line: str, probe_s: float) -> str:
-    flag = (" --quick" if args.quick else "") + (f" --lr {args.lr:g}" if args.lr is not None else "")
     picks = {"the shipped proxy": table[table.arm.str.endswith("as shipped")].iloc[0],
              "the calibration": table[table.arm.str.startswith(f"lora-search ({CALIBRATED},")].iloc[0]}
     verdicts = [f"- **{'MET' if row.meets_target else 'MISSED'}**: {who}'s top {args.survivors} reach "
@@ -243,12 +242,12 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
                                 for a, s in zip(models.accuracy, models.accuracy_std)]).drop(columns=["accuracy_std"])
     return "\n".join([
         "# Train every candidate vs the proxies' pick: 20 Newsgroups, 9,216 LoRA params", "",
-        f"Command: `python benchmarks/exhaustive.py{flag} --seeds {' '.join(map(str, args.seeds))}` · "
-        f"{time.strftime('%Y-%m-%d %H:%M')}", "", C.context_line(ctx) + ".", "", C.NOISE_NOTE, "",
+        f"Command: `{C.invoked_command(__file__)}` · {time.strftime('%Y-%m-%d %H:%M')}", "",  # as invoked: --survivors…
+        C.context_line(ctx) + ".", "", C.NOISE_NOTE, "",
         f"{task_line}; {len(models)} structured allocations (header of the script), seeds {args.seeds}, k = {args.survivors}; "
         f"one proxy probe ({probe_s:.0f} s, all proxies) and one calibration run per module type ({len(module_types(args.quick))}) "
         "score all of them.", "", *verdicts, "",
-        "## Arms", "", shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
+        "## Arms", "", C.md_table(shown, blank_missing=True), "",
         "best_accuracy in % (mean over seeds of the arm's best model); gap in points to the exhaustive best; device-hours = "
         "training rows (+ the probe for proxy arms, + the calibration runs for the calibrated one); hours_to_within = device-hours until the first model within "
         f"{C.WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "

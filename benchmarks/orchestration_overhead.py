@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -137,7 +138,7 @@ def main() -> None:
         if "eval_examples" not in frame:  # written by older versions without the sizes
             frame = frame.assign(train_examples=len(task.train), eval_examples=len(task.eval))
             C.write_csv(out / "orchestration_overhead.csv", frame)
-        C.write_text(out / "orchestration_overhead.md", markdown(frame, ctx, args, task))
+        C.write_text(out / "orchestration_overhead.md", markdown(frame, ctx, args))
         print((out / "orchestration_overhead.md").read_text())
         return
     units = adaptable_modules(load_model("minilm-l6", task.num_labels))
@@ -166,8 +167,15 @@ def main() -> None:
             print(f"ray DDP x2: {product['total_s']:.1f} s (train {product['train_s']:.1f} s)", flush=True)
     frame = pd.DataFrame(rows).assign(train_examples=len(task.train), eval_examples=len(task.eval))
     C.write_csv(out / "orchestration_overhead.csv", frame)
-    C.write_text(out / "orchestration_overhead.md", markdown(frame, ctx, args, task))
+    C.write_text(out / "orchestration_overhead.md", markdown(frame, ctx, args))
     print((out / "orchestration_overhead.md").read_text())
+
+
+def measured_work(plain: pd.Series) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """The epochs and task sizes the plain rows (their medians) were measured with, as `overhead_model` takes them:
+    a --render-only run's own --epochs and sizes may differ from the stored CSV's."""
+    return (SimpleNamespace(epochs=int(plain.epochs)),
+            SimpleNamespace(train=range(int(plain.train_examples)), eval=range(int(plain.eval_examples))))
 
 
 def overhead_model(plain: pd.Series, ray: pd.Series, args, task) -> dict:
@@ -194,10 +202,11 @@ def overhead_model(plain: pd.Series, ray: pd.Series, args, task) -> dict:
             "compute_speed_ratio": plain_compute / ray_compute}
 
 
-def markdown(frame: pd.DataFrame, ctx: dict, args, task) -> str:
+def markdown(frame: pd.DataFrame, ctx: dict, args) -> str:
     plain = frame[frame.path == "plain"].median(numeric_only=True)
     ray = frame[frame.path == "ray_tune_train"].median(numeric_only=True)
-    model = overhead_model(plain, ray, args, task)
+    work, task = measured_work(plain)
+    model = overhead_model(plain, ray, work, task)
     ratio = ray.total_s / plain.total_s
     worst = max(model["normalised_on_plain"], model["normalised_on_ray"])
     noisy = abs(model["compute_speed_ratio"] - 1) > 0.2
@@ -206,7 +215,7 @@ def markdown(frame: pd.DataFrame, ctx: dict, args, task) -> str:
              f"Command: `python benchmarks/orchestration_overhead.py {flag}{' --ddp' if args.ddp else ''}`".replace("  ", " ")
              + f" · {time.strftime('%Y-%m-%d %H:%M')}", "", C.context_line(ctx) + ".", "", C.NOISE_NOTE, "",
              f"Work: uniform q,v r=8, {len(task.train):,} train / {len(task.eval):,} eval examples of Rotten Tomatoes, "
-             f"{args.epochs} epochs × {int(plain.steps_per_epoch)} steps, eval after every epoch, batch 32, max_length 64, "
+             f"{work.epochs} epochs × {int(plain.steps_per_epoch)} steps, eval after every epoch, batch 32, max_length 64, "
              f"seed 0, 1 thread; {args.repeats} repeat(s), medians shown.", "", "## Headline", "",
              f"- Measured wall time: Ray Tune + Train {ray.total_s:.1f} s vs plain {plain.total_s:.1f} s = {ratio:.2f}× "
              f"(Ray start included; {(ray.total_s - ray.ray_start_s) / plain.total_s:.2f}× without it)."
@@ -223,10 +232,10 @@ def markdown(frame: pd.DataFrame, ctx: dict, args, task) -> str:
                 f"**MISSED** for this {len(task.train):,}-example job, worst over by {worst - TARGET:.2f}×") + ".",
              f"- Same work: final accuracy plain {plain.accuracy:.4f} vs Ray {ray.accuracy:.4f}; training loop "
              f"{plain.train_s:.1f} s vs {ray.train_s:.1f} s wall."]
-    per_step = {"plain": plain.train_s / (args.epochs * plain.steps_per_epoch),
-                "ray": ray.train_s / (args.epochs * plain.steps_per_epoch)}
+    per_step = {"plain": plain.train_s / (work.epochs * plain.steps_per_epoch),
+                "ray": ray.train_s / (work.epochs * plain.steps_per_epoch)}
     eval_per_example = {"plain": plain.eval_per_epoch_s / len(task.eval), "ray": model["ray_eval_per_epoch_s"] / len(task.eval)}
-    fixed_no_epoch = model["orchestration_s"] - args.epochs * max(model["ckpt_report_per_epoch_s"], 0.0)
+    fixed_no_epoch = model["orchestration_s"] - work.epochs * max(model["ckpt_report_per_epoch_s"], 0.0)
     for label, examples, epochs, evals in (("quickstart job (4,000 examples, 1 epoch, 1,000 eval)", 4000, 1, 1000),
                                            ("4,000-example, 3-epoch job (1,000 eval)", 4000, 3, 1000)):
         steps = -(-examples // 32) * epochs
@@ -246,10 +255,10 @@ def markdown(frame: pd.DataFrame, ctx: dict, args, task) -> str:
         ("setup: tokenise, load model, apply LoRA (Ray: + TorchTrainer/worker start, imports)", plain.setup_s,
          ray.worker_start_and_setup_s),
         ("training loop, all epochs", plain.train_s, ray.train_s),
-        ("eval × epochs (Ray: estimated from the worker's forward latency)", plain.eval_per_epoch_s * args.epochs,
-         model["ray_eval_per_epoch_s"] * args.epochs),
+        ("eval × epochs (Ray: estimated from the worker's forward latency)", plain.eval_per_epoch_s * work.epochs,
+         model["ray_eval_per_epoch_s"] * work.epochs),
         ("checkpoint + report × epochs (iteration time − train − eval)", 0.0,
-         model["ckpt_report_per_epoch_s"] * args.epochs),
+         model["ckpt_report_per_epoch_s"] * work.epochs),
         ("after the last report: Train/Tune teardown, copy adapter, trial file", 0.0, ray.after_last_report_s),
     ]
     table = pd.DataFrame([{"piece": p, "plain_s": a, "ray_s": b, "overhead_s": b - a} for p, a, b in pieces])
@@ -271,7 +280,7 @@ def markdown(frame: pd.DataFrame, ctx: dict, args, task) -> str:
                   f"(each worker half the data in micro-batches of 16: global batch 32, the same optimizer steps).",
                   f"- Training-loop speed-up {ray.train_s / d.train_s:.2f}× on {ctx['cpus']} shared cores "
                   f"(ideal 2×; gradient all-reduce over gloo and the other tenants take the rest).", ""]
-    lines += ["## Raw rows", "", frame.to_markdown(index=False, floatfmt=".4g", missingval=""), ""]
+    lines += ["## Raw rows", "", C.md_table(frame, blank_missing=True), ""]
     return "\n".join(lines)
 
 

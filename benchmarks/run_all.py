@@ -384,18 +384,15 @@ def scaling_model() -> list[str]:
         workers_source = "ddp_parity (the plain loop, = 1 worker per seed, vs 2 workers; 1 epoch of 4,000)"
     orchestration = ckpt = job_fixed = eval_per_example = normalised = float("nan")
     if oo is not None and {"plain", "ray_tune_train"} <= set(oo.path) and "eval_examples" in oo:
-        from types import SimpleNamespace
-
-        from orchestration_overhead import overhead_model
+        from orchestration_overhead import measured_work, overhead_model
 
         plain = oo[oo.path == "plain"].median(numeric_only=True)
         ray = oo[oo.path == "ray_tune_train"].median(numeric_only=True)
-        epochs = int(plain.epochs)
-        task = SimpleNamespace(eval=range(int(plain.eval_examples)))
-        model = overhead_model(plain, ray, SimpleNamespace(epochs=epochs), task)
+        work, task = measured_work(plain)
+        model = overhead_model(plain, ray, work, task)
         orchestration = model["orchestration_s"]
         ckpt = max(model["ckpt_report_per_epoch_s"], 0.0)
-        job_fixed = orchestration - ray.ray_start_s - epochs * ckpt
+        job_fixed = orchestration - ray.ray_start_s - work.epochs * ckpt
         eval_per_example = plain.eval_per_epoch_s / plain.eval_examples
         normalised = max(model["normalised_on_plain"], model["normalised_on_ray"])
     def f(x, fmt=".1f"):

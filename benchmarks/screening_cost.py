@@ -208,7 +208,7 @@ def markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores) -> 
     tune, arith = curve(frame, "tune"), curve(frame, "arithmetic")
     at500 = tune[tune.n_candidates == 500]
     lines = ["# Screening cost: N candidates vs one training epoch", "",
-             f"Command: `python benchmarks/screening_cost.py{' --quick' if args.quick else ''}` · {time.strftime('%Y-%m-%d %H:%M')}",
+             f"Command: `{C.invoked_command(__file__)}` · {time.strftime('%Y-%m-%d %H:%M')}",  # as invoked: --sizes…
              "", C.context_line(ctx) + ".", "", C.NOISE_NOTE, ""]
     if scale != 1:
         lines += [f"**--quick:** the epoch was measured on {args.epoch_train_size:,} examples and its time multiplied by "
@@ -254,7 +254,7 @@ def markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores) -> 
     shown = frame[["kind", "n_candidates", "num_trials", "distinct_candidates", "seconds", "cpu_seconds", "seconds_with_probe",
                    "ratio_vs_epoch", "ms_per_candidate", "per_trial_s", "rss_before_mb", "rss_after_mb", "rss_growth_mb",
                    "load_avg", "note"]]
-    lines += [shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
+    lines += [C.md_table(shown, blank_missing=True), "",
               "`cpu_seconds` = the driver process's CPU time (what load distorts least; 1 torch thread); `seconds_with_probe` = probe + screening; `ratio_vs_epoch` = seconds_with_probe / one epoch; the probe is "
               f"{', '.join(f'{k} {v:.2f} s' for k, v in scores.seconds.items())} plus model load.", "",
               "![cost curve](screening_cost.png)", ""]

@@ -47,6 +47,7 @@ Run (from the repository root):
     python benchmarks/search_quality.py                     # 3 seeds, full data
     python benchmarks/search_quality.py --seeds 0 1 --survivors 4
     python benchmarks/search_quality.py --report-only       # rewrite the tables from the last full run's reports
+                                                            # (k and the random draws: the stored runs')
     python benchmarks/search_quality.py --resume            # go on after an interruption: finished trainings are kept
     python benchmarks/search_quality.py --arms random --random-draws 6 --out results/benchmarks/random_draws
                                                             # random search alone, judged by its expectation
@@ -107,18 +108,44 @@ def parse_args() -> argparse.Namespace:
                         "others are reported from their earlier runs with the same preset, if any (random and calibrated "
                         "run their own probe when there is no lora-search run)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: re-read the runs of the last "
-                        "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the tables")
+                        "invocation with the same preset (results/benchmarks/search_quality_runs/<quick|full>/) and rewrite the "
+                        "tables, at the k and random draws those runs trained")
     parser.add_argument("--resume", action="store_true", help="continue the last runs (`lora-search run --resume`): "
                         "their finished trainings are kept")
     C.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.survivors = args.survivors or (1 if args.quick else 3)
     args.num_trials = args.num_trials or (4 if args.quick else None)
+    if args.report_only:  # k and the draws are the stored runs' (stored_k)
+        return args
+    args.survivors = args.survivors or default_k(args.quick)
     args.random_draws = args.random_draws or args.survivors
     if args.random_draws < args.survivors:
         parser.error(f"--random-draws {args.random_draws}: draw at least k = {args.survivors} (--survivors)")
     return args
+
+
+def default_k(quick: bool) -> int:
+    return 1 if quick else 3
+
+
+def stored_k(args, runs_root: Path) -> None:
+    """--report-only: k and the random draws as the stored runs trained them (their run.json `screen.survivors`:
+    the lora-search run's, else the calibrated run's; the random run's is its draw count), so the random arm is
+    judged at the search arms' k. A --survivors that differs from the stored k is refused (exit 2)."""
+    stored = {folder: _stored_survivors(runs_root / folder) for folder, _ in SEARCH_RUNS.values()}
+    k = stored["lora-search"] or stored[CALIBRATED_NAME]
+    if k and args.survivors not in (None, k):
+        print(f"search_quality: --survivors {args.survivors}: the runs in {runs_root} trained k = {k}; drop "
+              "--survivors (--report-only reads k from them)", file=sys.stderr)
+        raise SystemExit(2)
+    args.survivors = k or args.survivors or default_k(args.quick)
+    args.random_draws = stored[RANDOM_NAME] or args.survivors
+
+
+def _stored_survivors(run_dir: Path) -> int | None:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text())["config"]["screen"]["survivors"] if path.is_file() else None
 
 
 def baselines(args) -> list[str]:
@@ -240,7 +267,11 @@ def main() -> None:
     runs_root = runs_folder(args, preset_root)
     from orchestrator import report
 
-    dirs, log = earlier_runs(runs_root) if args.report_only else train_arms(args, runs_root)
+    if args.report_only:
+        stored_k(args, runs_root)
+        dirs, log = earlier_runs(runs_root)
+    else:
+        dirs, log = train_arms(args, runs_root)
     tables = {arm: report.load(run_dir) for arm, run_dir in dirs.items() if run_dir is not None}
     arms, models = summarise(tables, dirs, args)
     out = C.out_dir(args)
@@ -391,7 +422,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                        "gain_vs_uniform_qv_pts", "p_vs_uniform_qv", "device_hours", "hours_to_within_0_5_of_best",
                        "cost_usd", "roi_pts_per_usd",
                        "roi_pts_per_device_hour", "beats_majority"]]
-        lines += [shown.to_markdown(index=False, floatfmt=".4g", missingval=""), "",
+        lines += [C.md_table(shown, blank_missing=True), "",
                   "Accuracies in %, mean ± std over seeds of the arm's best model (best by mean accuracy on the eval "
                   "split); `gain` in points over uniform_qv's mean; ROI = gain / cost (USD, or device-hours). Cost = "
                   "the arm's training rows (device-hours × price, CPU $0.0446 per vCPU-hour) + the proxy probe for "

@@ -18,13 +18,12 @@ Run (from the repository root):
     python benchmarks/strategies.py --quick     # 300 train / 200 eval, seed 0, optuna/knapsack/random: a smoke test
     python benchmarks/strategies.py             # the space's 4,000 / 1,000, seeds 0 1 2
 Writes results/benchmarks/strategies.{csv,md} (--quick: in results/benchmarks/quick/; --out changes the
-folder); the run itself stays in results/benchmarks/strategies_runs/.
+folder); the run itself stays in results/benchmarks/strategies_runs/<quick|full>/.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ def best_candidates(cfg, task, strategies: list[str]) -> dict[str, tuple]:
 
 def main() -> None:
     args = parse_args()
-    ctx = C.start()
+    ctx, runs_root = C.begin("strategies", args.quick)
     import ray
 
     from orchestrator.allocators import baseline_allocations
@@ -87,9 +86,7 @@ def main() -> None:
     from orchestrator.pipeline import init_ray, prepare_run_dir, write_run_json
     from orchestrator.train import TrainJob, run_training
 
-    runs_root = C.RESULTS / "strategies_runs"
-    if runs_root.exists():
-        shutil.rmtree(runs_root)  # this script's own earlier run
+    C.fresh_runs_root(runs_root)  # this preset's own earlier run: --quick leaves the full run's alone
     seeds = ",".join(map(str, args.seeds))
     overrides = [f"results_dir={runs_root}", "name=strategies", f"train.seeds=[{seeds}]", "train.max_concurrent=2",
                  "train.use_gpu=false", "screen.survivors=1", "register.best=false"]
@@ -98,7 +95,7 @@ def main() -> None:
     cfg = load_config(SPACE, overrides)
     task = load_task(cfg.data)
     prepare_run_dir(cfg, resume=False)
-    write_run_json(cfg, command="benchmarks/strategies.py")
+    write_run_json(cfg, command=C.invoked_command(__file__))
     started = time.time()
     init_ray(None)
     try:
@@ -140,7 +137,7 @@ def write(table: pd.DataFrame, args, ctx: dict, wall: float, task, cfg) -> None:
                          allocation=table.allocation.str.slice(0, 90))
     shown = shown[["strategy", "candidates_screened", "trainable_params", f"proxy_{cfg.screen.rank_by}", "seeds",
                    "accuracy", "f1", "device_hours", "allocation"]]
-    command = "python benchmarks/strategies.py" + (" --quick" if args.quick else "")
+    command = C.invoked_command(__file__)  # as invoked: --seeds…
     text = [f"# Search strategies at equal budget ({cfg.data.task}, {table.trainable_params.iloc[-1]:,} LoRA params ±5%)",
             "", f"Command: `{command}` · {time.strftime('%Y-%m-%d %H:%M')}", "", C.context_line(ctx) + ".", "",
             C.NOISE_NOTE, "",

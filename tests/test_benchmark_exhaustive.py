@@ -120,3 +120,17 @@ def test_lr_gets_its_own_runs_folder_and_needs_out(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # the default folder holds the space's own tables
         exhaustive.parse_args()
     assert exit_.value.code == 2
+
+
+def test_report_keeps_every_flag_and_leaves_missing_cells_blank(monkeypatch):
+    from argparse import Namespace
+    from collections import defaultdict
+
+    monkeypatch.setattr(sys, "argv", ["exhaustive.py", "--survivors", "3", "--seeds", "0", "1"])
+    models = models_table().assign(proxy_calibrated=[0.5, 3.0, 2.0, 1.0, 0.0])
+    table = exhaustive.arms(models, k=3, probe_hours=0.1, shipped=("p", "minimize"), calibration_hours=0.5)
+    args = Namespace(quick=False, survivors=3, seeds=[0, 1], lr=None)
+    text = exhaustive.markdown(table, models, defaultdict(str), args, "Task: 5 models", 36.0)
+    assert "Command: `python benchmarks/exhaustive.py --survivors 3 --seeds 0 1`" in text
+    arms = text.split("## Arms")[1].split("## Every candidate")[0]
+    assert "| train every candidate " in arms and "nan" not in arms  # p_within: the random arm's only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from argparse import Namespace
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -82,3 +83,39 @@ def test_another_data_sample_runs_in_its_own_folder_with_its_split_seed(tmp_path
     default = Namespace(**{**vars(sample_1), "split_seed": None})
     assert search_quality.runs_folder(default, preset) == preset
     assert not any(o.startswith("data.split_seed") for o in search_quality.common_overrides(default, preset))
+
+
+def stored_run(path: Path, survivors: int) -> None:
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"config": {"screen": {"survivors": survivors}}}))
+
+
+def test_report_only_judges_random_search_at_the_stored_runs_k(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["search_quality.py", "--report-only"])
+    args = search_quality.parse_args()
+    assert args.survivors is None  # not the CLI default 3: the stored runs' k
+    stored_run(tmp_path / "lora-search", 4)
+    stored_run(tmp_path / search_quality.RANDOM_NAME, 6)  # --random-draws 6
+    search_quality.stored_k(args, tmp_path)
+    assert (args.survivors, args.random_draws) == (4, 6)
+    tables = {"lora-search": rows([("searched", f"screen#{i + 1}", f"s{i}", 0.40) for i in range(4)]
+                                  + [("baseline", "uniform_qv", "qv", 0.40)]),
+              "random search": rows([("searched", f"screen#{i + 1}", f"r{i}", 0.40 + 0.01 * i) for i in range(6)])}
+    dirs = {"lora-search": run_dir(tmp_path / "a", 36.0), "random search": None}
+    arms = search_quality.summarise(tables, dirs, args)[0].set_index("arm")
+    assert arms.loc["random search", "models"] == arms.loc["lora-search", "models"] == 4
+    assert arms.loc["random search", "best_label"] == "expected best of 4 (every 4 of 6 draws)"
+    with pytest.raises(SystemExit) as exit_:  # a --survivors that redefines the stored arm is refused
+        search_quality.stored_k(Namespace(survivors=3, quick=False), tmp_path)
+    assert exit_.value.code == 2
+
+
+def test_arms_table_leaves_missing_values_blank_as_its_caption_says(tmp_path):
+    tables = {"lora-search": rows([("searched", "screen#1", "s1", 0.45), ("baseline", "uniform_qv", "qv", 0.40)], seeds=(0,))}
+    dirs = {"lora-search": run_dir(tmp_path / "a", 36.0)}
+    arms, models = search_quality.summarise(tables, dirs, Namespace(survivors=1))
+    assert arms.p_vs_uniform_qv.isna().all()  # one seed: no p-value
+    args = Namespace(quick=False, split_seed=None, seeds=[0], survivors=1, random_draws=1)
+    text = search_quality.markdown(arms, models, {}, defaultdict(str), args, tables, tmp_path)
+    table = text.split("## Arms")[1].split("Accuracies in %")[0]
+    assert "| lora-search " in table and "nan" not in table

@@ -229,6 +229,34 @@ def test_gcp_project_and_gpu_workers():
     assert all(t["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE" for t in gpu)
 
 
+def _workers(config: dict) -> dict:
+    return {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+
+
+def test_aws_workers_get_the_autoscalers_instance_profile():
+    """Ray's AWS bootstrap gives its ray-autoscaler-v1 profile to the head only; the GPU workers upload the Train
+    checkpoints to storage_path=s3://..., so each worker type names the profile itself."""
+    config = _docs(CLUSTER_DIR / "aws.yaml")[0]
+    for name, node_type in _workers(config).items():
+        profile = node_type["node_config"].get("IamInstanceProfile", {})
+        assert (profile.get("Name") == "ray-autoscaler-v1"
+                or str(profile.get("Arn", "")).endswith(":instance-profile/ray-autoscaler-v1")), \
+            f"aws.yaml: {name} lacks IamInstanceProfile ray-autoscaler-v1: its checkpoints could not reach S3"
+
+
+def test_gcp_workers_get_the_autoscalers_service_account():
+    """Likewise on GCP: Ray sets serviceAccounts (ray-autoscaler-sa-v1) on the head only; the project id in its
+    email is filled in by the header's sed line, with provider.project_id."""
+    text = (CLUSTER_DIR / "gcp.yaml").read_text(encoding="utf-8")
+    config = _docs(CLUSTER_DIR / "gcp.yaml")[0]
+    for name, node_type in _workers(config).items():
+        accounts = node_type["node_config"].get("serviceAccounts", [])
+        assert [a["email"] for a in accounts] == ["ray-autoscaler-sa-v1@<project_id>.iam.gserviceaccount.com"], \
+            f"gcp.yaml: {name} lacks Ray's service account: its checkpoints could not reach gs://"
+        assert accounts[0]["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+    assert "s/<project_id>/$GCP_PROJECT/" in text, "gcp.yaml: the header's sed line must fill in <project_id>"
+
+
 # ------------------------------------------------------------------ KubeRay RayJob
 
 
