@@ -669,8 +669,8 @@ def measure_inference(model: nn.Module, loader, device: torch.device | str, stat
             labels.append(batch["labels"].cpu())
     predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
     ms, cpu_ms = 1000 * np.asarray(seconds), 1000 * np.asarray(cpu_seconds)
-    return {**accuracy_and_macro_f1(truth, predicted), "eval_loss": sum(losses) / len(truth), "latency_ms_mean": float(ms.mean()),
-            "latency_ms_p95": float(np.percentile(ms, 95)), "eval_batches": len(ms),
+    return {**accuracy_and_macro_f1(truth, predicted), "eval_loss": sum(losses) / len(truth),
+            "latency_ms_mean": float(ms.mean()), "latency_ms_p95": float(np.percentile(ms, 95)), "eval_batches": len(ms),
             "latency_cpu_ms_mean": float(cpu_ms.mean()), "latency_cpu_ms_p95": float(np.percentile(cpu_ms, 95)),
             "peak_infer_mem_mb": memory.peak_mb, "peak_infer_mem_method": memory.method}
 

@@ -26,8 +26,8 @@ from orchestrator.proxies.scoring import scoring_mode
 
 
 def normalised_ranks(scores: dict[str, float]) -> dict[str, float]:
-    """Ranks in [0, 1], higher score → higher rank; ties get the average; a non-finite score (NaN, ±inf: an
-    overflow, or −inf flipped by a '-member') counts as −∞."""
+    """Ranks in [0, 1], higher score → higher rank; ties get the average; a non-finite score (NaN, or ±inf from an
+    overflow, which a '-member' may flip to +inf) counts as −∞."""
     names = list(scores)
     if not names:
         return {}
