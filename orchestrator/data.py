@@ -194,7 +194,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if suffix == ".csv":  # only an empty cell is missing: a label or text "None", "NA" or "null" is data
             return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
         if suffix in (".jsonl", ".json"):  # JSON's own types: a label "2019" stays a name, 2019 a class index
-            return pd.read_json(path, lines=True, encoding="utf-8", dtype=False, convert_dates=False)
+            return pd.read_json(path, lines=True, encoding="utf-8", dtype=False)
         if suffix == ".parquet":
             return pd.read_parquet(path)
     except UnicodeDecodeError:
