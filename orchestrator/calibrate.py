@@ -61,6 +61,16 @@ def calibration_allocations(cfg: RunConfig, modules: list[AdaptableModule], budg
     return {t: type_allocation([m for m in searchable if m.type == t], cfg.space.ranks, budget) for t in types}
 
 
+def check_calibratable(cfg: RunConfig, modules: list[AdaptableModule], budget: Budget) -> None:
+    """Before Ray starts: the ranking needs two module types that each meet the band alone (with one measured type,
+    its gain over the mean is 0 and so is every candidate's score)."""
+    fitting = [t for t, allocation in calibration_allocations(cfg, modules, budget).items() if allocation is not None]
+    if len(fitting) < 2:
+        raise UserError(f"screen.rank_by: calibrated compares module types that each meet the budget band alone, and "
+                        f"{len(fitting)} of space.module_types do ({', '.join(fitting) or 'none'}); add module types, "
+                        "widen space.budget.tolerance, or rank by a proxy")
+
+
 def calibration_task(task: TaskData, cfg: RunConfig) -> TaskData:
     """Seeded, disjoint samples of the run's training split: `calibrate.eval_size` examples (at most half of it)
     score the calibration runs, which train on the rest (or `calibrate.train_size` of it). The eval split is not
@@ -109,9 +119,10 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
                      "train_wall_s": trial.get("train_wall_s", 0.0), "device_hours": trial.get("device_hours", 0.0),
                      "cost_usd": trial.get("cost_usd", 0.0)})
     table = pd.DataFrame(rows)
-    if table.accuracy.isna().all():  # every candidate would score 0: the screen would rank blindly
-        raise UserError(f"calibrate: no calibration run finished (their errors are in '{sub.run_dir / 'trials'}'); "
-                        f"fix the cause, remove '{sub.run_dir}' and run again with --resume")
+    if table.accuracy.notna().sum() < 2:  # one type's gain over the mean is 0: every candidate would score 0
+        raise UserError(f"calibrate: {table.accuracy.notna().sum()} calibration run(s) finished, fewer than the two a "
+                        f"comparison needs (their errors are in '{sub.run_dir / 'trials'}'); fix the cause, remove "
+                        f"'{sub.run_dir}' and run again with --resume")
     write_outputs(table, cfg.run_dir, sample, sub.train)
     return table
 

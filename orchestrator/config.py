@@ -367,7 +367,7 @@ class RunConfig:
         sub_runs = {CALIBRATION_SUFFIX: self.screen.rank_by == CALIBRATED and f"screen.rank_by: {CALIBRATED}",
                     LR_SWEEP_SUFFIX: self.train.lr_grid is not None and "train.lr_grid"}
         for suffix, setting in sub_runs.items():
-            if setting and not self.name.endswith(suffix):
+            if setting and not self.name.endswith(tuple(sub_runs)):  # a sub-run (of either kind) has none of its own
                 _require(is_safe_name(self.name + suffix), "name", f"{self.name!r} leaves no room for the '{suffix}' of "
                          f"its sub-run ({setting})", f"use at most {MAX_RUN_NAME - len(suffix)} characters, not ending in '.'")
         _require(self.train.lr_grid is None or self.data.validation_size is not None, "train.lr_grid",

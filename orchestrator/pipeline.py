@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator import report
+from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, space_modules
 from orchestrator.config import CALIBRATED, RunConfig, flat_keys
@@ -216,8 +216,6 @@ def _write_scores(cfg: RunConfig, scores: ModuleScores) -> None:
 
 def calibrated_scores(cfg: RunConfig, task: TaskData, modules, budget, scores: ModuleScores) -> ModuleScores:
     """Train the calibration runs (or read them back), add their score to module_scores.json and run.json."""
-    from orchestrator import calibrate
-
     table = calibrate.run_calibration(cfg, task, modules, budget)
     scores.unit[CALIBRATED] = calibrate.unit_scores(table, modules, budget)
     scores.rank_caps[CALIBRATED] = calibrate.measured_ranks(table, modules)
@@ -250,6 +248,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
     warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
     points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
+    if cfg.screen.rank_by == CALIBRATED:
+        calibrate.check_calibratable(cfg, modules, budget)
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
     check_run_dir(cfg, resume)  # before the study check, which may create the study's storage
     check_study_storage(cfg.screen.storage, cfg.name, resume)

@@ -9,6 +9,7 @@ candidate next to the cost of training one. `params` and a seeded random score a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,21 @@ def validation_jobs(cfg: RunConfig, modules, n: int, n_off_budget: int) -> dict[
     return chosen
 
 
-def agreement(table: pd.DataFrame, proxies: list[str], top_k: int) -> pd.DataFrame:
-    """Signed rank agreement of each proxy score with accuracy, per scope (fixed budget, all budgets)."""
+def agreement(table: pd.DataFrame, proxies: list[str], top_k: int, sign: float = 1.0) -> pd.DataFrame:
+    """Signed rank agreement of each proxy score with accuracy, per scope (fixed budget, all budgets), and the share
+    of the k most accurate models among the k a screen in the config's direction keeps (sign −1: the lowest scores,
+    as `direction: minimize` keeps them). k is at most the models in the scope."""
     rows = []
     for scope, part in (("fixed_budget", table[table.budget == "budget"]), ("all_budgets", table)):
-        true_top = set(part.nlargest(top_k, "accuracy").candidate_id)
+        k = min(top_k, len(part))
+        true_top = set(part.nlargest(k, "accuracy").candidate_id)
         for proxy in proxies:
             score = part[f"proxy_{proxy}"]
             rho = stats.spearmanr(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
             tau = stats.kendalltau(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
-            hits = len(true_top & set(part.nlargest(top_k, f"proxy_{proxy}").candidate_id)) / top_k
-            rows.append({"scope": scope, "proxy": proxy, "spearman_rho": rho, "kendall_tau": tau,
-                         f"top{top_k}_hit_rate": hits, "models": len(part)})
+            kept = part.candidate_id[(sign * score).nlargest(k).index]
+            rows.append({"scope": scope, "proxy": proxy, "spearman_rho": rho, "kendall_tau": tau, "top_k": k,
+                         "top_k_hit_rate": len(true_top & set(kept)) / k if k else float("nan"), "models": len(part)})
     return pd.DataFrame(rows)
 
 
@@ -133,6 +137,17 @@ def check_counts(n: int, n_off_budget: int) -> None:
         raise UserError(f"--off-budget: {n_off_budget} is negative; give 0 (none) or more")
 
 
+def check_drawn(at_budget: int, n: int) -> None:
+    """The space may hold fewer distinct allocations in the band than --n asks for: refuse too few to rank (before
+    Ray starts), and say when fewer than asked will train."""
+    if at_budget < MIN_AT_BUDGET:
+        raise UserError(f"--n: the space holds only {at_budget} distinct allocations inside the budget band (--n {n} "
+                        f"asked), too few to rank; widen space.budget.tolerance or add space.ranks or module types")
+    if at_budget < n:
+        print(f"validate-proxies: the space holds {at_budget} distinct allocations inside the budget band; training "
+              f"those, not {n}", flush=True)
+
+
 def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, address: str | None) -> pd.DataFrame:
     from orchestrator import pipeline
     from orchestrator.data import load_task
@@ -141,12 +156,15 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
 
     check_counts(n, n_off_budget)
     cfg.screen.proxies = sorted(PROXIES)  # validate every registered proxy, whatever the config screens with
+    # every allocation trains to the end: ASHA would stop the weak ones, picked on the very accuracy being correlated
+    cfg.train = dataclasses.replace(cfg.train, early_stopping=False)
     pipeline.check_run_dir(cfg, resume)  # a taken name is refused before the data loads; nothing is written yet
     task = load_task(cfg.data)
     base = load_model(cfg.model.name, task.num_labels)
     check_max_length(base, cfg.model.max_length)
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)
     chosen = validation_jobs(cfg, modules, n, n_off_budget)
+    check_drawn(sum(label == "budget" for label, _ in chosen.values()), n)
     pipeline.set_runtime_env()
     pipeline.init_ray(address)
     pipeline.prepare_run_dir(cfg, resume)
@@ -154,12 +172,13 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
     scores = pipeline.module_scores(cfg, task, modules)
     jobs = [TrainJob(cid, "searched", label, a.as_dict(), seed) for cid, (label, a) in chosen.items() for seed in cfg.train.seeds]
     trials = run_training(cfg, task, jobs)
-    table = validation_table(trials, chosen, scores, modules, cfg.screen.seed)
+    ours = {job.job_id for job in jobs}  # a --resume with fewer seeds leaves the dropped seeds' trial files
+    table = validation_table({k: t for k, t in trials.items() if k in ours}, chosen, scores, modules, cfg.screen.seed)
     if table.empty:  # nothing to rank; failed trials stay recorded, so --resume alone would not retry them
         raise UserError(f"validate-proxies: no allocation finished training (their errors are in "
                         f"'{cfg.run_dir / 'trials'}'); fix the cause, remove that directory and run again with --resume")
     proxies = sorted(PROXIES) + ["random"]
-    summary = agreement(table, proxies, top_k=max(1, n // 5))
+    summary = agreement(table, proxies, top_k=max(1, n // 5), sign=1.0 if cfg.screen.direction == "maximize" else -1.0)
     costs = cost_table(scores, table, cfg.screen.num_trials * cfg.screen.candidates_per_trial)
     write_outputs(cfg.run_dir, table, summary, costs, proxies)
     return summary

@@ -170,18 +170,38 @@ def test_calibrated_scores_reads_a_finished_calibration_and_records_it(tmp_path,
     assert run["calibration"]["device_hours"] == pytest.approx(0.02)
 
 
-def test_a_calibration_without_one_finished_run_stops_the_run(tmp_path, tiny_modules, monkeypatch):
+@pytest.mark.parametrize("finished", [0, 1])
+def test_a_calibration_with_fewer_than_two_finished_runs_stops_the_run(tmp_path, tiny_modules, monkeypatch, finished):
+    """With one measured type its gain over the mean is 0, and so is every candidate's score: the screen would rank
+    blindly."""
     import orchestrator.train as train
 
     cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=failing", "space.module_types=[query,value]",
                                   "space.ranks=[1,2]", "space.budget.qv_rank=1"])
     cfg.run_dir.mkdir(parents=True)
-    failed = lambda sub, task, jobs: {j.job_id: {"status": "failed", "error": "RuntimeError: boom"} for j in jobs}  # noqa: E731
-    monkeypatch.setattr(train, "run_training", failed)
-    with pytest.raises(UserError, match=r"calibrate: no calibration run finished .*remove .*failing.calibration"):
+
+    def trained(sub, task, jobs):
+        return {j.job_id: {"status": "completed", "accuracy": 0.7} if i < finished else
+                {"status": "failed", "error": "RuntimeError: boom"} for i, j in enumerate(jobs)}
+
+    monkeypatch.setattr(train, "run_training", trained)
+    with pytest.raises(UserError, match=rf"calibrate: {finished} calibration run\(s\) finished, fewer than the two .*"
+                                        "remove .*failing.calibration"):
         task = TaskData("t", ["a", "b"], Split(["x"] * 16, [0, 1] * 8), Split(["y"] * 8, [0, 1] * 4))
         calibrate.run_calibration(cfg, task, tiny_modules, make_budget(tiny_modules, cfg.space))
     assert not (cfg.run_dir / calibrate.TABLE).exists()  # nothing marks the stage done
+
+
+@pytest.mark.parametrize("types, params, fitting", [
+    ("[query]", 64, "query"),  # one type: nothing to compare
+    ("[query,intermediate.dense]", 192, "intermediate.dense"),  # 2 queries × 64 per rank: 64, 128, 256, never 192
+])
+def test_a_space_with_fewer_than_two_calibratable_types_is_refused_before_ray(tiny_modules, types, params, fitting):
+    cfg = load_config(None, ON + [f"space.module_types={types}", "space.ranks=[1,2]", f"space.budget.params={params}",
+                                  "space.budget.qv_rank=null", "space.budget.tolerance=0"])
+    with pytest.raises(UserError, match=rf"^screen\.rank_by: calibrated .* and 1 of space\.module_types do "
+                                        rf"\({fitting}\); add module types"):
+        calibrate.check_calibratable(cfg, tiny_modules, make_budget(tiny_modules, cfg.space))
 
 
 @pytest.mark.slow

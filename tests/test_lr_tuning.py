@@ -39,6 +39,14 @@ def test_a_run_name_must_leave_room_for_the_sweeps_suffix():
     assert load_config(None, ["name=" + "x" * 95]).name == "x" * 95  # no grid, no sub-run
 
 
+def test_a_name_that_fits_both_sub_runs_is_accepted_and_the_sweep_of_a_calibrated_run_checks_no_more():
+    """The sweep's own config keeps screen.rank_by: calibrated, but a sub-run has no sub-runs: its name is not checked
+    for '.calibration' room again (an 85-character name passed the config check, then failed after the screen)."""
+    name = "x" * (100 - len(".calibration"))  # the longest name a calibrated run may have
+    cfg = load_config(None, GRID + ["name=" + name, "screen.rank_by=calibrated"])
+    assert lr_tuning.sweep_config(cfg).name == name + ".lr-sweep"
+
+
 def test_sweep_jobs_try_every_lr_on_the_first_seed_under_ids_that_name_the_lr():
     tried = lr_tuning.sweep_jobs(jobs(), [2e-3, 8e-3], seed=0)
     assert [(t.job_id, t.lr, t.label) for t in tried] == [

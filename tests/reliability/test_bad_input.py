@@ -295,6 +295,8 @@ CASES = [
     Case("override_yaml_tag", {}, ("train.epochs: '!!python/tuple [1]' is not a YAML value", "quote text"),
          overrides=("train.epochs=!!python/tuple [1]",)),
     # ---- screen
+    Case("calibrated_with_one_module_type", {"screen": {"rank_by": "calibrated"}, "space": {"module_types": ["query"]}},
+         ("screen.rank_by: calibrated compares module types", "1 of space.module_types do (query)", "add module types")),
     Case("rank_by_not_in_proxies", {"screen": {"proxies": ["params"], "rank_by": "grad_norm"}},
          ("screen.rank_by: 'grad_norm' is not in screen.proxies", "add it to screen.proxies")),
     Case("proxy_unknown", {"screen": {"proxies": ["grad_norm", "gard_norm"]}},
@@ -452,7 +454,10 @@ def test_validate_proxies_with_every_training_failed(tmp_path, tiny_model_dir, c
     monkeypatch.setattr(pipeline, "init_ray", lambda address: None)
     monkeypatch.setattr(screen, "probe_scores", screen._probe_in_worker)
 
+    early_stopping = []
+
     def every_training_fails(cfg, task, jobs):
+        early_stopping.append(cfg.train.early_stopping)
         for job in jobs:
             train.keep_failure(cfg, job, FloatingPointError("non-finite training loss nan at step 0"))
         return train.finished_jobs(cfg.run_dir)
@@ -466,6 +471,8 @@ def test_validate_proxies_with_every_training_failed(tmp_path, tiny_model_dir, c
     assert_one_line_error(code, out, err, f"validate-proxies: no allocation finished training (their errors are in '{trials}')",
                           "run again with --resume")
     assert len(list(trials.glob("*.json"))) >= 3 and not list(trials.parent.glob("proxy_validation*"))
+    # every allocation trains to the end: ASHA would stop the weak ones, chosen on the accuracy being correlated
+    assert early_stopping == [False]
 
 
 # ---------------------------------------------------------------- the Python API: allocations
