@@ -77,7 +77,9 @@ class ComposeConfig:
                    "use at least 8 or None for all"),
                   (self.batch_size >= 1 and self.train_epochs >= 1, "batch_size/train_epochs", "must be positive",
                    "use 1 or more"),
-                  (0 < self.train_lr < 1, "train_lr", f"{self.train_lr} is out of range", "use e.g. 2e-3")]
+                  (0 < self.train_lr < 1, "train_lr", f"{self.train_lr} is out of range", "use e.g. 2e-3"),
+                  (0 <= self.seed < 2**32, "seed", f"{self.seed} is not a seed in [0, 2**32)",
+                   f"use an integer from 0 to {2**32 - 1}, e.g. 0")]
         for ok, name, problem, fix in checks:
             if not ok:
                 raise UserError(f"compose.{name}: {problem}; {fix}")
@@ -117,7 +119,7 @@ def lora_blocks(config: dict, tensors: dict, label: str) -> dict[str, LoraBlock]
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
         raise UserError(f"compose: '{label}' is not a plain LoRA adapter (peft_type {config.get('peft_type')}, "
                         "DoRA or fan_in_fan_out); compose LoRA adapters trained by lora-search")
-    blocks = {}
+    blocks, used = {}, set()
     for key, A in tensors.items():
         match = _LORA_A.match(key)
         if match:
@@ -125,9 +127,16 @@ def lora_blocks(config: dict, tensors: dict, label: str) -> dict[str, LoraBlock]
             rank = A.shape[0]
             alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
             scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            blocks[module] = LoraBlock(A.float(), tensors[key.replace(".lora_A.", ".lora_B.")].float(), float(scaling))
+            B_key = key.replace(".lora_A.", ".lora_B.")
+            blocks[module] = LoraBlock(A.float(), tensors[B_key].float(), float(scaling))
+            used |= {key, B_key}
     if not blocks:
         raise UserError(f"compose: '{label}' holds no lora_A/lora_B weights; compose LoRA adapters")
+    unused = sorted(key for key in tensors if ".lora_" in key and key not in used)
+    if unused:  # e.g. LoRA on embeddings (lora_embedding_A/B) or a lora_B bias: composing without them is not the adapter
+        raise UserError(f"compose: '{label}' holds LoRA weights compose cannot merge ({unused[0]}"
+                        f"{f' and {len(unused) - 1} more' if len(unused) > 1 else ''}); compose adapters on Linear "
+                        "modules without bias, as lora-search trains them")
     return blocks
 
 
@@ -232,8 +241,10 @@ def few_shot_sample(split: Split, num_labels: int, shots: int, seed: int) -> Spl
     for label in range(num_labels):
         pool = np.flatnonzero(labels == label)
         if len(pool) < shots:
+            fix = (f"use --shots {len(pool)} or fewer" if len(pool) >= 2 else
+                   "no --shots works (at least 2 are needed): add training examples of it, or leave that label out")
             raise UserError(f"compose --shots: class {label} has only {len(pool)} training examples, fewer than "
-                            f"{shots}; use --shots {max(2, len(pool))} or fewer")
+                            f"{shots}; {fix}")
         picked += rng.choice(pool, shots, replace=False).tolist()
     return split.subset(sorted(picked))
 
@@ -356,7 +367,7 @@ def learn_weights(few: Few, k: int, cfg: ComposeConfig):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
         seed=cfg.seed, multivariate=True, n_startup_trials=min(10, max(1, cfg.trials // 3))))
-    study.enqueue_trial({f"w{i}": 1.0 / k for i in range(k)})
+    study.enqueue_trial({f"w{i}": min(1.0 / k, cfg.bound) for i in range(k)})  # inside the box, as every trial
 
     def objective(trial) -> float:
         weights = [trial.suggest_float(f"w{i}", -cfg.bound, cfg.bound) for i in range(k)]
@@ -370,6 +381,13 @@ def learn_weights(few: Few, k: int, cfg: ComposeConfig):
 
 def run_method(method: str, few: Few, sources: list[Source], task: TaskData, few_split: Split, base_model: str,
                cfg: ComposeConfig) -> Outcome:
+    """One method, timed from its first step: models are built before the clock (the composed methods share the
+    MergedModel that `compare` builds, and the few-shot reference's fresh LoRA is built here first)."""
+    if method == "few_shot_training":
+        model = few_shot_lora(base_model, task.num_labels, cfg.seed, few.merged.device)
+        started = time.perf_counter()
+        train_few_shot(model, base_model, few_split, cfg, few.merged.device)
+        return Outcome(method, None, None, time.perf_counter() - started, model=model)
     started, k = time.perf_counter(), len(sources)
     if method == "zero_shot":
         return few.outcome(method, [0.0] * k, started)
@@ -380,23 +398,26 @@ def run_method(method: str, few: Few, sources: list[Source], task: TaskData, few
         best = int(np.argmin(losses))
         return few.outcome(method, np.eye(k)[best], started, chosen=sources[best].name,
                            extra={"source_losses": dict(zip((s.name for s in sources), losses))})
-    if method == "learned":
-        weights, study = learn_weights(few, k, cfg)
-        return few.outcome(method, weights, started, extra={"trials": len(study.trials)})
-    assert method == "few_shot_training", method  # ComposeConfig admits only METHODS
-    model = train_few_shot(base_model, task.num_labels, few_split, cfg, few.merged.device)
-    return Outcome(method, None, None, time.perf_counter() - started, model=model)
+    assert method == "learned", method  # ComposeConfig admits only METHODS
+    weights, study = learn_weights(few, k, cfg)
+    return few.outcome(method, weights, started, extra={"trials": len(study.trials)})
 
 
-def train_few_shot(base_model: str, num_labels: int, few_split: Split, cfg: ComposeConfig, device: torch.device):
-    """The reference: a fresh LoRA on query and value (r=8) + head, AdamW with warm-up and decay, on the few examples."""
+def few_shot_lora(base_model: str, num_labels: int, seed: int, device: torch.device):
+    """The reference's model: a fresh LoRA on query and value (r=8) and a fresh head."""
     from orchestrator.allocation import apply_lora, uniform
+    from orchestrator.models import adaptable_modules, load_model
+
+    base = load_model(base_model, num_labels, seed=seed)
+    return apply_lora(base, uniform(adaptable_modules(base), ("query", "value"), 8)).to(device)
+
+
+def train_few_shot(model, base_model: str, few_split: Split, cfg: ComposeConfig, device: torch.device):
+    """The reference: `model` (few_shot_lora) trained with AdamW, warm-up and decay, on the few examples."""
     from orchestrator.data import make_loader
-    from orchestrator.models import adaptable_modules, load_model, load_tokenizer
+    from orchestrator.models import load_tokenizer
     from orchestrator.train import _linear_warmup_decay
 
-    base = load_model(base_model, num_labels, seed=cfg.seed)
-    model = apply_lora(base, uniform(adaptable_modules(base), ("query", "value"), 8)).to(device)
     loader = make_loader(few_split, load_tokenizer(base_model), cfg.max_length, min(8, len(few_split)), shuffle=True,
                          seed=cfg.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train_lr)
@@ -422,7 +443,7 @@ def compare(sources: list[Source], base_model: str, task: TaskData, cfg: Compose
             device: torch.device | None = None) -> tuple[pd.DataFrame, dict[str, Outcome]]:
     """Every method of cfg.methods on one task: one row each (held-out accuracy/F1, search time, cost)."""
     from orchestrator.data import make_loader
-    from orchestrator.models import load_tokenizer
+    from orchestrator.models import check_max_length, load_tokenizer
     from orchestrator.train import evaluate
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -431,7 +452,9 @@ def compare(sources: list[Source], base_model: str, task: TaskData, cfg: Compose
     few_loader = make_loader(few_split, tokenizer, cfg.max_length, cfg.batch_size, shuffle=False)
     eval_loader = make_loader(task.eval, tokenizer, cfg.max_length, cfg.batch_size, shuffle=False)
     merged = MergedModel(base_model, task.num_labels, sources, device)
+    check_max_length(merged.model, cfg.max_length)
     few = Few(merged, few_loader, few_split.labels, task.num_labels, cfg)
+    few.score([0.0] * len(sources))  # untimed warm-up (imports, first forward): the first method would pay for it
     devices, price = device_price(device)
 
     rows, outcomes = [], {}

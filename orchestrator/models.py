@@ -82,7 +82,9 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
 
     path = resolve_model_path(name)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
+        # a checkpoint's own classifier for another label count is replaced by a fresh one, as a missing one is
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True,
+                                                                   ignore_mismatched_sizes=True)
     except (OSError, ValueError, SafetensorError) as err:  # bad config.json, unknown model_type, corrupt weights
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.name: '{path}' could not be loaded ({first}); check config.json and the "

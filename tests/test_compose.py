@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from orchestrator.compose import (ComposeConfig, Few, MergedModel, compare, concatenate, fit_head, head_cv_loss,
                                   learn_weights, load_sources, load_task_spec, regroup, save_composed)
@@ -220,8 +221,39 @@ def test_regroup_and_few_shot_sample(sentences):
                             (["sci.*", "sci.space"], "must not share a label"), (["sci.*"], "at least 2")):
         with pytest.raises(UserError, match=message):
             regroup(task, groups, "x")
-    with pytest.raises(UserError, match="--shots: class 1 has only 10"):
+    with pytest.raises(UserError, match="--shots: class 1 has only 10 training examples, fewer than 11; use --shots 10"):
         few_shot_sample(pair.train, 2, 11, seed=0)
+    lonely = Split(texts[:9], [0, 1] * 4 + [2])  # one example of class 2: no --shots value can work
+    with pytest.raises(UserError, match="class 2 has only 1 training examples, fewer than 2; no --shots works"):
+        few_shot_sample(lonely, 3, 2, seed=0)
+
+
+def test_learned_search_starts_inside_its_bound(few):
+    cfg = ComposeConfig(trials=3, bound=0.2)
+    weights, study = learn_weights(few(cfg), 3, cfg)  # uniform would be 1/3, outside ±0.2
+    assert study.trials[0].params == {f"w{i}": pytest.approx(0.2) for i in range(3)}
+    assert all(abs(w) <= 0.2 for trial in study.trials for w in trial.params.values())
+
+
+def test_an_adapter_with_lora_weights_compose_cannot_merge_is_refused(pool):
+    from orchestrator.compose import lora_blocks
+
+    registry, _ = pool
+    entry = registry.show("alpha")
+    config = json.loads((entry.path / "adapter_config.json").read_text())
+    tensors = load_file(entry.path / "adapter_model.safetensors")
+    assert lora_blocks(config, tensors, "alpha")  # as trained: composable
+    tensors["base_model.model.bert.embeddings.word_embeddings.lora_embedding_A"] = torch.zeros(4, 8)
+    with pytest.raises(UserError, match=r"compose: 'alpha' holds LoRA weights compose cannot merge "
+                                        r"\(.*word_embeddings.lora_embedding_A\); compose adapters on Linear"):
+        lora_blocks(config, tensors, "alpha")
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_any_method(sources, tiny_model_dir, sentences):
+    texts, labels = sentences
+    with pytest.raises(UserError, match="model.max_length: 256 is more tokens than the model's 128 positions"):
+        compare(sources, str(tiny_model_dir), tiny_task(texts, labels), ComposeConfig(shots=2, max_length=256),
+                torch.device("cpu"))
 
 
 def test_load_task_spec_regroups_a_builtin_task():
@@ -236,7 +268,9 @@ def test_load_task_spec_regroups_a_builtin_task():
 def test_bad_input_is_one_line_user_error(pool, tiny_model_dir, tmp_path):
     registry, _ = pool
     for kwargs, message in (({"shots": 1}, "compose.shots: 1 is too few"), ({"methods": ("magic",)}, "compose.method"),
-                            ({"trials": 0}, "compose.trials"), ({"l1": -1}, "compose.l1")):
+                            ({"trials": 0}, "compose.trials"), ({"l1": -1}, "compose.l1"),
+                            ({"seed": -1}, r"compose.seed: -1 is not a seed in \[0, 2\*\*32\)"),
+                            ({"seed": 2**32}, "compose.seed: 4294967296 is not a seed")):
         with pytest.raises(UserError, match=message):
             ComposeConfig(**kwargs)
     for names, message in ((["alpha", "nope"], "no adapter named 'nope'"), (["alpha"], "at least 2"),
@@ -364,3 +398,14 @@ def test_compose_adapters_trained_by_the_pipeline(tiny_model_dir, tmp_path, sent
     assert metrics["accuracy"] == pytest.approx(entry.metrics["accuracy"])
     assert metrics["eval_loss"] == pytest.approx(entry.metrics["eval_loss"], rel=1e-4)
     assert "Adapter composition" in (tmp_path / "out" / "compose.md").read_text()
+
+
+def test_a_checkpoint_with_a_head_for_another_label_count_gets_a_fresh_head(tiny_model_dir):
+    """The tiny checkpoint holds a 2-label classifier; a 3-class task (a compose target, a run) gets a fresh head, as
+    a checkpoint without one does, not a size-mismatch traceback."""
+    from orchestrator.models import load_model
+
+    model = load_model(str(tiny_model_dir), 3)
+    assert model.classifier.out_features == 3
+    kept = load_model(str(tiny_model_dir), 2)  # the same label count keeps the checkpoint's head, as before
+    assert torch.equal(kept.classifier.weight, load_model(str(tiny_model_dir), 2, seed=5).classifier.weight)
