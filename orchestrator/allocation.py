@@ -21,7 +21,8 @@ from torch import nn
 
 from orchestrator.errors import UserError
 from orchestrator.models import HEAD_MODULES, AdaptableModule
-from orchestrator.shortcuts import ShortcutSpec, attach_shortcuts, check_specs, is_shortcut_item, shortcut_sites
+from orchestrator.shortcuts import (ShortcutSpec, attach_shortcuts, check_specs, format_compact, is_shortcut_item,
+                                    shortcut_sites)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Allocation:
                 ranks[spec.name] = spec.rank
                 continue
             short, _, rank = item.rpartition(":")
-            if short not in by_short or not rank.isdigit():
+            if short not in by_short or not (rank.isascii() and rank.isdigit()):
                 example = f"{modules[0].short}:8" if modules else "L0.query:8"
                 raise UserError(f"allocation: '{item}' is not `L<layer>.<module type>:<rank>` for this model; "
                                 f"e.g. {example} (see `lora-search modules`)")
@@ -80,7 +81,7 @@ class Allocation:
     def compact(self, modules: list[AdaptableModule]) -> str:
         rank = self.as_dict()
         lora = [f"{m.short}:{rank[m.name]}" for m in modules if m.name in rank and not is_shortcut_item(m.name)]
-        return ",".join(lora + [spec.compact for spec in self.shortcuts])
+        return ",".join(lora + ([format_compact(self.shortcuts)] if self.shortcuts else []))
 
     @property
     def candidate_id(self) -> str:

@@ -144,7 +144,7 @@ def load_sources(registry, specs: list[str], base_model: str | None = None) -> t
     """Registered adapters (`name` = current version, `name@3` = version 3), checksums and base model checked.
 
     Returns the sources and the base model they share (default: the one they were stored with)."""
-    from orchestrator.registry import CONFIG_FILE, decode
+    from orchestrator.registry import CONFIG_FILE, SHORTCUT_SPECS, decode
 
     if len(specs) < 2:
         raise UserError(f"compose --adapters: {len(specs)} adapter(s) given; give at least 2 registered names, "
@@ -158,6 +158,9 @@ def load_sources(registry, specs: list[str], base_model: str | None = None) -> t
         label = f"{entry.name}@{entry.version}"
         if label in {s.name for s in sources}:  # e.g. `tiny` and `tiny@1` while v1 is current
             raise UserError(f"compose --adapters: {specs} names {label} twice; give each adapter version once")
+        if SHORTCUT_SPECS in contents:  # a shortcut is no Linear module's ΔW: merging without it is not the adapter
+            raise UserError(f"compose --adapters: {label} carries shortcut connections ({entry.allocation}), which "
+                            "compose cannot merge; compose adapters without shortcuts")
         tensors = decode(contents[entry.weights_file], entry.precision)
         sources.append(Source(label, entry.task, lora_blocks(json.loads(contents[CONFIG_FILE]), tensors, label)))
         entries.append(entry)

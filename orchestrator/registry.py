@@ -38,6 +38,9 @@ from pathlib import Path
 
 from orchestrator.config import REGISTRY_DB, is_adapter_name
 from orchestrator.errors import UserError
+from orchestrator.shortcuts import SPECS_FILE as SHORTCUT_SPECS, WEIGHTS_FILE as SHORTCUT_WEIGHTS
+
+SHORTCUT_FILES = (SHORTCUT_SPECS, SHORTCUT_WEIGHTS)  # an allocation's shortcut connections, beside the PEFT adapter
 
 DEFAULT_ROOT = Path("results") / "registry"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -207,6 +210,7 @@ class AdapterFiles:
     weights: bytes
     precision: str | None  # fp32 / fp16 / int8 (registry files say so), fp32 when every float is fp32, else None
     tensors: dict  # decoded, fp32
+    shortcuts: dict  # shortcuts.json and shortcuts.safetensors → their bytes (stored as they are), or empty
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -263,18 +267,47 @@ def read_adapter_dir(source_dir: str | Path) -> AdapterFiles:
         precision = "fp32" if all(d == torch.float32 for d in floats) else None
     if not raw:
         raise UserError(f"registry: '{weights}' holds no tensors; save a trained adapter")
-    return AdapterFiles(config, config_bytes, data, precision, decode(data, precision or "fp32"))
+    return AdapterFiles(config, config_bytes, data, precision, decode(data, precision or "fp32"), _read_shortcuts(source))
 
 
-def allocation_from_config(config: dict) -> str:
-    """Compact allocation (`L0.query:8,...`) from an adapter config's target_modules and rank_pattern."""
+def _read_shortcuts(source: Path) -> dict[str, bytes]:
+    """The shortcut files of an adapter directory (both or none), checked: the specs parse, the weights are
+    safetensors. Without them a stored shortcut model would load as a different model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from orchestrator.shortcuts import read_specs
+
+    present = [name for name in SHORTCUT_FILES if (source / name).is_file()]
+    if not present:
+        return {}
+    if len(present) == 1:
+        raise UserError(f"registry: '{source}' holds {present[0]} without its partner ({', '.join(SHORTCUT_FILES)}); "
+                        "save the shortcuts with save_shortcuts, which writes both")
+    read_specs(source)
+    files = {name: (source / name).read_bytes() for name in SHORTCUT_FILES}
+    try:
+        load(files[SHORTCUT_WEIGHTS])
+    except (SafetensorError, ValueError) as err:
+        raise UserError(f"registry: '{source / SHORTCUT_WEIGHTS}' is not a valid safetensors file "
+                        f"({str(err).splitlines()[0][:120]}); save the shortcuts again with save_shortcuts") from None
+    return files
+
+
+def allocation_from_config(config: dict, shortcuts_dir: str | Path | None = None) -> str:
+    """Compact allocation (`L0.query:8,...`) from an adapter config's target_modules and rank_pattern, and the
+    shortcuts saved in `shortcuts_dir`, if given."""
     from orchestrator.report import compact_allocation
+    from orchestrator.shortcuts import read_specs
 
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         return targets
     patterns = {re.sub(r"\\(.)", r"\1", k): v for k, v in (config.get("rank_pattern") or {}).items()}
-    return compact_allocation({name: int(patterns.get(name, config.get("r", 8))) for name in targets})
+    ranks = {name: int(patterns.get(name, config.get("r", 8))) for name in targets}
+    if shortcuts_dir is not None:
+        ranks |= {spec.name: spec.rank for spec in read_specs(shortcuts_dir)[0]}
+    return compact_allocation(ranks)
 
 
 def num_labels_of(tensors: dict) -> int:
@@ -459,13 +492,14 @@ class Registry:
             from orchestrator.report import compact_allocation
 
             allocation = compact_allocation(allocation)
-        allocation = allocation or allocation_from_config(adapter.config)
+        allocation = allocation or allocation_from_config(adapter.config, source_dir if adapter.shortcuts else None)
         # An fp32 source stored as fp32 keeps its bytes; anything else is encoded from the fp32 tensors.
         if precision == "fp32" and adapter.precision == "fp32":
             weights_name, weights = WEIGHTS_FILE, adapter.weights
         else:
             weights_name, weights = encode(adapter.tensors, precision)
         files = {CONFIG_FILE: sha256_bytes(adapter.config_bytes), weights_name: sha256_bytes(weights)}
+        files |= {name: sha256_bytes(data) for name, data in adapter.shortcuts.items()}  # fp32 as trained: small
         metrics_text = json.dumps(metrics or {}, sort_keys=True, default=float)
         base_hash = self.base_model_hash(base_model)  # hashed (once per file version) before taking the write lock
 
@@ -473,6 +507,8 @@ class Registry:
         try:
             (staged / CONFIG_FILE).write_bytes(adapter.config_bytes)
             (staged / weights_name).write_bytes(weights)
+            for file, data in adapter.shortcuts.items():
+                (staged / file).write_bytes(data)
             for path in staged.iterdir():
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -624,6 +660,9 @@ class Registry:
             staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
             (staged / CONFIG_FILE).write_bytes(contents[CONFIG_FILE])
             (staged / WEIGHTS_FILE).write_bytes(weights)
+            for file in SHORTCUT_FILES:
+                if file in contents:
+                    (staged / file).write_bytes(contents[file])
             (staged / "registry_entry.json").write_text(json.dumps(entry.to_dict(), indent=1, default=str))
             if out.exists():
                 out.rmdir()
@@ -650,15 +689,18 @@ class Registry:
                             f"v{entry.version} was stored with ('{entry.base_model}', SHA-256 "
                             f"{entry.base_model_sha256[:12]}…); load it on that model")
         tensors = decode(contents[entry.weights_file], entry.precision)
-        return peft_model_from_tensors(str(base), contents[CONFIG_FILE], tensors)
+        shortcuts = {name: contents[name] for name in SHORTCUT_FILES if name in contents}
+        return peft_model_from_tensors(str(base), contents[CONFIG_FILE], tensors, shortcuts)
 
 
-def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict):
-    """PeftModel.from_pretrained on a private temporary directory holding these tensors as safetensors."""
+def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict, shortcuts: dict | None = None):
+    """PeftModel.from_pretrained on a private temporary directory holding these tensors as safetensors, with the
+    shortcut connections of `shortcuts` (their files' bytes) attached, frozen."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
     from orchestrator.models import load_model
+    from orchestrator.shortcuts import load_shortcuts
 
     model = load_model(base_model, num_labels=num_labels_of(tensors))
     with tempfile.TemporaryDirectory() as tmp:
@@ -666,6 +708,10 @@ def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         peft_model = PeftModel.from_pretrained(model, tmp)
+        for name, data in (shortcuts or {}).items():
+            (Path(tmp) / name).write_bytes(data)
+        if shortcuts:
+            load_shortcuts(peft_model, tmp, trainable=False)
     return peft_model.eval()
 
 
@@ -741,7 +787,7 @@ def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
             size = (Path(tmp) / name).stat().st_size
         tensors = decode(blob, precision)
         error = max(float((tensors[k] - reference[k]).abs().max()) for k in reference if reference[k].is_floating_point())
-        model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors).to(device)
+        model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors, adapter.shortcuts).to(device)
         metrics = evaluate(model, loader, device)
         rows.append({"precision": precision, "weights_file": name, "size_bytes": size,
                      "accuracy": metrics["accuracy"], "f1": metrics["f1"], "eval_loss": metrics["eval_loss"],

@@ -130,11 +130,14 @@ def ordered_types(types) -> list[str]:
 
 
 def compact_allocation(ranks: dict[str, int], module_order: list[str] | None = None) -> str:
-    """`L0.query:8,L3.output.dense:4` in model order (as `Allocation.compact`), without loading the model.
+    """`L0.query:8,L3.output.dense:4` in model order, then the shortcuts by layer and kind (as `Allocation.compact`),
+    without loading the model.
 
     `module_order` is the model's module names in order (module_scores.json `unit` keys); names missing
     from it follow, by layer and module type.
     """
+    from orchestrator.shortcuts import ShortcutSpec, format_compact, is_shortcut_item
+
     position = {name: i for i, name in enumerate(module_order or [])}
     type_rank = {t: i for i, t in enumerate(MODULE_TYPE_ORDER)}
 
@@ -143,10 +146,11 @@ def compact_allocation(ranks: dict[str, int], module_order: list[str] | None = N
         return (name not in position, position.get(name, 0), layer, type_rank.get(kind, len(type_rank)), kind)
 
     items = []
-    for name in sorted((n for n, r in ranks.items() if r > 0), key=key):
+    for name in sorted((n for n, r in ranks.items() if r > 0 and not is_shortcut_item(n)), key=key):
         layer, kind = module_cell(name) or (None, name)
         items.append(f"L{layer}.{kind}:{ranks[name]}" if layer is not None else f"{name}:{ranks[name]}")
-    return ",".join(items)
+    shortcuts = [ShortcutSpec.parse(f"{n}:{r}") for n, r in ranks.items() if r > 0 and is_shortcut_item(n)]
+    return ",".join(items + ([format_compact(shortcuts)] if shortcuts else []))
 
 
 def _allocation_summary(row) -> tuple[int, int, str]:

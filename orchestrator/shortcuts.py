@@ -107,7 +107,7 @@ class ShortcutSpec:
         """`L3.shortcut.residual:4` → ShortcutSpec('residual', 3, 4)."""
         name, _, rank = item.strip().rpartition(":")
         match = _NAME.match(name)
-        if not match or not rank.isdigit():
+        if not match or not (rank.isascii() and rank.isdigit()):  # '²' is a digit to isdigit, not to int
             raise UserError(f"{FIELD}: '{item.strip()}' is not `L<layer>.shortcut.<kind>:<rank>`; "
                             f"e.g. L3.shortcut.residual:4 (kinds: {', '.join(KINDS)})")
         return cls(match.group(2), int(match.group(1)), int(rank))
@@ -337,10 +337,17 @@ class ShortcutSet:
         """Load `shortcuts.safetensors` from `directory` into these (already attached) shortcuts, e.g. on resume."""
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         path = Path(directory) / WEIGHTS_FILE
         if not path.is_file():
             raise UserError(f"{path}: missing; shortcut weights are read from safetensors only")
-        self.load_state_dict(load_file(path))
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, ValueError) as err:
+            raise UserError(f"{path}: not a valid safetensors file ({str(err).splitlines()[0][:120]}); save the "
+                            "shortcuts again with save_shortcuts") from None
+        self.load_state_dict(tensors)
 
     def detach(self) -> None:
         """Remove the hooks and the `shortcuts` submodule; the model computes exactly as before attaching."""
@@ -484,7 +491,9 @@ def load_shortcuts(model: nn.Module, directory, trainable: bool = True) -> Short
     if int(meta.get("hidden_size", hidden)) != hidden:
         raise UserError(f"{Path(directory) / SPECS_FILE}: saved for hidden size {meta['hidden_size']}, "
                         f"but the model has {hidden}; load it on the base model it was trained on")
-    shortcut_set = attach_shortcuts(model, specs, alpha_ratio=float(meta.get("alpha_ratio", 2.0)))
+    # building the modules draws their init (which load_weights overwrites) from torch's global stream: keep it as it was
+    with torch.random.fork_rng(devices=[]):
+        shortcut_set = attach_shortcuts(model, specs, alpha_ratio=float(meta.get("alpha_ratio", 2.0)))
     try:
         shortcut_set.load_weights(directory)
     except BaseException:  # leave the model as it came, so a retry with the right files works on it

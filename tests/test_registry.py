@@ -270,6 +270,47 @@ def test_export_round_trip(registry, adapter, tiny_model_dir, tokenizer, tmp_pat
     assert a_file.read_text() == "x" and not list((tmp_path / "empty").iterdir())
 
 
+def test_an_adapter_with_shortcuts_is_stored_loaded_and_exported_whole(registry, tiny_model_dir, tokenizer, tmp_path):
+    """The shortcut files ride with the PEFT adapter: without them the stored model would load as another model."""
+    from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
+    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.registry import SHORTCUT_FILES
+    from orchestrator.shortcuts import save_shortcuts
+
+    base = load_model(str(tiny_model_dir), 2)
+    modules = adaptable_modules(base)
+    allocation = Allocation.from_ranks({modules[0].name: 4, "L0.shortcut.residual": 2, "L1.shortcut.cross_block": 2})
+    model = apply_lora(base, allocation)
+    shortcut_set = attach_allocation_shortcuts(model, allocation, seed=0)
+    with torch.no_grad():
+        for b in (shortcut_set.factors(spec)[1] for spec in shortcut_set.specs):
+            b.normal_(0, 0.5)  # trained shortcuts: they change the logits
+    directory = tmp_path / "with_shortcuts"
+    model.save_pretrained(directory)
+    save_shortcuts(shortcut_set, directory)
+    expected = logits(model, tokenizer)
+
+    entry = registry.add("shortcut", directory, "tiny.csv", str(tiny_model_dir))
+    assert set(SHORTCUT_FILES) <= set(entry.files)
+    assert entry.allocation == "L0.query:4,L0.shortcut.residual:2,L1.shortcut.cross_block:2"  # read from the files
+    loaded = registry.load("shortcut")
+    assert not any(p.requires_grad for p in loaded.base_model.model.shortcuts.parameters())  # frozen, as loaded
+    torch.testing.assert_close(logits(loaded, tokenizer), expected, rtol=0, atol=1e-6)
+    out = registry.export("shortcut", None, tmp_path / "exported")
+    assert all(sha(out / name) == sha(directory / name) for name in SHORTCUT_FILES)
+
+    from orchestrator.compose import load_sources
+
+    registry.add("shortcut2", directory, "tiny.csv", str(tiny_model_dir))
+    with pytest.raises(UserError, match=r"compose --adapters: shortcut@1 carries shortcut connections .* which compose "
+                                        "cannot merge"):
+        load_sources(registry, ["shortcut", "shortcut2"])
+
+    (directory / SHORTCUT_FILES[1]).unlink()  # half a pair
+    with pytest.raises(UserError, match=r"holds shortcuts.json without its partner"):
+        registry.add("half", directory, "tiny.csv", str(tiny_model_dir))
+
+
 def test_tampered_file_is_refused_and_nothing_changes(registry, adapter, tiny_model_dir, tmp_path):
     entry = add(registry, adapter, tiny_model_dir)
     weights = entry.path / WEIGHTS_FILE

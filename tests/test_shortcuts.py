@@ -273,3 +273,45 @@ def test_layer_out_of_range_names_the_field(model, tmp_path):
         (tmp_path / WEIGHTS_FILE).unlink()
         shortcut_set.detach()
         load_shortcuts(model, tmp_path)
+
+
+def test_one_allocation_has_one_compact_string_everywhere(tiny_model, tiny_modules):
+    """Allocation.compact (screen.csv, report.csv), the report's compact_allocation (registry entries) and the
+    shortcuts.json compact agree: LoRA modules in model order, then shortcuts by layer and kind (not alphabetically,
+    which put cross_block before residual and L10 before L2)."""
+    from orchestrator.allocation import Allocation, searchable_units
+    from orchestrator.report import compact_allocation
+
+    units = searchable_units(tiny_model, tiny_modules, KINDS)
+    ranks = {tiny_modules[0].name: 4, "L1.shortcut.cross_block": 3, "L1.shortcut.residual": 2, "L0.shortcut.residual": 1}
+    allocation = Allocation.from_ranks(ranks)
+    expected = "L0.query:4,L0.shortcut.residual:1,L1.shortcut.residual:2,L1.shortcut.cross_block:3"
+    assert allocation.compact(units) == compact_allocation(ranks) == expected
+    assert allocation.compact(units).endswith(format_compact(allocation.shortcuts))
+    assert compact_allocation({"L10.shortcut.residual": 1, "L2.shortcut.residual": 1}) == \
+        "L2.shortcut.residual:1,L10.shortcut.residual:1"
+
+
+def test_loading_leaves_torch_global_random_stream_alone_and_a_corrupt_file_is_one_line(model, tiny_model_dir, tmp_path):
+    shortcut_set = attach_shortcuts(model, EVERY_SITE, seed=0)
+    save_shortcuts(shortcut_set, tmp_path)
+    fresh = load_model(str(tiny_model_dir), 2)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    load_shortcuts(fresh, tmp_path)
+    assert torch.equal(torch.rand(3), expected)  # later shuffles and dropout draw as they would have
+
+    data = (tmp_path / WEIGHTS_FILE).read_bytes()
+    (tmp_path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"shortcuts\.safetensors: not a valid safetensors file .*; save the shortcuts "
+                                        "again with save_shortcuts$"):
+        load_shortcuts(load_model(str(tiny_model_dir), 2), tmp_path)
+
+
+@pytest.mark.parametrize("text", ["L1.shortcut.residual:²", "L0.query:²"])
+def test_a_rank_that_is_a_digit_only_to_unicode_is_refused_in_one_line(tiny_model, tiny_modules, text):
+    from orchestrator.allocation import Allocation, searchable_units
+
+    with pytest.raises(UserError, match="is not `L<layer>"):
+        Allocation.from_compact(text, searchable_units(tiny_model, tiny_modules, KINDS))
