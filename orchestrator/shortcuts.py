@@ -335,9 +335,8 @@ class ShortcutSet:
 
     def load_weights(self, directory) -> None:
         """Load `shortcuts.safetensors` from `directory` into these (already attached) shortcuts, e.g. on resume."""
-        from safetensors.torch import load_file
-
         from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         path = Path(directory) / WEIGHTS_FILE
         if not path.is_file():
