@@ -37,12 +37,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
     """A threaded WSGI server of optuna-dashboard on the run's study; call serve_forever() / shutdown()."""
-    from optuna_dashboard import wsgi
-
     if not 0 <= port <= 65535:  # socket.bind would raise OverflowError
         raise UserError(f"--port: {port} is not a TCP port; give one from 1 to 65535 (0 picks a free one)")
     url, study = run_study(run_dir)
     storage = open_storage(url, create=False)
+    from optuna_dashboard import wsgi  # after the checks: its import takes seconds (scikit-learn), an error should not
+
     server_class = _ThreadedWSGIServer6 if ":" in host else _ThreadedWSGIServer
     try:
         server = simple_server.make_server(host, port, wsgi(storage), server_class=server_class, handler_class=_QuietHandler)

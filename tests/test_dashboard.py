@@ -135,6 +135,16 @@ def test_port_out_of_range_is_a_user_error_and_the_only_line(tmp_path, capsys, p
     assert capsys.readouterr().err == ""
 
 
+def test_bad_input_is_refused_before_optuna_dashboard_is_imported(tmp_path, monkeypatch):
+    import orchestrator.dashboard as dashboard
+
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # importing it now fails (it takes seconds)
+    with pytest.raises(UserError, match="--port"):
+        dashboard.make_server(make_run_dir(tmp_path), port=99999)
+    with pytest.raises(UserError, match="RUN_DIR"):
+        dashboard.make_server(tmp_path / "nope")
+
+
 def test_cli_port_out_of_range_exits_2_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "dashboard", str(make_run_dir(tmp_path)), "--port", "99999"],
                           capture_output=True, text=True, timeout=120)
