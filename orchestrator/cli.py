@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from orchestrator.errors import UserError
+from orchestrator.errors import Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Search where LoRA adapters go and how much rank each gets, under a parameter budget.")
@@ -27,7 +27,11 @@ def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_
     from orchestrator.config import load_config
 
     cfg = load_config(config, (overrides or []) + ([f"screen.warm_start_from={warm_start}"] if warm_start else []))
-    table = pipeline.run(cfg, resume=resume, address=address)
+    try:
+        table = pipeline.run(cfg, resume=resume, address=address)
+    except KeyboardInterrupt:  # outside Tune's fit(), which returns on Ctrl-C (the pipeline raises Interrupted then)
+        raise Interrupted(f"run '{cfg.name}' stopped; " + ("continue it with --resume" if (cfg.run_dir / "run.json").is_file()
+                                                          else "nothing was written; start it again")) from None
     report.print_summary(table, report.read_run_json(cfg.run_dir)["task"]["majority_rate"], console, run_dir=cfg.run_dir)
     console.print(f"Results: {cfg.run_dir}/ (report.md, report.csv, report.parquet, screen.csv, study.db, adapters/)")
 
@@ -260,12 +264,16 @@ app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:
-    """Usage errors (unknown option, bad argument type) are click's: usage line, exit 2. Ours: one line, exit 2."""
+    """Usage errors (unknown option, bad argument type) are click's: usage line, exit 2. Ours: one line, exit 2;
+    Ctrl-C: one line, exit 130."""
     try:
         app(standalone_mode=True)
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as err:
+        print(f"interrupted: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, the shell's code for Ctrl-C
 
 
 if __name__ == "__main__":

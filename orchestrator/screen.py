@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.allocation import Allocation
 from orchestrator.allocators import Budget, distribution_space, get_allocator, sample_allocations
-from orchestrator.errors import UserError
+from orchestrator.errors import Interrupted, UserError
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
 from orchestrator.models import AdaptableModule
@@ -150,7 +150,17 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
                                       verbose=1),
         )
     results = tuner.fit()
+    check_screen_ended(results, cfg.screen.num_trials)
     return screen_table(results, context, cfg.screen.survivors, list(points))
+
+
+def check_screen_ended(results, num_trials: int) -> None:
+    """Tune's fit() returns on Ctrl-C (SIGINT) with trials left pending or running. Their screen must not be
+    written: a --resume would take it as the whole screen. A trial ends with its candidates or an error."""
+    ended = sum(1 for result in results if result.error or "candidates" in (result.metrics or {}))
+    if ended < num_trials:
+        raise Interrupted(f"screen stopped after {ended} of {num_trials} trials; nothing was written to screen.csv; "
+                          "continue with --resume")
 
 
 def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:

@@ -35,6 +35,7 @@ from orchestrator.allocators import make_budget, space_modules
 from orchestrator.config import RunConfig, TrainConfig
 from orchestrator.data import TaskData, accuracy_and_macro_f1, make_loader
 from orchestrator.dynamic import DynamicReallocator, full_rank_allocation
+from orchestrator.errors import Interrupted, UserError
 from orchestrator.models import adaptable_modules, head_params, load_model, load_tokenizer
 from orchestrator.routing import CONFIG_FILE as ROUTED_CONFIG, WEIGHTS_FILE as ROUTED_WEIGHTS
 from orchestrator.routing import (RoutingState, attach_routed_adapters, budget_expert_ranks, load_routed_weights,
@@ -47,6 +48,7 @@ TRAIN_STATE = "train_state.pt"
 HISTORY_KEYS = ("epoch", "train_loss", "eval_loss", "accuracy", "f1", "val_accuracy", "train_wall_s")  # val_: when held out
 FAULT_ENV = "LORA_SEARCH_INJECT_FAULT"  # chaos testing only, see fault_plan
 FAULTS = ("nan", "oom")
+TRIAL_CPUS = 0.25  # a training's Tune trial only waits on its TorchTrainer: the workers get the cores
 # Keys of a Tune result that are Tune's bookkeeping, not the model's metrics (left out of trials/<job>.json).
 NOT_KEPT = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "checkpoint_path", "history"}
 
@@ -285,7 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=job.learning_rate(t), weight_decay=t.weight_decay)
     scheduler = _linear_warmup_decay(optimizer, steps, t.warmup_ratio)
     start_epoch, elapsed, history = _restore(ray.train.get_checkpoint(), adapted, optimizer, scheduler)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = trains_in_bf16(device)
     kernel_setup = kernels(device)  # fixed for the training: read once, not every epoch
     trained_params = adapted.routing.trainable_params() if adapted.routing else sum(
         p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ("lora_" in n or f"{SHORTCUTS_MODULE}." in n))
@@ -337,6 +339,12 @@ def accumulation_groups(loader, size: int):
     batches = (batch for batch in loader)  # a generator: iter() on it does not restart the loader
     while group := list(islice(batches, size)):
         yield group
+
+
+def trains_in_bf16(device: torch.device) -> bool:
+    """bf16 autocast on GPUs with bf16 kernels (Ampere, sm_80, and later). Older ones (T4, V100) only emulate it,
+    slowly, though torch.cuda.is_bf16_supported() says yes by default: they train in fp32."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, scheduler, step: int, use_bf16: bool,
@@ -533,8 +541,6 @@ def fault_plan() -> dict[str, str]:
     worker's address space so its first step cannot allocate. Read on the driver and shipped in the
     trainer's config, so it reaches the workers on any cluster.
     """
-    from orchestrator.errors import UserError
-
     plan = {}
     for item in filter(None, (part.strip() for part in os.environ.get(FAULT_ENV, "").split(","))):
         fault, _, job_id = item.partition(":")
@@ -551,6 +557,27 @@ def finished_jobs(run_dir: Path) -> dict[str, dict]:
 
 def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0)
+
+
+def trains_on_gpu(t: TrainConfig, gpus: float) -> bool:
+    return t.use_gpu == "true" or (t.use_gpu == "auto" and gpus > 0)
+
+
+def check_trainings_fit(t: TrainConfig, embedded: bool) -> None:
+    """Refuse a training that the embedded local cluster can never hold: Ray Train would retry its worker-group
+    start every minute, for ever, without a word. A remote cluster may add nodes for it: there the request waits."""
+    if not embedded:
+        return
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if t.use_gpu == "true" and not gpus:
+        raise UserError("train.use_gpu: 'true', but Ray sees no GPU on this machine; use train.use_gpu=auto (CPU here)")
+    if trains_on_gpu(t, gpus) and t.num_workers > gpus:
+        raise UserError(f"train.num_workers: {t.num_workers} workers need a GPU each and this machine has {gpus:g}; "
+                        f"use train.num_workers={int(gpus)} or fewer")
+    if t.num_workers * t.cpus_per_worker + TRIAL_CPUS > cpus:
+        raise UserError(f"train.num_workers × train.cpus_per_worker: {t.num_workers} × {t.cpus_per_worker} CPUs (and "
+                        f"{TRIAL_CPUS} for the Tune trial) is more than Ray's {cpus:g} CPUs on this machine; lower either")
 
 
 def alive_nodes() -> int:
@@ -600,10 +627,9 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
     pending = {job.job_id: job for job in jobs if job.job_id not in done}
     if pending:
         gpus = cluster_gpus()
-        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and gpus > 0)
+        use_gpu = trains_on_gpu(cfg.train, gpus)
         context = TrainContext(cfg, task, use_gpu, fault_plan())
-        # The trial itself only waits on its TorchTrainer: a quarter CPU, so the workers get the cores.
-        trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": 0.25})
+        trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": TRIAL_CPUS})
         scheduler = None
         if cfg.train.epochs > 1 and cfg.train.early_stopping:
             scheduler = BaselineSafeASHA(time_attr="epoch", metric=selection_metric(task), mode="max", max_t=cfg.train.epochs,
@@ -622,4 +648,15 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             job = TrainJob(**result.config["job"])
             if result.error and not (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
                 keep_failure(cfg, job, result.error)
+        check_trainings_ended(cfg.run_dir, pending)
     return finished_jobs(cfg.run_dir)
+
+
+def check_trainings_ended(run_dir: Path, pending: dict[str, TrainJob]) -> None:
+    """Tune's fit() returns on Ctrl-C (SIGINT): a job it left has neither a result nor a failure. Stop the run there,
+    or it would report (and register from) the models that happened to finish."""
+    unfinished = [job_id for job_id in pending if not (run_dir / "trials" / f"{job_id}.json").is_file()]
+    if unfinished:
+        raise Interrupted(f"training stopped with {len(unfinished)} of {len(pending)} model(s) unfinished "
+                          f"({', '.join(unfinished[:3])}{', …' if len(unfinished) > 3 else ''}); nothing was reported; "
+                          "continue with --resume")
