@@ -23,7 +23,7 @@ from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
 from orchestrator.proxies import ModuleScores
 from orchestrator.storage import check_run_storage, check_study_storage, publish_run, run_storage
-from orchestrator.train import TrainJob, run_training
+from orchestrator.train import TrainJob, check_trainings_fit, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
 # from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
@@ -58,13 +58,14 @@ def runtime_env_vars(defaults: dict[str, str] = RUNTIME_ENV) -> dict[str, str]:
     return {**{key: os.environ.get(key, value) for key, value in defaults.items()}, **pins}
 
 
-def init_ray(address: str | None) -> None:
-    """Attach to a cluster (`--address` or RAY_ADDRESS), else start an embedded local one."""
+def init_ray(address: str | None) -> bool:
+    """Attach to a cluster (`--address` or RAY_ADDRESS), else start an embedded local one. Returns whether the
+    cluster is the embedded one (nothing adds nodes to it)."""
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS for the driver
+    if ray.is_initialized():
+        return not address
     if address:
         _check_reachable(address)
         # Ray refuses to merge a ray.init env var that the submitted job's runtime_env also sets: leave those to the job.
@@ -86,6 +87,7 @@ def init_ray(address: str | None) -> None:
         _allow_a_slow_dashboard_start()
         ray.init(num_cpus=max(3, (os.cpu_count() or 1) + 1), include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, object_store_memory=512 * 2**20, runtime_env={"env_vars": env})
+    return not address
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -254,7 +256,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     check_run_dir(cfg, resume)  # before the study check, which may create the study's storage
     check_study_storage(cfg.screen.storage, cfg.name, resume)
     set_runtime_env()
-    init_ray(address)  # an unreachable --address fails here, before anything is written
+    check_trainings_fit(cfg.train, embedded=init_ray(address))  # an unreachable --address fails here, before anything is written
     prepare_run_dir(cfg, resume)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},

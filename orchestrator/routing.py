@@ -581,18 +581,18 @@ def load_routed_weights(model: nn.Module, state: RoutingState, path: str | Path)
 def train_routed(model: nn.Module, state: RoutingState | None, train_loader, eval_loader, epochs: int = 1,
                  lr: float = 2e-3, aux_weight: float = 0.01, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
                  device: torch.device | str | None = None) -> dict:
-    """The recipe of orchestrator/train.py (AdamW, warm-up + linear decay, bf16 autocast on GPU) plus the
+    """The recipe of orchestrator/train.py (AdamW, warm-up + linear decay, bf16 autocast on GPUs with bf16 kernels) plus the
     aux term; then one measured pass over the eval set. `state=None` trains any model's trainable
     parameters the same way (e.g. a PEFT LoRA baseline), so all variants share one loop and one clock.
     """
-    from orchestrator.train import _linear_warmup_decay
+    from orchestrator.train import _linear_warmup_decay, trains_in_bf16
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     scheduler = _linear_warmup_decay(optimizer, epochs * len(train_loader), warmup_ratio)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = trains_in_bf16(device)
     losses, aux_losses, elapsed, cpu = [], [], 0.0, 0.0
     for epoch in range(epochs):
         model.train()

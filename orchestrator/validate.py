@@ -22,7 +22,7 @@ from orchestrator.allocators import Budget, make_budget, sample_allocations, spa
 from orchestrator.config import RunConfig
 from orchestrator.errors import UserError
 from orchestrator.proxies import PROXIES, ModuleScores, get_proxy
-from orchestrator.train import TrainJob
+from orchestrator.train import TrainJob, check_trainings_fit
 
 OFF_BUDGET_SCALES = (0.5, 2.0)
 MIN_AT_BUDGET = 3  # the fewest allocations a rank correlation says anything about
@@ -166,7 +166,7 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
     chosen = validation_jobs(cfg, modules, n, n_off_budget)
     check_drawn(sum(label == "budget" for label, _ in chosen.values()), n)
     pipeline.set_runtime_env()
-    pipeline.init_ray(address)
+    check_trainings_fit(cfg.train, embedded=pipeline.init_ray(address))
     pipeline.prepare_run_dir(cfg, resume)
     pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
     scores = pipeline.module_scores(cfg, task, modules)

@@ -3,6 +3,7 @@ adapter they place; step counts and max_steps."""
 
 import copy
 import math
+import re
 import resource
 
 import pytest
@@ -171,6 +172,33 @@ def test_concurrent_trainings_fit_a_single_gpu_node():
     assert concurrent_trainings(two, use_gpu=True, cluster_gpus=1, nodes=2) == 2
 
 
+@pytest.mark.parametrize("train, resources, refused", [
+    (dict(num_workers=2, cpus_per_worker=2), {"CPU": 3}, "train.num_workers × train.cpus_per_worker: 2 × 2 CPUs"),
+    (dict(num_workers=2, cpus_per_worker=1), {"CPU": 3}, None),  # 2.25 CPUs with the trial's quarter
+    (dict(cpus_per_worker=3), {"CPU": 3}, "train.num_workers × train.cpus_per_worker: 1 × 3 CPUs"),
+    (dict(use_gpu="true"), {"CPU": 3}, "train.use_gpu: 'true', but Ray sees no GPU on this machine"),
+    (dict(num_workers=2), {"CPU": 17, "GPU": 1}, "train.num_workers: 2 workers need a GPU each and this machine has 1; "
+                                                 "use train.num_workers=1 or fewer"),
+    (dict(num_workers=2, use_gpu="false"), {"CPU": 17, "GPU": 1}, None),  # CPU workers on a GPU machine
+    (dict(num_workers=2), {"CPU": 17, "GPU": 2}, None),
+])
+def test_a_training_the_embedded_cluster_can_never_hold_is_refused(monkeypatch, train, resources, refused):
+    """Ray Train would retry the worker group's start every minute, for ever and without a word (README "What
+    happens when…"). A remote cluster may be autoscaled: there the request is left to wait."""
+    import ray
+
+    from orchestrator.train import check_trainings_fit
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    t = TrainConfig(**train)
+    check_trainings_fit(t, embedded=False)
+    if refused is None:
+        check_trainings_fit(t, embedded=True)
+    else:
+        with pytest.raises(UserError, match="^" + re.escape(refused)):
+            check_trainings_fit(t, embedded=True)
+
+
 def _report_peak(rank: int, port: int, results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -257,3 +285,20 @@ def test_an_adalora_worker_restarted_after_pruning_began_continues_exactly(tiny_
     assert restarted[0].peft_model.base_model.peft_config["default"].rank_pattern == tuner.peft_config["default"].rank_pattern
     for (name, param), again in zip(first[0].peft_model.named_parameters(), restarted[0].peft_model.parameters()):
         assert torch.equal(param, again), name
+
+
+@pytest.mark.parametrize("major, minor, bf16", [(7, 5, False), (7, 0, False), (8, 0, True), (9, 0, True)])
+def test_bf16_only_on_gpus_with_bf16_kernels(monkeypatch, major, minor, bf16):
+    """A T4 (7.5) or V100 (7.0) can hold bf16 tensors, so torch.cuda.is_bf16_supported() says yes, but it only
+    emulates bf16 arithmetic (slowly): those train in fp32."""
+    from types import SimpleNamespace
+
+    from orchestrator.train import trains_in_bf16
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=minor))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # what a T4 answers
+    assert trains_in_bf16(torch.device("cuda", 0)) is bf16
+    assert trains_in_bf16(torch.device("cpu")) is False
