@@ -82,11 +82,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _max_over_workers(value: float, device: torch.device) -> float:
+def _over_workers(value: float, device: torch.device, mean: bool = False) -> float:
+    """The max (or the mean) of `value` over the training's workers; one worker's own value without DDP."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return float(tensor.item())
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM if mean else torch.distributed.ReduceOp.MAX)
+        return float(tensor.item()) / (torch.distributed.get_world_size() if mean else 1)
     return value
 
 
@@ -305,7 +306,8 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed += time.perf_counter() - started
         metrics = epoch_metrics(adapted, eval_loader, validation_loader, device,
                                 measure_inference=cfg.routing.enabled)
-        metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_loss=float(np.mean(losses)), train_wall_s=elapsed,
+        metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_wall_s=elapsed,
+                       train_loss=_over_workers(float(np.mean(losses)), device, mean=True),  # each worker's shard
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
                        kernels=kernel_setup,
                        resumed_from_epoch=start_epoch,  # > 0: this worker group restarted from a checkpoint
@@ -324,7 +326,7 @@ def epoch_metrics(adapted: Adapted, eval_loader, validation_loader, device: torc
         validation = evaluate(adapted.peft_model, validation_loader, device)
         metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
     # Read before inference_metrics: its measurement resets the process's peak (VmHWM and ru_maxrss on CPU).
-    metrics["peak_memory_mb"] = _max_over_workers(_peak_memory_mb(device), device)
+    metrics["peak_memory_mb"] = _over_workers(_peak_memory_mb(device), device)
     if measure_inference:
         metrics.update(adapted.inference_metrics(eval_loader, device))
     return metrics

@@ -15,7 +15,7 @@ from orchestrator.config import TrainConfig, load_config
 from orchestrator.data import make_loader
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, load_model, load_tokenizer
-from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, _max_over_workers, accumulation_groups, kernels,
+from orchestrator.train import (Adapted, TrainJob, _linear_warmup_decay, _over_workers, accumulation_groups, kernels,
                                 build_adapted, concurrent_trainings, epoch_metrics, optimizer_step, total_steps)
 
 
@@ -202,13 +202,14 @@ def test_a_training_the_embedded_cluster_can_never_hold_is_refused(monkeypatch, 
 def _report_peak(rank: int, port: int, results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        results[rank] = _max_over_workers(100.0 * (rank + 1), torch.device("cpu"))
+        value = 100.0 * (rank + 1)
+        results[rank] = (_over_workers(value, torch.device("cpu")), _over_workers(value, torch.device("cpu"), mean=True))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_peak_memory_is_the_max_over_workers():
-    """Two real gloo workers: each reports the larger peak. (On GPU the tensor goes to the worker's CUDA device,
+def test_peak_memory_is_the_max_and_train_loss_the_mean_over_workers():
+    """Two real gloo workers: each reports the larger peak and the mean loss. (On GPU the tensor goes to the worker's CUDA device,
     since NCCL reduces nothing else: checked on an H200, README "GPU path".)"""
     import torch.multiprocessing as mp
 
@@ -216,8 +217,8 @@ def test_peak_memory_is_the_max_over_workers():
 
     results = mp.Manager().dict()
     mp.spawn(_report_peak, args=(_free_loopback_port(), results), nprocs=2)
-    assert dict(results) == {0: 200.0, 1: 200.0}
-    assert _max_over_workers(7.0, torch.device("cpu")) == 7.0  # no process group: the worker's own value
+    assert dict(results) == {0: (200.0, 150.0), 1: (200.0, 150.0)}  # each worker trained on its own shard
+    assert _over_workers(7.0, torch.device("cpu"), mean=True) == 7.0  # no process group: the worker's own value
 
 
 def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_it(tiny_model_dir, tiny_split):
