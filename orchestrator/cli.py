@@ -32,8 +32,13 @@ def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_
     except KeyboardInterrupt:  # outside Tune's fit(), which returns on Ctrl-C (the pipeline raises Interrupted then)
         raise Interrupted(f"run '{cfg.name}' stopped; " + ("continue it with --resume" if (cfg.run_dir / "run.json").is_file()
                                                           else "nothing was written; start it again")) from None
-    report.print_summary(table, report.read_run_json(cfg.run_dir)["task"]["majority_rate"], console, run_dir=cfg.run_dir)
-    console.print(f"Results: {cfg.run_dir}/ (report.md, report.csv, report.parquet, screen.csv, study.db, adapters/)")
+    run_info = report.read_run_json(cfg.run_dir)
+    report.print_summary(table, run_info["task"]["majority_rate"], console, run_dir=cfg.run_dir)
+    written = [name for name in ("report.md", "report.csv", "report.parquet", "screen.csv", "study.db", "adapters/")
+               if (cfg.run_dir / name).exists()]  # study.db: unless screen.storage names another storage
+    console.print(f"Results: {cfg.run_dir}/ ({', '.join(written)})")
+    if run_info.get("copied_to"):
+        console.print(f"Copied to: {run_info['copied_to']}")
 
 
 @app.command("report")

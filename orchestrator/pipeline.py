@@ -291,7 +291,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     finished, sessions = time.strftime("%Y-%m-%dT%H:%M:%S%z"), earlier_sessions(cfg)
     sessions[-1]["finished_at"] = finished
     write_run_json(cfg, finished_at=finished, sessions=sessions)  # first, so the report has the run's wall time
-    report.write(table, cfg.run_dir, task.majority_rate())
+    table = report.write(table, cfg.run_dir, task.majority_rate())  # what the CLI prints must be what report.md says
     write_run_json(cfg, registered=register_best(cfg),
                    copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)
     publish_run(cfg.storage_path, cfg.run_dir)

@@ -536,6 +536,9 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
     table = aggregate(report)
     searched, baselines = table[table.kind == "searched"], table[table.kind == "baseline"]
     lines = [f"Majority-class accuracy (the floor): {majority_rate:.4f}"]
+    if report.attrs.get("unfinished"):
+        lines.insert(0, f"WARNING: the run is unfinished: this report holds the {len(report)} training run(s) done so "
+                        "far; `lora-search run <config> --resume` trains the rest")
     if not searched.empty:
         best = searched.iloc[0]
         chosen = "" if selection_column(table) == "accuracy" else f" (chosen on validation accuracy {best.val_accuracy:.4f})"
@@ -1185,6 +1188,8 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
         compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
     majority = run_info["task"]["majority_rate"]
     table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines)
+    last_session = (run_info.get("sessions") or [run_info])[-1]  # older run.json files have no sessions
+    table.attrs["unfinished"] = "finished_at" not in last_session  # its models so far; the rest are not named
     return write(table, run_dir, majority)
 
 

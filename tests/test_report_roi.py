@@ -313,6 +313,21 @@ def test_rebuild_reproduces_the_pipeline_report(tmp_path, no_plots):
     assert costs["compute_to_best_s"] == pytest.approx(36.0 + 3600 * 0.020 / 0.0446)  # best searched: cccc
 
 
+def test_rebuild_of_an_unfinished_run_says_so(tmp_path, no_plots):
+    run_dir = make_run_dir(tmp_path / "run")
+    assert not report.rebuild(run_dir).attrs["unfinished"]  # finished (an older run.json, without sessions)
+    assert "unfinished" not in (run_dir / "report.md").read_text()
+    run = json.loads((run_dir / "run.json").read_text())
+    run["sessions"] = [{"started_at": run["started_at"], "finished_at": run["finished_at"]},
+                       {"started_at": "2026-01-02T10:00:00+0000"}]  # resumed, not finished again (yet)
+    (run_dir / "run.json").write_text(json.dumps(run))
+    rebuilt = report.rebuild(run_dir)
+    warning = ("WARNING: the run is unfinished: this report holds the 6 training run(s) done so far; "
+               "`lora-search run <config> --resume` trains the rest")
+    assert rebuilt.attrs["unfinished"] and report.summary_lines(rebuilt, MAJORITY)[0] == warning
+    assert warning in (run_dir / "report.md").read_text()
+
+
 def test_rebuild_scores_a_calibrated_run_as_its_screen_did(tmp_path, no_plots):
     """module_scores.json of a calibrated run carries rank caps: rank above the calibrated rank earns nothing."""
     run_dir = make_run_dir(tmp_path / "run")
@@ -395,6 +410,23 @@ def test_compare_two_runs(tmp_path, no_plots):
     result = CliRunner().invoke(app, ["report", str(first)], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "uniform_qv" in result.output and "Screening" in result.output
+
+
+def test_the_run_commands_results_line_names_what_is_there_and_the_storage_copy(tmp_path, no_plots, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator import pipeline
+    from orchestrator.cli import app
+
+    run_dir = make_run_dir(tmp_path / "results" / "one", name="one")
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(run | {"copied_to": "s3://bucket/runs/one/results"}))
+    monkeypatch.setattr(pipeline, "run", lambda cfg, **kwargs: report.rebuild(cfg.run_dir))  # no study.db, no adapters
+    result = CliRunner().invoke(app, ["run", "search_spaces/quickstart.yaml", f"results_dir={tmp_path / 'results'}",
+                                      "name=one"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert f"Results: {run_dir}/ (report.md, report.csv, report.parquet, screen.csv) Copied to: s3://bucket/runs/one/results" in said
 
 
 def compare_rows(tasks: list[str]) -> pd.DataFrame:
