@@ -185,9 +185,10 @@ class ScreenConfig:
                  f"'{self.direction}' with rank_by '{CALIBRATED}' (a measured accuracy gain: higher is better)",
                  "use maximize")
         if self.storage is not None:
-            from orchestrator.storage import check_url
+            from orchestrator.storage import absolute_url, check_url
 
             check_url(self.storage)
+            self.storage = absolute_url(self.storage)  # run.json's URL must open the same study from any directory
         for name in ("num_trials", "candidates_per_trial", "survivors", "proxy_batches", "batch_size", "probe_rank"):
             _require(getattr(self, name) > 0, f"screen.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
         _require(self.probe_warmup_steps >= 0, "screen.probe_warmup_steps", f"{self.probe_warmup_steps} is negative", "use 0 or more")
@@ -384,7 +385,7 @@ class RunConfig:
         if self.storage_path is not None:
             from orchestrator.storage import check_storage_path
 
-            check_storage_path(self.storage_path)
+            check_storage_path(self.storage_path, self.run_dir)
 
     @property
     def run_dir(self) -> Path:

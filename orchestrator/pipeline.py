@@ -22,7 +22,7 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
 from orchestrator.proxies import ModuleScores
-from orchestrator.storage import check_run_storage, check_study_storage, publish_run, run_storage
+from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, check_trainings_fit, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
@@ -154,6 +154,8 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
     """Refuse to resume a run with a config that changes what its finished models were (RESUMABLE_CHANGES aside).
     A key an older version did not record counts as its default (new options default to the old behaviour)."""
     now, then = _flat_config(cfg), _flat_config(RunConfig()) | flat_keys(stored)
+    if then.get("screen.storage"):  # an older version kept a relative study file as written (resumed from its directory)
+        then["screen.storage"] = absolute_url(then["screen.storage"])
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
     if changed:

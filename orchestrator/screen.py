@@ -69,7 +69,9 @@ def screen_trial(config: dict, context: ScreenContext) -> None:
 
 
 def storage_url(cfg: RunConfig) -> str:
-    return cfg.screen.storage or f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+    from orchestrator.storage import sqlite_url
+
+    return cfg.screen.storage or sqlite_url((cfg.run_dir / "study.db").resolve())
 
 
 class RecordingOptunaSearch(OptunaSearch):

@@ -7,6 +7,9 @@ The Optuna study (`screen.storage`) is any SQLAlchemy URL, or an Optuna journal 
 - `journal:<file>`: Optuna's JournalStorage, an append-only log with file locks; no database server,
   and it works on a shared NFS directory where SQLite's locking does not.
 
+A relative SQLite or journal file is made absolute when the config is read, so that run.json names one file
+from any directory; an in-memory SQLite database is refused (the study would end with the run).
+
 The URL is written to run.json, so a password in it must be a reference to an environment variable,
 `postgresql://user:${DB_PASSWORD}@host/db`, expanded only when the storage is opened.
 
@@ -53,6 +56,34 @@ def check_url(url: str) -> None:
     if any(not ENV_REFERENCE.fullmatch(password) for password in _passwords(parsed)):
         raise UserError("screen.storage: the URL holds a literal password, which would be written to run.json; "
                         "reference an environment variable instead, e.g. postgresql://user:${DB_PASSWORD}@host/db")
+    if parsed.get_backend_name() == "sqlite" and (parsed.database in (None, "", ":memory:")
+                                                   or parsed.query.get("mode") == "memory"):
+        raise UserError(f"screen.storage: {url!r} is an in-memory SQLite database, lost when the run ends (the "
+                        "dashboard, warm starts and --resume cannot open it); use a file, e.g. sqlite:///study.db, "
+                        "or null for the run's study.db")
+
+
+def absolute_url(url: str) -> str:
+    """`url` with a relative SQLite or journal file made absolute: run.json keeps the URL, and the dashboard, warm
+    starts and --resume must open the run's study from any directory."""
+    if url.startswith(JOURNAL):
+        path = url[len(JOURNAL):]
+        return url if Path(path).expanduser().is_absolute() else JOURNAL + str(Path.cwd() / path)
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    # a path starting with ${NAME} is known only when opened; the rest of the URL (references, query) is kept verbatim
+    if parsed.get_backend_name() != "sqlite" or ":///" not in url or (parsed.database or "/").startswith(("/", "file:", "$")):
+        return url
+    head, rest = url.split(":///", 1)
+    return f"{head}:///{sqlite_url(Path.cwd()).split(':///', 1)[1]}/{rest}"
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLite URL of the file `path`, escaped: a '?' or '%' in it must not start a query or an escape."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
 
 
 def _passwords(parsed) -> list[str]:
@@ -85,7 +116,7 @@ def run_study(run_dir: str | Path) -> tuple[str, str]:
     db = (run_dir / "study.db").resolve()
     if not db.is_file():
         raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
-    return f"sqlite:///{db}", name
+    return sqlite_url(db), name
 
 
 def study_name(run_name: str, url: str | None) -> str:
@@ -144,19 +175,30 @@ def open_storage(url: str, *, create: bool):
         except OSError as err:
             raise UserError(f"screen.storage: cannot open the journal '{path}' ({err.strerror or err}); "
                             "use a writable file path") from None
+    resolved = _expanded(url)
     engine_kwargs = {}
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1].split("?", 1)[0]
+        path = _sqlite_file(resolved)
         if not create and path and path != ":memory:" and not path.startswith("file:") and not Path(path).is_file():
             raise UserError(f"screen.storage: SQLite file '{path}' does not exist; check the run's storage URL")
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    resolved = _expanded(url)
     try:
         return optuna.storages.RDBStorage(resolved, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
                                           skip_table_creation=not create)
     except Exception as err:  # bad URL, missing driver, unreachable database
         raise UserError(f"screen.storage: cannot open '{shown_url(url)}' "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file a SQLite URL opens, decoded as SQLAlchemy decodes it ('%20' is a space); None if it does not parse."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).database
+    except ArgumentError:
+        return None  # RDBStorage names the error
 
 
 def shown_url(url: str) -> str:
@@ -174,10 +216,13 @@ def shown_url(url: str) -> str:
 # ---------------------------------------------------------------- Ray's storage_path
 
 
-def check_storage_path(value: str) -> None:
-    """Refuse, at config time, a storage_path Ray cannot use (one line naming storage_path)."""
-    if "://" not in value:
-        return  # a local or NFS path
+def check_storage_path(value: str, run_dir: Path) -> None:
+    """Refuse, at config time, a storage_path Ray cannot use for the run in `run_dir` (one line naming storage_path)."""
+    if not value.strip():  # Path("") is the current directory, not "unset"
+        raise UserError(f"storage_path: {value!r} is empty; give a directory or URI, or null to keep Ray's storage in "
+                        "the run directory")
+    if "://" not in value or value.startswith("file://"):
+        return _check_apart_from_run(urlsplit(value).path if "://" in value else value, run_dir)
     parts = urlsplit(value)
     if parts.scheme not in RAY_STORAGE_SCHEMES:
         raise UserError(f"storage_path: '{parts.scheme}://' is not a storage Ray can use; use s3://bucket/prefix, "
@@ -187,6 +232,16 @@ def check_storage_path(value: str) -> None:
                         "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS) or the instance role")
     if parts.scheme != "file" and not parts.netloc:
         raise UserError(f"storage_path: '{value}' names no bucket; use e.g. {parts.scheme}://my-bucket/lora-search")
+
+
+def _check_apart_from_run(path: str, run_dir: Path) -> None:
+    """<path>/<name> must neither be the run directory nor hold it nor lie in it: publish_run would copy the run into
+    itself, and again into that copy on each resume."""
+    ours, run = Path(path).expanduser().resolve() / run_dir.name, Path(run_dir).resolve()
+    if ours == run or ours in run.parents or run in ours.parents:
+        raise UserError(f"storage_path: '{path}' puts this run's Ray storage at '{ours}', which overlaps its run directory "
+                        f"'{run}' (the finished run would be copied into itself); use a directory outside results_dir, "
+                        "or null to keep Ray's storage in the run directory")
 
 
 def run_storage(storage_path: str | None, run_dir: Path, *parts: str) -> str:

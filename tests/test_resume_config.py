@@ -74,3 +74,15 @@ def test_another_learning_rate_grid_is_another_run(tmp_path):
     wider = load_config(None, [f"results_dir={tmp_path}", "name=job", "data.validation_size=64", "train.lr_grid=[2e-3,8e-3,1.6e-2]"])
     with pytest.raises(UserError, match=r"^--resume: train\.lr_grid is \[0\.002, 0\.008, 0\.016\] here but \[0\.002, 0\.008\]"):
         pipeline.prepare_run_dir(wider, resume=True)
+
+
+def test_a_run_that_recorded_a_relative_study_file_resumes_from_its_directory(tmp_path, monkeypatch):
+    """An older version kept a relative screen.storage as written; it is now made absolute when the config is read."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _started(tmp_path, ["screen.storage=sqlite:///study-here.db"])
+    assert cfg.screen.storage == f"sqlite:///{tmp_path}/study-here.db"
+    run = json.loads((cfg.run_dir / "run.json").read_text())
+    run["config"]["screen"]["storage"] = "sqlite:///study-here.db"  # as the older version wrote it
+    (cfg.run_dir / "run.json").write_text(json.dumps(run))
+    again = load_config(None, [f"results_dir={tmp_path}", "name=job", "screen.storage=sqlite:///study-here.db"])
+    assert pipeline.prepare_run_dir(again, resume=True) == cfg.run_dir

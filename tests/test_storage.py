@@ -1,5 +1,7 @@
 """The screen's Optuna study storage: SQLAlchemy URLs and Optuna journal files, for writers and readers."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -9,18 +11,71 @@ from orchestrator.storage import (check_run_storage, check_storage_path, check_s
                                   open_storage, publish_run, run_storage, run_study, shown_url, study_name)
 
 
-@pytest.mark.parametrize("url", ["sqlite:///study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora", "journal:study.log",
+@pytest.mark.parametrize("url", ["sqlite:////data/study.db", "postgresql://user:${DB_PASSWORD}@db.example/lora",
                                  "postgresql://user@db.example/lora?password=${DB_PASSWORD}", "journal:/shared/runs/study.log"])
 def test_valid_urls_pass(url):
     check_url(url)
     assert load_config(None, [f"screen.storage={url}"]).screen.storage == url
 
 
+@pytest.mark.parametrize("url, stored", [("sqlite:///rel.db?timeout=3", "sqlite:///{cwd}/rel.db?timeout=3"),
+                                         ("sqlite:///sub/${DB_NAME}.db", "sqlite:///{cwd}/sub/${DB_NAME}.db"),
+                                         ("journal:rel.log", "journal:{cwd}/rel.log"),
+                                         ("sqlite:////abs/study.db", "sqlite:////abs/study.db"),
+                                         ("sqlite:///${DB_DIR}/study.db", "sqlite:///${DB_DIR}/study.db"),
+                                         ("journal:~/study.log", "journal:~/study.log"),
+                                         ("postgresql://user@db.example/lora", "postgresql://user@db.example/lora")])
+def test_a_relative_study_file_is_stored_absolute(url, stored, tmp_path, monkeypatch):
+    """run.json keeps the URL: the dashboard, warm starts and --resume, run from elsewhere, must open the same file."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, [f"screen.storage={url}"]).screen.storage == stored.replace("{cwd}", str(tmp_path))
+
+
+def test_a_relative_sqlite_study_is_found_from_another_directory(tmp_path, monkeypatch):
+    from orchestrator.pipeline import write_run_json
+
+    (tmp_path / "a?b%20").mkdir()
+    monkeypatch.chdir(tmp_path / "a?b%20")  # escaped in the URL, not a query or an escape
+    cfg = load_config(None, [f"results_dir={tmp_path}/results", "screen.storage=sqlite:///rel.db"])
+    cfg.run_dir.mkdir(parents=True)
+    write_run_json(cfg)
+    url, name = run_study(cfg.run_dir)
+    optuna.create_study(study_name=name, storage=open_storage(url, create=True))
+    monkeypatch.chdir(tmp_path)
+    assert (tmp_path / "a?b%20" / "rel.db").is_file()
+    assert optuna.load_study(study_name=name, storage=open_storage(run_study(cfg.run_dir)[0], create=False))
+
+
+def test_a_percent_encoded_sqlite_url_is_read_where_it_was_written(tmp_path):
+    """SQLAlchemy decodes '%20' to a space; the reader's does-it-exist check must look at that same file."""
+    (tmp_path / "sp ace").mkdir()
+    url = f"sqlite:///{tmp_path}/sp%20ace/enc.db"
+    optuna.create_study(study_name="screen", storage=open_storage(url, create=True))
+    assert (tmp_path / "sp ace" / "enc.db").is_file()
+    assert optuna.load_study(study_name="screen", storage=open_storage(url, create=False))
+
+
+@pytest.mark.parametrize("folder", ["what?", "p%20c", "s p#@:"])
+def test_the_default_study_stays_in_the_run_directory_whatever_its_path(folder, tmp_path):
+    from orchestrator.pipeline import write_run_json
+    from orchestrator.screen import storage_url
+
+    cfg = load_config(None, [f"results_dir={tmp_path / folder}"])
+    cfg.run_dir.mkdir(parents=True)
+    write_run_json(cfg)
+    optuna.create_study(study_name="screen", storage=open_storage(storage_url(cfg), create=True))
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["run.json", "study.db"] and len(list(tmp_path.iterdir())) == 1
+    url, name = run_study(cfg.run_dir)  # what the dashboard and a warm start open
+    assert url == storage_url(cfg) and optuna.load_study(study_name=name, storage=open_storage(url, create=False))
+
+
 @pytest.mark.parametrize("url, message", [("journal:", "needs a file path"), ("journal:  ", "needs a file path"),
                                           ("my study db", "is not a SQLAlchemy URL"),
                                           ("postgresql://user:hunter2@db/lora", "literal password.*DB_PASSWORD"),
                                           ("postgresql://user@db/lora?password=hunter2", "literal password"),
-                                          ("mysql+pymysql://user@db/lora?passwd=hunter2", "literal password")])
+                                          ("mysql+pymysql://user@db/lora?passwd=hunter2", "literal password"),
+                                          ("sqlite://", "in-memory SQLite"), ("sqlite:///:memory:", "in-memory SQLite"),
+                                          ("sqlite:///file:m?mode=memory&uri=true", "in-memory SQLite")])
 def test_bad_urls_name_the_field(url, message):
     with pytest.raises(UserError, match=f"^screen.storage: .*{message}"):
         check_url(url)
@@ -151,7 +206,7 @@ def test_a_nan_screen_trial_is_recorded_as_failed_not_left_running(tmp_path):
 @pytest.mark.parametrize("value", ["/mnt/shared/lora-search", "shared/runs", "s3://bucket/prefix", "gs://bucket",
                                    "file:///tmp/lora", "s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"])
 def test_storage_paths_ray_can_use_pass(value):
-    check_storage_path(value)
+    check_storage_path(value, Path("results/run"))
     assert load_config(None, [f"storage_path={value}"]).storage_path == value
 
 
@@ -161,6 +216,28 @@ def test_storage_paths_ray_can_use_pass(value):
 def test_bad_storage_paths_name_the_field(value, message):
     with pytest.raises(UserError, match=f"^storage_path: .*{message}"):
         load_config(None, [f"storage_path={value}"])
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_storage_path_is_refused_not_taken_as_the_current_directory(value, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"storage_path: '{value}'\n")
+    with pytest.raises(UserError, match=f"^storage_path: '{value}' is empty; .* or null"):
+        load_config(config)
+
+
+@pytest.mark.parametrize("results_dir, storage_path", [("runs", "runs"), ("runs", "file://{tmp}/runs"),  # <name> is the run
+                                                       ("runs", "runs/run"),  # <name> in the run directory
+                                                       ("runs/run/deeper", "runs")])  # the run inside <name>
+def test_a_storage_path_overlapping_the_run_directory_is_refused(results_dir, storage_path, tmp_path):
+    """publish_run copies the run to <storage_path>/<name>/results: into itself, and again on each resume."""
+    overrides = [f"results_dir={tmp_path / results_dir}", f"storage_path={storage_path.format(tmp=tmp_path)}"]
+    if "://" not in storage_path:
+        overrides[1] = f"storage_path={tmp_path / storage_path}"
+    with pytest.raises(UserError, match=r"^storage_path: .* overlaps its run directory .*; use a directory outside results_dir"):
+        load_config(None, overrides)
+    assert list(tmp_path.iterdir()) == []
+    load_config(None, [overrides[0], f"storage_path={tmp_path / 'shared'}"])  # beside the runs
 
 
 def test_run_storage_puts_the_run_name_before_the_query(tmp_path):
