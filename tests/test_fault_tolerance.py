@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data.train_size=256", "data.eval_size=64", "model.max_length=32", "screen.num_trials=1",
+SMALL = ["data.train_size=256", "data.eval_size=64", "model.max_length=16", "screen.num_trials=1",
          "screen.candidates_per_trial=4", "screen.survivors=1", "screen.proxy_batches=1", "train.batch_size=32",
          "train.eval_batch_size=64", "train.epochs=2", "train.early_stopping=false"]
 

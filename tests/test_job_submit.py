@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 HEAD_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-SMALL = ["data.train_size=128", "data.eval_size=64", "model.max_length=32", "screen.num_trials=1",
+SMALL = ["data.train_size=128", "data.eval_size=64", "model.max_length=16", "screen.num_trials=1",
          "screen.candidates_per_trial=4", "screen.survivors=1", "screen.proxy_batches=1", "train.batch_size=32",
          "train.baselines=[]"]  # one training: each costs ~30 s of Ray Train start-up here
 HEAD_START_S = 180

@@ -177,7 +177,7 @@ def test_a_run_tunes_each_models_lr_on_validation_trains_the_other_seeds_at_it_a
 
     cfg = load_config("search_spaces/quickstart.yaml", [
         "name=slice", f"results_dir={tmp_path}", "data.train_size=192", "data.eval_size=96", "data.validation_size=32",
-        "model.max_length=32", "screen.num_trials=2", "screen.candidates_per_trial=4", "screen.survivors=1",
+        "model.max_length=16", "screen.num_trials=2", "screen.candidates_per_trial=4", "screen.survivors=1",
         "screen.proxy_batches=2", "train.baselines=[]", "train.seeds=[0,1]", "train.lr_grid=[1e-3,1e-2]"])
     table = pipeline.run(cfg)
     trials = sorted((cfg.run_dir / "trials").glob("*.json"))

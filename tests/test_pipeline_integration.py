@@ -16,7 +16,7 @@ from orchestrator.train import evaluate
 
 pytestmark = pytest.mark.slow
 
-SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=32",
+SLICE = ["name=slice", "train.grad_accum_steps=2", "data.train_size=192", "data.eval_size=96", "model.max_length=16",
          "screen.num_trials=4", "screen.candidates_per_trial=6", "screen.survivors=1", "screen.proxy_batches=2",
          "train.batch_size=32", "train.eval_batch_size=32", "train.baselines=[adalora]", "train.max_concurrent=1",
          "data.validation_size=32"]  # selection (ASHA, best model) on 32 examples held out of the 192
@@ -50,6 +50,8 @@ def test_report_files_and_columns(finished_run):
         assert (run_dir / name).is_file(), name
     on_disk = pd.read_parquet(run_dir / "report.parquet")
     assert len(on_disk) == 2  # one survivor + one baseline, one seed
+    # the table the CLI prints its summary from is the written one (ROI reference from train.baselines, % of base)
+    pd.testing.assert_frame_equal(table.reset_index(drop=True), on_disk, check_dtype=False)
     assert set(on_disk.kind) == {"searched", "baseline"}
     assert set(on_disk[on_disk.kind == "baseline"].label) == {"adalora"}
     for column in report.CONTRACT_COLUMNS + ["proxy_grad_norm", "proxy_params"]:
@@ -135,3 +137,15 @@ def test_trials_share_processes_and_no_preemption_watcher_starts(finished_run):
     # Tune trials are ImplicitFunc actors: in training, the finished trial's process runs the next one.
     assert actors.count("ImplicitFunc") < cfg.screen.num_trials + trainings
     assert "PreemptionWatcher" not in actors  # nothing preempts an embedded local cluster
+
+
+def test_a_training_the_cluster_can_never_hold_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
+                                                                                     embedded_ray):
+    from orchestrator.errors import UserError
+
+    cfg = load_config("search_spaces/quickstart.yaml", [
+        f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", "model.max_length=16", "data.train_size=64",
+        "data.eval_size=32", "train.num_workers=2", "train.cpus_per_worker=2"])  # 4.25 CPUs on the cluster's 3
+    with pytest.raises(UserError, match=r"^train.num_workers × train.cpus_per_worker: 2 × 2 CPUs"):
+        pipeline.run(cfg)
+    assert list(tmp_path.iterdir()) == []

@@ -33,7 +33,7 @@ from orchestrator.config import load_config
 from orchestrator.train import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["name=chaos", "data.train_size=256", "data.eval_size=64", "model.max_length=32", "screen.num_trials=6",
+SMALL = ["name=chaos", "data.train_size=256", "data.eval_size=64", "model.max_length=16", "screen.num_trials=6",
          "screen.candidates_per_trial=4", "screen.survivors=1", "screen.proxy_batches=1", "train.batch_size=32",
          "train.eval_batch_size=64", "train.epochs=1", "train.baselines=[uniform_qv,uniform_all]",
          "train.max_failures=0"]  # a deterministic fault fails again on every retry: spare the minutes
