@@ -67,7 +67,7 @@ def init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return not address
     if address:
-        _check_reachable(address)
+        check_reachable(address)
         # Ray refuses to merge a ray.init env var that the submitted job's runtime_env also sets: leave those to the job.
         try:
             job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
@@ -90,7 +90,7 @@ def init_ray(address: str | None) -> bool:
     return not address
 
 
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """A host:port (or ray://host:port) address must accept a connection: ray.init would retry an unreachable one for
     minutes without a word. "auto" and other forms are left to Ray."""
     match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})", address.strip())
@@ -255,10 +255,11 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     if cfg.screen.rank_by == CALIBRATED:
         calibrate.check_calibratable(cfg, modules, budget)
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
-    check_run_dir(cfg, resume)  # before the study check, which may create the study's storage
-    check_study_storage(cfg.screen.storage, cfg.name, resume)
+    check_run_dir(cfg, resume)
+    check_reachable(address or os.environ.get("RAY_ADDRESS", ""))  # before the study's storage may be made
+    check_study_storage(cfg.screen.storage, cfg.run_dir, resume)  # may create the study's storage: the last check before Ray
     set_runtime_env()
-    check_trainings_fit(cfg.train, embedded=init_ray(address))  # an unreachable --address fails here, before anything is written
+    check_trainings_fit(cfg.train, embedded=init_ray(address))
     prepare_run_dir(cfg, resume)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},

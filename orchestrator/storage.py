@@ -145,15 +145,19 @@ def _stored_config(run_dir: Path) -> dict:
     return config
 
 
-def check_study_storage(url: str | None, run_name: str, resume: bool) -> None:
+def check_study_storage(url: str | None, run_dir: Path, resume: bool) -> None:
     """Before the run directory exists: screen.storage opens, and a new run does not write into the study of an
     earlier run of the same name there. (The run's own study.db is checked with its directory.)"""
-    if url is None:
+    if url is None or resume:
         return
-    study = study_name(run_name, url)
-    if not resume and study in {s.study_name for s in open_storage(url, create=True).get_all_studies()}:
-        raise UserError(f"screen.storage: '{shown_url(url)}' already holds the study '{study}' of an earlier run named "
-                        f"'{run_name}'; choose another name (name=...) or pass --resume to continue it")
+    study = study_name(run_dir.name, url)
+    if study not in {s.study_name for s in open_storage(url, create=True).get_all_studies()}:
+        return
+    held = f"screen.storage: '{shown_url(url)}' already holds the study '{study}' of an earlier run named '{run_dir.name}'"
+    if (Path(run_dir) / "run.json").is_file():
+        raise UserError(f"{held}; choose another name (name=...) or pass --resume to continue it")
+    raise UserError(f"{held}, whose run directory '{run_dir}' is gone; choose another name (name=...), or delete that "
+                    f"study (optuna.delete_study(study_name='{study}', storage=...)) to start it again")
 
 
 def open_storage(url: str, *, create: bool):
@@ -267,26 +271,37 @@ def filesystem(location: str):
 
 
 def check_run_storage(storage_path: str | None, run_dir: Path, resume: bool) -> None:
-    """A new run must not inherit another run's checkpoints in a shared storage_path (Ray would restore them)."""
-    import pyarrow.fs
-
-    if storage_path is None or resume:
+    """A new run must not inherit another run's checkpoints in a shared storage_path (Ray would restore them), and a
+    run whose directory is gone cannot be resumed from Ray's state alone: say what can be done instead."""
+    local = (Path(run_dir) / "run.json").is_file()
+    if storage_path is None or (resume and local):
         return
     location = run_storage(storage_path, run_dir)
+    if not _holds(storage_path, location):
+        return
+    if not local:  # --resume needs the run directory (results, trials); a finished session published a copy of it
+        copy = (f"copy '{location}/results' to '{run_dir}' and pass --resume to continue it, "
+                if _holds(storage_path, f"{location}/results/run.json") else "")
+        raise UserError(f"storage_path: '{location}' holds a run named '{run_dir.name}' whose run directory '{run_dir}' "
+                        f"is gone; {copy}delete '{location}' to start it again, or choose another name (name=...)")
+    raise UserError(f"storage_path: '{location}' already holds a run named '{run_dir.name}'; "
+                    "choose another name (name=...) or pass --resume to continue it")
+
+
+def _holds(storage_path: str, location: str) -> bool:
+    """Whether `location` (in storage_path) exists; a missing bucket or unreadable storage is a one-line error."""
+    import pyarrow.fs
+
     fs, path = filesystem(location)
     bucket = path.split("/", 1)[0] if "://" in storage_path and not storage_path.startswith("file:") else None
     try:
-        missing_bucket = bucket is not None and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
-        taken = not missing_bucket and fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        if bucket is not None and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise UserError(f"storage_path: bucket '{bucket}' does not exist (or these credentials cannot see it); "
+                            "create it or fix the name")
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
     except OSError as err:
         raise UserError(f"storage_path: cannot read '{location}' ({str(err).splitlines()[0][:200]}); "
                         "check the credentials and the bucket") from None
-    if missing_bucket:
-        raise UserError(f"storage_path: bucket '{bucket}' does not exist (or these credentials cannot see it); "
-                        "create it or fix the name")
-    if taken:
-        raise UserError(f"storage_path: '{location}' already holds a run named '{run_dir.name}'; "
-                        "choose another name (name=...) or pass --resume to continue it")
 
 
 def publish_run(storage_path: str | None, run_dir: Path) -> str | None:

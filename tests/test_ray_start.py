@@ -40,8 +40,8 @@ def test_an_unreachable_address_is_one_line_before_ray_init(monkeypatch):
     with socket.socket() as server:  # a listening port passes on to ray.init
         server.bind(("127.0.0.1", 0))
         server.listen()
-        pipeline._check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
-    pipeline._check_reachable("auto")  # Ray's own forms are left to Ray
+        pipeline.check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    pipeline.check_reachable("auto")  # Ray's own forms are left to Ray
 
 
 HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

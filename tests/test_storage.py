@@ -114,21 +114,27 @@ def test_each_run_has_its_own_study_in_a_shared_storage(tmp_path):
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_a_new_run_does_not_write_into_an_earlier_runs_study(kind, tmp_path):
     url = f"journal:{tmp_path}/shared.log" if kind == "journal" else f"sqlite:///{tmp_path}/shared.db"
-    check_study_storage(url, "exp1", resume=False)
+    runs = tmp_path / "results"
+    check_study_storage(url, runs / "exp1", resume=False)
     optuna.create_study(study_name=study_name("exp1", url), storage=open_storage(url, create=True))
-    check_study_storage(url, "exp2", resume=False)  # another run beside it
-    check_study_storage(url, "exp1", resume=True)
-    with pytest.raises(UserError, match="^screen.storage: .* already holds the study 'screen-exp1' of an earlier run named "
-                                        r"'exp1'; choose another name \(name=...\) or pass --resume"):
-        check_study_storage(url, "exp1", resume=False)
+    check_study_storage(url, runs / "exp2", resume=False)  # another run beside it
+    check_study_storage(url, runs / "exp1", resume=True)
+    held = "^screen.storage: .* already holds the study 'screen-exp1' of an earlier run named 'exp1'"
+    with pytest.raises(UserError, match=held + f", whose run directory '{runs / 'exp1'}' is gone; choose another name "
+                                              r"\(name=...\), or delete that study \(optuna.delete_study"):
+        check_study_storage(url, runs / "exp1", resume=False)  # --resume would find no run directory to continue
+    (runs / "exp1").mkdir(parents=True)
+    (runs / "exp1" / "run.json").write_text("{}")
+    with pytest.raises(UserError, match=held + r"; choose another name \(name=...\) or pass --resume to continue it$"):
+        check_study_storage(url, runs / "exp1", resume=False)
 
 
 def test_a_journal_in_a_folder_that_cannot_be_made_or_that_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=r"^screen.storage: cannot open the journal .*\(Not a directory\); use a writable file path$"):
-        check_study_storage(f"journal:{tmp_path}/file/sub/study.log", "exp", resume=False)
+        check_study_storage(f"journal:{tmp_path}/file/sub/study.log", tmp_path / "exp", resume=False)
     with pytest.raises(UserError, match=f"^screen.storage: journal path '{tmp_path}' is a directory; give a file in it"):
-        check_study_storage(f"journal:{tmp_path}", "exp", resume=False)
+        check_study_storage(f"journal:{tmp_path}", tmp_path / "exp", resume=False)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
@@ -264,10 +270,45 @@ def test_new_run_refuses_a_taken_storage_name_and_finished_run_is_copied_there(k
     with fs.open_input_stream(f"{path}/report.md") as copied:
         assert copied.read() == b"# report"
     assert fs.get_file_info(f"{path}/trials/a-s0.json").is_file
+    (run_dir / "run.json").write_text("{}")
     with pytest.raises(UserError, match="^storage_path: .* already holds a run named 'qs'; choose another name"):
         check_run_storage(storage, run_dir, resume=False)
     check_run_storage(storage, run_dir, resume=True)  # --resume continues it
     assert publish_run(None, run_dir) is None
+
+
+def test_a_run_whose_directory_is_gone_is_neither_resumed_nor_restarted_but_told_how(tmp_path):
+    """--resume needs the run directory; a fresh start would inherit Ray's checkpoints. Neither error may send the
+    user to the other (they did): the way out is the published copy, or deleting the storage."""
+    import shutil
+
+    run_dir, storage = tmp_path / "results" / "qs", tmp_path / "shared"
+    (storage / "qs" / "tune").mkdir(parents=True)  # Ray's state of a run that never finished a session
+    gone = f"^storage_path: '{storage / 'qs'}' holds a run named 'qs' whose run directory '{run_dir}' is gone; "
+    for resume in (False, True):
+        with pytest.raises(UserError, match=gone + f"delete '{storage / 'qs'}' to start it again, or choose another name"):
+            check_run_storage(str(storage), run_dir, resume=resume)
+    (storage / "qs" / "results").mkdir()
+    (storage / "qs" / "results" / "run.json").write_text("{}")  # a finished session published the run
+    with pytest.raises(UserError, match=gone + f"copy '{storage / 'qs'}/results' to '{run_dir}' and pass --resume"):
+        check_run_storage(str(storage), run_dir, resume=False)
+    shutil.copytree(storage / "qs" / "results", run_dir)
+    check_run_storage(str(storage), run_dir, resume=True)
+
+
+def test_an_unreachable_address_leaves_no_study_storage_behind(tmp_path, tiny_model_dir):
+    import socket
+
+    from orchestrator import pipeline
+
+    with socket.socket() as sock:  # free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    cfg = load_config(None, [f"results_dir={tmp_path}/results", f"model.name={tiny_model_dir}", "model.max_length=16",
+                             "data.train_size=64", "data.eval_size=32", f"screen.storage=journal:{tmp_path}/new/s.log"])
+    with pytest.raises(UserError, match="^--address: cannot reach the Ray cluster"):
+        pipeline.run(cfg, address=address)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_storage_is_one_line(tmp_path, fake_aws):
