@@ -278,6 +278,7 @@ def check_run_storage(storage_path: str | None, run_dir: Path, resume: bool) -> 
         return
     location = run_storage(storage_path, run_dir)
     if not _holds(storage_path, location):
+        _check_no_stale_sub_runs(storage_path, Path(run_dir))
         return
     if not local:  # --resume needs the run directory (results, trials); a finished session published a copy of it
         copy = (f"copy '{location}/results' to '{run_dir}' and pass --resume to continue it, "
@@ -286,6 +287,18 @@ def check_run_storage(storage_path: str | None, run_dir: Path, resume: bool) -> 
                         f"is gone; {copy}delete '{location}' to start it again, or choose another name (name=...)")
     raise UserError(f"storage_path: '{location}' already holds a run named '{run_dir.name}'; "
                     "choose another name (name=...) or pass --resume to continue it")
+
+
+def _check_no_stale_sub_runs(storage_path: str, run_dir: Path) -> None:
+    """Ray's state of a calibration or lr sweep sits beside the run's (<name>.calibration, <name>.lr-sweep): left
+    from an earlier run of this name, its checkpoints would be restored as this run's trainings."""
+    from orchestrator.config import CALIBRATION_SUFFIX, LR_SWEEP_SUFFIX
+
+    for suffix in (CALIBRATION_SUFFIX, LR_SWEEP_SUFFIX):
+        location = run_storage(storage_path, run_dir.with_name(run_dir.name + suffix))
+        if _holds(storage_path, location):
+            raise UserError(f"storage_path: '{location}' holds Ray's state of an earlier run named '{run_dir.name}' "
+                            f"(its {suffix[1:]}); delete it to start the run again, or choose another name (name=...)")
 
 
 def _holds(storage_path: str, location: str) -> bool:

@@ -296,6 +296,15 @@ def test_a_run_whose_directory_is_gone_is_neither_resumed_nor_restarted_but_told
     check_run_storage(str(storage), run_dir, resume=True)
 
 
+@pytest.mark.parametrize("suffix, kind", [(".calibration", "calibration"), (".lr-sweep", "lr-sweep")])
+def test_a_new_run_refuses_ray_state_left_by_an_earlier_runs_calibration_or_lr_sweep(suffix, kind, tmp_path):
+    run_dir, storage = tmp_path / "results" / "qs", tmp_path / "shared"
+    (storage / f"qs{suffix}" / "train").mkdir(parents=True)  # <storage>/qs itself was deleted
+    with pytest.raises(UserError, match=f"^storage_path: '{storage / ('qs' + suffix)}' holds Ray's state of an earlier "
+                                        f"run named 'qs' \\(its {kind}\\); delete it to start the run again"):
+        check_run_storage(str(storage), run_dir, resume=False)
+
+
 def test_an_unreachable_address_leaves_no_study_storage_behind(tmp_path, tiny_model_dir):
     import socket
 
