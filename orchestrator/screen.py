@@ -62,7 +62,9 @@ def screen_trial(config: dict, context: ScreenContext) -> None:
                                      context.candidates_per_trial, np.random.default_rng(trial_seed))
     rows = [{"ranks": a.as_dict(), **{f"proxy_{k}": v for k, v in context.scores.scores(a).items()}} for a in allocations]
     key = f"proxy_{context.rank_by}"
-    best = max(zip(allocations, rows), key=lambda pair: context.sign * pair[1][key], default=None)
+    # a NaN score ranks below every finite one (max keeps a NaN that comes first: the trial would be recorded FAIL)
+    best = max(((a, row) for a, row in zip(allocations, rows) if math.isfinite(row[key])),
+               key=lambda pair: context.sign * pair[1][key], default=None)
     objective = best[1][key] if best else float("nan")
     params = float(best[0].trainable_params(context.modules)) if best else float("nan")  # NSGA-II's 2nd objective
     tune.report({"objective": objective, "params": params, "num_candidates": len(rows), "candidates": json.dumps(rows)})
@@ -206,7 +208,8 @@ def _survivors(rows: list[dict], context: ScreenContext, survivors: int) -> pd.D
     table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
     order = (context.sign * table[f"proxy_{context.rank_by}"]).rank(ascending=False, method="first")
     table["survivor"] = order <= survivors
-    return table.sort_values(f"proxy_{context.rank_by}", ascending=context.sign < 0).reset_index(drop=True)
+    # rank order, ties as `order` broke them (so the survivors are the first rows), non-finite scores last
+    return table.loc[order.sort_values(na_position="last", kind="stable").index].reset_index(drop=True)
 
 
 def write_screen(table: pd.DataFrame, run_dir: Path) -> None:

@@ -96,6 +96,8 @@ def test_normalisations_by_hand(tiny_modules):
     z = normalise(scores, tiny_modules, "type_z")  # two layers per type, 10 apart → z = ∓1
     assert z[q0.name] == pytest.approx(-1.0) and z[q1.name] == pytest.approx(1.0)
     assert normalise({n: 3.0 for n in scores}, tiny_modules, "type_z") == {n: 0.0 for n in scores}
+    # 0.1 + 0.1 + 0.1 rounds: a mean off in the last bit made every member z = ±1 (nwot gives shortcut sites one value)
+    assert normalise({n: 0.1 for n in scores}, tiny_modules * 3, "type_z") == {n: 0.0 for n in scores}
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalise(scores, tiny_modules, "softmax")
 

@@ -51,3 +51,39 @@ def test_a_screen_that_drew_nothing_inside_the_band_is_one_line(tiny_modules):
     with pytest.raises(UserError, match=r"^screen: no trial drew an allocation inside the budget band 122..134 params; "
                                         "raise screen.num_trials"):
         screen_table([], context, survivors=2)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_first_rows_of_the_screen_are_its_survivors_even_with_tied_scores(tiny_modules, sign):
+    """Ties are common (rank_by: params, calibrated scores): rows and the survivor column must agree, and screen#k
+    labels follow the rows. A non-finite score is last and never a survivor."""
+    from orchestrator.allocators import Budget
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import ScreenContext, _survivors
+
+    context = ScreenContext(tiny_modules, [1], Budget(128, 0.05), ModuleScores(unit={"params": {}}), 4, "params", sign, 0)
+    rows = [{"candidate_id": f"c{i:03d}", "proxy_params": float(i % 3)} for i in range(200)]
+    rows[7]["proxy_params"] = float("nan")
+    table = _survivors(rows, context, survivors=5)
+    assert table.survivor.tolist() == [True] * 5 + [False] * 195
+    assert (sign * table.proxy_params.iloc[:-1]).is_monotonic_decreasing and table.candidate_id.iloc[-1] == "c007"
+
+
+@pytest.mark.parametrize("sign, objective", [(1.0, 5.0), (-1.0, 2.0)])
+def test_a_trials_objective_is_its_best_finite_candidate(tiny_modules, monkeypatch, sign, objective):
+    """max() keeps a NaN that comes first; the trial was then recorded FAIL though it drew finite candidates."""
+    from orchestrator import screen
+    from orchestrator.allocation import Allocation
+    from orchestrator.allocators import Budget
+    from orchestrator.proxies import ModuleScores
+
+    reported = []
+    monkeypatch.setattr(screen.tune, "report", reported.append)
+    first, second, third = (m.name for m in tiny_modules[:3])
+    monkeypatch.setattr(screen, "sample_allocations",
+                        lambda *args: [Allocation.from_ranks({name: 1}) for name in (first, second, third)])
+    unit = {m.name: 0.0 for m in tiny_modules} | {first: float("nan"), second: 2.0, third: 5.0}
+    context = screen.ScreenContext(tiny_modules, [1], Budget(128, 0.05), ModuleScores(unit={"grad_norm": unit}), 3,
+                                   "grad_norm", sign, 0)
+    screen.screen_trial({"w_query": 0.5}, context)
+    assert reported[0]["objective"] == objective and reported[0]["num_candidates"] == 3

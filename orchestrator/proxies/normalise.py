@@ -36,9 +36,11 @@ def _type_z(scores: dict[str, float], modules) -> dict[str, float]:
     out = {}
     for names in groups.values():
         values = [scores[n] for n in names if math.isfinite(scores[n])]
-        mean = sum(values) / max(len(values), 1)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values), 1))
-        out |= {n: (scores[n] - mean) / sd if sd > 0 else 0.0 for n in names if math.isfinite(scores[n])}
+        mean = math.fsum(values) / max(len(values), 1)
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / max(len(values), 1))
+        # equal scores: 0, not ±1 from the last bit of a rounded mean (e.g. nwot's constant for shortcut sites)
+        constant = not values or max(values) == min(values)
+        out |= {n: 0.0 if constant else (scores[n] - mean) / sd for n in names if math.isfinite(scores[n])}
     return {m.name: out.get(m.name, math.nan) for m in modules}
 
 
