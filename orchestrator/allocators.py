@@ -367,7 +367,9 @@ class Proportional(Allocator):
 
 @register_allocator
 class RandomAllocator(Allocator):
-    """The control: uniform random placement and ranks inside the band (scores unused)."""
+    """The control (scores unused): modules in a uniformly random order, each at a random rank that fits, until the
+    total enters the band. Not uniform over the band's allocations: a draw stops at the first total inside it, so it
+    favours fewer modules and the band's low edge, as random search by hand would."""
 
     name = "random"
     uses_scores = False
