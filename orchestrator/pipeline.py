@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
 from orchestrator.proxies import ModuleScores
 from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
-from orchestrator.train import TrainJob, check_trainings_fit, run_training
+from orchestrator.train import TrainJob, check_trainings_fit, finished_jobs, run_training
 
 # RAY_LOGGER_LEVEL: Ray's runtime-env agent logs every runtime env at INFO, including the AWS_* keys Tune copies
 # from the driver's environment into each trial's: Ray's own processes log warnings and errors only.
@@ -34,6 +35,7 @@ RUNTIME_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZER
                "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_V2_ENABLED": "1", "RAY_LOGGER_LEVEL": "warning",
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+RUN_LOCK = ".lock"  # in the run directory: held by the run's driver (lock_run)
 # The CPU kernel choices a seed's exact floats depend on (README "Reproducibility"): set in the driver's environment,
 # they go to every worker, a cluster's too, so that pinned runs repeat bit for bit across x86 machines.
 KERNEL_PINS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY")
@@ -124,8 +126,32 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """Create (or, with resume, reopen) results/<name>, refusing to overwrite a finished or running run."""
     run_dir = check_run_dir(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)
+    check_run_dir(cfg, resume)  # again, under the lock: another driver may have started this run meanwhile
     cfg.results_dir = str(Path(cfg.results_dir).resolve())  # absolute: Tune trials run in their own working directories
     return run_dir
+
+
+_HELD_RUN_LOCKS: dict[Path, int] = {}  # run dir -> lock file descriptor, held until this process exits
+
+
+def lock_run(run_dir: Path) -> None:
+    """One driver per run: a second one (a `--resume` beside a running run) would train every model again into the
+    same checkpoints, or die restoring the screen, and garble run.json's sessions. The OS drops the lock when the
+    driver exits, however it exits."""
+    if run_dir in _HELD_RUN_LOCKS:  # this process holds it (a run's sub-runs, tests)
+        return
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"name: run '{run_dir.name}' is running ({holder}); wait for it to finish, or stop it and "
+                        "pass --resume") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    _HELD_RUN_LOCKS[run_dir] = fd
 
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -262,9 +288,10 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     check_trainings_fit(cfg.train, embedded=init_ray(address))
     prepare_run_dir(cfg, resume)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    before, trained_before = earlier_sessions(cfg), set(finished_jobs(cfg.run_dir))
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
-                   started_at=started, sessions=earlier_sessions(cfg) + [{"started_at": started}],
+                   started_at=started, sessions=before + [{"started_at": started}],
                    warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
                                "enqueued_trials": len(points)} if earlier else None)
 
@@ -293,6 +320,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
                          {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
     finished, sessions = time.strftime("%Y-%m-%dT%H:%M:%S%z"), earlier_sessions(cfg)
     sessions[-1]["finished_at"] = finished
+    if before and "finished_at" in before[-1] and set(trials) == trained_before:
+        sessions = before  # a --resume of a finished run that trained nothing new is no new session of it
     write_run_json(cfg, finished_at=finished, sessions=sessions)  # first, so the report has the run's wall time
     table = report.write(table, cfg.run_dir, task.majority_rate())  # what the CLI prints must be what report.md says
     write_run_json(cfg, registered=register_best(cfg),

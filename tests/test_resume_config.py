@@ -86,3 +86,30 @@ def test_a_run_that_recorded_a_relative_study_file_resumes_from_its_directory(tm
     (cfg.run_dir / "run.json").write_text(json.dumps(run))
     again = load_config(None, [f"results_dir={tmp_path}", "name=job", "screen.storage=sqlite:///study-here.db"])
     assert pipeline.prepare_run_dir(again, resume=True) == cfg.run_dir
+
+
+def test_a_second_driver_on_a_running_run_is_refused_naming_the_first(tmp_path):
+    """A --resume beside the running driver trained every model a second time into the same checkpoints (or died
+    restoring its screen) and garbled run.json's sessions. The lock goes with the driver's process."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _started(tmp_path)  # this process holds the lock: it may reopen its own run
+    assert pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job"]), resume=True) == cfg.run_dir
+    os.close(pipeline._HELD_RUN_LOCKS.pop(cfg.run_dir.resolve()))  # as if this driver had ended
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(cfg.run_dir / pipeline.RUN_LOCK)!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.ftruncate(fd, 0); os.write(fd, b'pid 4242 on elsewhere')\n"
+        "print('held', flush=True); sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        again = load_config(None, [f"results_dir={tmp_path}", "name=job"])
+        with pytest.raises(UserError, match=r"^name: run 'job' is running \(pid 4242 on elsewhere\); wait for it to "
+                                            "finish, or stop it and pass --resume$"):
+            pipeline.prepare_run_dir(again, resume=True)
+    finally:
+        holder.communicate("")  # the first driver ends: its lock goes with it
+    assert pipeline.prepare_run_dir(again, resume=True) == cfg.run_dir
