@@ -44,6 +44,7 @@ SHORTCUT_FILES = (SHORTCUT_SPECS, SHORTCUT_WEIGHTS)  # an allocation's shortcut 
 
 DEFAULT_ROOT = Path("results") / "registry"
 PRECISIONS = ("fp32", "fp16", "int8")
+STALE_STAGING_S = 3600  # a staging copy this old was left by a killed `add` (Registry._staging)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 INT8_WEIGHTS_FILE = "adapter_model.int8.safetensors"
@@ -467,9 +468,13 @@ class Registry:
             return self._base_hash(conn, files)
 
     def _staging(self) -> Path:
-        """A fresh directory on the root's file system (so that os.replace into place is atomic)."""
+        """A fresh directory on the root's file system (so that os.replace into place is atomic). An add stages for
+        seconds: what is older than STALE_STAGING_S was left by a killed one, a whole adapter copy each."""
         staging = self.root / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
+        for left in staging.iterdir():
+            if time.time() - left.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(left, ignore_errors=True)
         path = Path(tempfile.mkdtemp(dir=staging))
         path.chmod(0o755)  # mkdtemp makes 0700; stored versions are as readable as any other result
         return path

@@ -33,6 +33,7 @@ accuracy and minimises x ∈ trainable_params, cost_usd (per seed), peak_memory_
 from __future__ import annotations
 
 import html as html_lib
+import itertools
 import json
 import math
 import os
@@ -74,6 +75,9 @@ _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # as models.adaptable_modu
 _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 
 
+_WRITES = itertools.count()
+
+
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
     """writer(tmp) then rename over `path`; on any error the old file (or none) stays."""
     path = Path(path)
@@ -82,7 +86,8 @@ def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
     except OSError as err:  # a file where the directory should be, or no permission; nothing written yet
         raise UserError(f"report: could not write '{path}': its directory '{path.parent}' cannot be made "
                         f"({err.strerror or err}); give an output directory that is not a file and that you can write") from None
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a temp file per writer: two writers of one file (two `lora-search report` at once) each rename a whole copy
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_WRITES)}.tmp")
     try:
         writer(str(tmp))
         os.replace(tmp, path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -175,6 +177,20 @@ def test_remove(registry, adapter, tiny_model_dir):
     registry.remove("sentiment", 2)  # the last one left may go, current or not
     assert registry.list() == []
     assert not list((registry.root / ".staging").iterdir())
+
+
+def test_an_add_clears_staging_copies_a_killed_add_left(registry, adapter, tiny_model_dir):
+    from orchestrator.registry import STALE_STAGING_S
+
+    add(registry, adapter, tiny_model_dir)
+    killed, running = registry.root / ".staging" / "tmpkilled", registry.root / ".staging" / "tmpbusy"
+    for left in (killed, running):
+        left.mkdir()
+        (left / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    old = time.time() - STALE_STAGING_S - 60
+    os.utime(killed, (old, old))  # a copy no add is still making
+    add(registry, adapter, tiny_model_dir)
+    assert sorted(p.name for p in (registry.root / ".staging").iterdir()) == ["tmpbusy"]  # another add's, in progress
 
 
 DIES_BEFORE_COMMIT = """

@@ -270,6 +270,33 @@ def test_write_atomic_replaces(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
+def test_two_writers_of_one_file_each_write_a_whole_copy(tmp_path):
+    """Two `lora-search report` at once (or one beside its run): with one shared temp name, one writer's rename took
+    the other's file and the other failed, its content lost."""
+    import threading
+    from pathlib import Path
+
+    path, started, errors = tmp_path / "report.md", threading.Barrier(2), []
+
+    def write(text: str) -> None:
+        def slowly(tmp: str) -> None:
+            Path(tmp).write_text(text[:5])
+            started.wait()  # both temp files exist before either is renamed
+            Path(tmp).write_text(text)
+        try:
+            report.write_atomic(path, slowly)
+        except UserError as err:
+            errors.append(err)
+
+    writers = [threading.Thread(target=write, args=(text * 100,)) for text in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == [] and path.read_text() in ("a" * 100, "b" * 100)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
 # ---------------------------------------------------------------- files and load
 
 
