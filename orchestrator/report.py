@@ -454,10 +454,15 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
     }
 
 
+def run_sessions(run_info: dict) -> list[dict]:
+    """run.json's sessions (each start of the run and its finish); an older run.json: its one start and finish."""
+    return run_info.get("sessions") or [run_info]
+
+
 def run_wall_seconds(run_info: dict) -> tuple[float, int, int]:
     """(wall seconds summed over the run's timed sessions, sessions, sessions not timed): a resumed run has several
     sessions, and one its driver died in has a start but no finish. NaN when none was timed."""
-    sessions = run_info.get("sessions") or [run_info]  # an older run.json: its one start and finish
+    sessions = run_sessions(run_info)
     spans = [(_parse_time(s.get("started_at")), _parse_time(s.get("finished_at"))) for s in sessions]
     timed = [end - start for start, end in spans if start is not None and end is not None and end >= start]
     return (float(sum(timed)) if timed else float("nan")), len(spans), len(spans) - len(timed)
@@ -1193,8 +1198,7 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
         compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
     majority = run_info["task"]["majority_rate"]
     table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines)
-    last_session = (run_info.get("sessions") or [run_info])[-1]  # older run.json files have no sessions
-    table.attrs["unfinished"] = "finished_at" not in last_session  # its models so far; the rest are not named
+    table.attrs["unfinished"] = "finished_at" not in run_sessions(run_info)[-1]  # its models so far; the rest unnamed
     return write(table, run_dir, majority)
 
 
