@@ -1,6 +1,7 @@
 """Does placement still pay once each model has its own learning rate? Two allocations side by side over rates.
 
-What it measures: two allocations of benchmarks/exhaustive.small_space at the same ~9,216-param budget, by default
+What it measures: two allocations at the same ~9,216-param budget, labels of benchmarks/exhaustive.small_space or any
+allocation given as NAME=ALLOCATION (the report's compact form, shortcut connections included), by default
 FFN-up layers 1-5 r1 (the 20 Newsgroups exhaustive best at tuned rates) and uniform q,v r1, trained through
 `orchestrator.train.run_training` (Ray Tune + Ray Train) at every learning rate given, over seeds, on a shipped
 space's data and recipe, every epoch of it (no ASHA early stopping). Per rate: each arm's last-epoch eval accuracy
@@ -21,6 +22,10 @@ Run (from the repository root):
         --set data.train_size=8000 --lrs 8e-3 1.6e-2 3.2e-2 --out results/examples/newsgroups-split0-budget9k-train8000
     python benchmarks/placement_check.py --set name=reuters-r52 data.task=reuters_r52 --lrs 8e-3 1.6e-2 2.4e-2 3.2e-2 \\
         --out results/examples/reuters-r52-budget9k   # Reuters R52 under its own name: the R8 run is kept
+    python benchmarks/placement_check.py --arms "cross-layer=L0.query:1,L0.value:1,L1.shortcut.cross_layer:2,\
+L2.shortcut.cross_layer:2,L3.shortcut.cross_layer:2,L4.shortcut.cross_layer:2,L5.shortcut.cross_layer:2" "q+v r1" \
+        --set name=reuters-r52 data.task=reuters_r52 --lrs 8e-3 1.6e-2 --resume --out results/examples/reuters-r52-shortcuts
+                                                   # HeteroLoRA shortcuts against the R52 run's q+v r1 (kept, not retrained)
 Writes <out>/placement_check.{csv,md} (default results/benchmarks/, --quick results/benchmarks/quick/): every rate
 the run has trained, not only those of this call. The run (trials, adapters) stays in
 results/benchmarks/placement_check_runs/<quick|full>/<run name>/ (the space's `name`, or --set name=...); without
@@ -52,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.train_size=8000")
     parser.add_argument("--lrs", type=float, nargs="+", help="learning rates (default 4e-3 8e-3 1.6e-2; --quick 8e-3)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; --quick 0 1)")
-    parser.add_argument("--arms", nargs=2, default=ARMS, metavar="LABEL",
-                        help="two labels of benchmarks/exhaustive.small_space; the second is the yardstick")
+    parser.add_argument("--arms", nargs=2, default=ARMS, metavar="ARM",
+                        help="two labels of benchmarks/exhaustive.small_space, or NAME=ALLOCATION in the report's compact "
+                             "form (e.g. qv-low=L0.query:1,L0.value:1,L1.shortcut.cross_layer:2); the second is the yardstick")
     parser.add_argument("--resume", action="store_true", help="add rates or seeds to the earlier run; its trainings are kept")
     C.add_out_argument(parser)
     args = parser.parse_args(argv)
@@ -74,6 +80,46 @@ def runs_folder(runs_root: Path, args: argparse.Namespace) -> Path:
     from orchestrator.config import load_config
 
     return runs_root / load_config(args.space, args.set).name
+
+
+def refuse(message: str) -> None:
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def pick_arms(args: argparse.Namespace, modules) -> dict:
+    """label → Allocation for each --arms entry: a label of exhaustive.small_space, or NAME=ALLOCATION in the report's
+    compact form (shortcut connections included). Sets args.arms to the labels; a bad entry exits 2 in one line."""
+    from exhaustive import small_space
+
+    from orchestrator.allocation import Allocation
+    from orchestrator.errors import UserError
+
+    space, arms = small_space(modules, quick=False), {}
+    for entry in args.arms:
+        label, given, compact = entry.partition("=")
+        if not given and label not in space:
+            refuse(f"--arms: '{entry}' is not a label of benchmarks/exhaustive.small_space ({', '.join(sorted(space))}) "
+                   "nor NAME=ALLOCATION, e.g. qv-low=L0.query:1,L0.value:1")
+        try:
+            arms[label] = Allocation.from_compact(compact, modules) if given else space[label]
+        except UserError as error:
+            refuse(f"--arms {label}: {error}")
+    if len(arms) != 2:
+        refuse("--arms: give two different labels")
+    args.arms = list(arms)
+    return arms
+
+
+def arm_rows(trials: dict[str, dict], arms: dict) -> list[dict]:
+    """One row per finished training of an arm, at every rate the run holds, labelled by its allocation (so an arm
+    renamed between calls keeps its trainings, and other allocations of the run are left out)."""
+    from orchestrator.lr_tuning import sweep_id
+
+    label_of = {sweep_id(a.candidate_id, t["lr"]): label for label, a in arms.items() for t in trials.values()}
+    return [{"lr": t["lr"], "label": label_of[t["candidate_id"]], "seed": t["seed"], "accuracy": t["accuracy"],
+             "trainable_params": t["trainable_params"], "train_wall_s": t["train_wall_s"]}
+            for t in trials.values() if t.get("status") == "completed" and t["candidate_id"] in label_of]
 
 
 def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
@@ -128,7 +174,6 @@ def main(argv=None) -> None:
     ctx, runs_root = C.begin("placement_check", args.quick)
 
     import ray
-    from exhaustive import small_space
 
     from orchestrator import pipeline
     from orchestrator.config import load_config
@@ -143,13 +188,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.space, config_overrides(runs.resolve(), args))
     task = load_task(cfg.data)
     modules = adaptable_modules(load_model(cfg.model.name, task.num_labels))
-    space = small_space(modules, quick=False)
-    unknown = [label for label in args.arms if label not in space]
-    if unknown:
-        print(f"--arms: {unknown} are not labels of benchmarks/exhaustive.small_space; pick from {sorted(space)}",
-              file=sys.stderr)
-        raise SystemExit(2)
-    arms = {label: space[label] for label in args.arms}
+    arms = pick_arms(args, modules)
     jobs = [TrainJob(sweep_id(a.candidate_id, lr), "searched", label, a.as_dict(), seed, lr=lr)
             for lr in args.lrs for seed in args.seeds for label, a in arms.items()]
 
@@ -160,9 +199,7 @@ def main(argv=None) -> None:
         trials = run_training(cfg, task, jobs)
     finally:
         ray.shutdown()
-    rows = pd.DataFrame([{"lr": t["lr"], "label": t["label"], "seed": t["seed"], "accuracy": t["accuracy"],
-                          "trainable_params": t["trainable_params"], "train_wall_s": t["train_wall_s"]}
-                         for t in trials.values() if t.get("status") == "completed"]).sort_values(["lr", "label", "seed"])
+    rows = pd.DataFrame(arm_rows(trials, arms)).sort_values(["lr", "label", "seed"])
     per_lr, summary = summarise(rows, tuple(args.arms))
     params = rows.groupby("label").trainable_params.first()
     text = "\n\n".join([

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -74,3 +75,45 @@ def test_a_run_under_its_own_name_keeps_the_spaces_default_run(tmp_path):
     other = placement_check.runs_folder(tmp_path, placement_check.parse_args(
         ["--space", str(space), "--set", "name=reuters-r52", "data.task=reuters_r52"]))
     assert default == tmp_path / "reuters-r8" and other == tmp_path / "reuters-r52"  # starting one over keeps the other
+
+
+def test_arms_are_small_space_labels_or_named_compact_allocations(tiny_modules):
+    from exhaustive import small_space
+
+    args = argparse.Namespace(arms=["shortcuts=L0.query:1,L1.shortcut.cross_layer:2", "q+v r1"])
+    arms = placement_check.pick_arms(args, tiny_modules)
+    assert args.arms == ["shortcuts", "q+v r1"]
+    assert arms["shortcuts"].as_dict() == {tiny_modules[0].name: 1, "L1.shortcut.cross_layer": 2}
+    assert arms["q+v r1"] == small_space(tiny_modules, quick=False)["q+v r1"]
+
+
+@pytest.mark.parametrize("given, named", [
+    (["q+v r9", "q+v r1"], "'q+v r9' is not a label"),
+    (["bad=L7.query:1", "q+v r1"], "--arms bad: allocation: 'L7.query:1'"),
+    (["q+v r1", "q+v r1"], "two different labels"),
+])
+def test_a_bad_arm_is_refused_in_one_line_with_exit_2(tiny_modules, capsys, given, named):
+    with pytest.raises(SystemExit) as stop:
+        placement_check.pick_arms(argparse.Namespace(arms=given), tiny_modules)
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and named in message and message.count("\n") == 1
+
+
+def test_rows_follow_the_allocation_not_the_label_a_training_was_stored_under(tiny_modules):
+    """An arm renamed between calls keeps its trainings; other allocations of the run and failed trainings stay out."""
+    from exhaustive import small_space
+    from orchestrator.lr_tuning import sweep_id
+
+    space = small_space(tiny_modules, quick=False)
+    arms = {"renamed": space["q+k r1"], "q+v r1": space["q+v r1"]}
+
+    def trial(allocation, label, lr, seed, status="completed"):
+        return {"candidate_id": sweep_id(allocation.candidate_id, lr), "label": label, "lr": lr, "seed": seed,
+                "status": status, "accuracy": 0.5, "trainable_params": 10, "train_wall_s": 1.0}
+
+    trials = [trial(space["q+k r1"], "old name", 8e-3, 0), trial(space["q+k r1"], "old name", 1.6e-2, 0),
+              trial(space["q+v r1"], "q+v r1", 8e-3, 0), trial(space["q+v r1"], "q+v r1", 8e-3, 1, status="failed"),
+              trial(space["k r2"], "k r2", 8e-3, 0)]
+    rows = placement_check.arm_rows({f"t{i}": t for i, t in enumerate(trials)}, arms)
+    assert [(r["label"], r["lr"], r["seed"]) for r in rows] == [
+        ("renamed", 8e-3, 0), ("renamed", 1.6e-2, 0), ("q+v r1", 8e-3, 0)]
