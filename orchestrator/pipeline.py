@@ -224,9 +224,8 @@ def earlier_sessions(cfg: RunConfig) -> list[dict]:
     directory from before sessions were kept gives its one recorded start and finish."""
     path = cfg.run_dir / "run.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    if "sessions" in stored:
-        return stored["sessions"]
-    return [{k: stored[k] for k in ("started_at", "finished_at") if k in stored}] if "started_at" in stored else []
+    return [{k: session[k] for k in ("started_at", "finished_at") if k in session}
+            for session in report.run_sessions(stored) if "started_at" in session]
 
 
 def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:

@@ -113,3 +113,20 @@ def test_a_second_driver_on_a_running_run_is_refused_naming_the_first(tmp_path):
     finally:
         holder.communicate("")  # the first driver ends: its lock goes with it
     assert pipeline.prepare_run_dir(again, resume=True) == cfg.run_dir
+
+
+def test_earlier_sessions_read_every_run_json_shape(tmp_path):
+    """What a resumed run's wall time adds up: none for a new run, an older run.json's one start and finish, and
+    the kept sessions as they are."""
+    cfg = load_config(None, [f"results_dir={tmp_path}", "name=job"])
+    assert pipeline.earlier_sessions(cfg) == []
+    cfg.run_dir.mkdir(parents=True)
+    older = {"started_at": "2026-12-01T10:00:00+0000", "finished_at": "2026-12-01T10:30:00+0000", "name": "job"}
+    (cfg.run_dir / "run.json").write_text(json.dumps(older))
+    assert pipeline.earlier_sessions(cfg) == [{"started_at": older["started_at"], "finished_at": older["finished_at"]}]
+    (cfg.run_dir / "run.json").write_text(json.dumps({"name": "job"}))
+    assert pipeline.earlier_sessions(cfg) == []
+    kept = [{"started_at": "2026-12-01T10:00:00+0000", "finished_at": "2026-12-01T10:30:00+0000"},
+            {"started_at": "2026-12-02T09:00:00+0000"}]
+    (cfg.run_dir / "run.json").write_text(json.dumps({**older, "sessions": kept}))
+    assert pipeline.earlier_sessions(cfg) == kept
