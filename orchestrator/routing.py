@@ -438,8 +438,13 @@ def attach_routed_adapters(model: nn.Module, module_names: Sequence[str], num_ex
 
 
 def _router_width(model: nn.Module) -> int:
-    """Input width of a per_input router: the pooled embeddings."""
-    return getattr(getattr(model, "config", None), "hidden_size", None) or _embeddings_width(model)
+    """Input width of a per_input router: what the embeddings module outputs, i.e. its last LayerNorm's width (ELECTRA's
+    and ALBERT's are narrower than hidden_size: they project up after it), else config.hidden_size."""
+    norms = [m for m in _embeddings_of(model).modules() if isinstance(m, nn.LayerNorm)]
+    width = norms[-1].normalized_shape[-1] if norms else getattr(getattr(model, "config", None), "hidden_size", None)
+    if not width:
+        raise UserError("routing: cannot tell the embeddings' width; give the model a `config.hidden_size`")
+    return width
 
 
 def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts: int,
@@ -477,13 +482,6 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
             break
         total[max(room, key=lambda n: share * ranks[n] - total[n])] += 1
     return {n: [total[n] // e + (i < total[n] % e) for i in range(e)] for n in ranks if n in total}
-
-
-def _embeddings_width(model: nn.Module) -> int:
-    norms = [m for m in _embeddings_of(model).modules() if isinstance(m, nn.LayerNorm)]
-    if not norms:
-        raise UserError("routing: cannot tell the embeddings' width; give the model a `config.hidden_size`")
-    return norms[-1].normalized_shape[-1]
 
 
 # ---------------------------------------------------------------- save and load (safetensors only)

@@ -389,3 +389,21 @@ def test_load_refuses_a_corrupt_weights_file(tiny_model_dir, tmp_path):
     (tmp_path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="safetensors"):
         load_routed(fresh(tiny_model_dir), tmp_path)
+
+
+def test_per_input_routers_read_embeddings_narrower_than_the_hidden_size():
+    """ELECTRA's embeddings output embedding_size (16 here) and project up to hidden_size (32) after them: the per_input
+    router must read 16 wide, and the budget must count routers that wide."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(0)
+    model = ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=40, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2)).eval()
+    names = ["electra.encoder.layer.0.attention.self.query", "electra.encoder.layer.0.attention.self.value"]
+    sites = budget_expert_ranks(model, {n: 4 for n in names}, 2)
+    state = attach_routed_adapters(model, list(sites), 2, sites, 1)
+    assert {m.router.in_features for m in state.modules.values()} == {16}
+    assert state.trainable_params() <= 4 * 2 * (32 + 32)  # experts + 16-wide routers within the LoRA budget
+    logits = model(input_ids=torch.tensor([[2, 5, 6, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long)).logits
+    assert logits.shape == (1, 2)
