@@ -206,7 +206,9 @@ def _survivors(rows: list[dict], context: ScreenContext, survivors: int) -> pd.D
         raise UserError(f"screen: no trial drew an allocation inside the budget band {context.budget.low}..{context.budget.high} "
                         "params; raise screen.num_trials or screen.candidates_per_trial, or widen space.budget.tolerance")
     table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
-    order = (context.sign * table[f"proxy_{context.rank_by}"]).rank(ascending=False, method="first")
+    score = table[f"proxy_{context.rank_by}"].astype(float)
+    # ±inf is an overflowed proxy, not a best score: it ranks with NaN, after every finite one (as trial objectives do)
+    order = (context.sign * score.where(np.isfinite(score))).rank(ascending=False, method="first")
     table["survivor"] = order <= survivors
     # rank order, ties as `order` broke them (so the survivors are the first rows), non-finite scores last
     return table.loc[order.sort_values(na_position="last", kind="stable").index].reset_index(drop=True)
