@@ -72,22 +72,32 @@ def make_budget(modules: list[AdaptableModule], space: SpaceConfig) -> Budget:
     largest = sum(m.params_per_rank for m in searchable) * max(space.ranks)
     step = math.gcd(*(m.params_per_rank * r for m in searchable for r in space.ranks))  # every count is a multiple
     costs = [[m.params_per_rank * r // step for r in space.ranks] for m in searchable]
-    if not _reachable(costs, -(-budget.low // step), budget.high // step):
-        raise UserError(f"space.budget: {budget.target} params cannot be met by this space "
+    if not _reachable(costs, -(-budget.low // step), budget.high // step, _lora_rows(searchable).tolist()):
+        alone = " with a LoRA module on (shortcut sites alone cannot train)" if space.shortcuts else ""
+        raise UserError(f"space.budget: {budget.target} params cannot be met by this space{alone} "
                         f"(possible: {smallest}..{largest} in steps of {step}, none in {budget.low}..{budget.high}); "
                         "change the budget, tolerance, ranks or module_types")
     return budget
 
 
-def _reachable(costs: list[list[int]], low: int, high: int) -> bool:
-    """Whether one cost (or none) per module sums into [low, high]: a subset sum over a bitset (bit s = sum s)."""
+def _reachable(costs: list[list[int]], low: int, high: int, lora: list[bool] | None = None) -> bool:
+    """Whether one cost (or none) per module, with at least one `lora` module on (default: any module), sums into
+    [low, high]: subset sums over two bitsets (bit s = sum s), of the picks without a lora module on and with one."""
     high = min(high, sum(max(options) for options in costs))  # no sum exceeds this: a huge budget needs no huge bitset
     if low > high:
         return False
-    sums, cap = 1, (1 << (high + 1)) - 1
-    for options in costs:  # each module at most once: shift the sums without it
-        sums |= functools.reduce(operator.or_, (sums << cost for cost in set(options))) & cap
-    return sums >> low != 0
+    cap = (1 << (high + 1)) - 1
+
+    def on(sums: int, options: list[int]) -> int:  # the sums with this module on, at one of its costs
+        return functools.reduce(operator.or_, (sums << cost for cost in set(options))) & cap
+
+    without, with_lora = 1, 0  # each module at most once: a sum without it stays, one with it is shifted by its cost
+    for options, is_lora in zip(costs, lora or [True] * len(costs)):
+        if is_lora:
+            with_lora |= on(with_lora | without, options)
+        else:
+            without, with_lora = without | on(without, options), with_lora | on(with_lora, options)
+    return with_lora >> low != 0
 
 
 # ---------------------------------------------------------------- the sampled distribution

@@ -240,3 +240,24 @@ def test_a_survivor_with_shortcut_sites_trains_static_only_and_is_named(tiny_mod
     assert [label for _, label, _ in chosen.values()] == ["screen#1", "screen#2", "screen#1+dynamic"]
     assert "dynamic: no dynamic variant of screen#2 (shortcut sites: re-allocation moves LoRA ranks only)" \
         in capsys.readouterr().out
+
+
+def test_reachability_needs_a_lora_module_on():
+    # costs 3 (LoRA) and 2 (a shortcut site): 2 alone is no allocation; 3 and 5 are
+    assert not _reachable([[3], [2]], 2, 2, [True, False])
+    assert _reachable([[3], [2]], 5, 5, [True, False]) and _reachable([[3], [2]], 3, 3, [True, False])
+    assert _reachable([[3], [2]], 2, 2)  # without flags every module counts (the old contract)
+
+
+def test_make_budget_refuses_a_band_only_shortcut_sites_reach(tiny_model):
+    """FFN-up (96 params per rank here) and residual shortcut sites (64): a 64-param band holds only a shortcut, which
+    cannot train alone; refused at config time, not after the probe and the screen."""
+    from orchestrator.allocation import searchable_units
+    from orchestrator.models import adaptable_modules
+
+    units = searchable_units(tiny_model, adaptable_modules(tiny_model), shortcut_kinds=("residual",))
+    ffn_and_residual = space(module_types=["intermediate.dense"], shortcuts=["residual"], ranks=[1])
+    with pytest.raises(UserError, match=r"^space.budget: 64 params cannot be met by this space with a LoRA module on "
+                                        r"\(shortcut sites alone cannot train\)"):
+        make_budget(units, dataclasses.replace(ffn_and_residual, budget=BudgetConfig(params=64, qv_rank=None, tolerance=0)))
+    assert make_budget(units, dataclasses.replace(ffn_and_residual, budget=BudgetConfig(params=160, qv_rank=None))).target == 160
