@@ -362,16 +362,17 @@ class Proportional(Allocator):
             middle = (low + high) / 2
             low, high = (low, middle) if rounded(np.exp(middle))[2] >= budget.low else (middle, high)
         low, high = np.exp(low), np.exp(high)
+        lora = _lora_rows(modules)
         targets, picks, total = rounded(high)
-        if budget.admits(total):
+        if budget.admits(total) and picks[lora].any():
             return [_allocation(modules, choices, picks)]
         for scale in (low, high):  # raise from just below the band, else lower from just above
             targets, picks, _ = rounded(scale)
             picks = _fix_up(picks, targets, choices, per_rank, budget)
-            if picks is not None:
+            if picks is not None and picks[lora].any():  # shortcut sites alone cannot train: the knapsack requires one
                 return [_allocation(modules, choices, picks)]
         nearest = -(choices[None, :] - targets[:, None]) ** 2
-        solutions = _knapsack(nearest, _costs(modules, choices), budget, 1, _lora_rows(modules))
+        solutions = _knapsack(nearest, _costs(modules, choices), budget, 1, lora)
         return [_allocation(modules, choices, picks) for _, picks in solutions or []]
 
 

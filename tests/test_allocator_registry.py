@@ -325,3 +325,13 @@ def test_no_allocation_is_shortcuts_alone(name):
     scores = random_scores(9, space) | {site.name: 10.0 for site in sites}
     found = propose(name, scores, Budget(9216, 0.05), count=25, modules=space, ranks=[1, 2])
     assert found and all(a.lora_ranks for a in found), [a.compact(space) for a in found if not a.lora_ranks]
+
+
+@pytest.mark.parametrize("name", ["knapsack", "proportional"])  # top_p takes score-ordered prefixes only: it has none
+def test_a_single_lora_allocation_is_found_beside_a_better_scored_shortcut_site(name):
+    """One query module and one residual site at 768 params each, a 768-param band: L0.query:1 is the only
+    allocation; the shortcut site scores higher, and proportional's fit put the rank there and found nothing."""
+    shortcuts = pytest.importorskip("orchestrator.shortcuts")
+    space = [module(0, "query"), shortcuts.ShortcutSite("residual", 0, 384, 384)]
+    found = propose(name, {space[0].name: 1.0, space[1].name: 10.0}, Budget(768, 0.0), count=5, modules=space, ranks=[1])
+    assert [a.as_dict() for a in found] == [{space[0].name: 1}]
