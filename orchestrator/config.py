@@ -133,6 +133,7 @@ class SpaceConfig:
         bad_kinds = [k for k in self.shortcuts if k not in SHORTCUT_KINDS]
         _require(not bad_kinds, "space.shortcuts", f"unknown kinds {bad_kinds}", f"choose from {list(SHORTCUT_KINDS)}")
         _require(self.layers is None or all(i >= 0 for i in self.layers), "space.layers", f"{self.layers} has a negative index", "use indices from 0")
+        _require(self.layers != [], "space.layers", "[] leaves no layer to adapt", "list layer indices, or null for all layers")
         self.ranks = sorted(set(self.ranks))
 
 

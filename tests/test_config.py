@@ -183,6 +183,7 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["space.ranks=[0,2]"], "space.ranks"),
     (["space.module_types=[query,dense]"], "space.module_types"),
     (["space.layers=[-1]"], "space.layers"),
+    (["space.layers=[]"], "space.layers"),
     (["screen.rank_by=synflow"], "screen.rank_by"),
     (["screen.direction=up"], "screen.direction"),
     (["screen.proxies=[grad_nrom]"], "screen.proxies"),  # the typo is named, not rank_by's absence from the list
