@@ -191,14 +191,17 @@ class Allocator(ABC):
     deterministic: bool = False  # True: the rng is not used, so one call gives everything it can give
 
     def propose(self, unit_scores: dict[str, float], modules: list[AdaptableModule], ranks: list[int], budget: Budget,
-                count: int, rng: np.random.Generator, sign: float = 1.0) -> list[Allocation]:
-        """Up to `count` distinct allocations inside the band; `sign`×score higher is better."""
+                count: int, rng: np.random.Generator, sign: float = 1.0,
+                rank_caps: dict[str, int] | None = None) -> list[Allocation]:
+        """Up to `count` distinct allocations inside the band; `sign`×score higher is better. With `rank_caps` (a
+        calibrated score, see summed_score) a module's rank earns only up to its cap."""
         if count <= 0 or not modules:
             return []
         ranks = _check_ranks(ranks)
         values = _signed_values(unit_scores, modules, sign) if self.uses_scores else np.zeros(len(modules))
+        caps = np.array([(rank_caps or {}).get(m.name, np.inf) for m in modules], dtype=float)
         found: dict[str, Allocation] = {}
-        for allocation in self.generate(values, modules, ranks, budget, count, rng):
+        for allocation in self.generate(values, modules, ranks, budget, count, rng, caps):
             if allocation.lora_ranks and budget.admits(allocation.trainable_params(modules)):
                 found.setdefault(allocation.candidate_id, allocation)
                 if len(found) == count:
@@ -207,8 +210,9 @@ class Allocator(ABC):
 
     @abstractmethod
     def generate(self, values: np.ndarray, modules: list[AdaptableModule], ranks: list[int], budget: Budget,
-                 count: int, rng: np.random.Generator) -> Iterable[Allocation]:
-        """Allocations, best first. `values[i]` is sign × unit score of `modules[i]` (higher is better)."""
+                 count: int, rng: np.random.Generator, caps: np.ndarray) -> Iterable[Allocation]:
+        """Allocations, best first. `values[i]` is sign × unit score of `modules[i]` (higher is better), earned by
+        rank up to `caps[i]` (inf: uncapped)."""
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {}
@@ -269,7 +273,7 @@ class TopP(Allocator):
     name = "top_p"
     deterministic = True
 
-    def generate(self, values, modules, ranks, budget, count, rng):
+    def generate(self, values, modules, ranks, budget, count, rng, caps):
         order = _order(values)
         found = []
         for rank in ranks:
@@ -280,7 +284,7 @@ class TopP(Allocator):
                     continue
                 chosen[modules[i].name] = rank
                 total += cost
-                value += rank * values[i]
+                value += min(rank, caps[i]) * values[i]
                 if budget.admits(total):
                     found.append((value, Allocation.from_ranks(chosen)))
         found.sort(key=lambda item: -item[0])  # stable: equal values keep (rank, p) scan order
@@ -302,9 +306,9 @@ class Knapsack(Allocator):
     name = "knapsack"
     deterministic = True
 
-    def generate(self, values, modules, ranks, budget, count, rng):
+    def generate(self, values, modules, ranks, budget, count, rng, caps):
         choices = np.array([0, *ranks])
-        gains = values[:, None] * choices[None, :]
+        gains = values[:, None] * np.minimum(choices[None, :], caps[:, None])  # rank above a cap earns nothing
         solutions = _knapsack(gains, _costs(modules, choices), budget, count, _lora_rows(modules))
         if solutions is None:
             raise UserError(f"screen.allocator: knapsack needs too large a table for a budget of {budget.target} params "
@@ -322,7 +326,8 @@ class Proportional(Allocator):
     target is closest to its next (previous) allowed rank until the count is inside the band — that
     keeps higher scores on equal or higher ranks among modules of one shape. If the greedy step
     cannot land in the band, the exact knapsack picks the in-band ranks nearest to the targets.
-    Candidates: γ = 1 first, then a fixed ladder of sharpnesses, then rng-jittered weights.
+    Candidates: γ = 1 first, then a fixed ladder of sharpnesses, then rng-jittered weights. Rank caps
+    do not shape the fit; the screen ranks its candidates by the capped score.
     O(n · (60 + |ranks|)) per candidate plus the fix-up's O(n²) worst case.
     """
 
@@ -331,7 +336,7 @@ class Proportional(Allocator):
     JITTER = 0.5  # std of the log-normal weight noise of the later candidates
     TRIES_PER_CANDIDATE = 20
 
-    def generate(self, values, modules, ranks, budget, count, rng):
+    def generate(self, values, modules, ranks, budget, count, rng, caps):
         if not _feasible(modules, ranks, budget):
             return
         spread = values.max() - values.min()
@@ -386,7 +391,7 @@ class RandomAllocator(Allocator):
     uses_scores = False
     TRIES_PER_CANDIDATE = 20
 
-    def generate(self, values, modules, ranks, budget, count, rng):
+    def generate(self, values, modules, ranks, budget, count, rng, caps):
         probs = np.full(len(modules), 1.0 / len(modules))
         for _ in range(count * self.TRIES_PER_CANDIDATE if _feasible(modules, ranks, budget) else 0):
             allocation = _draw(modules, probs, ranks, budget, rng)
@@ -408,7 +413,7 @@ class OptunaDistribution(Allocator):
     uses_scores = False
     DISTRIBUTIONS = 20
 
-    def generate(self, values, modules, ranks, budget, count, rng):
+    def generate(self, values, modules, ranks, budget, count, rng, caps):
         types = list(dict.fromkeys(m.type for m in modules))
         everything = sum(m.params_per_rank for m in modules)
         reachable = [r for r in ranks if everything * r >= budget.low]  # a lower cap can never fill the band

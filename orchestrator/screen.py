@@ -173,7 +173,8 @@ def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
     allocator = get_allocator(cfg.screen.allocator)
     count = cfg.screen.num_trials * cfg.screen.candidates_per_trial
     allocations = allocator.propose(context.scores.unit[context.rank_by], context.modules, context.ranks, context.budget,
-                                    count, np.random.default_rng(context.seed), context.sign)
+                                    count, np.random.default_rng(context.seed), context.sign,
+                                    context.scores.rank_caps.get(context.rank_by))
     if not allocations:
         raise UserError(f"screen.allocator: '{allocator.name}' found no allocation inside the budget band "
                         f"{context.budget.low}..{context.budget.high} params; widen space.budget.tolerance or add space.ranks")

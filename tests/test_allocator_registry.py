@@ -74,7 +74,7 @@ def test_registered_allocator_gets_the_contract_enforced():
     class Sloppy(Allocator):
         name = "sloppy_test"
 
-        def generate(self, values, modules, ranks, budget, count, rng):
+        def generate(self, values, modules, ranks, budget, count, rng, caps):
             yield Allocation.from_ranks({low_q.name: 1})  # 768 params: below the band
             yield Allocation.from_ranks({low_q.name: 2})  # 1536: inside
             yield Allocation.from_ranks({low_q.name: 2})  # duplicate
@@ -124,7 +124,8 @@ def test_generate_itself_stays_in_band(name):
     budget = Budget(9216, 0.0)
     allocator = get_allocator(name)
     values = np.array(list(random_scores(2).values()))
-    produced = list(itertools.islice(allocator.generate(values, MINILM, RANKS, budget, 10, np.random.default_rng(0)), 60))
+    produced = list(itertools.islice(allocator.generate(values, MINILM, RANKS, budget, 10, np.random.default_rng(0),
+                                                   np.full(len(MINILM), np.inf)), 60))
     assert produced and all(budget.admits(a.trainable_params(MINILM)) for a in produced)
 
 
@@ -335,3 +336,22 @@ def test_a_single_lora_allocation_is_found_beside_a_better_scored_shortcut_site(
     space = [module(0, "query"), shortcuts.ShortcutSite("residual", 0, 384, 384)]
     found = propose(name, {space[0].name: 1.0, space[1].name: 10.0}, Budget(768, 0.0), count=5, modules=space, ranks=[1])
     assert [a.as_dict() for a in found] == [{space[0].name: 1}]
+
+
+def test_knapsack_and_top_p_maximise_the_capped_score_the_screen_ranks_by():
+    """A calibrated score earns rank only up to each module's measured rank (ModuleScores.rank_caps): the knapsack's
+    first candidate is the best capped score in the band (brute force), not the best uncapped one."""
+    modules = [module(layer, kind) for layer in range(2) for kind in ("query", "value")]  # 768 params per rank each
+    unit = {modules[0].name: 3.0, modules[1].name: 1.0, modules[2].name: 2.0, modules[3].name: 1.5}
+    caps = {modules[0].name: 1, modules[1].name: 4, modules[2].name: 1, modules[3].name: 4}
+    ranks, budget = [1, 2, 4], Budget(4 * 768, 0.0)
+    every = [Allocation.from_ranks({m.name: r for m, r in zip(modules, picks) if r})
+             for picks in itertools.product([0, *ranks], repeat=len(modules))]
+    inside = [a for a in every if a.lora_ranks and budget.admits(a.trainable_params(modules))]
+    capped_best = max(summed_score(unit, a, caps) for a in inside)
+    assert capped_best > summed_score(unit, max(inside, key=lambda a: summed_score(unit, a)), caps)  # the caps matter
+    found = get_allocator("knapsack").propose(unit, modules, ranks, budget, 3, np.random.default_rng(0), rank_caps=caps)
+    assert summed_score(unit, found[0], caps) == capped_best
+    top_p = get_allocator("top_p").propose(unit, modules, ranks, budget, 3, np.random.default_rng(0), rank_caps=caps)
+    scores = [summed_score(unit, a, caps) for a in top_p]
+    assert scores == sorted(scores, reverse=True)  # best first by the capped score
