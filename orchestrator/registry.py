@@ -6,10 +6,12 @@ Layout under the root (default `results/registry`):
                                      cache of base-model hashes keyed by path, mtime and size
     <name>/v<version>/               adapter_config.json + the weights, safetensors only:
         adapter_model.safetensors        fp32 or fp16 (a plain PEFT adapter file), or
-        adapter_model.int8.safetensors   int8: `<key>.qweight` (int8) + `<key>.scale` (fp32, one per
-                                         output channel) for every 2-D lora_A/lora_B weight; the other
-                                         tensors (the classifier head) in fp16. Named apart on purpose:
-                                         PEFT must not load it as if it were a plain adapter.
+        adapter_model.int8.safetensors   int8: `<key>.qweight` (int8) + fp32 scales, one per rank channel,
+                                         for every 2-D lora_A/lora_B weight: `<key>.scale` per row
+                                         (lora_A, r × in), `<key>.col_scale` per column (lora_B, out × r;
+                                         files written before per-column scales hold `.scale` per row);
+                                         the other tensors (the classifier head) in fp16. Named apart on
+                                         purpose: PEFT must not load it as if it were a plain adapter.
 
 Every entry records its task, base model id and the SHA-256 of the base model's weights, the
 allocation, metrics, parent version, precision, a current flag (at most one per name) and the SHA-256
@@ -50,7 +52,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 INT8_WEIGHTS_FILE = "adapter_model.int8.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FP16_MAX = 65504.0
-_LORA_WEIGHT = re.compile(r"\.lora_[AB]\.")
+_LORA_WEIGHT = re.compile(r"\.lora_[AB](\.|$)")  # PEFT LoRA `.lora_A.weight`, AdaLoRA `.lora_A` (no `.weight`)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -142,20 +144,22 @@ def base_model_id(base_model: str) -> str:
 # ---------------------------------------------------------------- precision: encode / decode
 
 
-def quantise_int8(weight):
-    """Symmetric per-output-channel (per row) int8: w ≈ q · scale, |w − q · scale| ≤ scale / 2."""
+def quantise_int8(weight, per_row: bool = True):
+    """Symmetric int8, one fp32 scale per row (per_row) or per column: w ≈ q · scale, |w − q · scale| ≤ scale / 2
+    (elementwise, with the scale of the element's row or column)."""
     import torch
 
     w = weight.detach().to(torch.float64)
-    scale = w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]).clamp_(-127, 127)
-    return q.to(torch.int8).contiguous(), scale.to(torch.float32).contiguous()
+    scale = w.abs().amax(dim=1 if per_row else 0, keepdim=True) / 127.0
+    q = torch.round(w / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scale.flatten().to(torch.float32).contiguous()
 
 
-def dequantise_int8(q, scale):
+def dequantise_int8(q, scale, per_row: bool = True):
     import torch
 
-    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).contiguous()
+    scale = scale.to(torch.float32)
+    return (q.to(torch.float32) * (scale[:, None] if per_row else scale[None, :])).contiguous()
 
 
 def encode(tensors: dict, precision: str) -> tuple[str, bytes]:
@@ -171,7 +175,11 @@ def encode(tensors: dict, precision: str) -> tuple[str, bytes]:
         if not tensor.is_floating_point() or precision == "fp32":
             stored[key] = tensor.contiguous()
         elif precision == "int8" and tensor.ndim == 2 and _LORA_WEIGHT.search(key):
-            stored[f"{key}.qweight"], stored[f"{key}.scale"] = quantise_int8(tensor)
+            # one scale per channel of the shorter axis, the rank: per row, lora_B (out × r) would carry `out` fp32
+            # scales, more bytes than its int8 values at low rank
+            per_row = tensor.shape[0] <= tensor.shape[1]
+            scale_key = f"{key}.scale" if per_row else f"{key}.col_scale"
+            stored[f"{key}.qweight"], stored[scale_key] = quantise_int8(tensor, per_row)
         else:
             if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
                 raise UserError(f"precision: tensor '{key}' has values beyond the fp16 range (±65504); "
@@ -189,11 +197,13 @@ def decode(data: bytes, precision: str) -> dict:
     stored = load(data)
     tensors = {}
     for key, tensor in stored.items():
-        if key.endswith(".scale") and precision == "int8":
+        if key.endswith((".scale", ".col_scale")) and precision == "int8":
             continue
         if key.endswith(".qweight") and precision == "int8":
             base = key[: -len(".qweight")]
-            tensors[base] = dequantise_int8(tensor, stored[f"{base}.scale"])
+            per_row = f"{base}.scale" in stored  # lora_A; lora_B too in files written before per-column scales
+            scale = stored[f"{base}.scale"] if per_row else stored[f"{base}.col_scale"]
+            tensors[base] = dequantise_int8(tensor, scale, per_row)
         else:
             tensors[key] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
     return tensors
@@ -230,10 +240,16 @@ def read_adapter_dir(source_dir: str | Path) -> AdapterFiles:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from orchestrator.routing import CONFIG_FILE as ROUTED_CONFIG, WEIGHTS_FILE as ROUTED_WEIGHTS
+
     source = Path(source_dir)
     if not source.is_dir():
         raise UserError(f"registry: adapter directory '{source}' not found; give a directory holding "
                         f"{CONFIG_FILE} and {WEIGHTS_FILE} (e.g. results/<run>/adapters/<candidate_id>)")
+    if (source / ROUTED_CONFIG).is_file() or (source / ROUTED_WEIGHTS).is_file():  # no save_pretrained can fix this one
+        raise UserError(f"registry: '{source}' holds routed experts ({ROUTED_CONFIG}), which the registry cannot store "
+                        f"(it stores PEFT adapters); load them with orchestrator.routing.load_routed(base_model, "
+                        f"'{source}'), or store another candidate of the run (--candidate)")
     weights = next((source / n for n in (WEIGHTS_FILE, INT8_WEIGHTS_FILE) if (source / n).is_file()), None)
     if weights is None:
         pickles = sorted(p.name for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -551,7 +567,7 @@ class Registry:
                      precision: str = "fp32", promote: bool = True) -> Entry:
         """Store a finished run's adapter: `candidate_id`, or the report's best searched model (best_candidate)."""
         run_dir = Path(run_dir)
-        row, run = best_candidate(run_dir, candidate_id)
+        row, run = best_candidate(run_dir, candidate_id, ("config.name", "config.data.task", "config.model.name"))
         metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "val_accuracy", "eval_loss", "trainable_params",
                                                      "head_params", "seed", "lr", "latency_ms_per_batch", "train_wall_s", "cost_usd")
                    if row.get(k) is not None}
@@ -729,9 +745,10 @@ def _plain(value):
     return value
 
 
-def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict, dict]:
+def best_candidate(run_dir: Path, candidate_id: str | None = None, run_keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(report row, run.json) of `candidate_id`, or of the report's best searched model (best mean over seeds of
-    accuracy, or of validation accuracy where the run held some out): its best seed."""
+    accuracy, or of validation accuracy where the run held some out): its best seed. A run.json without one of
+    `run_keys` (dotted: what the caller reads) is refused with a UserError naming it."""
     import pandas as pd
 
     from orchestrator.report import load as load_report, ranked, read_run_json, selection_order
@@ -739,12 +756,13 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise UserError(f"registry: '{run_dir}' has no run.json; give a finished run directory, e.g. results/quickstart")
+    run = read_run_json(run_dir, *run_keys)
     table = load_report(run_dir)
     usable = table[table.adapter_dir.notna() & table.accuracy.notna()]
     if candidate_id is not None:
-        rows = usable[usable.candidate_id == candidate_id]
+        rows = usable[usable.candidate_id == candidate_id]  # a routed one too: read_adapter_dir says how to load it
         if rows.empty:
-            known = ", ".join(sorted(usable.candidate_id.unique()))
+            known = ", ".join(sorted(usable[usable.kind != "routed"].candidate_id.unique()))
             raise UserError(f"registry: candidate '{candidate_id}' has no trained adapter in {run_dir}; "
                             f"choose one of {known}")
     else:
@@ -753,13 +771,12 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None) -> tuple[dict
             raise UserError(f"registry: {run_dir} has no trained searched candidate; pass --candidate with a baseline id")
         rows = rows[rows.candidate_id == ranked(rows)[0]]  # the best model, then its best seed
     best = rows.sort_values(selection_order(rows) + ["f1"], ascending=False, kind="stable").iloc[0]
-    return {k: (None if (not isinstance(v, (list, dict)) and pd.isna(v)) else v) for k, v in best.to_dict().items()}, \
-        read_run_json(run_dir)
+    return {k: (None if (not isinstance(v, (list, dict)) and pd.isna(v)) else v) for k, v in best.to_dict().items()}, run
 
 
 def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
                         precisions: tuple[str, ...] = PRECISIONS, device: str | None = None):
-    """Per storage precision: weights file size and accuracy/F1 on the run's eval split, change vs fp32.
+    """Per storage precision: weights files' size and accuracy/F1 on the run's eval split, change vs fp32.
 
     The adapter is encoded exactly as the registry stores it, decoded back, loaded with
     PeftModel.from_pretrained and evaluated with orchestrator.train.evaluate on the eval split the
@@ -774,7 +791,8 @@ def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
     from orchestrator.train import evaluate
 
     run_dir = Path(run_dir)
-    row, run = best_candidate(run_dir, candidate_id)
+    row, run = best_candidate(run_dir, candidate_id, ("config.data.task", "config.model.name", "config.model.max_length",
+                                                      "config.train.eval_batch_size"))
     cfg = run["config"]
     adapter = read_adapter_dir(run_dir / row["adapter_dir"])
     reference, config_bytes = adapter.tensors, adapter.config_bytes
@@ -787,9 +805,7 @@ def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
     rows = []
     for precision in precisions:
         name, blob = encode(reference, precision)
-        with tempfile.TemporaryDirectory() as tmp:  # size as it lands on disk
-            (Path(tmp) / name).write_bytes(blob)
-            size = (Path(tmp) / name).stat().st_size
+        size = len(blob) + len(adapter.shortcuts.get(SHORTCUT_WEIGHTS, b""))  # as the registry stores it: shortcuts fp32
         tensors = decode(blob, precision)
         error = max(float((tensors[k] - reference[k]).abs().max()) for k in reference if reference[k].is_floating_point())
         model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors, adapter.shortcuts).to(device)
@@ -817,9 +833,11 @@ def write_quantisation_report(table, out_dir: str | Path) -> list[Path]:
     a = table.attrs
     md = [f"# Low-precision adapter storage: {a.get('candidate_id')} ({a.get('label')})", "",
           f"Run `{a.get('run_dir')}`, {a.get('eval_examples')} eval examples, evaluated on {a.get('device')}; "
-          f"accuracy in the run's report: {a.get('report_accuracy')}. Size is the weights file on disk "
-          "(adapter_config.json, the same for all, is not counted). int8: symmetric per-output-channel "
-          "quantisation of lora_A/lora_B (fp32 scale per row), other tensors fp16.", "",
+          f"accuracy in the run's report: {a.get('report_accuracy')}. Size is the weights files on disk: the adapter's, "
+          "and shortcuts.safetensors (fp32 at every precision) where it has shortcut connections "
+          "(adapter_config.json and shortcuts.json, the same for all, are not counted). int8: symmetric "
+          "quantisation of lora_A/lora_B with one fp32 scale per rank channel (per row of lora_A, per column of "
+          "lora_B), other tensors fp16.", "",
           table.to_markdown(index=False, floatfmt=".4g"), ""]
     csv_path, md_path = out_dir / "quantisation.csv", out_dir / "quantisation.md"
     write_atomic(csv_path, lambda p: table.to_csv(p, index=False))

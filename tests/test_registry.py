@@ -1,5 +1,6 @@
 """Adapter registry: versions, promote/rollback, remove, export, checksums, base-model check, pickles
-refused, fp16/int8 storage round trips, the CLI, and the quantisation report (tiny model; the real run is slow)."""
+refused, fp16/int8 storage round trips (LoRA and AdaLoRA), routed experts and damaged run.json refused, the CLI, and the
+quantisation report (tiny model; the real run is slow)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,35 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 0):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     model.save_pretrained(out)
     return model.eval(), allocation.compact(modules)
+
+
+def make_shortcut_adapter(model_dir: Path, out: Path):
+    """A PEFT adapter (rank 4 on one module) with two trained shortcut connections saved beside it; the model."""
+    from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
+    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.shortcuts import save_shortcuts
+
+    base = load_model(str(model_dir), 2)
+    modules = adaptable_modules(base)
+    allocation = Allocation.from_ranks({modules[0].name: 4, "L0.shortcut.residual": 2, "L1.shortcut.cross_block": 2})
+    model = apply_lora(base, allocation)
+    shortcut_set = attach_allocation_shortcuts(model, allocation, seed=0)
+    with torch.no_grad():
+        for b in (shortcut_set.factors(spec)[1] for spec in shortcut_set.specs):
+            b.normal_(0, 0.5)  # trained shortcuts: they change the logits
+    model.save_pretrained(out)
+    save_shortcuts(shortcut_set, out)
+    return model.eval()
+
+
+def make_routed_adapter(model_dir: Path, out: Path) -> None:
+    """Routed experts (2 experts of rank 1 on every query) as a `routed` run saves them, with save_routed."""
+    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.routing import attach_routed_adapters, save_routed
+
+    model = load_model(str(model_dir), 2)
+    queries = [m.name for m in adaptable_modules(model) if m.name.endswith("query")]
+    save_routed(model, attach_routed_adapters(model, queries, 2, 1, 1), out)
 
 
 @pytest.fixture(scope="module")
@@ -288,23 +318,10 @@ def test_export_round_trip(registry, adapter, tiny_model_dir, tokenizer, tmp_pat
 
 def test_an_adapter_with_shortcuts_is_stored_loaded_and_exported_whole(registry, tiny_model_dir, tokenizer, tmp_path):
     """The shortcut files ride with the PEFT adapter: without them the stored model would load as another model."""
-    from orchestrator.allocation import Allocation, apply_lora, attach_allocation_shortcuts
-    from orchestrator.models import adaptable_modules, load_model
     from orchestrator.registry import SHORTCUT_FILES
-    from orchestrator.shortcuts import save_shortcuts
 
-    base = load_model(str(tiny_model_dir), 2)
-    modules = adaptable_modules(base)
-    allocation = Allocation.from_ranks({modules[0].name: 4, "L0.shortcut.residual": 2, "L1.shortcut.cross_block": 2})
-    model = apply_lora(base, allocation)
-    shortcut_set = attach_allocation_shortcuts(model, allocation, seed=0)
-    with torch.no_grad():
-        for b in (shortcut_set.factors(spec)[1] for spec in shortcut_set.specs):
-            b.normal_(0, 0.5)  # trained shortcuts: they change the logits
     directory = tmp_path / "with_shortcuts"
-    model.save_pretrained(directory)
-    save_shortcuts(shortcut_set, directory)
-    expected = logits(model, tokenizer)
+    expected = logits(make_shortcut_adapter(tiny_model_dir, directory), tokenizer)
 
     entry = registry.add("shortcut", directory, "tiny.csv", str(tiny_model_dir))
     assert set(SHORTCUT_FILES) <= set(entry.files)
@@ -386,6 +403,16 @@ def test_pickled_weights_are_refused_and_never_unpickled(registry, adapter, tiny
     assert registry.list() == [] and not (registry.root / "evil").exists()
 
 
+def test_routed_experts_are_refused_with_how_to_load_them(registry, tiny_model_dir, tmp_path):
+    """A routed model has no PEFT adapter to re-save: the message says where its experts load from instead."""
+    directory = tmp_path / "routed"
+    make_routed_adapter(tiny_model_dir, directory)
+    with pytest.raises(UserError, match=r"holds routed experts \(routed_config.json\), which the registry cannot store.*"
+                                        r"orchestrator.routing.load_routed\(base_model, ") as err:
+        registry.add("routed", directory, "tiny.csv", str(tiny_model_dir))
+    assert "\n" not in str(err.value) and not registry.root.exists()
+
+
 # ---------------------------------------------------------------- low-precision storage
 
 
@@ -409,13 +436,17 @@ def test_fp16_and_int8_round_trips(registry, adapter, tiny_model_dir, tokenizer,
     stored = load(blob)
     restored = decode(blob, "int8")
     assert set(restored) == set(tensors)
+    assert {tensors[k].shape[0] < tensors[k].shape[1] for k in lora} == {True, False}  # lora_A (r × in), lora_B (out × r)
     for key in lora:
         assert stored[f"{key}.qweight"].dtype == torch.int8 and key not in stored
-        scale = stored[f"{key}.scale"]
-        assert scale.dtype == torch.float32 and scale.shape == (tensors[key].shape[0],)  # one per output channel
-        error = (restored[key] - tensors[key]).abs().amax(dim=1)
+        per_row = tensors[key].shape[0] <= tensors[key].shape[1]
+        scale = stored[f"{key}.scale" if per_row else f"{key}.col_scale"]
+        assert f"{key}.{'col_scale' if per_row else 'scale'}" not in stored
+        assert scale.dtype == torch.float32 and scale.shape == (RANK,)  # one per rank channel, rows of A, columns of B
+        axis = 1 if per_row else 0  # the axis each scale covers
+        error = (restored[key] - tensors[key]).abs().amax(dim=axis)
         assert torch.all(error <= scale / 2 * (1 + 1e-5) + 1e-8), key
-        torch.testing.assert_close(scale, tensors[key].abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+        torch.testing.assert_close(scale, tensors[key].abs().amax(dim=axis) / 127, rtol=1e-6, atol=0)
     head = next(k for k in tensors if "classifier" in k and k.endswith("weight"))
     assert stored[head].dtype == torch.float16
 
@@ -437,6 +468,64 @@ def test_int8_zero_rows_and_exact_bound():
     q, scale = quantise_int8(weight)
     assert scale[0] == 0 and torch.all(q[0] == 0) and q[1, 0] == 127 and q[2, 0] == -127
     assert torch.all((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7)
+    q_col, scale_col = quantise_int8(weight.T, per_row=False)  # per column: the same numbers, transposed
+    assert torch.equal(q_col, q.T) and torch.equal(scale_col, scale)
+    assert torch.all((q_col.float() * scale_col[None, :] - weight.T).abs() <= scale_col[None, :] / 2 + 1e-7)
+
+
+def lora_pair(rank: int, width: int = 384) -> dict:
+    """lora_A (rank × width) and lora_B (width × rank) of one module, random."""
+    generator = torch.Generator().manual_seed(rank)
+    prefix = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    return {f"{prefix}.lora_A.weight": torch.randn(rank, width, generator=generator),
+            f"{prefix}.lora_B.weight": torch.randn(width, rank, generator=generator)}
+
+
+def test_int8_is_smaller_than_fp16_at_rank_1():
+    """Per-row scales gave lora_B (384 × 1) 384 fp32 scales, an int8 file larger than the fp16 one."""
+    tensors = lora_pair(1)
+    size = {precision: len(encode(tensors, precision)[1]) for precision in ("fp32", "fp16", "int8")}
+    assert size["int8"] < size["fp16"] < size["fp32"], size
+
+
+def test_int8_files_with_per_row_scales_still_decode():
+    """A file written before per-column scales holds `<key>.scale` per row for lora_B too: it decodes as it did."""
+    from safetensors.torch import save
+
+    tensors = lora_pair(4)
+    old = {}
+    for key, weight in tensors.items():  # the per-row quantisation of those files, for both matrices
+        scale = weight.abs().amax(dim=1) / 127
+        old[f"{key}.qweight"] = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        old[f"{key}.scale"] = scale
+    restored = decode(save(old, metadata={"format": "pt", "lora_search_precision": "int8"}), "int8")
+    assert set(restored) == set(tensors)
+    for key in tensors:
+        torch.testing.assert_close(restored[key], old[f"{key}.qweight"].float() * old[f"{key}.scale"][:, None],
+                                   rtol=0, atol=0)
+
+
+def test_an_adalora_adapter_is_stored_as_int8(registry, tiny_model_dir, tokenizer, tmp_path):
+    """AdaLoRA's keys end in `.lora_A` / `.lora_B` (no `.weight`): int8 quantises them too, not fp16 under the int8 label."""
+    from safetensors.torch import load_file
+
+    from orchestrator.allocation import Allocation, apply_adalora
+    from orchestrator.models import adaptable_modules, load_model
+
+    base = load_model(str(tiny_model_dir), 2)
+    model = apply_adalora(base, Allocation.from_ranks({m.name: 4 for m in adaptable_modules(base)[:2]}), 100)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(tmp_path / "adalora")
+    lora = [k for k in load_file(tmp_path / "adalora" / WEIGHTS_FILE) if k.endswith((".lora_A", ".lora_B"))]
+    assert len(lora) == 4
+
+    entry = registry.add("adalora", tmp_path / "adalora", "tiny.csv", str(tiny_model_dir), precision="int8")
+    stored = load_file(entry.path / INT8_WEIGHTS_FILE)
+    assert all(stored[f"{key}.qweight"].dtype == torch.int8 and key not in stored for key in lora)
+    torch.testing.assert_close(logits(registry.load("adalora"), tokenizer), logits(model, tokenizer), rtol=0, atol=5e-2)
 
 
 # ---------------------------------------------------------------- runs and the CLI
@@ -444,19 +533,23 @@ def test_int8_zero_rows_and_exact_bound():
 
 @pytest.fixture(scope="module")
 def fake_run(tiny_model_dir, tmp_path_factory, sentences):
-    """A finished run as the pipeline leaves it: run.json, report.parquet, adapters/<candidate_id>/, a CSV task."""
+    """A finished run as the pipeline leaves it: run.json, report.parquet, adapters/<candidate_id>/, a CSV task.
+    s1 has shortcut connections; r1 is a routed model (routed experts, kind "routed"), the run's most accurate."""
     run = tmp_path_factory.mktemp("results") / "tiny-run"
     texts, labels = sentences
     (run / "adapters").mkdir(parents=True)
     pd.DataFrame({"text": texts, "label": labels}).to_csv(run.parent / "tiny.csv", index=False)
-    rows = []
-    for seed, (cid, kind, label, accuracy) in enumerate([("a1", "searched", "screen#1", 0.60),
-                                                         ("a2", "searched", "screen#2", 0.70),
-                                                         ("b1", "baseline", "uniform_qv", 0.90)]):
-        _, compact = make_adapter(tiny_model_dir, run / "adapters" / cid, seed=seed)
-        rows.append(dict(candidate_id=cid, kind=kind, label=label, allocation=compact, trainable_params=1000,
-                         head_params=66, accuracy=accuracy, f1=accuracy - 0.05, eval_loss=0.6, seed=0,
-                         status="completed", adapter_dir=f"adapters/{cid}"))
+    allocations = {cid: make_adapter(tiny_model_dir, run / "adapters" / cid, seed=seed)[1]
+                   for seed, cid in enumerate(("a1", "a2", "b1"))}
+    make_shortcut_adapter(tiny_model_dir, run / "adapters" / "s1")
+    make_routed_adapter(tiny_model_dir, run / "adapters" / "r1")
+    allocations |= {"s1": "L0.query:4,L0.shortcut.residual:2,L1.shortcut.cross_block:2", "r1": "L0.query:1,L1.query:1"}
+    rows = [dict(candidate_id=cid, kind=kind, label=label, allocation=allocations[cid], trainable_params=1000,
+                 head_params=66, accuracy=accuracy, f1=accuracy - 0.05, eval_loss=0.6, seed=0, status="completed",
+                 adapter_dir=f"adapters/{cid}")
+            for cid, kind, label, accuracy in [("a1", "searched", "screen#1", 0.60), ("a2", "searched", "screen#2", 0.70),
+                                               ("b1", "baseline", "uniform_qv", 0.90), ("s1", "searched", "screen#3", 0.50),
+                                               ("r1", "routed", "screen#2 sparse top-1 E=2", 0.95)]]
     pd.DataFrame(rows).to_parquet(run / "report.parquet")
     config = {"name": "tiny-run", "model": {"name": str(tiny_model_dir), "max_length": 32},
               "data": {"task": str(run.parent / "tiny.csv"), "eval_path": None, "train_size": None, "eval_size": None,
@@ -475,8 +568,60 @@ def test_add_from_run_picks_best_searched(registry, fake_run):
     assert entry.files[WEIGHTS_FILE] == sha(fake_run / "adapters" / "a2" / WEIGHTS_FILE)
     baseline = registry.add_from_run(fake_run, "b1", name="tiny-base", precision="int8")
     assert baseline.metrics["kind"] == "baseline" and baseline.precision == "int8"
-    with pytest.raises(UserError, match="candidate 'zz' has no trained adapter.*a1, a2, b1"):
-        registry.add_from_run(fake_run, "zz")
+    with pytest.raises(UserError, match="candidate 'zz' has no trained adapter.*choose one of a1, a2, b1, s1$"):
+        registry.add_from_run(fake_run, "zz")  # r1, routed, is not one to choose
+
+
+def test_a_routed_candidate_is_refused_with_how_to_load_it(registry, fake_run, monkeypatch, capsys):
+    """r1 is the run's most accurate model, but routed: never the default pick, and refused by name with the way to
+    load it (not with a save_pretrained fix that cannot apply)."""
+    assert registry.add_from_run(fake_run).metrics["candidate_id"] == "a2"
+    message = "holds routed experts (routed_config.json), which the registry cannot store"
+    for call in (registry.add_from_run, quantisation_report):
+        with pytest.raises(UserError, match=r"r1' holds routed experts.*orchestrator.routing.load_routed"):
+            call(fake_run, "r1")
+    for args in (("add", "--root", registry.root), ("quantise",)):
+        code, _, err = cli(monkeypatch, capsys, "registry", args[0], fake_run, "--candidate", "r1", *args[1:])
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def damaged_run(fake_run: Path, tmp_path: Path, drop: str | None) -> Path:
+    """A copy of fake_run whose run.json lacks config.<drop>, or is a JSON list (drop None)."""
+    run = tmp_path / f"without-{drop}"
+    shutil.copytree(fake_run, run)
+    config = json.loads((fake_run / "run.json").read_text())["config"]
+    damaged = [config] if drop is None else {"config": {k: v for k, v in config.items() if k != drop}}
+    (run / "run.json").write_text(json.dumps(damaged))
+    return run
+
+
+def test_a_damaged_run_json_is_one_line_naming_what_is_missing(registry, fake_run, tmp_path, monkeypatch, capsys):
+    calls = (registry.add_from_run, quantisation_report)  # each names the first key it reads that is missing
+    for drop, missing in ((None, ("config.name", "config.data.task")), ("data", ("config.data.task",) * 2),
+                          ("model", ("config.model.name",) * 2)):
+        run = damaged_run(fake_run, tmp_path, drop)
+        for call, key in zip(calls, missing):
+            with pytest.raises(UserError, match=f"run.json' has no '{key}'; restore it from a backup"):
+                call(run)
+    run = damaged_run(fake_run, tmp_path, "train")
+    assert registry.add_from_run(run).version == 1  # add reads no training settings
+    code, _, err = cli(monkeypatch, capsys, "registry", "quantise", run)
+    assert code == 2 and "run.json' has no 'config.train.eval_batch_size'" in err and err.count("\n") == 1, err
+
+
+def test_quantisation_report_counts_the_shortcut_weights(registry, fake_run, tmp_path):
+    """s1's shortcuts.safetensors is stored (fp32) at every precision: its size is part of what each one costs."""
+    from orchestrator.registry import SHORTCUT_WEIGHTS, write_quantisation_report
+
+    source = fake_run / "adapters" / "s1"
+    tensors = decode((source / WEIGHTS_FILE).read_bytes(), "fp32")
+    table = quantisation_report(fake_run, "s1").set_index("precision")
+    for precision, size in table.size_bytes.items():
+        assert size == len(encode(tensors, precision)[1]) + (source / SHORTCUT_WEIGHTS).stat().st_size, precision
+    entry = registry.add_from_run(fake_run, "s1", precision="int8")  # what the registry stores, fp32 shortcuts and all
+    assert table.size_bytes["int8"] == sum((entry.path / f).stat().st_size for f in (INT8_WEIGHTS_FILE, SHORTCUT_WEIGHTS))
+    write_quantisation_report(table.reset_index(), tmp_path)
+    assert "shortcuts.safetensors (fp32 at every precision)" in (tmp_path / "quantisation.md").read_text()
 
 
 def test_quantisation_report_on_a_run(fake_run):
