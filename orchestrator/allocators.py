@@ -293,7 +293,7 @@ class TopP(Allocator):
 
 @register_allocator
 class Knapsack(Allocator):
-    """Maximise Σ value × rank under the band: a multiple-choice knapsack (one rank or off per module).
+    """Maximise Σ value × min(rank, cap) under the band: a multiple-choice knapsack (one rank or off per module).
 
     Exact dynamic programme over the parameter count in units of g = gcd of every module's cost at
     every allowed rank (gcd(768, 1920) = 384 on MiniLM, so a 74k budget is ~200 units). It keeps the
