@@ -78,26 +78,31 @@ _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 _WRITES = itertools.count()
 
 
+def replace_atomically(path: Path, writer: Callable[[str], None]) -> None:
+    """writer(tmp) then rename over `path`; on any error the temp file goes and the old file (or none) stays."""
+    # a temp file per writer: two writers of one file (two `lora-search report` at once) each rename a whole copy
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{next(_WRITES)}.tmp")
+    try:
+        writer(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
-    """writer(tmp) then rename over `path`; on any error the old file (or none) stays."""
+    """replace_atomically, with a full disk or a missing permission said in one line."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where the directory should be, or no permission; nothing written yet
         raise UserError(f"report: could not write '{path}': its directory '{path.parent}' cannot be made "
                         f"({err.strerror or err}); give an output directory that is not a file and that you can write") from None
-    # a temp file per writer: two writers of one file (two `lora-search report` at once) each rename a whole copy
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_WRITES)}.tmp")
     try:
-        writer(str(tmp))
-        os.replace(tmp, path)
+        replace_atomically(path, writer)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"report: could not write '{path}' ({err.strerror or err}); free disk space or fix permissions, "
                         "then run `lora-search report` again") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- allocations

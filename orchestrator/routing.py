@@ -43,7 +43,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -57,6 +56,7 @@ from torch import nn
 from orchestrator.data import accuracy_and_macro_f1
 from orchestrator.errors import UserError
 from orchestrator.models import HEAD_MODULES, head_params
+from orchestrator.report import replace_atomically
 
 __all__ = [
     "RoutedLoRALinear", "RoutingConfig", "RoutingState", "attach_routed_adapters", "save_routed", "load_routed",
@@ -487,15 +487,6 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
 # ---------------------------------------------------------------- save and load (safetensors only)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _expected_tensors(model: nn.Module, state: RoutingState, keep_vars: bool) -> dict[str, torch.Tensor]:
     tensors = {f"{name}.{k}": v for name, m in state.modules.items() for k, v in m.adapter_state_dict(keep_vars).items()}
     for head in HEAD_MODULES:
@@ -510,11 +501,11 @@ def save_routed(model: nn.Module, state: RoutingState, path: str | Path) -> Path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _expected_tensors(model, state, False).items()}
-    _write_atomic(path / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "routed-lora"}))
+    replace_atomically(path / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "routed-lora"}))
     config = asdict(state.config) | {"format_version": FORMAT_VERSION,
                                      "num_labels": int(model.get_submodule(HEAD_MODULES[0]).out_features),
                                      "trainable_params": state.trainable_params(), "head_params": state.head_params()}
-    _write_atomic(path / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
+    replace_atomically(path / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
     return path
 
 

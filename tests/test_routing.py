@@ -265,6 +265,17 @@ def test_save_load_round_trip_is_bit_exact(tiny_model_dir, batches, tmp_path):
     assert new_state.trainable_params() == state.trainable_params()
 
 
+def test_a_save_leaves_another_writers_temp_file_alone(tiny_model_dir, tmp_path):
+    """Two saves into one folder (a retried worker beside its first attempt) each write their own temp file."""
+    model, state = routed(tiny_model_dir)
+    theirs = [tmp_path / f".{WEIGHTS_FILE}.tmp", tmp_path / f".{CONFIG_FILE}.tmp"]  # the one name every save once used
+    for other in theirs:
+        other.write_bytes(b"half of another save")
+    save_routed(model, state, tmp_path)
+    assert [other.read_bytes() for other in theirs] == [b"half of another save"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [WEIGHTS_FILE, CONFIG_FILE]
+
+
 def test_format_1_files_still_load(tiny_model_dir, batches, tmp_path):
     """Version 1 wrote one list of expert ranks for every module."""
     model, state = routed(tiny_model_dir, experts=2, rank=[1, 3])

@@ -30,7 +30,7 @@ import yaml
 
 from orchestrator.errors import UserError
 
-from ._support import LeftBehind, RayStarted, assert_one_line_error, run_cli, snapshot, write_bomb
+from ._support import LeftBehind, assert_one_line_error, run_cli, snapshot, write_bomb
 
 REPO = Path(__file__).resolve().parents[2]
 
