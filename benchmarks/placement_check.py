@@ -116,7 +116,8 @@ def arm_rows(trials: dict[str, dict], arms: dict) -> list[dict]:
     renamed between calls keeps its trainings, and other allocations of the run are left out)."""
     from orchestrator.lr_tuning import sweep_id
 
-    label_of = {sweep_id(a.candidate_id, t["lr"]): label for label, a in arms.items() for t in trials.values()}
+    rates = {t["lr"] for t in trials.values()}
+    label_of = {sweep_id(a.candidate_id, lr): label for label, a in arms.items() for lr in rates}
     return [{"lr": t["lr"], "label": label_of[t["candidate_id"]], "seed": t["seed"], "accuracy": t["accuracy"],
              "trainable_params": t["trainable_params"], "train_wall_s": t["train_wall_s"]}
             for t in trials.values() if t.get("status") == "completed" and t["candidate_id"] in label_of]
