@@ -35,6 +35,7 @@ import sqlite3
 import struct
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -728,7 +729,9 @@ def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict,
         (Path(tmp) / CONFIG_FILE).write_bytes(config_bytes)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / WEIGHTS_FILE),
                   metadata={"format": "pt"})
-        peft_model = PeftModel.from_pretrained(model, tmp)
+        with warnings.catch_warnings():  # PEFT 0.21's false alarm on every AdaLoRA adapter (README, "reloads")
+            warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+            peft_model = PeftModel.from_pretrained(model, tmp)
         for name, data in (shortcuts or {}).items():
             (Path(tmp) / name).write_bytes(data)
         if shortcuts:
