@@ -143,6 +143,7 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
     if tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:
+        forget_unrecorded_trials(cfg)
         tuner = tune.Tuner(
             trainable,
             param_space=distribution_space(cfg.space),
@@ -156,6 +157,17 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
     results = tuner.fit()
     check_screen_ended(results, cfg.screen.num_trials)
     return screen_table(results, context, cfg.screen.survivors, list(points))
+
+
+def forget_unrecorded_trials(cfg: RunConfig) -> None:
+    """A screen that Tune cannot restore starts its study over. A driver that died before Tune's first experiment
+    checkpoint leaves trials in the study that no screen.csv will list, and they would steer the sampler (a seeded
+    screen would keep other survivors). A new run never finds a study here (storage.check_study_storage)."""
+    import optuna
+
+    name, storage = study_name(cfg.name, cfg.screen.storage), open_storage(storage_url(cfg), create=True)
+    if name in {study.study_name for study in storage.get_all_studies()}:
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 def check_screen_ended(results, num_trials: int) -> None:

@@ -120,7 +120,7 @@ def embedded_ray():
 @pytest.fixture
 def run_tiny_screens(tmp_path, tiny_model_dir, tiny_modules, embedded_ray):
     """Real Tune + OptunaSearch screens of the tiny model on the shared local Ray cluster, each given as a list of
-    config overrides; returns (config, screen table) per screen. Proxy scores: params and a made-up grad_norm."""
+    config overrides; returns (config, screen table, context) per screen. Proxy scores: params and a made-up grad_norm."""
     def run(*overrides: list[str]) -> list:
         from orchestrator import pipeline
         from orchestrator.allocators import make_budget, space_modules
@@ -136,7 +136,7 @@ def run_tiny_screens(tmp_path, tiny_model_dir, tiny_modules, embedded_ray):
             pipeline.prepare_run_dir(cfg, resume=False)
             context = ScreenContext.from_config(cfg, space_modules(tiny_modules, cfg.space),
                                                 make_budget(tiny_modules, cfg.space), scores)
-            screens.append((cfg, run_screen(cfg, context)))
+            screens.append((cfg, run_screen(cfg, context), context))
         return screens
     return run
 

@@ -36,9 +36,29 @@ def test_two_screens_with_one_seed_keep_the_same_survivors(run_tiny_screens):
     """The real Tune + OptunaSearch screen on a local Ray cluster, run twice into two run folders."""
     overrides = ["space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]", "screen.rank_by=grad_norm",
                  f"screen.num_trials={TRIALS}", "screen.candidates_per_trial=4"]
-    (cfg, first), (_, second) = run_tiny_screens(["name=first", *overrides], ["name=second", *overrides])
+    (cfg, first, _), (_, second, _) = run_tiny_screens(["name=first", *overrides], ["name=second", *overrides])
     first, second = (table[["candidate_id", "proxy_grad_norm", "survivor"]] for table in (first, second))
     assert len(first) > cfg.screen.survivors and first.equals(second)
+
+
+@pytest.mark.slow
+def test_a_screen_resumed_after_tune_lost_its_record_starts_its_study_over(run_tiny_screens):
+    """The driver died before Tune's first experiment checkpoint: the study holds trials Tune cannot restore. The
+    screen starts over, so the study and screen.csv hold the same trials and the seed keeps its survivors."""
+    import shutil
+
+    import optuna
+
+    from orchestrator.screen import run_screen
+
+    [(cfg, first, context)] = run_tiny_screens(["name=lost", "space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]",
+                                                "screen.rank_by=grad_norm", "screen.num_trials=4"])
+    shutil.rmtree(cfg.run_dir / "tune" / "screen")
+    again = run_screen(cfg, context)
+    study = optuna.load_study(study_name="screen", storage=f"sqlite:///{cfg.run_dir / 'study.db'}")
+    assert len(study.trials) == 4  # the screen's trials once, not the lost ones too
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == again.screen_trial.nunique()
+    assert again[["candidate_id", "survivor"]].equals(first[["candidate_id", "survivor"]])
 
 
 def test_a_screen_that_drew_nothing_inside_the_band_is_one_line(tiny_modules):

@@ -178,7 +178,7 @@ def test_each_sampler_drives_the_study(sampler, cls, objectives, tmp_path):
 def test_tune_screen_writes_a_journal_study(tmp_path, run_tiny_screens):
     """The real Tune + OptunaSearch screen on a local Ray cluster, with the study in a journal file."""
     journal = tmp_path / "shared" / "study.log"
-    [(cfg, screen)] = run_tiny_screens(["name=journal", "space.ranks=[2,4]", "screen.proxies=[params]",
+    [(cfg, screen, _)] = run_tiny_screens(["name=journal", "space.ranks=[2,4]", "screen.proxies=[params]",
                                         "screen.rank_by=params", "screen.num_trials=3", "screen.candidates_per_trial=4",
                                         f"screen.storage=journal:{journal}", "screen.sampler=nsga2"])
     study = optuna.load_study(study_name="screen-journal", storage=open_storage(f"journal:{journal}", create=False))
