@@ -47,10 +47,10 @@ def moved_fraction(old: dict[str, int], new: dict[str, int]) -> float:
 
 class DynamicReallocator:
     def __init__(self, peft_model, modules: list[AdaptableModule], ranks: list[int], budget: Budget,
-                 initial: Allocation, *, interval_steps: int, total_steps: int, allocator: str, sign: float, seed: int,
-                 max_move: float = 1.0, min_gain: float = 0.0):
+                 initial: Allocation, *, interval_steps: int, epoch_steps: int, total_steps: int, allocator: str,
+                 sign: float, seed: int, max_move: float = 1.0, min_gain: float = 0.0):
         self.modules, self.ranks, self.budget = modules, ranks, budget
-        self.total_steps = total_steps
+        self.epoch_steps, self.total_steps = epoch_steps, total_steps
         self.max_move, self.min_gain = max_move, min_gain
         self.max_rank = max(ranks)
         self.interval = max(1, interval_steps)
@@ -94,8 +94,10 @@ class DynamicReallocator:
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         self._zero_masked_weights()  # weight decay or stale moments must not revive a masked column
-        # not after the last step: the model would be evaluated with trained columns zeroed and new ones untrained
-        if (step + 1) % self.interval == 0 and step + 1 < self.total_steps:
+        # not at an epoch's end nor after the last step: the epoch's eval (early stopping's signal) and checkpoint
+        # would see trained columns zeroed and new ones untrained
+        done = step + 1
+        if done % self.interval == 0 and done % self.epoch_steps != 0 and done < self.total_steps:
             self.reallocate(optimizer)
 
     def reallocate(self, optimizer: torch.optim.Optimizer) -> None:

@@ -238,7 +238,7 @@ def build_adapted(cfg: RunConfig, job: TrainJob, base, steps_per_epoch: int) -> 
         peft_model = apply_lora(base, full_rank_allocation(modules, max(cfg.space.ranks)))
         dynamic = DynamicReallocator(
             peft_model, modules, cfg.space.ranks, make_budget(units, cfg.space), allocation,
-            interval_steps=round(cfg.train.dynamic_every * steps_per_epoch),
+            interval_steps=round(cfg.train.dynamic_every * steps_per_epoch), epoch_steps=steps_per_epoch,
             total_steps=total_steps(cfg.train, steps_per_epoch), allocator=cfg.train.dynamic_allocator,
             sign=1.0 if cfg.screen.direction == "maximize" else -1.0, seed=job.seed,
             max_move=cfg.train.dynamic_max_move, min_gain=cfg.train.dynamic_min_gain)

@@ -11,15 +11,15 @@ from orchestrator.models import adaptable_modules, load_model, load_tokenizer
 from orchestrator.proxies.grad_norm import lora_factors
 
 
-def _setup(tiny_model_dir, tiny_split, allocator="knapsack", total_steps=100):
+def _setup(tiny_model_dir, tiny_split, allocator="knapsack", total_steps=100, epoch_steps=100):
     base = load_model(str(tiny_model_dir), 2, seed=0)
     modules = adaptable_modules(base)
     q = next(m for m in modules if m.type == "query")
     initial = Allocation.from_ranks({q.name: 2})
     budget = Budget(initial.trainable_params(modules), 0.0)  # exactly one rank-2 attention-sized module
     model = apply_lora(base, full_rank_allocation(modules, 2))
-    dynamic = DynamicReallocator(model, modules, [1, 2], budget, initial, interval_steps=2, total_steps=total_steps,
-                                 allocator=allocator, sign=1.0, seed=0)
+    dynamic = DynamicReallocator(model, modules, [1, 2], budget, initial, interval_steps=2, epoch_steps=epoch_steps,
+                                 total_steps=total_steps, allocator=allocator, sign=1.0, seed=0)
     loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=True)
     return model, modules, budget, dynamic, loader
 
@@ -67,11 +67,15 @@ def test_weight_decay_does_not_shrink_the_rows_of_a_that_feed_masked_columns(tin
         assert torch.equal(a[dynamic.active[m.name]:], dynamic.parked_a[m.name][dynamic.active[m.name]:]), m.name
 
 
-def test_the_last_step_does_not_reallocate(tiny_model_dir, tiny_split):
-    """A re-allocation after the last step would zero trained columns and switch on untrained ones, then evaluate."""
+def test_no_step_that_ends_an_epoch_reallocates(tiny_model_dir, tiny_split):
+    """A re-allocation there would zero trained columns and switch on untrained ones, then the epoch's eval (early
+    stopping's signal) and checkpoint would see that model."""
     model, modules, budget, dynamic, loader = _setup(tiny_model_dir, tiny_split, total_steps=6)
     _train(model, dynamic, loader, steps=6)
-    assert dynamic.reallocations + dynamic.held == 2  # after steps 2 and 4, not 6
+    assert dynamic.reallocations + dynamic.held == 2  # after steps 2 and 4, not after the last, 6
+    model, modules, budget, dynamic, loader = _setup(tiny_model_dir, tiny_split, total_steps=8, epoch_steps=4)
+    _train(model, dynamic, loader, steps=8)
+    assert dynamic.reallocations + dynamic.held == 2  # after steps 2 and 6: 4 and 8 end epochs
 
 
 def test_masked_model_computes_what_the_current_allocation_would(tiny_model_dir, tiny_split):
