@@ -349,7 +349,7 @@ def register_best(cfg: RunConfig) -> dict | None:
 def _method(candidate_id: str, label: str) -> str:
     if label == "adalora":
         return "adalora"
-    return "dynamic" if candidate_id.startswith("dyn-") else "lora"
+    return "dynamic" if candidate_id.startswith(report.DYNAMIC) else "lora"
 
 
 def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
@@ -362,7 +362,7 @@ def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
         return {}
     variants = {}
     for cid, (kind, label, allocation) in allocations.items():
-        if kind != "searched" or cid.startswith("dyn-") or allocation.shortcuts:
+        if kind != "searched" or cid.startswith(report.DYNAMIC) or allocation.shortcuts:
             continue
         for experts in r.num_experts:
             for gating in r.gating:
@@ -378,7 +378,7 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
     if run_dir is None:
         return []
     table = report.load(run_dir, field="screen.warm_start_from")
-    static = table[(table.kind == "searched") & ~table.candidate_id.astype(str).str.startswith("dyn-")]
+    static = table[(table.kind == "searched") & ~table.candidate_id.astype(str).str.startswith(report.DYNAMIC)]
     searched = report.ranked(static, by="allocation")
     if searched.empty:
         raise UserError(f"screen.warm_start_from: '{run_dir}' has no trained searched model; point it at a finished run")
@@ -443,7 +443,7 @@ def _allocations_to_train(screen: pd.DataFrame, modules, budget, cfg: RunConfig,
         static_only = [label for _, label, allocation in chosen.values() if allocation.shortcuts]
         for cid, (kind, label, allocation) in list(chosen.items()):
             if not allocation.shortcuts:
-                chosen[f"dyn-{cid}"] = (kind, f"{label}+dynamic", allocation)
+                chosen[f"{report.DYNAMIC}{cid}"] = (kind, f"{label}+dynamic", allocation)
         if static_only:
             print(f"dynamic: no dynamic variant of {', '.join(static_only)} (shortcut sites: re-allocation moves "
                   "LoRA ranks only)", flush=True)

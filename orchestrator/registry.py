@@ -754,7 +754,7 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None, run_keys: tup
     `run_keys` (dotted: what the caller reads) is refused with a UserError naming it."""
     import pandas as pd
 
-    from orchestrator.report import load as load_report, ranked, read_run_json, selection_order
+    from orchestrator.report import DYNAMIC, load as load_report, ranked, read_run_json, selection_order
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -762,14 +762,20 @@ def best_candidate(run_dir: Path, candidate_id: str | None = None, run_keys: tup
     run = read_run_json(run_dir, *run_keys)
     table = load_report(run_dir)
     usable = table[table.adapter_dir.notna() & table.accuracy.notna()]
+    dynamic = usable.candidate_id.astype(str).str.startswith(DYNAMIC)
+    storable = usable[(usable.kind != "routed") & ~dynamic]
     if candidate_id is not None:
         rows = usable[usable.candidate_id == candidate_id]  # a routed one too: read_adapter_dir says how to load it
         if rows.empty:
-            known = ", ".join(sorted(usable[usable.kind != "routed"].candidate_id.unique()))
             raise UserError(f"registry: candidate '{candidate_id}' has no trained adapter in {run_dir}; "
-                            f"choose one of {known}")
+                            f"choose one of {', '.join(sorted(storable.candidate_id.unique()))}")
+        if candidate_id.startswith(DYNAMIC):
+            raise UserError(f"registry: candidate '{candidate_id}' is a dynamic model: its adapter carries the top rank "
+                            "on every searched module, masked to the allocation it ended on, so its stored allocation "
+                            f"and size would be wrong; store its static twin '{candidate_id[len(DYNAMIC):]}', or train "
+                            "its final_allocation (report.csv) in a run of its own")
     else:
-        rows = usable[usable.kind == "searched"]
+        rows = storable[storable.kind == "searched"]
         if rows.empty:
             raise UserError(f"registry: {run_dir} has no trained searched candidate; pass --candidate with a baseline id")
         rows = rows[rows.candidate_id == ranked(rows)[0]]  # the best model, then its best seed

@@ -75,6 +75,7 @@ _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # as models.adaptable_modu
 _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 
 
+DYNAMIC = "dyn-"  # a dynamic model's id: dyn-<its static twin's id> (train.dynamic_every)
 _WRITES = itertools.count()
 
 

@@ -542,7 +542,8 @@ def test_an_adalora_adapter_is_stored_as_int8(registry, tiny_model_dir, tokenize
 @pytest.fixture(scope="module")
 def fake_run(tiny_model_dir, tmp_path_factory, sentences):
     """A finished run as the pipeline leaves it: run.json, report.parquet, adapters/<candidate_id>/, a CSV task.
-    s1 has shortcut connections; r1 is a routed model (routed experts, kind "routed"), the run's most accurate."""
+    s1 has shortcut connections; r1 is a routed model (routed experts, kind "routed"), the run's most accurate;
+    dyn-a1 is a1 trained dynamically (train.dynamic_every), more accurate than every plain searched model."""
     run = tmp_path_factory.mktemp("results") / "tiny-run"
     texts, labels = sentences
     (run / "adapters").mkdir(parents=True)
@@ -551,13 +552,15 @@ def fake_run(tiny_model_dir, tmp_path_factory, sentences):
                    for seed, cid in enumerate(("a1", "a2", "b1"))}
     make_shortcut_adapter(tiny_model_dir, run / "adapters" / "s1")
     make_routed_adapter(tiny_model_dir, run / "adapters" / "r1")
-    allocations |= {"s1": "L0.query:4,L0.shortcut.residual:2,L1.shortcut.cross_block:2", "r1": "L0.query:1,L1.query:1"}
+    allocations |= {"s1": "L0.query:4,L0.shortcut.residual:2,L1.shortcut.cross_block:2", "r1": "L0.query:1,L1.query:1",
+                    "dyn-a1": allocations["a1"]}
     rows = [dict(candidate_id=cid, kind=kind, label=label, allocation=allocations[cid], trainable_params=1000,
                  head_params=66, accuracy=accuracy, f1=accuracy - 0.05, eval_loss=0.6, seed=0, status="completed",
                  adapter_dir=f"adapters/{cid}")
             for cid, kind, label, accuracy in [("a1", "searched", "screen#1", 0.60), ("a2", "searched", "screen#2", 0.70),
                                                ("b1", "baseline", "uniform_qv", 0.90), ("s1", "searched", "screen#3", 0.50),
-                                               ("r1", "routed", "screen#2 sparse top-1 E=2", 0.95)]]
+                                               ("r1", "routed", "screen#2 sparse top-1 E=2", 0.95),
+                                               ("dyn-a1", "searched", "screen#1+dynamic", 0.80)]]
     pd.DataFrame(rows).to_parquet(run / "report.parquet")
     config = {"name": "tiny-run", "model": {"name": str(tiny_model_dir), "max_length": 32},
               "data": {"task": str(run.parent / "tiny.csv"), "eval_path": None, "train_size": None, "eval_size": None,
@@ -591,6 +594,14 @@ def test_a_routed_candidate_is_refused_with_how_to_load_it(registry, fake_run, m
     for args in (("add", "--root", registry.root), ("quantise",)):
         code, _, err = cli(monkeypatch, capsys, "registry", args[0], fake_run, "--candidate", "r1", *args[1:])
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_dynamic_model_is_never_the_default_pick_and_is_refused_with_its_static_twin(registry, fake_run):
+    """Its adapter is the top rank on every module, masked: stored, its allocation and size would be wrong."""
+    assert registry.add_from_run(fake_run).metrics["candidate_id"] == "a2"
+    for call in (registry.add_from_run, quantisation_report):
+        with pytest.raises(UserError, match=r"^registry: candidate 'dyn-a1' is a dynamic model: .*twin 'a1'"):
+            call(fake_run, "dyn-a1")
 
 
 def damaged_run(fake_run: Path, tmp_path: Path, drop: str | None) -> Path:
