@@ -182,7 +182,7 @@ def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: 
     from orchestrator.allocation import apply_lora
     from orchestrator.data import make_loader
     from orchestrator.models import load_model, load_tokenizer
-    from orchestrator.train import _linear_warmup_decay, evaluate
+    from orchestrator.train import _linear_warmup_decay, evaluate, seed_epoch
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -201,6 +201,7 @@ def plain_train(task, allocation, *, model_name: str = "minilm-l6", max_length: 
     scheduler = _linear_warmup_decay(optimizer, steps, warmup_ratio)
     device = torch.device("cpu")
     for epoch in range(math.ceil(steps / len(train_loader))):
+        seed_epoch(train_loader, seed, epoch)
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         losses = []

@@ -297,7 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     epochs = math.ceil(steps / steps_per_epoch)
     for epoch in range(start_epoch, epochs):
-        shuffle_for_epoch(train_loader, job.seed, epoch)
+        seed_epoch(train_loader, job.seed, epoch)
         model.train()
         started, losses = time.perf_counter(), []
         groups = accumulation_groups(train_loader, t.grad_accum_steps)
@@ -391,13 +391,18 @@ def _report_with_checkpoint(metrics, adapted: Adapted, optimizer, scheduler, epo
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            adapted.save(tmp)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history),
-                        "dynamic": json.dumps(adapted.dynamic.state() if adapted.dynamic else {})},
-                       Path(tmp) / TRAIN_STATE)
+            save_checkpoint(tmp, adapted, optimizer, scheduler, epochs_done, elapsed, history)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def save_checkpoint(folder: str, adapted: Adapted, optimizer, scheduler, epochs_done: int, elapsed: float,
+                    history: list[dict]) -> None:
+    """What _restore needs to go on after `epochs_done` epochs: the adapter, AdamW, the schedule and the counters."""
+    adapted.save(folder)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epochs_done": epochs_done, "elapsed": elapsed, "history": json.dumps(history),
+                "dynamic": json.dumps(adapted.dynamic.state() if adapted.dynamic else {})}, Path(folder) / TRAIN_STATE)
 
 
 def distributed_sampler(examples: int, seed: int):
@@ -413,9 +418,12 @@ def distributed_sampler(examples: int, seed: int):
                               shuffle=True, seed=_spread_seed(seed))
 
 
-def shuffle_for_epoch(loader, seed: int, epoch: int) -> None:
-    """Each epoch's order from (seed, epoch) alone, so a worker restarted at epoch k replays epoch k exactly (a
-    generator left running from epoch 0 restarts at epoch 0's order). Epoch 0 keeps the seed itself, as before."""
+def seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Each epoch's data order and dropout masks from (seed, epoch) alone, so a worker restarted at epoch k replays
+    epoch k exactly (a generator left running from epoch 0 restarts at epoch 0's draws). Epoch 0 keeps the seed
+    itself, as before; before 2026-12-07 dropout went on from epoch 0's state, which a restart could not repeat."""
+    if epoch > 0:
+        torch.manual_seed(_spread_seed(seed, epoch))
     if hasattr(loader.sampler, "set_epoch"):  # several workers: the DistributedSampler above
         loader.sampler.set_epoch(epoch)
     else:

@@ -1,6 +1,7 @@
 """The training step: gradient accumulation equals one step on the whole batch; the uniform baselines train every
 adapter they place; step counts and max_steps."""
 
+import contextlib
 import copy
 import math
 import re
@@ -142,14 +143,14 @@ def test_a_restarted_worker_replays_the_epoch_it_resumes():
     from ray.train.torch.train_loop_utils import _WrappedDataLoader
     from torch.utils.data import DataLoader
 
-    from orchestrator.train import shuffle_for_epoch
+    from orchestrator.train import seed_epoch
 
     def loader(seed):
         plain = DataLoader(list(range(50)), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(seed))
         return _WrappedDataLoader(plain, torch.device("cpu"), auto_transfer=False)
 
     def order(prepared, seed, epoch):
-        shuffle_for_epoch(prepared, seed, epoch)
+        seed_epoch(prepared, seed, epoch)
         return next(iter(prepared)).tolist()
 
     running = loader(3)
@@ -158,6 +159,45 @@ def test_a_restarted_worker_replays_the_epoch_it_resumes():
     assert len({tuple(o) for o in uninterrupted}) == 3
     assert next(iter(loader(3))).tolist() == uninterrupted[0]  # epoch 0 is the seed's order, as it always was
     assert order(loader(0), 0, 1) != order(loader(1), 1, 0)  # seed 0's second epoch is not seed 1's first
+
+
+def test_a_worker_restarted_from_its_checkpoint_trains_on_bit_for_bit(tiny_model_dir, tiny_split, tmp_path):
+    """The loop of train_loop_per_worker, with dropout on (the tiny BERT's 0.1): epoch 2 after a restart from the
+    epoch-1 checkpoint gives the weights an uninterrupted worker's epoch 2 gives (dropout's draws included)."""
+    from orchestrator.train import _restore, save_checkpoint, seed_epoch
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"results_dir={tmp_path}", "train.batch_size=8"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    class Checkpoint:  # what ray.train.get_checkpoint() gives a restarted worker
+        def as_directory(self):
+            return contextlib.nullcontext(tmp_path)
+
+    def worker(checkpoint=None):  # a worker's start: seed, loader, model, optimizer, schedule, restore
+        torch.manual_seed(0)
+        loader = make_loader(tiny_split, tokenizer, 32, 8, shuffle=True, seed=0)
+        base = load_model(str(tiny_model_dir), 2, seed=0)
+        ranks = {m.name: 2 for m in adaptable_modules(base) if m.type in ("query", "value")}
+        adapted = build_adapted(cfg, TrainJob("a", "baseline", "uniform_qv", ranks, 0), base, len(loader))
+        optimizer = torch.optim.AdamW([p for p in adapted.peft_model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = _linear_warmup_decay(optimizer, 2 * len(loader), 0.06)
+        assert _restore(checkpoint, adapted, optimizer, scheduler)[0] == (0 if checkpoint is None else 1)
+        return adapted, optimizer, scheduler, loader
+
+    def train_epoch(adapted, optimizer, scheduler, loader, epoch):
+        seed_epoch(loader, 0, epoch)
+        adapted.peft_model.train()
+        steps = range(epoch * len(loader), (epoch + 1) * len(loader))
+        for step, group in zip(steps, accumulation_groups(loader, 1)):
+            optimizer_step(adapted.peft_model, adapted, group, optimizer, scheduler, step, use_bf16=False)
+        return {n: p.detach().clone() for n, p in adapted.peft_model.named_parameters() if p.requires_grad}
+
+    uninterrupted = worker()
+    train_epoch(*uninterrupted, 0)
+    save_checkpoint(str(tmp_path), *uninterrupted[:3], epochs_done=1, elapsed=0.0, history=[])
+    expected = train_epoch(*uninterrupted, 1)
+    restarted = train_epoch(*worker(Checkpoint()), 1)
+    assert expected.keys() == restarted.keys() and all(torch.equal(expected[n], restarted[n]) for n in expected)
 
 
 def test_concurrent_trainings_fit_a_single_gpu_node():
