@@ -263,6 +263,9 @@ class TrainConfig:
                 _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < 1, f"train.lr_grid[{i}]",
                          f"{lr!r} is not a learning rate in (0, 1)", "use e.g. 4e-3")
             self.lr_grid = sorted(set(self.lr_grid))
+            shown = [f"{lr:g}" for lr in self.lr_grid]  # as the sweep names its trainings (lr_tuning.sweep_id)
+            _require(len(set(shown)) == len(shown), "train.lr_grid", f"{self.lr_grid} holds rates that agree to six "
+                     "significant digits, which would share one training", "drop one of each such pair")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"{self.warmup_ratio} is not in [0, 1)", "use e.g. 0.06")
         _require(bool(self.seeds), "train.seeds", "is empty", "give at least one seed, e.g. [0]")
         for i, seed in enumerate(self.seeds):

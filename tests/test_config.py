@@ -198,6 +198,7 @@ def test_budget_params_alone_and_qv_rank_alone():
     (["train.lr_grid=[2e-3]", "data.validation_size=64"], "train.lr_grid"),
     (["train.lr_grid=[2e-3,2]", "data.validation_size=64"], "train.lr_grid[1]"),
     (["train.lr_grid=[2e-3,x]", "data.validation_size=64"], "train.lr_grid[1]"),
+    (["train.lr_grid=[1e-3,1.0000001e-3]", "data.validation_size=64"], "train.lr_grid"),  # one sweep id, lr0.001
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(UserError) as err:
