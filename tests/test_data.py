@@ -74,7 +74,19 @@ def test_validation_is_held_out_of_the_training_split_and_the_eval_split_is_unch
     assert set(held.validation.texts).isdisjoint(held.train.texts)
     assert sorted(held.train.texts + held.validation.texts) == sorted(plain.train.texts)
     assert load_task(cfg(path, validation_size=8)).validation.texts == held.validation.texts  # seeded
+    order = np.random.default_rng(0).permutation(32)  # without repeated texts: the row-by-row draw of before
+    assert held.validation.texts == plain.train.subset(np.sort(order[:8])).texts
     assert task_summary(held)["validation_examples"] == 8 and "validation_examples" not in task_summary(plain)
+
+
+def test_validation_holds_out_every_copy_of_its_texts(tmp_path, sentences):
+    """With data.eval_path the task file is read as it is, repeats too: a copy of a validation row may not train."""
+    rows = labelled(sentences)
+    evaluation = write_csv(tmp_path / "eval.csv", rows[:8])
+    task = load_task(cfg(write_csv(tmp_path / "twice.csv", rows + rows[:20]), eval_path=str(evaluation),
+                         validation_size=12))
+    assert not set(task.validation.texts) & set(task.train.texts)
+    assert 12 <= len(task.validation) <= 13 and len(task.train) + len(task.validation) == 60  # ≤ one extra copy
 
 
 def test_a_validation_split_that_leaves_too_little_training_is_refused(tmp_path, sentences):
