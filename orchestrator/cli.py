@@ -130,8 +130,13 @@ def compose(adapters: str = typer.Option(..., "--adapters", help="registered ada
     cfg = ComposeConfig(shots=shots, methods=methods, trials=trials, l1=l1, eval_size=eval_size, max_length=max_length,
                         seed=seed)
     out_dir = out or Path("results") / f"compose-{''.join(c if c.isalnum() or c in '-_.' else '-' for c in task)}"
-    table, done = run_compose(registry, [a.strip() for a in adapters.split(",") if a.strip()], task, cfg, out_dir,
-                              register, model)
+    try:
+        table, done = run_compose(registry, [a.strip() for a in adapters.split(",") if a.strip()], task, cfg, out_dir,
+                                  register, model)
+    except KeyboardInterrupt:  # registering is compose's last step and all-or-nothing: nothing was registered
+        written = (f"'{out_dir}' may hold unfinished adapters or report files" if out_dir.exists()
+                   else "nothing was written")
+        raise Interrupted(f"compose stopped; nothing was registered; {written}; run it again") from None
     _say(summarise(table).drop(columns=["accuracy_std", "seeds"]).to_markdown(index=False, floatfmt=".4g"))
     if done["entry"] is not None:
         _say(f"Registered {_entry_line(done['entry'])}")

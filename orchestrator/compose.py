@@ -29,8 +29,8 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,25 +64,31 @@ class ComposeConfig:
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
-        checks = [(self.shots >= 2, "shots", f"{self.shots} is too few", "give at least 2 examples per class "
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        # named by the CLI's flag where there is one: the CLI passes its flags through unchanged
+        checks = [(self.shots >= 2, "compose --shots", f"{self.shots} is too few", "give at least 2 examples per class "
                    "(the head's loss is cross-validated)"),
-                  (bool(self.methods) and set(self.methods) <= set(METHODS), "method", f"{list(self.methods)} is not "
-                   "a list of known methods", f"use uniform, learned or all ({', '.join(METHODS)})"),
-                  (self.trials >= 1, "trials", f"{self.trials} is not positive", "use e.g. 40"),
-                  (self.l1 >= 0, "l1", f"{self.l1} is negative", "use 0 or more, e.g. 0.05"),
-                  (self.bound > 0, "bound", f"{self.bound} is not positive", "use e.g. 1.5"),
-                  (self.folds >= 2, "folds", f"{self.folds} is below 2", "use e.g. 4"),
-                  (8 <= self.max_length <= 4096, "max_length", f"{self.max_length} is out of range", "use 8..4096"),
-                  (self.eval_size is None or self.eval_size >= 8, "eval_size", f"{self.eval_size} is too small",
-                   "use at least 8 or None for all"),
-                  (self.batch_size >= 1 and self.train_epochs >= 1, "batch_size/train_epochs", "must be positive",
-                   "use 1 or more"),
-                  (0 < self.train_lr < 1, "train_lr", f"{self.train_lr} is out of range", "use e.g. 2e-3"),
-                  (0 <= self.seed < 2**32, "seed", f"{self.seed} is not a seed in [0, 2**32)",
+                  (bool(self.methods) and set(self.methods) <= set(METHODS), "compose --method",
+                   f"{list(self.methods)} is not a list of known methods",
+                   f"use uniform, learned or all ({', '.join(METHODS)})"),
+                  (not repeated, "compose --method", f"{', '.join(repeated)} is given twice",  # would run twice
+                   "give each method once"),
+                  (self.trials >= 1, "compose --trials", f"{self.trials} is not positive", "use e.g. 40"),
+                  (self.l1 >= 0, "compose --l1", f"{self.l1} is negative", "use 0 or more, e.g. 0.05"),
+                  (self.bound > 0, "compose.bound", f"{self.bound} is not positive", "use e.g. 1.5"),
+                  (self.folds >= 2, "compose.folds", f"{self.folds} is below 2", "use e.g. 4"),
+                  (8 <= self.max_length <= 4096, "compose --max-length", f"{self.max_length} is out of range",
+                   "use 8..4096"),
+                  (self.eval_size is None or self.eval_size >= 8, "compose --eval-size",
+                   f"{self.eval_size} is too small", "use at least 8"),
+                  (self.batch_size >= 1 and self.train_epochs >= 1, "compose.batch_size/train_epochs",
+                   "must be positive", "use 1 or more"),
+                  (0 < self.train_lr < 1, "compose.train_lr", f"{self.train_lr} is out of range", "use e.g. 2e-3"),
+                  (0 <= self.seed < 2**32, "compose --seed", f"{self.seed} is not a seed in [0, 2**32)",
                    f"use an integer from 0 to {2**32 - 1}, e.g. 0")]
         for ok, name, problem, fix in checks:
             if not ok:
-                raise UserError(f"compose.{name}: {problem}; {fix}")
+                raise UserError(f"{name}: {problem}; {fix}")
 
 
 # ---------------------------------------------------------------- sources: registered LoRA adapters
@@ -537,12 +543,23 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 def plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
+    from orchestrator.report import write_atomic
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(summary.groupby(["task", "shots"], sort=False))
-    methods = [m for m in METHODS if m in set(summary.method)]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4))
+    try:  # closed however the write ends: pyplot keeps every open figure
+        _bars(ax, groups, [m for m in METHODS if m in set(summary.method)])
+        fig.tight_layout()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=120, format="png"))  # the temp name does not end in .png
+    finally:
+        plt.close(fig)
+
+
+def _bars(ax, groups: list, methods: list[str]) -> None:
+    """Accuracy (± std over seeds) by method, one cluster of bars per (task, shots)."""
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         values = [g.set_index("method").accuracy.get(method, np.nan) for _, g in groups]
@@ -553,12 +570,6 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("eval accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=len(methods), loc="lower center")
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=120)
-    Path(tmp.name).chmod(0o644)  # NamedTemporaryFile makes 0600; results are as readable as any other
-    Path(tmp.name).replace(path)
-    plt.close(fig)
 
 
 def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose", header: list[str] = ()) -> list[Path]:
@@ -589,9 +600,25 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+# The model and data helpers are `run`'s and name its config fields; compose's user gave these flags instead.
+_FLAGS = {"model.name": "--model", "model.max_length": "--max-length", "data": "--task", "data.task": "--task"}
+
+
+@contextmanager
+def _named_by_flags():
+    """A helper's UserError about a `run` config field, re-raised naming the compose flag that set it."""
+    try:
+        yield
+    except UserError as err:
+        field, _, rest = str(err).partition(": ")
+        if field not in _FLAGS:
+            raise
+        raise UserError(f"compose {_FLAGS[field]}: {rest}") from None
+
+
 def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, cfg: ComposeConfig, out_dir: str | Path,
                 register_as: str | None = None, base_model: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """`lora-search compose`: compare the methods, save the composed adapters, register one, write the report.
+    """`lora-search compose`: compare the methods, save the composed adapters, write the report, register one.
 
     The registered adapter is the learned composition when it ran, else the uniform one."""
     from orchestrator.config import DataConfig
@@ -607,18 +634,14 @@ def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, 
     if not registry.db_path.is_file():
         raise UserError(f"compose --registry: no registry at '{registry_root}'; add adapters with "
                         "`lora-search registry add` or give the right --registry")
-    sources, base = load_sources(registry, adapters, base_model)
-    # The split the source runs used (data.split_seed's default), whatever --seed is: another split would put the
-    # training examples of a source trained on this dataset into the eval split. --seed draws the few-shot sample.
-    task = load_task_spec(task_spec, cfg.eval_size, DataConfig().split_seed)
-    table, outcomes = compare(sources, base, task, cfg)
+    with _named_by_flags():
+        sources, base = load_sources(registry, adapters, base_model)
+        # The split the source runs used (data.split_seed's default), whatever --seed is: another split would put the
+        # training examples of a source trained on this dataset into the eval split. --seed draws the few-shot sample.
+        task = load_task_spec(task_spec, cfg.eval_size, DataConfig().split_seed)
+        table, outcomes = compare(sources, base, task, cfg)
     saved = {m: save_composed(sources, outcomes[m].weights, outcomes[m].head, base, out / "adapters" / m)
              for m in COMPOSED if m in outcomes}
-    entry = None
-    if register_as and saved:
-        method = "learned" if "learned" in saved else "uniform"
-        row = table[table.method == method].iloc[0].to_dict()
-        entry = register(registry, register_as, saved[method], sources, base, task_spec, row)
     header = [f"# Adapter composition: {task.name}", "",
               f"Sources: {', '.join(f'{s.name} ({s.task})' for s in sources)}; base model {base}. "
               f"{cfg.shots} examples per class, {len(task.eval)} eval examples, majority rate "
@@ -626,4 +649,9 @@ def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, 
               f"Cost = search_s × {table.attrs['devices']} {table.attrs['device']} device(s) × "
               f"{table.attrs['price']} USD/device-hour.", ""]
     paths = write_report(table, out, header=header)
+    entry = None  # registered last: a failed report write must not leave a version that a rerun stores again
+    if register_as and saved:
+        method = "learned" if "learned" in saved else "uniform"
+        row = table[table.method == method].iloc[0].to_dict()
+        entry = register(registry, register_as, saved[method], sources, base, task_spec, row)
     return table, {"saved": saved, "entry": entry, "paths": paths}

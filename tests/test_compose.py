@@ -267,10 +267,14 @@ def test_load_task_spec_regroups_a_builtin_task():
 
 def test_bad_input_is_one_line_user_error(pool, tiny_model_dir, tmp_path):
     registry, _ = pool
-    for kwargs, message in (({"shots": 1}, "compose.shots: 1 is too few"), ({"methods": ("magic",)}, "compose.method"),
-                            ({"trials": 0}, "compose.trials"), ({"l1": -1}, "compose.l1"),
-                            ({"seed": -1}, r"compose.seed: -1 is not a seed in \[0, 2\*\*32\)"),
-                            ({"seed": 2**32}, "compose.seed: 4294967296 is not a seed")):
+    for kwargs, message in (({"shots": 1}, "compose --shots: 1 is too few"),
+                            ({"methods": ("magic",)}, "compose --method"),
+                            ({"methods": ("uniform", "learned", "uniform")},  # it would run, and be reported, twice
+                             "compose --method: uniform is given twice; give each method once"),
+                            ({"trials": 0}, "compose --trials"), ({"l1": -1}, "compose --l1"),
+                            ({"eval_size": 0}, "compose --eval-size: 0 is too small; use at least 8$"),
+                            ({"seed": -1}, r"compose --seed: -1 is not a seed in \[0, 2\*\*32\)"),
+                            ({"seed": 2**32}, "compose --seed: 4294967296 is not a seed")):
         with pytest.raises(UserError, match=message):
             ComposeConfig(**kwargs)
     for names, message in ((["alpha", "nope"], "no adapter named 'nope'"), (["alpha"], "at least 2"),
@@ -314,7 +318,16 @@ def test_cli_compose(monkeypatch, capsys, pool, tiny_model_dir, tmp_path, senten
     assert entry.metrics["method"] == "learned" and entry.metrics["sources"] == ["alpha@1", "beta@1", "gamma@1"]
     assert entry.metrics["accuracy"] == pytest.approx(table.accuracy.iloc[1])
     for args, message in ((["--adapters", "alpha,nope", "--shots", "4"], "no adapter named 'nope'"),
-                          (["--adapters", "alpha,beta", "--shots", "0"], "compose.shots: 0 is too few"),
+                          (["--adapters", "alpha,beta", "--shots", "0"], "compose --shots: 0 is too few"),
+                          (["--adapters", "alpha,beta", "--method", "uniform,uniform"],
+                           "compose --method: uniform is given twice"),
+                          # the model and data helpers are `run`'s: their errors name compose's flags here
+                          (["--adapters", "alpha,beta", "--task", tmp_path / "none.csv"], "compose --task: file '"),
+                          (["--adapters", "alpha,beta", "--model", tmp_path / "none"], "compose --model: '"),
+                          (["--adapters", "alpha,beta", "--max-length", "1000"],
+                           "compose --max-length: 1000 is more tokens than the model's 128 positions"),
+                          (["--adapters", "alpha,beta", "--eval-size", "0"],
+                           "compose --eval-size: 0 is too small; use at least 8\n"),
                           (["--adapters", "alpha,beta", "--shots", "40"], "--shots: class 0 has only"),
                           (["--adapters", "alpha,beta", "--register", "bad/name"], "not a valid adapter name")):
         code, _, err = cli(monkeypatch, capsys, *common, *args, "--out", tmp_path / "bad")
@@ -337,6 +350,66 @@ def test_bad_out_or_register_fails_before_anything_runs(monkeypatch, capsys, tmp
         code, _, err = cli(monkeypatch, capsys, *common, *args)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert [p.name for p in tmp_path.iterdir()] == ["taken.txt"]  # no registry read, nothing written
+
+
+def test_a_full_disk_leaves_no_temp_file_and_no_open_figure(monkeypatch, tmp_path):
+    """compose.png goes through report.write_atomic like the csv/md: one line, no temp file, the figure closed."""
+    import errno
+
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from orchestrator.compose import write_report
+
+    def full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    table = pd.DataFrame([{"task": "t", "shots": 4, "seed": 0, "method": m, "accuracy": 0.5, "f1": 0.5, "search_s": 1.0,
+                           "cost_usd": 0.0, "weights": None} for m in ("zero_shot", "uniform")])
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    open_before = plt.get_fignums()
+    with pytest.raises(UserError, match="could not write '.*compose.png' \\(No space left on device\\)"):
+        write_report(table, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compose.csv", "compose.md"]
+    assert plt.get_fignums() == open_before
+
+
+def test_the_report_is_written_before_the_composition_is_registered(monkeypatch, pool, tmp_path, sentences):
+    """A failed report write leaves nothing registered, so running compose again does not store a second version."""
+    import orchestrator.compose as compose
+
+    registry, _ = pool
+    texts, _ = sentences
+    data = tmp_path / "target.csv"
+    pd.DataFrame({"text": texts, "label": ["neg", "pos"] * 32}).to_csv(data, index=False)
+
+    def disk_full(*args, **kwargs):
+        raise UserError("report: could not write 'compose.csv' (No space left on device)")
+
+    monkeypatch.setattr(compose, "write_report", disk_full)
+    cfg = ComposeConfig(shots=4, methods=("uniform",), max_length=32)
+    with pytest.raises(UserError, match="No space left"):
+        compose.run_compose(registry.root, ["alpha", "beta"], str(data), cfg, tmp_path / "out", "unreported")
+    assert "unreported" not in {e.name for e in registry.list()}
+
+
+def test_ctrl_c_is_one_line_saying_what_was_written(monkeypatch, capsys, tmp_path):
+    from test_registry import cli
+
+    import orchestrator.compose as compose
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compose, "run_compose", interrupted)
+    common = ["compose", "--registry", tmp_path, "--adapters", "a,b", "--task", "x.csv", "--out"]
+    code, out, err = cli(monkeypatch, capsys, *common, tmp_path / "out")
+    assert (code, out) == (130, "")
+    assert err == "interrupted: compose stopped; nothing was registered; nothing was written; run it again\n"
+    (tmp_path / "out").mkdir()  # what it had saved (an adapter, a report file) by then
+    code, _, err = cli(monkeypatch, capsys, *common, tmp_path / "out")
+    assert code == 130 and err.count("\n") == 1 and f"'{tmp_path / 'out'}' may hold unfinished adapters" in err
 
 
 def test_seed_draws_the_few_shot_sample_not_the_eval_split(pool, tmp_path, sentences):
