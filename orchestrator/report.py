@@ -92,18 +92,19 @@ def replace_atomically(path: Path, writer: Callable[[str], None]) -> None:
 
 
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
-    """replace_atomically, with a full disk or a missing permission said in one line."""
+    """replace_atomically, with a full disk or a missing permission said in one line (every command writes its
+    files through here, so the fix names none: a run goes on with --resume, the others run again)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where the directory should be, or no permission; nothing written yet
-        raise UserError(f"report: could not write '{path}': its directory '{path.parent}' cannot be made "
+        raise UserError(f"write: could not write '{path}': its directory '{path.parent}' cannot be made "
                         f"({err.strerror or err}); give an output directory that is not a file and that you can write") from None
     try:
         replace_atomically(path, writer)
     except OSError as err:
-        raise UserError(f"report: could not write '{path}' ({err.strerror or err}); free disk space or fix permissions, "
-                        "then run `lora-search report` again") from None
+        raise UserError(f"write: could not write '{path}' ({err.strerror or err}); free disk space or fix permissions, "
+                        "then run the command again (`lora-search run` with --resume)") from None
 
 
 # ---------------------------------------------------------------- allocations

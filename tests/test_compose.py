@@ -385,7 +385,7 @@ def test_the_report_is_written_before_the_composition_is_registered(monkeypatch,
     pd.DataFrame({"text": texts, "label": ["neg", "pos"] * 32}).to_csv(data, index=False)
 
     def disk_full(*args, **kwargs):
-        raise UserError("report: could not write 'compose.csv' (No space left on device)")
+        raise UserError("write: could not write 'compose.csv' (No space left on device)")
 
     monkeypatch.setattr(compose, "write_report", disk_full)
     cfg = ComposeConfig(shots=4, methods=("uniform",), max_length=32)

@@ -257,7 +257,7 @@ def test_write_atomic_into_a_file_is_a_user_error_naming_the_path(tmp_path, pare
     path = tmp_path / parent / "compare.csv"
     with pytest.raises(UserError) as err:
         report.write_atomic(path, lambda tmp: open(tmp, "w").write("new"))
-    assert str(err.value).startswith(f"report: could not write '{path}': its directory '{path.parent}' cannot be made (")
+    assert str(err.value).startswith(f"write: could not write '{path}': its directory '{path.parent}' cannot be made (")
     assert "; give an output directory that is not a file" in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
 

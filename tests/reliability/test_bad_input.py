@@ -592,8 +592,8 @@ def test_disk_full_in_write_atomic_keeps_the_earlier_file(tmp_path):
     path.write_text("# earlier report\n", encoding="utf-8")
     with pytest.raises(UserError) as err:
         report.write_atomic(path, _disk_full_after(b"# half a rep"))
-    assert str(err.value) == (f"report: could not write '{path}' (No space left on device); free disk space or fix "
-                              "permissions, then run `lora-search report` again")
+    assert str(err.value) == (f"write: could not write '{path}' (No space left on device); free disk space or fix "
+                              "permissions, then run the command again (`lora-search run` with --resume)")
     assert path.read_text(encoding="utf-8") == "# earlier report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no .report.md.tmp
 
