@@ -39,6 +39,7 @@ from orchestrator.models import AdaptableModule
 from orchestrator.shortcuts import is_shortcut_item
 
 TABLE = "calibration.csv"
+STORED_COLUMNS = ("module_type", "allocation", "accuracy", "train_wall_s", "device_hours", "cost_usd")  # read back
 
 
 def type_allocation(modules: list[AdaptableModule], ranks: list[int], budget: Budget) -> Allocation | None:
@@ -98,8 +99,8 @@ def run_calibration(cfg: RunConfig, task: TaskData, modules: list[AdaptableModul
     from orchestrator.train import TrainJob, run_training
 
     path = cfg.run_dir / TABLE
-    if path.is_file():
-        return pd.read_csv(path)
+    if path.is_file():  # a damaged one is one line naming it (delete it and resume: calibrated again)
+        return report.read_stored(path, *STORED_COLUMNS)
     sub = calibration_config(cfg)
     sub.run_dir.mkdir(parents=True, exist_ok=True)
     chosen = calibration_allocations(cfg, modules, budget)

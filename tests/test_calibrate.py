@@ -170,6 +170,16 @@ def test_calibrated_scores_reads_a_finished_calibration_and_records_it(tmp_path,
     assert run["calibration"]["device_hours"] == pytest.approx(0.02)
 
 
+@pytest.mark.parametrize("damage", ["", "module_type,accuracy\nquery,0.6\n"])
+def test_a_damaged_calibration_table_is_one_line_naming_it_on_resume(tmp_path, tiny_modules, damage):
+    cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=damaged"])
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / calibrate.TABLE).write_text(damage)  # empty (a full disk), or columns lost by hand
+    with pytest.raises(UserError, match=r"^report: '.*calibration\.csv' (cannot be read \(.+\)|has no 'allocation'); delete "
+                                        r"it and run `lora-search run \.\.\. --resume`"):
+        calibrate.run_calibration(cfg, None, tiny_modules, make_budget(tiny_modules, cfg.space))
+
+
 @pytest.mark.parametrize("finished", [0, 1])
 def test_a_calibration_with_fewer_than_two_finished_runs_stops_the_run(tmp_path, tiny_modules, monkeypatch, finished):
     """With one measured type its gain over the mean is 0, and so is every candidate's score: the screen would rank
