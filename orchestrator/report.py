@@ -26,7 +26,8 @@ Per row (one trained model and seed), on top of the trial metrics and `proxy_<na
 Per model (`aggregate`): mean ± std over seeds of accuracy, F1, eval loss, cost per seed,
 device-hours per seed and peak memory (std is NaN with one seed); `cost_usd`/`device_hours` are the
 totals over seeds; `p_vs_<baseline>` is Welch's t-test p-value of the model's accuracies against the
-baseline's (NaN unless both have ≥ 2 seeds); `pareto_<x>` marks the Pareto front that maximises
+baseline's (NaN unless both have ≥ 2 seeds; where neither varies over its seeds, 1 for the same accuracy and
+NaN for different ones: see `welch_p`); `pareto_<x>` marks the Pareto front that maximises
 accuracy and minimises x ∈ trainable_params, cost_usd (per seed), peak_memory_mb.
 """
 
@@ -70,7 +71,9 @@ PLOTS = {  # file name → caption (learning_curves.png only when the trials rec
     "proxy_vs_accuracy.png": "Zero-cost proxy scores vs trained accuracy",
     "learning_curves.png": "Learning curves (eval accuracy and loss per epoch)",
 }
-SEARCHED_COLOR, BASELINE_COLOR, FRONT_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+SEARCHED_COLOR, BASELINE_COLOR, ROUTED_COLOR, FRONT_COLOR = "#1f77b4", "#d62728", "#9467bd", "#2ca02c"
+KIND_MARKERS = {"searched": "o", "baseline": "s", "routed": "D"}  # every kind a row can have gets a point in the plots
+NA = "n/a"  # a missing number in a sentence (tables leave it blank)
 _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # as models.adaptable_modules (kept here: no torch import)
 _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 
@@ -294,16 +297,31 @@ def pareto_front(df: pd.DataFrame, x: str, y: str = "accuracy") -> pd.Series:
 
 
 def welch_p(a, b) -> float:
-    """Two-sided Welch t-test p-value; NaN unless both samples have ≥ 2 values."""
+    """Two-sided Welch t-test p-value; NaN unless both samples have ≥ 2 values.
+
+    Two samples without any spread (every seed the same accuracy, as a small eval set can give) have no variance to
+    test against: the same constant gives 1 (no difference at all), two different constants NaN, where scipy's
+    infinite t would claim p = 0 from two seeds."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     a, b = a[~np.isnan(a)], b[~np.isnan(b)]
     if len(a) < 2 or len(b) < 2:
         return float("nan")
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 1.0 if a[0] == b[0] else float("nan")
     from scipy.stats import ttest_ind
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def p_text(p: float, seeds: int, base_seeds: int) -> str:
+    """Welch p as a sentence says it: the value, or why there is none (too few seeds, or no spread over them)."""
+    if not math.isnan(p):
+        return f"Welch p = {p:.3g}"
+    if min(seeds, base_seeds) < 2:
+        return "Welch p needs ≥ 2 seeds of both"
+    return "Welch p undefined: no spread over seeds"  # both constant, different: see welch_p
 
 
 _SPREAD = {"f1": "f1", "eval_loss": "eval_loss", "cost_usd": "cost_usd_mean", "device_hours": "device_hours_mean",
@@ -419,19 +437,22 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
                    screen: pd.DataFrame | None = None) -> dict:
     """Screening vs training: seconds, device-hours and dollars of each stage, and compute-to-best.
 
-    Screening cost is the proxy probe (module_scores.json `seconds`, one Ray task on 1 CPU, priced at the
-    CPU device-hour price); the Tune screen trials only sum per-module scores (milliseconds) and are not
+    Screening cost is the proxy probe (module_scores.json `seconds`, plus its `warmup_seconds` with
+    screen.probe_warmup_steps > 0: the shared probe adapter trains before the proxies score; one Ray task on 1 CPU,
+    priced at the CPU device-hour price); the Tune screen trials only sum per-module scores (milliseconds) and are not
     counted. A calibrated screen (run.json `calibration`) and a learning-rate sweep (run.json `lr_sweep`) add their
     trainings as stages of their own. `compute_to_best_s` = probe seconds + calibration seconds + the best searched
     model's lr-sweep seconds + its training wall seconds (its first seed): the compute to obtain it had it been the
-    only model trained.
+    only model trained (NaN without a searched model). `total_cost_usd` and `total_device_hours` add up every stage.
     """
     run_info = run_info or {}
     price = run_info.get("config", {}).get("cost", {}).get("price_per_device_hour", {}).get("cpu", float("nan"))
     probe = {k: float(v) for k, v in ((module_scores or {}).get("seconds") or {}).items()}
-    probe_s = sum(probe.values()) if probe else float("nan")
+    warmup_s = float((module_scores or {}).get("warmup_seconds") or 0.0)  # once, shared by every proxy
+    probe_s = sum(probe.values()) + warmup_s if probe else float("nan")
     screen_dh = probe_s / 3600.0
-    train_cost, train_dh = float(report.cost_usd.sum()), float(report.device_hours.sum())
+    # min_count=1: when no trial recorded a cost, training cost is unknown (NaN), not $0
+    train_cost, train_dh = float(report.cost_usd.sum(min_count=1)), float(report.device_hours.sum(min_count=1))
     screen_cost = screen_dh * float(price)
     before = {}
     for key, (prefix, _, _) in PRE_TRAINING_STAGES.items():
@@ -439,8 +460,12 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         before |= {f"{prefix}_runs": int(stage.get("trainings", 0)), f"{prefix}_seconds": float(stage.get("seconds", 0.0)),
                    f"{prefix}_device_hours": float(stage.get("device_hours", 0.0)),
                    f"{prefix}_cost_usd": float(stage.get("cost_usd", 0.0))}
-    total = ((0.0 if math.isnan(screen_cost) else screen_cost) + train_cost
-             + sum(before[f"{prefix}_cost_usd"] for prefix, _, _ in PRE_TRAINING_STAGES.values()))
+
+    def every_stage(unit: str, screen: float, train: float) -> float:  # a screen without a probe or price adds 0
+        before_training = sum(before[f"{prefix}_{unit}"] for prefix, _, _ in PRE_TRAINING_STAGES.values())
+        return (0.0 if math.isnan(screen) else screen) + before_training + train
+
+    total, total_dh = every_stage("cost_usd", screen_cost, train_cost), every_stage("device_hours", screen_dh, train_dh)
     table = aggregate(report)
     searched = table[table.kind == "searched"]
     best_wall, best_sweep_s = float("nan"), 0.0
@@ -451,11 +476,13 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
     return {
         "candidates_screened": int(len(screen)) if screen is not None else None,
         "survivors": int(screen.survivor.sum()) if screen is not None and "survivor" in screen else None,
-        "probe_seconds": probe, "screen_seconds": probe_s, "screen_device_hours": screen_dh, "screen_cost_usd": screen_cost,
+        "probe_seconds": probe, "probe_warmup_seconds": warmup_s, "screen_seconds": probe_s,
+        "screen_device_hours": screen_dh, "screen_cost_usd": screen_cost,
         **before,
         "models_trained": int(report.candidate_id.nunique()), "training_runs": int(len(report)),
         "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
-        "total_cost_usd": total, "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
+        "total_cost_usd": total, "total_device_hours": total_dh,
+        "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
         "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + before["calibrate_seconds"] + best_sweep_s + best_wall,
         **dict(zip(("run_wall_s", "run_sessions", "run_sessions_untimed"), run_wall_seconds(run_info))),
     }
@@ -506,21 +533,40 @@ def _stored_error(path: Path, problem: str) -> UserError:
     return UserError(f"report: '{path}' {problem}; {fix}")
 
 
-def read_stored(path: Path, *keys: str) -> dict | pd.DataFrame:
+_KINDS = {"number": (int, float), "mapping": dict}  # read_stored's `types`: what a stored value must be
+RUN_TYPES = {"task.majority_rate": "number", "base_params": "number"}
+MODULE_SCORES_TYPES = {"unit": "mapping", "seconds": "mapping", "warmup_seconds": "number"}
+TRIAL_TYPES = {"ranks": "mapping", **dict.fromkeys(
+    ["seed", "accuracy", "f1", "eval_loss", "trainable_params", "peak_memory_mb", "train_wall_s", "device_hours",
+     "cost_usd"], "number")}
+
+
+def _stored_value(data, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, (dict, pd.DataFrame)) else None
+    return data
+
+
+def read_stored(path: Path, *keys: str, types: dict[str, str] | None = None) -> dict | pd.DataFrame:
     """A JSON object (a table for .csv) the run stored, holding `keys` (dotted for nested ones: task.majority_rate).
 
-    A UserError names the file and the fix when it cannot be read or lacks a key."""
+    A UserError names the file and the fix when it cannot be read, lacks a key, or holds a value of another kind than
+    `types` says ({key: "number" or "mapping"}; a key absent or null passes there): a hand-edited `"0.5"` would
+    otherwise fail deep in pandas with a traceback."""
     path = Path(path)
     try:
         data = pd.read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
     except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, pandas' EmptyDataError: ValueErrors
         raise _stored_error(path, f"cannot be read ({err})") from None
     for key in keys:
-        value = data
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, (dict, pd.DataFrame)) else None
-        if value is None:
+        if _stored_value(data, key) is None:
             raise _stored_error(path, f"has no '{key}'")
+    for key, kind in (types or {}).items():
+        value = _stored_value(data, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, _KINDS[kind])):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise _stored_error(path, f"has '{key}' = {shown}, not a {kind}")
     return data
 
 
@@ -542,11 +588,17 @@ def run_context(run_dir: Path | None, report: pd.DataFrame) -> dict:
 # ---------------------------------------------------------------- text: summary, Markdown, HTML
 
 
-def _pm(mean, std, scale=1.0, fmt=".2f") -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
+def _pm(mean, std, scale=1.0, fmt=".2f", missing="", shape="{}") -> str:
+    """`mean ± std`, scaled and formatted, put in `shape` (e.g. "${}"); `missing` when the mean is NaN or None."""
+    if mean is None or pd.isna(mean):
+        return missing
     text = format(scale * mean, fmt)
-    return text if std is None or (isinstance(std, float) and math.isnan(std)) else f"{text} ± {format(scale * std, fmt)}"
+    return shape.format(text if std is None or pd.isna(std) else f"{text} ± {format(scale * std, fmt)}")
+
+
+def _say(value, fmt: str, shape: str = "{}", scale: float = 1.0) -> str:
+    """A number in a sentence: NA for NaN (a zero price or an unrecorded cost), never `nan`."""
+    return _pm(value, None, scale, fmt, NA, shape)
 
 
 def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
@@ -564,7 +616,8 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
         for _, base in baselines.iterrows():
             lines.append(f"Gain over {base.label} ({base.accuracy:.4f}, {base.trainable_params:,} params): "
                          f"{100 * (best.accuracy - base.accuracy):+.2f} points")
-    lines.append(f"Training cost: {report.device_hours.sum():.4f} device-hours, ${report.cost_usd.sum():.4f}")
+    lines.append(f"Training cost: {_say(report.device_hours.sum(min_count=1), '.4f')} device-hours, "
+                 f"{_say(report.cost_usd.sum(min_count=1), '.4f', '${}')}")  # no cost recorded: n/a, not $0
     setups = report["kernels"].dropna().unique().tolist() if "kernels" in report else []  # older trials lack it
     if len(setups) == 1:
         lines.append(f"Trained on: {setups[0]}")
@@ -589,11 +642,11 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
     searched = table[table.kind == "searched"]
     if labels and not searched.empty:
         best, primary = searched.iloc[0], labels[0]
-        p = best.get(p_column(primary), float("nan"))
-        p_text = f"Welch p = {p:.3g}" if not math.isnan(p) else "Welch p needs ≥ 2 seeds of both"
-        lines.append(f"ROI of the best searched vs {primary}: {best[gain_column(primary)]:+.2f} points, "
-                     f"{best.roi_per_usd:+.4g} points per $ of training, {best.roi_per_mparams:+.4g} points per M params "
-                     f"({p_text})")
+        base_seeds = int(report.loc[(report.kind == "baseline") & (report.label == primary), "accuracy"].count())
+        p = p_text(best.get(p_column(primary), float("nan")), int(best.seeds), base_seeds)
+        lines.append(f"ROI of the best searched vs {primary}: {_say(best[gain_column(primary)], '+.2f')} points, "
+                     f"{_say(best.roi_per_usd, '+.4g')} points per $ of training, "
+                     f"{_say(best.roi_per_mparams, '+.4g')} points per M params ({p})")
     rho = proxy_correlations(report)
     if not rho.empty:
         parts = [f"{r.proxy} {r.spearman_rho:+.2f}" if not math.isnan(r.spearman_rho) else f"{r.proxy} n/a"
@@ -608,15 +661,17 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
         lines.append("Pareto front (max accuracy, min x): " + "; ".join(fronts))
     costs = (context or {}).get("costs")
     if costs and not math.isnan(costs["screen_seconds"]):
-        share = costs["screen_share_of_cost"]
-        lines.append(f"Screening: {costs['candidates_screened'] or 0} candidates from a {costs['screen_seconds']:.1f} s probe "
-                     f"(${costs['screen_cost_usd']:.5f}, {100 * share:.1f}% of cost); "
+        warmup_s, to_best_s = costs.get("probe_warmup_seconds"), costs["compute_to_best_s"]
+        warmup = f", its {warmup_s:.1f} s warm-up included" if warmup_s else ""
+        to_best = "" if math.isnan(to_best_s) else f"; compute to best searched {to_best_s:.0f} s"  # no searched model
+        lines.append(f"Screening: {costs['candidates_screened'] or 0} candidates from a "
+                     f"{costs['screen_seconds']:.1f} s probe{warmup} ({_say(costs['screen_cost_usd'], '.5f', '${}')}, "
+                     f"{_say(costs['screen_share_of_cost'], '.1f', '{}%', 100)} of cost); "
                      + "".join(f"{counted.format(costs[f'{prefix}_runs'])}, {costs[f'{prefix}_seconds']:.0f} s "
-                               f"(${costs[f'{prefix}_cost_usd']:.4f}); " for prefix, _, counted in PRE_TRAINING_STAGES.values()
-                               if costs.get(f"{prefix}_runs"))
+                               f"({_say(costs[f'{prefix}_cost_usd'], '.4f', '${}')}); "
+                               for prefix, _, counted in PRE_TRAINING_STAGES.values() if costs.get(f"{prefix}_runs"))
                      + f"training: {costs['training_runs']} runs, "
-                     f"{costs['train_seconds']:.0f} s (${costs['train_cost_usd']:.4f}); compute to best searched "
-                     f"{costs['compute_to_best_s']:.0f} s")
+                     f"{costs['train_seconds']:.0f} s ({_say(costs['train_cost_usd'], '.4f', '${}')}){to_best}")
     return lines
 
 
@@ -698,8 +753,10 @@ def routing_table(report: pd.DataFrame) -> pd.DataFrame:
 
 
 def rows_table(report: pd.DataFrame) -> pd.DataFrame:
+    routed = (report.kind == "routed").any()  # other runs' trials carry experts=0: an all-zero column
     shown = ["candidate_id", "kind", "label", "seed", "trainable_params", "params_pct_of_base", "adapters_per_type", "lr",
-             "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"] + ROUTING_COLUMNS
+             "accuracy", "f1", "eval_loss", "peak_memory_mb", "train_wall_s", "cost_usd"]
+    shown += ROUTING_COLUMNS if routed else []
     shown += [c for c in report.columns if c.startswith(GAIN_PREFIX)] + ["roi_per_usd", "roi_per_mparams"]
     shown += [c for c in report.columns if c.startswith("proxy_")]
     return report[[c for c in shown if c in report.columns]]
@@ -721,7 +778,9 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
     blocks += [("h2", "Models (mean ± std over seeds)"), ("table", models_table(report)),
                ("p", "Gains are in accuracy points. ROI pts/$ = gain over the ROI baseline ÷ training cost per seed; "
                      "ROI pts/M params = gain ÷ million trainable LoRA params; p = Welch t-test over seeds (blank with "
-                     "< 2 seeds). Pareto: on the front of max accuracy vs min P(arams), C(ost), M(emory).")]
+                     "< 2 seeds of either, and where neither model's accuracy varies over its seeds but the two differ: "
+                     "no spread, no test; 1 where both are the same constant). "
+                     "Pareto: on the front of max accuracy vs min P(arams), C(ost), M(emory).")]
     if "adapter" in report and (report.kind == "routed").any():
         blocks += [("h2", "Sparse vs dense vs plain LoRA"), ("table", routing_table(report)),
                    ("p", "Each searched survivor trained three ways at its adapted modules: plain LoRA, routed LoRA "
@@ -740,13 +799,18 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
     costs = context.get("costs")
     if costs:
         blocks += [("h2", "Screening vs training cost"), ("table", cost_table(costs))]
-        notes = [f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe, calibration and its lr "
-                 "sweep where the run had them, and its training)."]
+        notes = [] if math.isnan(costs["compute_to_best_s"]) else [  # no searched model finished: no best
+            f"Compute to the best searched model: {costs['compute_to_best_s']:.1f} s (probe, calibration and its lr "
+            "sweep where the run had them, and its training)."]
+        if costs.get("probe_warmup_seconds"):
+            notes.append(f"The screen's {costs['screen_seconds']:.1f} s include the probe's "
+                         f"{costs['probe_warmup_seconds']:.1f} s warm-up (screen.probe_warmup_steps).")
         if not math.isnan(costs["run_wall_s"]):
             resumed = f", over {costs['run_sessions']} sessions (the run was resumed)" if costs["run_sessions"] > 1 else ""
             untimed = f"; {costs['run_sessions_untimed']} stopped before finishing (not timed)" if costs["run_sessions_untimed"] else ""
             notes.append(f"Run wall time: {costs['run_wall_s']:.0f} s{resumed}{untimed}.")
-        blocks.append(("p", " ".join(notes)))
+        if notes:
+            blocks.append(("p", " ".join(notes)))
     blocks.append(("h2", "Plots"))
     for name in plots:
         blocks.append(("img", (name, PLOTS.get(name, name))))
@@ -839,7 +903,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _color(kind: str) -> str:
-    return BASELINE_COLOR if kind == "baseline" else SEARCHED_COLOR
+    return {"baseline": BASELINE_COLOR, "routed": ROUTED_COLOR}.get(kind, SEARCHED_COLOR)
 
 
 def _nz(values) -> np.ndarray:
@@ -897,7 +961,7 @@ def plot_accuracy_vs_params(report: pd.DataFrame, path: Path) -> None:
     table = aggregate(report)
     fig, axes = _figure(7.2, 4.6)
     ax = axes[0, 0]
-    for kind, marker in (("searched", "o"), ("baseline", "s")):
+    for kind, marker in KIND_MARKERS.items():
         seeds, part = report[report.kind == kind], table[table.kind == kind]
         if part.empty:  # e.g. a random-search run without baselines: no legend entry for what is not drawn
             continue
@@ -1078,8 +1142,10 @@ def plot_proxy_vs_accuracy(report: pd.DataFrame, path: Path, rank_by: str | None
     flat = list(axes.flat)
     for ax, proxy in zip(flat, proxies):
         name = proxy.removeprefix("proxy_")
-        for kind, marker in (("searched", "o"), ("baseline", "s")):
+        for kind, marker in KIND_MARKERS.items():
             part = table[table.kind == kind]
+            if part.empty:  # no legend entry for a kind the run does not have
+                continue
             ax.errorbar(part[proxy], 100 * part.accuracy, yerr=100 * _nz(part.accuracy_std), fmt=marker,
                         color=_color(kind), capsize=3, ms=7, label=kind)
         _annotate(ax, table, proxy, 100 * table.accuracy)
@@ -1157,7 +1223,7 @@ def load(run_dir: str | Path, field: str = "report") -> pd.DataFrame:
 
 
 def read_run_json(run_dir: Path, *keys: str) -> dict:
-    return read_stored(Path(run_dir) / "run.json", *keys)
+    return read_stored(Path(run_dir) / "run.json", *keys, types=RUN_TYPES)
 
 
 def _module_scores(path: Path):
@@ -1167,7 +1233,7 @@ def _module_scores(path: Path):
     if not path.is_file():
         return ModuleScores(unit={})
     try:
-        return ModuleScores(**read_stored(path, "unit"))
+        return ModuleScores(**read_stored(path, "unit", types=MODULE_SCORES_TYPES))
     except TypeError as err:  # a key ModuleScores does not have
         raise _stored_error(path, f"does not hold module scores ({err})") from None
 
@@ -1183,7 +1249,7 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     if not (run_dir / "run.json").is_file():
         raise UserError(f"report: '{run_dir}' has no run.json; give a run directory such as results/quickstart")
     run_info = read_run_json(run_dir, "task.majority_rate")
-    trials = [read_stored(p, "candidate_id") for p in sorted((run_dir / "trials").glob("*.json"))]
+    trials = [read_stored(p, "candidate_id", types=TRIAL_TYPES) for p in sorted((run_dir / "trials").glob("*.json"))]
     seeds = (run_info.get("seeds") or {}).get("train")
     if seeds is not None:
         trials = [t for t in trials if t.get("seed") in seeds]
@@ -1292,7 +1358,7 @@ def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
     settings in which the runs differ."""
     rows, seen, configs = [], {}, []
     for run_dir in map(Path, run_dirs):
-        report = load(run_dir)
+        report = load(run_dir, "compare RUN_DIRS")  # the argument the user gave, not the `report` command
         context = run_context(run_dir, report)
         configs.append(context["run"].get("config", {}))
         report = add_derived(report, context["base_params"], context["baselines"])
@@ -1320,7 +1386,8 @@ def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
             "p_value": best[p_column(labels[0])] if best is not None and labels else np.nan,
             "roi_per_usd": best.roi_per_usd if best is not None and labels else np.nan,
             "train_cost_usd": costs["train_cost_usd"], "screen_cost_usd": costs["screen_cost_usd"],
-            "total_cost_usd": costs["total_cost_usd"], "device_hours": costs["train_device_hours"],
+            "total_cost_usd": costs["total_cost_usd"], "train_device_hours": costs["train_device_hours"],
+            "total_device_hours": costs["total_device_hours"],
             "run_dir": str(run_dir),
         })
     return pd.DataFrame(rows).assign(settings=differing_settings(configs))
@@ -1353,7 +1420,7 @@ def plot_compare(table: pd.DataFrame, path: Path) -> None:
     for i, row in enumerate(table.itertuples()):
         right.annotate(row.run, (row.total_cost_usd, row.gain_points), textcoords="offset points",
                        xytext=(7, 7 if i % 2 == 0 else -13), fontsize=8.5)
-    right.set_xlabel("total run cost (screen + train, USD)")
+    right.set_xlabel("total run cost, every stage (USD)")
     right.set_ylabel("gain of best searched over baseline (points)")
     right.set_title("What the search bought, per run", fontsize=10)
     right.margins(x=0.25, y=0.35)
@@ -1390,7 +1457,8 @@ def print_compare(table: pd.DataFrame, console=None) -> None:
     rows = [[str(row.run)] + [str(row.task)] * (len(tasks) > 1) + [
              text(row.best_searched).split(" · ")[0], _pm(row.best_accuracy, None, 100),
              _pm(row.best_accuracy_std, None, 100), text(row.baseline), _pm(row.baseline_accuracy, None, 100),
-             _pm(row.gain_points, None, fmt="+.2f"), _pm(row.p_value, None, fmt=".3g"), f"{row.total_cost_usd:.4f}"]
+             _pm(row.gain_points, None, fmt="+.2f"), _pm(row.p_value, None, fmt=".3g"),
+             _pm(row.total_cost_usd, None, fmt=".4f")]
             for row in table.itertuples()]
     columns = ["run"] + ["task"] * (len(tasks) > 1) + ["best", "acc %", "± std", "baseline", "base\nacc %", "gain\npts",
                                                         "p", "cost $"]

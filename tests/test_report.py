@@ -124,6 +124,32 @@ def test_aggregate_welch_p_with_two_baseline_seeds():
     assert agg.loc["b1", "accuracy"] == pytest.approx(0.63)
 
 
+def test_welch_p_of_samples_without_spread_is_honest_about_it():
+    assert report.welch_p([0.78, 0.78], [0.78, 0.78]) == 1.0  # the same constant: no difference at all (scipy: NaN)
+    assert math.isnan(report.welch_p([0.80, 0.80], [0.78, 0.78]))  # scipy's infinite t claimed p = 0 from 2 seeds
+    assert 0 < report.welch_p([0.80, 0.80], [0.78, 0.76]) < 1  # one side with spread: an ordinary test
+
+
+@pytest.mark.parametrize("accuracies, said", [
+    ({"a1": [0.70, 0.70], "b1": [0.65, 0.65]}, "(Welch p undefined: no spread over seeds)"),
+    ({"a1": [0.70, 0.70], "b1": [0.70, 0.70]}, "(Welch p = 1)"),
+    ({"a1": [0.70, 0.70], "b1": [0.65]}, "(Welch p needs ≥ 2 seeds of both)"),
+])
+def test_the_roi_line_says_why_there_is_no_p_value(accuracies, said):
+    model = {t["candidate_id"]: t for t in make_trials()}
+    trials = [dict(model[cid], seed=seed, accuracy=accuracy) for cid, seeds in accuracies.items()
+              for seed, accuracy in enumerate(seeds)]
+    line = report.roi_lines(report.build(trials, SCORES, COMPACT, MAJORITY))[0]
+    assert line.endswith(said), line  # "needs ≥ 2 seeds" was said of 2 seeds each without spread
+
+
+def test_the_models_table_footnote_says_when_p_is_blank(table):
+    footnote = next(text for kind, text in report._sections(table, MAJORITY, None, []) if kind == "p"
+                    and text.startswith("Gains are in accuracy points"))
+    assert ("p = Welch t-test over seeds (blank with < 2 seeds of either, and where neither model's accuracy varies "
+            "over its seeds but the two differ: no spread, no test; 1 where both are the same constant)") in footnote
+
+
 def test_summary_lines_golden(table):
     assert report.summary_lines(table, MAJORITY) == [
         "Majority-class accuracy (the floor): 0.5500",

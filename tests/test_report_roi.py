@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import report
+from orchestrator.errors import UserError
 
 TYPES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 FULL = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value"}
@@ -360,6 +361,12 @@ BACKUP, RESUME = "restore it from a backup", "delete it and run `lora-search run
     ("module_scores.json", json.dumps({"unit": UNIT, "probe": 1}), "does not hold module scores", RESUME),
     ("screen.csv", "candidate_id,survivor\naaaa,True\n", "has no 'allocation'", RESUME),
     ("screen.csv", "", "cannot be read (No columns to parse", RESUME),
+    # a wrong-typed value failed deep in pandas or ModuleScores with a traceback
+    ("run.json", json.dumps({"task": {"majority_rate": "0.5"}}), """has 'task.majority_rate' = "0.5", not a number""",
+     BACKUP),
+    ("module_scores.json", json.dumps({"unit": [1, 2]}), "has 'unit' = [1, 2], not a mapping", RESUME),
+    ("trials/aaaa-s0.json", json.dumps(dict(trials()[0], accuracy="0.8")), """has 'accuracy' = "0.8", not a number""",
+     RESUME),
 ])
 def test_rebuild_names_a_corrupt_stored_file_and_the_fix(tmp_path, file, content, problem, fix):
     from orchestrator.errors import UserError
@@ -410,6 +417,33 @@ def test_compare_two_runs(tmp_path, no_plots):
     result = CliRunner().invoke(app, ["report", str(first)], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "uniform_qv" in result.output and "Screening" in result.output
+
+
+def test_compare_of_a_missing_run_names_its_own_argument(tmp_path, no_plots):
+    good = make_run_dir(tmp_path / "good")
+    report.rebuild(good)
+    with pytest.raises(UserError) as err:  # it said `report:`, the command the user did not run
+        report.compare([good, tmp_path / "nonexistent"], tmp_path / "cmp")
+    assert str(err.value).startswith(f"compare RUN_DIRS: '{tmp_path / 'nonexistent' / 'report.parquet'}' not found")
+
+
+def test_compare_counts_device_hours_and_cost_over_every_stage(tmp_path, no_plots, monkeypatch):
+    plain, calibrated = make_run_dir(tmp_path / "plain", name="plain"), make_run_dir(tmp_path / "cal", name="cal")
+    run = json.loads((calibrated / "run.json").read_text())
+    run["calibration"] = {"trainings": 6, "seconds": 600.0, "device_hours": 0.17, "cost_usd": 0.17 * 0.0446}
+    (calibrated / "run.json").write_text(json.dumps(run))
+    for run_dir in (plain, calibrated):
+        report.rebuild(run_dir)
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    table = report.compare([plain, calibrated], tmp_path / "cmp").set_index("run")
+    train_dh = 3600 * 0.064 / 0.0446 / 3600  # every trial's device_hours = cost / price
+    assert "device_hours" not in table  # it held training only, beside a total_cost_usd of every stage
+    assert table.train_device_hours.tolist() == pytest.approx([train_dh, train_dh])
+    assert table.loc["plain", "total_device_hours"] == pytest.approx(train_dh + 36.0 / 3600)  # + the probe
+    assert table.loc["cal", "total_device_hours"] == pytest.approx(train_dh + 36.0 / 3600 + 0.17)
+    assert table.loc["cal", "total_cost_usd"] == pytest.approx(0.064 + 0.01 * 0.0446 + 0.17 * 0.0446)
+    assert figures[-1].axes[1].get_xlabel() == "total run cost, every stage (USD)"
 
 
 def test_the_run_commands_results_line_names_what_is_there_and_the_storage_copy(tmp_path, no_plots, monkeypatch):
@@ -502,3 +536,79 @@ def test_a_resumed_runs_wall_time_adds_up_its_sessions():
     notes = next(text for kind, text in blocks if kind == "p" and str(text).startswith("Compute to the best"))
     assert notes.endswith("Run wall time: 1204 s, over 3 sessions (the run was resumed); 1 stopped before finishing "
                           "(not timed).")
+
+
+def test_the_screens_cost_counts_the_probes_warm_up():
+    """With screen.probe_warmup_steps > 0 the probe adapter trains before the proxies score (module_scores.json
+    `warmup_seconds`, once for every proxy); the screen's seconds and cost left that out."""
+    table = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
+    run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0446}}}}
+    cold = report.cost_breakdown(table, run, {"seconds": {"grad_norm": 2.0, "params": 1.0}})
+    costs = report.cost_breakdown(table, run, {"seconds": {"grad_norm": 2.0, "params": 1.0}, "warmup_seconds": 40.0})
+    assert costs["screen_seconds"] == pytest.approx(43.0) and costs["probe_warmup_seconds"] == 40.0
+    assert costs["screen_cost_usd"] == pytest.approx(43.0 / 3600 * 0.0446)
+    assert costs["compute_to_best_s"] == pytest.approx(cold["compute_to_best_s"] + 40.0)
+    assert costs["total_device_hours"] == pytest.approx(cold["total_device_hours"] + 40.0 / 3600)
+    assert costs["screen_share_of_cost"] == pytest.approx(costs["screen_cost_usd"] / costs["total_cost_usd"])
+    line = next(text for text in report.roi_lines(table, {"costs": costs}) if text.startswith("Screening"))
+    assert "from a 43.0 s probe, its 40.0 s warm-up included" in line
+    notes = [text for kind, text in report._sections(table, MAJORITY, {"costs": costs}, []) if kind == "p"]
+    assert any("The screen's 43.0 s include the probe's 40.0 s warm-up (screen.probe_warmup_steps)." in n for n in notes)
+
+
+def routed_table() -> pd.DataFrame:
+    """The synthetic run with routing on: cccc also trained as sparse routed experts (kind routed)."""
+    rows = [dict(r, method="lora", gating="", experts=0) for r in trials()]
+    routed = dict(next(r for r in rows if r["candidate_id"] == "cccc"), candidate_id="rrrr", kind="routed",
+                  label="screen#3 sparse", method="routed", gating="topk", experts=4, trainable_params=110_000,
+                  accuracy=0.90)
+    scores = proxy_scores() | {"rrrr": proxy_scores()["cccc"]}
+    return report.build(rows + [routed], scores, COMPACT | {"rrrr": COMPACT["cccc"]}, MAJORITY)
+
+
+def test_routed_models_get_a_point_of_their_own_in_both_scatter_plots(monkeypatch, tmp_path):
+    table = routed_table()
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_accuracy_vs_params(table, tmp_path / "a.png")
+    report.plot_proxy_vs_accuracy(table, tmp_path / "b.png")
+
+    def drawn(ax) -> set:  # (x, marker, colour) of every mean marker (errorbar draws it as a line)
+        return {(x, line.get_marker(), line.get_color()) for line in ax.lines
+                if line.get_marker() not in (None, "None", "") for x in line.get_xdata()}
+
+    params, *panels = [ax for fig in figures for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2  # grad_norm, params
+    # it had a label and a Pareto ring, but no marker: the kind loops drew searched and baseline only
+    assert 110_000 in {x for x, _, _ in drawn(params)}
+    assert (110_000, "D", report.ROUTED_COLOR) in drawn(params)
+    assert "routed (mean ± std)" in [t.get_text() for t in params.get_legend().get_texts()]
+    for ax in panels:
+        proxy = "proxy_" + ax.get_xlabel().removeprefix("proxy score (").removesuffix(")")
+        assert (row(table, "rrrr")[proxy], "D", report.ROUTED_COLOR) in drawn(ax)
+        assert "routed" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_per_seed_table_shows_routing_columns_only_in_a_run_with_routed_models():
+    plain = report.build([dict(r, method="lora", experts=0) for r in trials()], proxy_scores(), COMPACT, MAJORITY)
+    assert "experts" not in report.rows_table(plain)  # every row 0: a column that says nothing
+    assert report.rows_table(routed_table()).experts.tolist().count(4) == 1
+
+
+def test_sentences_say_n_a_for_a_missing_number_never_nan(tmp_path, no_plots):
+    free = report.build([dict(r, cost_usd=0.0) for r in trials()], proxy_scores(), COMPACT, MAJORITY)
+    run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0}}}}  # own hardware: the config accepts 0
+    lines = report.roi_lines(free, {"costs": report.cost_breakdown(free, run, {"seconds": {"grad_norm": 36.0}})})
+    assert "+7.00 points, n/a points per $ of training, +58.33 points per M params" in lines[0]
+    assert "($0.00000, n/a of cost)" in lines[-1] and not any("nan" in line for line in lines)
+    unpriced = report.build([dict(r, cost_usd=None, device_hours=None) for r in trials()], proxy_scores(), COMPACT,
+                            MAJORITY)
+    assert "Training cost: n/a device-hours, n/a" in report.summary_lines(unpriced, MAJORITY)  # it said $0.0000
+    run_dir = make_run_dir(tmp_path / "run")
+    for path in (run_dir / "trials").glob("*.json"):
+        trial = json.loads(path.read_text())
+        if trial["kind"] == "searched":
+            path.write_text(json.dumps(trial | {"accuracy": None, "status": "failed"}))
+    report.rebuild(run_dir)  # every searched model failed: there is no best searched model to reach
+    text = (run_dir / "report.md").read_text()
+    assert "nan" not in text and "compute to best" not in text.lower()
