@@ -173,13 +173,9 @@ def write_outputs(table: pd.DataFrame, run_dir: Path, sample: TaskData, schedule
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = table.dropna(subset=["accuracy"]).sort_values("accuracy")
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 * max(len(shown), 2) + 1.2), dpi=100)
+    fig, axes = report.figure(6.4, 0.5 * max(len(shown), 2) + 1.2)
+    ax = axes[0, 0]
     ax.barh(shown.module_type, 100 * shown.accuracy, color="#4C72B0")
     if not shown.empty:
         ax.axvline(100 * shown.accuracy.mean(), color="grey", linestyle="--", label="mean (score 0)")
@@ -187,7 +183,5 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("calibration accuracy (%)")
     ax.set_title("Whole budget on one module type (short training)")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    report.write_atomic(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    report.save_png(fig, path)
 

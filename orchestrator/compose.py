@@ -541,21 +541,12 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    from orchestrator.report import write_atomic
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from orchestrator.report import figure, save_png
 
     groups = list(summary.groupby(["task", "shots"], sort=False))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4))
-    try:  # closed however the write ends: pyplot keeps every open figure
-        _bars(ax, groups, [m for m in METHODS if m in set(summary.method)])
-        fig.tight_layout()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=120, format="png"))  # the temp name does not end in .png
-    finally:
-        plt.close(fig)
+    fig, axes = figure(max(6, 2.2 * len(groups)), 4)
+    _bars(axes[0, 0], groups, [m for m in METHODS if m in set(summary.method)])
+    save_png(fig, path)
 
 
 def _bars(ax, groups: list, methods: list[str]) -> None:

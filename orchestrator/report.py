@@ -891,14 +891,14 @@ def html(report: pd.DataFrame, majority_rate: float, context: dict | None = None
 # ---------------------------------------------------------------- plots (matplotlib Figure objects: no pyplot state)
 
 
-def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs):
+def figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=130, layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     write_atomic(path, lambda p: fig.savefig(p, format="png"))
 
 
@@ -959,7 +959,7 @@ def plot_accuracy_vs_params(report: pd.DataFrame, path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
     table = aggregate(report)
-    fig, axes = _figure(7.2, 4.6)
+    fig, axes = figure(7.2, 4.6)
     ax = axes[0, 0]
     for kind, marker in KIND_MARKERS.items():
         seeds, part = report[report.kind == kind], table[table.kind == kind]
@@ -982,7 +982,7 @@ def plot_accuracy_vs_params(report: pd.DataFrame, path: Path) -> None:
     ax.set_title("Accuracy vs trainable parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_accuracy_vs_cost(report: pd.DataFrame, path: Path, majority_rate: float | None = None) -> None:
@@ -991,7 +991,7 @@ def plot_accuracy_vs_cost(report: pd.DataFrame, path: Path, majority_rate: float
 
     table = aggregate(report).iloc[::-1].reset_index(drop=True)  # best on top
     n = len(table)
-    fig, axes = _figure(9.0, 1.2 + 0.5 * n, ncols=2, sharey=True)
+    fig, axes = figure(9.0, 1.2 + 0.5 * n, ncols=2, sharey=True)
     left, right = axes[0]
     y = np.arange(n)
     colors = [_color(k) for k in table.kind]
@@ -1025,7 +1025,7 @@ def plot_accuracy_vs_cost(report: pd.DataFrame, path: Path, majority_rate: float
     low, high = int(table.seeds.min()), int(table.seeds.max())
     seeds = f"{high} seed{'s' * (high > 1)} per model" if low == high else f"{low}–{high} seeds per model"
     fig.suptitle(f"Accuracy and training cost per model (mean ± std over seeds; {seeds})", fontsize=10.5)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _heatmap_models(report: pd.DataFrame) -> list:
@@ -1049,7 +1049,7 @@ def plot_allocation_heatmap(report: pd.DataFrame, path: Path, module_types: list
     bounds = [ranks[0] - 0.5] + [(a + b) / 2 for a, b in zip(ranks, ranks[1:])] + [ranks[-1] + 0.5]
     cmap = matplotlib.colormaps["viridis"].resampled(max(len(ranks), 2)).with_extremes(bad="#eeeeee")
     norm = BoundaryNorm(bounds, cmap.N)
-    fig, axes = _figure(0.2 + 2.75 * max(len(models), 1), 1.9 + 0.42 * len(layers), ncols=max(len(models), 1))
+    fig, axes = figure(0.2 + 2.75 * max(len(models), 1), 1.9 + 0.42 * len(layers), ncols=max(len(models), 1))
     image = None
     for ax, row in zip(axes[0], models):
         cells = cells_of.get(row.candidate_id, {})
@@ -1074,7 +1074,7 @@ def plot_allocation_heatmap(report: pd.DataFrame, path: Path, module_types: list
         bar = fig.colorbar(image, ax=list(axes[0]), ticks=ranks, shrink=0.9, pad=0.02, spacing="uniform")
         bar.set_label("LoRA rank (grey: no adapter)", fontsize=8)
     fig.suptitle("Allocation: rank per layer and module type", fontsize=10.5)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _histories(report: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
@@ -1095,7 +1095,7 @@ def _histories(report: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
 def plot_learning_curves(report: pd.DataFrame, path: Path) -> None:
     """Eval accuracy and loss per epoch, one line per model and seed (train loss and validation accuracy dashed)."""
     histories = _histories(report)
-    fig, axes = _figure(10.0, 4.0, ncols=2)
+    fig, axes = figure(10.0, 4.0, ncols=2)
     left, right = axes[0]
     first = report.drop_duplicates("candidate_id").set_index("candidate_id")
     import matplotlib
@@ -1124,7 +1124,7 @@ def plot_learning_curves(report: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     left.legend(fontsize=7.5)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_proxy_vs_accuracy(report: pd.DataFrame, path: Path, rank_by: str | None = None,
@@ -1138,7 +1138,7 @@ def plot_proxy_vs_accuracy(report: pd.DataFrame, path: Path, rank_by: str | None
     rho = proxy_correlations(report).set_index("proxy")
     cols = min(3, max(1, len(proxies)))
     rows = max(1, math.ceil(len(proxies) / cols))
-    fig, axes = _figure(4.4 * cols + 0.3, 3.7 * rows, ncols=cols, nrows=rows)
+    fig, axes = figure(4.4 * cols + 0.3, 3.7 * rows, ncols=cols, nrows=rows)
     flat = list(axes.flat)
     for ax, proxy in zip(flat, proxies):
         name = proxy.removeprefix("proxy_")
@@ -1164,7 +1164,7 @@ def plot_proxy_vs_accuracy(report: pd.DataFrame, path: Path, rank_by: str | None
     for ax in flat[len(proxies):]:
         ax.set_visible(False)
     fig.suptitle("Zero-cost proxy vs trained accuracy (one point per model, mean ± std over seeds)", fontsize=10.5)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_plots(report: pd.DataFrame, run_dir: Path, majority_rate: float | None = None,
@@ -1395,7 +1395,7 @@ def compare_table(run_dirs: list[str | Path]) -> pd.DataFrame:
 
 def plot_compare(table: pd.DataFrame, path: Path) -> None:
     """Left: best searched vs ROI baseline accuracy per run (± std). Right: gain vs total cost per run."""
-    fig, axes = _figure(10.5, 4.3, ncols=2)
+    fig, axes = figure(10.5, 4.3, ncols=2)
     left, right = axes[0]
     x = np.arange(len(table))
     width = 0.38
@@ -1426,7 +1426,7 @@ def plot_compare(table: pd.DataFrame, path: Path) -> None:
     right.margins(x=0.25, y=0.35)
     right.grid(alpha=0.3)
     fig.suptitle("lora-search runs compared", fontsize=11)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> pd.DataFrame:

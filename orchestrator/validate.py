@@ -103,14 +103,9 @@ def cost_table(scores: ModuleScores, table: pd.DataFrame, candidates_screened: i
 
 
 def plot_grid(table: pd.DataFrame, proxies: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = 4
     rows = -(-len(proxies) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    fig, axes = report.figure(4 * cols, 3.2 * rows, ncols=cols, nrows=rows)
     for ax, proxy in zip(axes.flat, proxies):
         for label, part in table.groupby("budget"):
             ax.scatter(part[f"proxy_{proxy}"], 100 * part.accuracy, s=18, label=label, alpha=0.8)
@@ -123,9 +118,7 @@ def plot_grid(table: pd.DataFrame, proxies: list[str], path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Proxy score vs trained accuracy (one point per allocation)")
-    fig.tight_layout()
-    report.write_atomic(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    report.save_png(fig, path)
 
 
 def check_counts(n: int, n_off_budget: int) -> None:

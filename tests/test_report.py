@@ -382,3 +382,25 @@ def test_failed_trial_does_not_corrupt_the_summary():
     lines = report.summary_lines(report.build(trials, SCORES, COMPACT, MAJORITY), MAJORITY)
     assert "Best searched: a1 accuracy 0.7500 with 1,024 LoRA params (L0.query:8,L1.value:8)" in lines
     assert not any("nan" in line for line in lines), lines
+
+
+def test_the_other_stages_plots_leave_pyplot_alone(tmp_path):
+    """calibrate's, validate's and compose's PNGs draw on Figure objects as the report's do: a notebook that runs
+    them keeps its matplotlib backend (they used to switch the process to Agg) and is left no open figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from orchestrator import calibrate, compose, validate
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("pdf")  # a backend the old code's matplotlib.use("Agg") would have replaced
+    try:
+        calibrate.plot(pd.DataFrame({"module_type": ["query", "value"], "accuracy": [0.6, 0.7]}), tmp_path / "c.png")
+        validate.plot_grid(pd.DataFrame({"budget": ["9k"] * 3, "proxy_grad_norm": [1.0, 2.0, 3.0],
+                                         "accuracy": [0.5, 0.6, 0.4]}), ["grad_norm"], tmp_path / "v.png")
+        compose.plot(pd.DataFrame({"task": ["t"] * 2, "shots": [4] * 2, "method": ["zero_shot", "uniform"],
+                                   "accuracy": [0.5, 0.6], "accuracy_std": [float("nan")] * 2}), tmp_path / "m.png")
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == figures
+    finally:
+        matplotlib.use(backend)
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("c.png", "v.png", "m.png"))

@@ -224,7 +224,7 @@ def test_write_renders_every_plot_and_page(tmp_path):
 
 def test_pareto_legend_names_only_what_is_drawn(table, tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(report, "save_png", lambda fig, path: figures.append(fig))
     legend = lambda: [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
     report.plot_accuracy_vs_params(table, tmp_path / "a.png")
     assert {"searched (mean ± std)", "baseline (mean ± std)"} <= set(legend())
@@ -435,7 +435,7 @@ def test_compare_counts_device_hours_and_cost_over_every_stage(tmp_path, no_plot
     for run_dir in (plain, calibrated):
         report.rebuild(run_dir)
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(report, "save_png", lambda fig, path: figures.append(fig))
     table = report.compare([plain, calibrated], tmp_path / "cmp").set_index("run")
     train_dh = 3600 * 0.064 / 0.0446 / 3600  # every trial's device_hours = cost / price
     assert "device_hours" not in table  # it held training only, beside a total_cost_usd of every stage
@@ -569,7 +569,7 @@ def routed_table() -> pd.DataFrame:
 def test_routed_models_get_a_point_of_their_own_in_both_scatter_plots(monkeypatch, tmp_path):
     table = routed_table()
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(report, "save_png", lambda fig, path: figures.append(fig))
     report.plot_accuracy_vs_params(table, tmp_path / "a.png")
     report.plot_proxy_vs_accuracy(table, tmp_path / "b.png")
 
