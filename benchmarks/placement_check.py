@@ -8,7 +8,7 @@ space's data and recipe, every epoch of it (no ASHA early stopping). Per rate: e
 (mean ± std over seeds) and their difference with Welch's p; then the difference at each arm's own best rate. The
 rate is picked on the eval split for both arms alike: a diagnostic of whether placement matters at a tuned rate, not
 a product claim (the product picks each model's rate on held-out validation data: `train.lr_grid`). A best rate at
-the edge of the grid is flagged: add rates with --resume before reading it.
+the edge of its arm's own rates is flagged: add rates with --resume before reading it.
 
 Target (issue #12): the first arm − uniform q,v ≥ +1.6 points at their best rates (HeteroLoRA's MRPC result),
 Welch p < 0.05.
@@ -111,21 +111,39 @@ def pick_arms(args: argparse.Namespace, modules) -> dict:
     return arms
 
 
-def arm_rows(trials: dict[str, dict], arms: dict) -> list[dict]:
-    """One row per finished training of an arm, at every rate the run holds, labelled by its allocation (so an arm
-    renamed between calls keeps its trainings, and other allocations of the run are left out)."""
+def arm_labels(trials: dict[str, dict], arms: dict) -> dict[str, str]:
+    """Each training's arm, by its allocation (so an arm renamed between calls keeps its trainings, and other
+    allocations of the run are left out): trial id → label."""
     from orchestrator.lr_tuning import sweep_id
 
     rates = {t["lr"] for t in trials.values()}
     label_of = {sweep_id(a.candidate_id, lr): label for label, a in arms.items() for lr in rates}
-    return [{"lr": t["lr"], "label": label_of[t["candidate_id"]], "seed": t["seed"], "accuracy": t["accuracy"],
-             "trainable_params": t["trainable_params"], "train_wall_s": t["train_wall_s"]}
-            for t in trials.values() if t.get("status") == "completed" and t["candidate_id"] in label_of]
+    return {trial_id: label_of[t["candidate_id"]] for trial_id, t in trials.items() if t["candidate_id"] in label_of}
+
+
+def arm_rows(trials: dict[str, dict], arms: dict) -> list[dict]:
+    """One row per finished training of an arm, at every rate the run holds."""
+    return [{"lr": trials[i]["lr"], "label": label, "seed": trials[i]["seed"], "accuracy": trials[i]["accuracy"],
+             "trainable_params": trials[i]["trainable_params"], "train_wall_s": trials[i]["train_wall_s"]}
+            for i, label in arm_labels(trials, arms).items() if trials[i].get("status") == "completed"]
+
+
+def check_every_arm_trained(trials: dict[str, dict], arms: dict, run_dir: Path) -> None:
+    """Refuse in one line when an arm finished no training: there is no best rate to compare. A --resume skips
+    failed trainings too, so the fix names their files; the finished ones stay."""
+    label_of = arm_labels(trials, arms)
+    done = {label for i, label in label_of.items() if trials[i].get("status") == "completed"}
+    missing = [label for label in arms if label not in done]
+    if missing:
+        errors = [trials[i].get("error", trials[i].get("status")) for i, label in label_of.items() if label in missing]
+        refuse(f"placement_check: no finished training of {' nor of '.join(map(repr, missing))} ({len(errors)} failed, "
+               f"first: {errors[0] if errors else 'none ran'}; all in {run_dir / 'trials'}/*.json); fix the cause, delete "
+               "those arms' failed trials/<job>.json and rerun with --resume: the finished trainings are kept")
 
 
 def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, dict]:
     """Per rate: each arm's accuracy (%) mean ± std and the difference with Welch's p; and the comparison at each
-    arm's own best rate (by mean), with the flag `at_edge` when a best rate is the lowest or highest trained."""
+    arm's own best rate (by mean), with the flag `at_edge` when a best rate is the lowest or highest that arm trained."""
     from orchestrator.report import welch_p
 
     first, yardstick = arms
@@ -144,12 +162,24 @@ def summarise(rows: pd.DataFrame, arms: tuple[str, str]) -> tuple[pd.DataFrame, 
     p = welch_p(best[first], best[yardstick])
     summary = {"best_lr": best_lr, "best_mean": {arm: float(best[arm].mean()) for arm in arms}, "gain": float(gain),
                "welch_p": p, "met": bool(gain >= TARGET_PTS and p < 0.05),
-               "at_edge": [arm for arm in arms if len(lrs) > 1 and best_lr[arm] in (lrs[0], lrs[-1])]}
+               "at_edge": [arm for arm in arms if at_edge(best_lr[arm], means[arm].index)]}
     return pd.DataFrame(per_lr), summary
 
 
-def _mean_std(values: pd.Series) -> str:
+def at_edge(best: float, rates: pd.Index) -> bool:
+    """The arm's own rates (sorted): another arm trained beyond them says nothing about this one's optimum."""
+    return len(rates) > 1 and best in (rates[0], rates[-1])
+
+
+def _mean_std(values: pd.Series) -> str | None:
+    if values.empty:
+        return None  # no training at this rate: a blank cell, not "nan"
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
+def rate_table(per_lr: pd.DataFrame) -> str:
+    """The per-rate table; a rate one arm did not train leaves its cells blank."""
+    return C.md_table(per_lr.assign(lr=[f"{lr:g}" for lr in per_lr.lr]), blank_missing=True)
 
 
 def verdict(summary: dict, arms: tuple[str, str]) -> str:
@@ -200,6 +230,7 @@ def main(argv=None) -> None:
         trials = run_training(cfg, task, jobs)
     finally:
         ray.shutdown()
+    check_every_arm_trained(trials, arms, cfg.run_dir)
     rows = pd.DataFrame(arm_rows(trials, arms)).sort_values(["lr", "label", "seed"])
     per_lr, summary = summarise(rows, tuple(args.arms))
     params = rows.groupby("label").trainable_params.first()
@@ -213,7 +244,7 @@ def main(argv=None) -> None:
         f"LoRA params {', '.join(f'{label} {params[label]:,}' for label in args.arms)}; every model trains at its row's "
         "rate (the space's train.lr is not used). Rates picked on the eval split "
         "for both arms alike (a diagnostic, not a product claim). Per seed: placement_check.csv.",
-        C.md_table(per_lr.assign(lr=[f"{lr:g}" for lr in per_lr.lr])), verdict(summary, tuple(args.arms)), C.NOISE_NOTE])
+        rate_table(per_lr), verdict(summary, tuple(args.arms)), C.NOISE_NOTE])
     out = C.out_dir(args)
     C.write_results(out, "placement_check", rows, text + "\n")
 

@@ -189,13 +189,17 @@ def main() -> None:
                  "rss_growth_mb": C.rss_mb() - rss_start, "note": "driver RSS before init_ray → after ray.shutdown"})
 
     frame = pd.DataFrame(rows)
-    for column in ("ratio_vs_epoch",):
-        frame[column] = frame.get("seconds_with_probe", pd.Series(np.nan, index=frame.index)) / epoch_s
+    frame["ratio_vs_epoch"] = ratio_vs_epoch(frame, epoch_s)
     out = C.out_dir(args)
     C.write_csv(out / "screening_cost.csv", frame)
     plot(frame, epoch_s, probe_s, out / "screening_cost.png", scale)
     C.write_text(out / "screening_cost.md", markdown(frame, ctx, args, epoch_s, probe_s, ray_start_s, scale, scores))
     print((out / "screening_cost.md").read_text())
+
+
+def ratio_vs_epoch(frame: pd.DataFrame, epoch_s: float) -> pd.Series:
+    """Probe + screen over one epoch; NaN on rows that screen nothing (and on all, should none have screened)."""
+    return frame.get("seconds_with_probe", pd.Series(np.nan, index=frame.index)) / epoch_s
 
 
 def curve(frame: pd.DataFrame, kind: str) -> pd.DataFrame:

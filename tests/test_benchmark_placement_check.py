@@ -117,3 +117,43 @@ def test_rows_follow_the_allocation_not_the_label_a_training_was_stored_under(ti
     rows = placement_check.arm_rows({f"t{i}": t for i, t in enumerate(trials)}, arms)
     assert [(r["label"], r["lr"], r["seed"]) for r in rows] == [
         ("renamed", 8e-3, 0), ("renamed", 1.6e-2, 0), ("q+v r1", 8e-3, 0)]
+
+
+def test_the_edge_of_the_grid_is_each_arms_own():
+    """An arm trained at fewer rates, still rising at its top one, is flagged though the other arm went higher."""
+    _, summary = placement_check.summarise(rows({
+        ("ffn", 4e-3): [0.70, 0.71], ("ffn", 8e-3): [0.75, 0.76], ("ffn", 1.6e-2): [0.80, 0.81],
+        ("qv", 4e-3): [0.80, 0.81], ("qv", 8e-3): [0.86, 0.87], ("qv", 1.6e-2): [0.88, 0.89], ("qv", 3.2e-2): [0.72, 0.73]}), ARMS)
+    assert summary["best_lr"] == {"ffn": 1.6e-2, "qv": 1.6e-2} and summary["at_edge"] == ["ffn"]
+
+
+def test_a_rate_one_arm_did_not_train_is_blank_not_nan():
+    per_lr, _ = placement_check.summarise(rows({("ffn", 4e-3): [0.70, 0.71], ("qv", 4e-3): [0.80, 0.81],
+                                                ("qv", 8e-3): [0.86, 0.87]}), ARMS)
+    table = placement_check.rate_table(per_lr)
+    assert "nan" not in table and "| 0.008 |" in table and "0/2" in table
+
+
+def arm_trials(arms: dict, failed: set[str]) -> dict[str, dict]:
+    """Seeds 0 1 of each arm at 8e-3; the arms in `failed` NaN-failed every training."""
+    from orchestrator.lr_tuning import sweep_id
+
+    ok = {"status": "completed", "accuracy": 0.5, "trainable_params": 10, "train_wall_s": 1.0}
+    return {f"{label}{seed}": {"candidate_id": sweep_id(arms[label].candidate_id, 8e-3), "lr": 8e-3, "seed": seed,
+                               **({"status": "failed", "error": "FloatingPointError: loss is nan"} if label in failed else ok)}
+            for label in arms for seed in (0, 1)}
+
+
+@pytest.mark.parametrize("failed, named", [({"ffn"}, "'ffn' ("), ({"ffn", "qv"}, "'ffn' nor of 'qv'")])
+def test_an_arm_without_a_finished_training_is_refused_in_one_line(tiny_modules, tmp_path, capsys, failed, named):
+    """Not a KeyError after the trainings: the arm, its first error and where the others are; exit 2."""
+    from exhaustive import small_space
+
+    space = small_space(tiny_modules, quick=False)
+    arms = {"ffn": space["q+k r1"], "qv": space["q+v r1"]}
+    placement_check.check_every_arm_trained(arm_trials(arms, set()), arms, tmp_path)  # both trained: goes on
+    with pytest.raises(SystemExit) as stop:
+        placement_check.check_every_arm_trained(arm_trials(arms, failed), arms, tmp_path)
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message.count("\n") == 1
+    assert f"no finished training of {named}" in message and "loss is nan" in message and str(tmp_path / "trials") in message

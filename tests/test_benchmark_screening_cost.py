@@ -31,3 +31,10 @@ def test_command_line_keeps_every_flag_and_missing_cells_are_blank(monkeypatch):
     assert f"Command: `python benchmarks/screening_cost.py {' '.join(FLAGS)}`" in text
     table = text.split("## All measurements")[1]
     assert "| probe " in table and "nan" not in table
+
+
+def test_ratio_vs_epoch_is_probe_plus_screen_over_one_epoch():
+    frame = pd.DataFrame([{"kind": "epoch", "seconds": 120.0}, {"kind": "tune", "seconds_with_probe": 30.0}])
+    assert screening_cost.ratio_vs_epoch(frame, 120.0).tolist()[1] == 0.25
+    assert screening_cost.ratio_vs_epoch(frame, 120.0).isna().tolist() == [True, False]
+    assert screening_cost.ratio_vs_epoch(frame[["kind"]], 120.0).isna().all()  # no row screened: blank, not a KeyError
