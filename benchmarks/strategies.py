@@ -8,8 +8,9 @@ own `run_training` (the uniform q,v baseline beside them):
 
 - optuna (TPE over allocation distributions, the product's default, through Ray Tune + OptunaSearch),
 - top_p (HeteroLoRA static), proportional, knapsack (exact best summed score),
-- random (the control): its first draw, trained as drawn. Before 2026-12-07 it was the best of 200 random
-  draws by the proxy, i.e. random proposals + proxy selection (the stored table of 12-06 has that row).
+- random (the control): its first draw, trained as drawn (a random screen's survivors are its first draws).
+  Before 2026-12-07 it was the best of 200 random draws by the proxy, i.e. random proposals + proxy selection
+  (the stored table of 12-06 has that row).
 
 Per strategy: its trained candidate's allocation, exact params, accuracy and macro-F1 (mean ± std over
 seeds), its proxy score (which picked it, except for random), and the training's device-hours. The winner
@@ -78,13 +79,12 @@ def best_candidates(cfg, task, strategies: list[str]) -> dict[str, tuple]:
 
 
 def screened_best(cfg, context, strategy: str) -> tuple[pd.Series, int]:
-    """The screen row `strategy` trains, and how many candidates it screened. The control screens one draw: a
-    screen ranks its candidates by rank_by, so the best of many random draws would be proxy-picked."""
+    """The screen row `strategy` trains, and how many candidates it screened (the control's survivor is its first
+    draw: a random screen picks by no score)."""
     from orchestrator.screen import run_screen
 
-    draws = {"num_trials": 1, "candidates_per_trial": 1} if strategy == CONTROL else {}
     screen = cfg.screen
-    cfg.screen = dataclasses.replace(screen, allocator=strategy, **draws)
+    cfg.screen = dataclasses.replace(screen, allocator=strategy)
     try:
         table = run_screen(cfg, context)
     finally:

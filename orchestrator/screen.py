@@ -192,7 +192,7 @@ def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:
                         f"{context.budget.low}..{context.budget.high} params; widen space.budget.tolerance or add space.ranks")
     rows = [_row(a, context, allocator.name, {f"proxy_{k}": v for k, v in context.scores.scores(a).items()})
             for a in allocations]
-    return _survivors(rows, context, cfg.screen.survivors)
+    return _survivors(rows, context, cfg.screen.survivors, by_score=allocator.uses_scores)
 
 
 def _row(allocation: Allocation, context: ScreenContext, trial: str, proxies: dict) -> dict:
@@ -214,11 +214,15 @@ def screen_table(results, context: ScreenContext, survivors: int, points: list[d
     return _survivors(rows, context, survivors)
 
 
-def _survivors(rows: list[dict], context: ScreenContext, survivors: int) -> pd.DataFrame:
+def _survivors(rows: list[dict], context: ScreenContext, survivors: int, by_score: bool = True) -> pd.DataFrame:
+    """The distinct candidates, survivors first: the best by rank_by, or (by_score False: the random control) the
+    first drawn, so that a random screen trains random draws, not the proxy's pick among them."""
     if not rows:  # the band is reachable (make_budget checked) but the sampler drew nothing inside it
         raise UserError(f"screen: no trial drew an allocation inside the budget band {context.budget.low}..{context.budget.high} "
                         "params; raise screen.num_trials or screen.candidates_per_trial, or widen space.budget.tolerance")
     table = pd.DataFrame(rows).drop_duplicates("candidate_id").reset_index(drop=True)
+    if not by_score:
+        return table.assign(survivor=table.index < survivors)
     score = table[f"proxy_{context.rank_by}"].astype(float)
     # ±inf is an overflowed proxy, not a best score: it ranks with NaN, after every finite one (as trial objectives do)
     order = (context.sign * score.where(np.isfinite(score))).rank(ascending=False, method="first")

@@ -48,5 +48,5 @@ def test_random_control_trains_its_first_draw_not_the_proxy_best(tmp_path):
     first = get_allocator("random").propose(scores.unit["grad_norm"], context.modules, context.ranks, budget, 1,
                                             np.random.default_rng(cfg.screen.seed), -1.0)[0]
     top, screened = strategies.screened_best(cfg, context, "random")
-    assert (top.candidate_id, screened) == (first.candidate_id, 1)
+    assert top.candidate_id == first.candidate_id and screened > 1  # of many draws, the first: no score picked it
     assert strategies.screened_best(cfg, context, "knapsack")[1] > 1 and cfg.screen.allocator == "optuna"  # cfg untouched

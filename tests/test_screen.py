@@ -91,6 +91,29 @@ def test_the_first_rows_of_the_screen_are_its_survivors_even_with_tied_scores(ti
     assert table.candidate_id.iloc[-3:].tolist() == ["c007", "c008", "c009"]
 
 
+def test_a_random_screens_survivors_are_its_first_draws_not_the_proxys_pick(tiny_modules, tmp_path):
+    """screen.allocator=random is the control random search is: it trains draws no score chose. Ranked by the
+    proxy, its survivors were random proposals plus proxy selection."""
+    import numpy as np
+
+    from orchestrator.allocators import get_allocator, make_budget
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import ScreenContext, allocator_screen
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", "screen.allocator=random", "screen.num_trials=1",
+                             "screen.candidates_per_trial=40", "screen.survivors=3", "space.ranks=[1,2,4]",
+                             "screen.rank_by=grad_norm", "screen.proxies=[grad_norm]"])
+    scores = ModuleScores({"grad_norm": {m.name: float(i) for i, m in enumerate(tiny_modules)}})
+    context = ScreenContext.from_config(cfg, tiny_modules, make_budget(tiny_modules, cfg.space), scores)
+    table = allocator_screen(cfg, context)
+    drawn = get_allocator("random").propose(scores.unit["grad_norm"], tiny_modules, cfg.space.ranks, context.budget,
+                                            40, np.random.default_rng(context.seed), context.sign)
+    first = list(dict.fromkeys(a.compact(tiny_modules) for a in drawn))[:3]
+    assert table[table.survivor].allocation.tolist() == first == table.allocation.iloc[:3].tolist()
+    best = table.proxy_grad_norm.nlargest(3).index.tolist()
+    assert best != [0, 1, 2]  # the draws' proxy order differs from their draw order: the test tells the two apart
+
+
 @pytest.mark.parametrize("sign, objective", [(1.0, 5.0), (-1.0, 2.0)])
 def test_a_trials_objective_is_its_best_finite_candidate(tiny_modules, monkeypatch, sign, objective):
     """max() keeps a NaN that comes first; the trial was then recorded FAIL though it drew finite candidates."""
