@@ -255,6 +255,33 @@ def hours_to_reach(accuracy, device_hours, goal: float, within_pts: float = WITH
     return float("nan")
 
 
+def expected_hours_to_reach(accuracy, device_hours, goal: float, groups=None) -> float:
+    """Expected device-hours spent training models until one is within WITHIN_PTS of `goal`, when they are trained
+    group by group as listed and in a random order inside each group (`groups`: one key per model, consecutive equal
+    keys are one group, e.g. exact ties of a ranking; None: one group, a fully random order). NaN if none gets there.
+
+    Exact: in a group with g such models, each other model is trained before all g with probability 1/(g + 1), and
+    each of the g is the first of them with probability 1/g."""
+    accuracy, hours = np.asarray(accuracy, float), np.asarray(device_hours, float)
+    keys = np.zeros(len(hours)) if groups is None else np.asarray(groups)
+    near = accuracy >= goal - WITHIN_PTS / 100
+    spent, start = 0.0, 0
+    for _, members in itertools.groupby(keys.tolist()):
+        end = start + len(list(members))
+        mine, hit = hours[start:end], near[start:end]
+        if hit.any():
+            g = int(hit.sum())
+            return float(spent + mine[~hit].sum() / (g + 1) + mine[hit].sum() / g)
+        spent, start = spent + mine.sum(), end
+    return float("nan")
+
+
+def probe_seconds(scores: dict) -> float:
+    """Seconds of a run's proxy probe from its module_scores.json: every proxy's `seconds` plus the `warmup_seconds`
+    paid once before them (as orchestrator.report.cost_breakdown counts it)."""
+    return float(sum(scores.get("seconds", {}).values()) + (scores.get("warmup_seconds") or 0.0))
+
+
 def best_of_every_k_subset(accuracy, k: int) -> np.ndarray:
     """The best accuracy of every k-subset of the given models: its mean is the exact expected best of k
     models drawn at random from them."""

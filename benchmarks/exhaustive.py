@@ -24,7 +24,9 @@ LoRA params ±5%, DESIGN §9.1), on the packaged MiniLM-L6, with the product's o
 Per arm: best accuracy, gap to the exhaustive best, device-hours (training rows, plus the probe for
 the proxy arms and the calibration runs for the calibrated one) as a share of train-every-candidate's,
 and the device-hours it takes to reach a model within 0.5 point of the exhaustive best when candidates
-are trained in the arm's order (train every candidate and random: the exact mean over every order).
+are trained in the arm's order (train every candidate and random: the exact mean over every order; exact ties
+in a proxy's score: the mean over the orders of the tied candidates, and a tie across the k-th place makes the
+arm the mean over which of them it trains).
 
 Target (issue #12): within 0.5 point of the exhaustive best in ≤ 20% of its device-hours.
 
@@ -43,6 +45,7 @@ results/benchmarks/exhaustive_runs/<quick|full>/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import shutil
@@ -153,19 +156,29 @@ def model_table(space: dict, scores, trials: dict, modules, seeds: list[int]) ->
     return pd.DataFrame(rows)
 
 
-def hours_to_reach(order: list[int], models: pd.DataFrame, goal: float) -> float:
-    """Device-hours spent training models in `order` (positions in `models`) until one is near `goal`."""
-    picked = models.iloc[order]
-    return C.hours_to_reach(picked.accuracy, picked.device_hours, goal)
+def ranking(models: pd.DataFrame, column: str, direction: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The models in an arm's training order, best score first, and their sort keys: exact ties share a key, and
+    which of them comes first is averaged over (top_k, C.expected_hours_to_reach), never the order of small_space."""
+    key = (-1.0 if direction == "maximize" else 1.0) * models[column].to_numpy(float)
+    order = np.argsort(key, kind="stable")
+    return models.iloc[order], key[order]
 
 
-def expected_hours_in_random_order(models: pd.DataFrame, goal: float) -> float:
-    """Exact mean, over every training order, of the device-hours until the first model within 0.5 point of `goal`:
-    with g such models, one of the others is trained before all of them with probability 1/(g + 1), and each of
-    them is the first of them with probability 1/g."""
-    near = models.accuracy >= goal - C.WITHIN_PTS / 100
-    g = int(near.sum())
-    return float(models.device_hours[~near].sum() / (g + 1) + models.device_hours[near].sum() / g)
+def top_k(ranked: pd.DataFrame, key: np.ndarray, k: int) -> dict:
+    """The arm's top k. A tie across the k-th place is no pick: the arm is the expectation over which r of the n tied
+    models it trains (the best over every r-subset, r times their mean hours); `tied_at_k` says "r of n"."""
+    k = min(k, len(ranked))
+    sure, tied = ranked[key < key[k - 1]], ranked[key == key[k - 1]]
+    r = k - len(sure)
+    if r == len(tied):
+        top = ranked.iloc[:k]
+        return {"best_label": top.label.iat[int(top.accuracy.argmax())], "best_accuracy": top.accuracy.max(),
+                "device_hours": top.device_hours.sum(), "tied_at_k": ""}
+    floor = sure.accuracy.max() if len(sure) else -np.inf  # the sure picks' best: the tied ones must beat it to count
+    decided = floor >= tied.accuracy.max()
+    return {"best_label": sure.label.iat[int(sure.accuracy.argmax())] if decided else f"expected ({r} of {len(tied)} tied)",
+            "best_accuracy": float(np.maximum(floor, C.best_of_every_k_subset(tied.accuracy, r)).mean()),
+            "device_hours": sure.device_hours.sum() + r * tied.device_hours.mean(), "tied_at_k": f"{r} of {len(tied)}"}
 
 
 def arms(models: pd.DataFrame, k: int, probe_hours: float, shipped: tuple[str, str],
@@ -174,21 +187,20 @@ def arms(models: pd.DataFrame, k: int, probe_hours: float, shipped: tuple[str, s
     the probe's + the calibration's hours), uniform q,v, random k (expected)."""
     goal = models.accuracy.max()
     near = goal - C.WITHIN_PTS / 100
-    any_order = expected_hours_in_random_order(models, goal)
+    any_order = C.expected_hours_to_reach(models.accuracy, models.device_hours, goal)
     rows = [{"arm": "train every candidate", "trains": len(models), "best_label": models.label.iat[int(models.accuracy.argmax())],
              "best_accuracy": goal, "device_hours": models.device_hours.sum(), "hours_to_within": any_order}]
     proxies = sorted(c.removeprefix("proxy_") for c in models.columns if c.startswith("proxy_"))
     for proxy, direction in itertools.product(proxies, ("maximize", "minimize")):
         if proxy == CALIBRATED and direction == "minimize":  # measured accuracy gains: only more is better
             continue
-        sign = 1.0 if direction == "maximize" else -1.0
-        order = np.argsort(-sign * models[f"proxy_{proxy}"].to_numpy(), kind="stable").tolist()
-        top = models.iloc[order[:k]]
+        ranked, key = ranking(models, f"proxy_{proxy}", direction)
+        top = top_k(ranked, key, k)
         scoring_hours = probe_hours + (calibration_hours if proxy == CALIBRATED else 0.0)
         name = f"lora-search ({proxy}, {direction})" + (" — as shipped" if (proxy, direction) == shipped else "")
-        rows.append({"arm": name, "trains": k, "best_label": top.label.iat[int(top.accuracy.argmax())],
-                     "best_accuracy": top.accuracy.max(), "device_hours": top.device_hours.sum() + scoring_hours,
-                     "hours_to_within": hours_to_reach(order, models, goal) + scoring_hours})
+        reach = C.expected_hours_to_reach(ranked.accuracy, ranked.device_hours, goal, key)
+        rows.append({"arm": name, "trains": k, **top, "device_hours": top["device_hours"] + scoring_hours,
+                     "hours_to_within": reach + scoring_hours})
     qv = models[models.label == UNIFORM_QV]
     if not qv.empty:  # the hand-picked default, trained as one of the 12
         rows.append({"arm": "uniform_qv (q+v r1)", "trains": 1, "best_label": UNIFORM_QV, "best_accuracy": qv.accuracy.iat[0],
@@ -252,10 +264,13 @@ def markdown(table: pd.DataFrame, models: pd.DataFrame, ctx: dict, args, task_li
         "training rows (+ the probe for proxy arms, + the calibration runs for the calibrated one); hours_to_within = device-hours until the first model within "
         f"{C.WITHIN_PTS} point of the exhaustive best when the arm trains candidates in its order (train every candidate "
         "and random: the exact mean over every order); p_within = chance a random k-subset holds such a model. "
+        "Exact ties in a proxy's score are trained in a random order: hours_to_within is the mean over the orders of each "
+        "tied group, and a tie across the k-th place (tied_at_k: r of n tied trained) makes the arm the mean over which "
+        "r it trains (best_accuracy, device-hours; best_label \"expected\" when the tie decides it). "
         "`params` is a floor, not a proxy of placement: it orders candidates by parameter count alone, and the band "
         "lets the two FFN-up allocations use 9,600 parameters against 9,216 for the others. Device-hours are wall "
         "times under a load that changed during the run: compare them loosely.", "",
-        "## Every candidate", "", m.to_markdown(index=False, floatfmt=".4g"), "",
+        "## Every candidate", "", C.md_table(m, blank_missing=True), "",
         "![accuracy vs the shipped proxy](exhaustive.png)", ""])
 
 
@@ -282,7 +297,7 @@ def main() -> None:
     scores, trials, calibration_hours = train_all(cfg, task, modules, budget, space, args.resume)
     models = model_table(space, scores, trials, modules, args.seeds)
     shipped = (cfg.screen.rank_by, cfg.screen.direction)
-    probe_s = sum(scores.seconds.values()) + scores.warmup_seconds  # the screen computes every listed proxy at once
+    probe_s = C.probe_seconds(dataclasses.asdict(scores))  # the screen computes every listed proxy at once
     table = arms(models, args.survivors, probe_s / 3600, shipped, calibration_hours)
     summary = task_summary(task)
     task_line = (f"Task: {summary['train_examples']} train / {summary['eval_examples']} eval examples, "

@@ -452,20 +452,28 @@ def scaling_model() -> list[str]:
     if not any(math.isnan(x) for x in (epoch_cpu, job_fixed, ckpt, eval_per_example)):
         eval_1000 = eval_per_example * 1000
         job = job_fixed + epoch_cpu + eval_1000 + ckpt
-        lines += ["Worked example: J = 27 quickstart-sized jobs (1 epoch of 4,000 examples, eval on 1,000; 27 = as many "
-                  "trainings as search_quality's full mode), one 1-thread CPU slot per job. Compute at its process-CPU time "
-                  f"(≈ the wall time of an unloaded slot: epoch {epoch_cpu:.0f} s), eval ≈ {eval_1000:.0f} s and the "
-                  f"orchestration at the wall times orchestration_overhead measured (T_job {job_fixed:.0f} s + T_ckpt "
-                  f"{ckpt:.1f} s; see its load average): one job ≈ "
-                  f"{job:.0f} s, of which {100 * (job_fixed + ckpt) / job:.0f}% orchestration.", "",
-                  "| slots (nodes × g) | training wall | device-hours (slot-hours) |", "|---|---|---|"]
-        for n in (1, 2, 4, 8, 16, 27, 32):
-            wall = math.ceil(27 / n) * job
-            lines.append(f"| {n} | {wall / 60:.1f} min | {27 * job / 3600:.2f} |")
-        lines += ["", "Beyond 27 slots nothing improves: every job already has its own. On GPU slots the compute part "
-                  "shrinks and the orchestration part stays, so the orchestration share rises; no GPU was available to "
-                  "measure it here.", ""]
+        lines += worked_example(job, job_fixed, ckpt, epoch_cpu, eval_1000)
     return lines
+
+
+def worked_example(job: float, job_fixed: float, ckpt: float, epoch_cpu: float, eval_1000: float) -> list[str]:
+    """The training model at J = search_quality's full-mode trainings (its calibration runs apart), one slot per job."""
+    from search_quality import full_trainings
+
+    j = full_trainings()
+    lines = [f"Worked example: J = {j} quickstart-sized jobs (1 epoch of 4,000 examples, eval on 1,000; {j} = as many "
+             "trainings as search_quality's full mode, its calibration runs apart), one 1-thread CPU slot per job. "
+             "Compute at its process-CPU time "
+             f"(≈ the wall time of an unloaded slot: epoch {epoch_cpu:.0f} s), eval ≈ {eval_1000:.0f} s and the "
+             f"orchestration at the wall times orchestration_overhead measured (T_job {job_fixed:.0f} s + T_ckpt "
+             f"{ckpt:.1f} s; see its load average): one job ≈ "
+             f"{job:.0f} s, of which {100 * (job_fixed + ckpt) / job:.0f}% orchestration.", "",
+             "| slots (nodes × g) | training wall | device-hours (slot-hours) |", "|---|---|---|"]
+    for n in sorted({1, 2, 4, 8, 16, 32, j, 2 * j}):
+        lines.append(f"| {n} | {math.ceil(j / n) * job / 60:.1f} min | {j * job / 3600:.2f} |")
+    return lines + ["", f"Beyond {j} slots nothing improves: every job already has its own. On GPU slots the compute part "
+                    "shrinks and the orchestration part stays, so the orchestration share rises; no GPU was available to "
+                    "measure it here.", ""]
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ Per arm: best accuracy (model with the best mean over seeds, ± std over seeds),
 arm's models, models and trainings, device-hours and USD (training rows of the reports; the
 lora-search arm adds its probe), device-hours until the arm has a model within 0.5 point of the best
 model of any arm (its models trained in screen order), and ROI = gain of the arm's best over uniform_qv in accuracy points
-per USD (and per device-hour). Picking the best of k on the eval split flatters arms with k > 1;
+per USD (and per device-hour). Random search's hours are the mean over every order of its draws (its run
+lists them by the probe's proxy, which random search does not have). Picking the best of k on the eval split flatters arms with k > 1;
 the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
@@ -36,8 +37,8 @@ Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each
            steps per model: expect accuracies near the majority class); the calibrated arm's two
            calibration runs see 128 examples for 1 epoch;
   full:    the shipped space (2,000 train / 1,000 eval, max_length 96), seeds 0 1 2, survivors k = 3
-           (27 trainings + 6 calibration runs, 1.5-4 min each on one CPU thread: 48 to 105 minutes on 2 cores,
-           2026-12-03 to 2026-12-05, as loaded).
+           (36 trainings: k × 3 search arms + 3 baselines, each over 3 seeds; + 6 calibration runs; 1.5-4 min each on
+           one CPU thread: 48 to 105 minutes on 2 cores, 2026-12-03 to 2026-12-05, as loaded).
 
 Targets: lora-search's best beats uniform_qv and random search at equal budget (seed-averaged, with
 the seed spread shown) at a training cost within k + 1 trainings; ROI > 0.
@@ -75,6 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from orchestrator.errors import UserError  # noqa: E402  (no model library is imported)
 
 SPACE = C.ROOT / "search_spaces" / "newsgroups_tight_budget.yaml"
 BASELINES = ["uniform_qv", "uniform_all", "adalora"]
@@ -114,7 +117,7 @@ def parse_args() -> argparse.Namespace:
                         "their finished trainings are kept")
     C.add_out_argument(parser)
     args = parser.parse_args()
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.seeds = args.seeds or ([0] if args.quick else list(FULL_SEEDS))
     args.num_trials = args.num_trials or (4 if args.quick else None)
     if args.report_only:  # k and the draws are the stored runs' (stored_k)
         return args
@@ -127,6 +130,14 @@ def parse_args() -> argparse.Namespace:
 
 def default_k(quick: bool) -> int:
     return 1 if quick else 3
+
+
+FULL_SEEDS = (0, 1, 2)
+
+
+def full_trainings() -> int:
+    """Trainings of the full mode (calibration runs apart): k per search arm and one per baseline, each seed."""
+    return (len(SEARCH_ARMS) * default_k(False) + len(BASELINES)) * len(FULL_SEEDS)
 
 
 def stored_k(args, runs_root: Path) -> None:
@@ -171,6 +182,7 @@ def runs_folder(args, preset_root: Path) -> Path:
 
 def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
     from orchestrator.config import load_config
+    from orchestrator.errors import Interrupted
     from orchestrator.pipeline import run
 
     cfg = load_config(SPACE, overrides)
@@ -181,6 +193,8 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
         status = "ok, resumed (wall: this invocation only)" if resume else "ok"
         log[name] = {"status": status, "wall_s": time.time() - t0, "run_dir": str(cfg.run_dir)}
         return Path(cfg.run_dir)
+    except Interrupted:  # Ctrl-C stops the benchmark, not just this arm
+        raise
     except Exception as err:  # one arm failing must not lose the others
         traceback.print_exc()
         log[name] = {"status": f"failed: {type(err).__name__}: {err}"[:300], "wall_s": time.time() - t0,
@@ -188,9 +202,56 @@ def run_arm(name: str, overrides: list[str], log: dict) -> Path | None:
         return None
 
 
+def arm_overrides(args, runs_root: Path) -> dict[str, list[str]]:
+    """run_arm's name → the config overrides of its run."""
+    base = common_overrides(args, runs_root.resolve())
+    screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
+    return {"lora-search": base + screen + ["name=lora-search", f"train.baselines=[{','.join(baselines(args))}]"],
+            "random": base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
+                              f"screen.candidates_per_trial={args.random_draws}", f"screen.survivors={args.random_draws}",
+                              "train.baselines=[]"],
+            "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
+                f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
+
+
+# (section, key, the option that sets it) an earlier run must share with this call to be reported beside it
+SHARED = (("train", "seeds", "--seeds"), ("data", "train_size", "--train-size"), ("data", "eval_size", "--eval-size"),
+          ("screen", "survivors", "--survivors"), ("screen", "num_trials", "--num-trials"))
+
+
+def check_earlier_runs(args, runs_root: Path, arms: dict[str, list[str]]) -> None:
+    """Refuse (UserError) an earlier run of an arm not in --arms that trained another k, seeds, data sizes or screen
+    than this call: its models would be judged beside this call's as if alike. Random search's survivors are its
+    draws: at least k of them will do."""
+    from orchestrator.config import load_config
+
+    for folder, name in SEARCH_RUNS.values():
+        path = runs_root / folder / "run.json"
+        if name in args.arms or not path.is_file():
+            continue
+        stored = json.loads(path.read_text())["config"]
+        wanted = json.loads(json.dumps(load_config(SPACE, arms[name]).to_dict()))
+        for section, key, option in SHARED:
+            have, want = stored[section][key], args.survivors if key == "survivors" else wanted[section][key]
+            if _differs(name, key, have, want):
+                shown = " ".join(map(str, have)) if isinstance(have, list) else have
+                raise UserError(f"--arms {' '.join(args.arms)}: the earlier {name} run ({path.parent}) has {section}.{key} = "
+                                f"{have}, this call {want}; pass {option} {shown}, or add {name} to --arms to train it again")
+
+
+def _differs(name: str, key: str, have, want) -> bool:
+    if name == "random" and key == "num_trials":  # random search screens nothing
+        return False
+    if name == "random" and key == "survivors":  # its draws: the arm is the expected best of k over them
+        return have < want
+    return have != want
+
+
 def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
     """The lora-search run (with the baselines), then the random-search and calibrated runs on its probe
     (each of --arms; the other arms are read from their earlier runs, if any, and left as they are)."""
+    arms = arm_overrides(args, runs_root)
+    check_earlier_runs(args, runs_root, arms)  # before anything is deleted or trained
     import ray
 
     from orchestrator.pipeline import init_ray
@@ -199,14 +260,6 @@ def train_arms(args, runs_root: Path) -> tuple[dict[str, Path | None], dict]:
         if name in args.arms and (runs_root / folder).exists() and not args.resume:
             shutil.rmtree(runs_root / folder)  # this script's own earlier run of the arm: run names must be new
     runs_root.mkdir(parents=True, exist_ok=True)
-    base = common_overrides(args, runs_root.resolve())
-    screen = [f"screen.num_trials={args.num_trials}"] if args.num_trials else []
-    arms = {"lora-search": base + screen + ["name=lora-search", f"train.baselines=[{','.join(baselines(args))}]"],
-            "random": base + [f"name={RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1",
-                              f"screen.candidates_per_trial={args.random_draws}", f"screen.survivors={args.random_draws}",
-                              "train.baselines=[]"],
-            "calibrated": base + screen + QUICK_CALIBRATION * args.quick + [
-                f"name={CALIBRATED_NAME}", "screen.rank_by=calibrated", "screen.direction=maximize", "train.baselines=[]"]}
     earlier, log = earlier_runs(runs_root, skip=args.arms)  # the arms not run now are reported from their earlier runs
     dirs = dict(earlier)  # None for the arms about to run (skipped above)
     log = {name: entry | {"status": f"earlier run: {entry['status']}"} for name, entry in log.items()}
@@ -233,7 +286,6 @@ def earlier_runs(runs_root: Path, skip: tuple[str, ...] = ()) -> tuple[dict[str,
     from datetime import datetime
 
     from orchestrator import report
-    from orchestrator.errors import UserError
 
     found, log = {}, {}
     for arm, (folder, name) in SEARCH_RUNS.items():
@@ -287,7 +339,7 @@ def _search_cost(run_dir: Path | None) -> tuple[float, float, float]:
         return 0.0, 0.0, float("nan")
     scores = json.loads((run_dir / "module_scores.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
-    probe_s = float(sum(scores.get("seconds", {}).values()))
+    probe_s = C.probe_seconds(scores)
     calibration = info.get("calibration") or {}
     price = float(info["config"]["cost"]["price_per_device_hour"]["cpu"])
     seconds = probe_s + float(calibration.get("seconds", 0.0))
@@ -298,6 +350,15 @@ def _search_cost(run_dir: Path | None) -> tuple[float, float, float]:
 def _screen_rank(label: str) -> int:
     """screen#3 → 3; a baseline's label → 0 (it is an arm's only model)."""
     return int(label.removeprefix("screen#")) if str(label).startswith("screen#") else 0
+
+
+def _hours_to_within(arm: str, mine: pd.DataFrame, goal: float) -> float:
+    """Device-hours an arm trains until a model is within WITHIN_PTS of `goal`: the search arms' survivors in screen
+    order; random search's draws in every order (mean): the screen lists them by the proxy, which random search lacks."""
+    if arm == "random search":
+        return C.expected_hours_to_reach(mine.accuracy, mine.device_hours, goal)
+    in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]
+    return C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal)
 
 
 def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], args) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -335,8 +396,7 @@ def summarise(tables: dict[str, pd.DataFrame], dirs: dict[str, Path | None], arg
         best = mine.sort_values("accuracy", ascending=False).iloc[0]
         extra_s, extra_h, extra_usd = search_costs.get(arm, (0.0, 0.0, 0.0))
         device_hours = mine.device_hours.sum() + extra_h
-        in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]  # survivors as the screen ranked them
-        reach = C.hours_to_reach(in_order.accuracy, in_order.device_hours, goal) + extra_h
+        reach = _hours_to_within(arm, mine, goal) + extra_h
         cost = mine.cost_usd.sum() + extra_usd
         gain = 100 * (best.accuracy - ref_mean)
         best_rows = rows[(rows.arm == arm) & (rows.candidate_id == best.candidate_id)].accuracy
@@ -428,7 +488,8 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   "the arm's training rows (device-hours × price, CPU $0.0446 per vCPU-hour) + the proxy probe for "
                   "both lora-search arms + the calibration trainings for the calibrated one. hours_to_within_0_5_of_best = "
                   "device-hours the arm spends (its probe and calibration, then its models in screen "
-                  "order) until a model is within 0.5 point of the best model of any arm; blank if none is. "
+                  "order; random search: the mean over every order of its draws, which the screen lists by the proxy) until "
+                  "a model is within 0.5 point of the best model of any arm; blank if none is. "
                   "p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
                   "Linear: the smallest rank already exceeds the band, so it trains more parameters (best_params).", ""]
         if "draw_sets" in arms and arms.draw_sets.notna().any():
@@ -454,9 +515,9 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
         m = models.assign(accuracy=[f"{100 * a:.1f}" + ("" if math.isnan(s) else f" ± {100 * s:.1f}")
                                     for a, s in zip(models.accuracy, models.accuracy_std)],
                           allocation=[a if len(a) <= 90 else a[:87] + "…" for a in models.allocation.astype(str)])
-        lines += ["## Every trained model", "", m[["arm", "label", "trainable_params", "accuracy", "seeds", "device_hours",
-                                                    "beats_majority", "allocation"]]
-                  .to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += ["## Every trained model", "", C.md_table(m[["arm", "label", "trainable_params", "accuracy", "seeds",
+                                                               "device_hours", "beats_majority", "allocation"]],
+                                                            blank_missing=True), ""]
     lines += ["## Runs", ""]
     for name, entry in log.items():
         lines.append(f"- {name}: {entry['status']}, wall {entry['wall_s']:.0f} s, "
@@ -467,4 +528,8 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"search_quality: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import _common as C  # noqa: E402
 import exhaustive  # noqa: E402
 
 from orchestrator.allocation import uniform  # noqa: E402
@@ -102,10 +104,43 @@ def test_calibrated_types_are_the_ones_the_space_uses(minilm_modules):
     assert set(exhaustive.module_types(quick=True)) < used(quick=True) and len(exhaustive.module_types(quick=True)) == 2
 
 
-def test_expected_hours_in_random_order_is_the_mean_over_every_order():
+def mean_over_orders(models: pd.DataFrame, goal: float, groups: list) -> float:
+    """Brute force: device-hours to reach `goal`, averaged over every order that keeps the groups in place."""
+    blocks = [list(members) for _, members in itertools.groupby(range(len(models)), key=lambda i: groups[i])]
+    orders = [list(itertools.chain(*parts)) for parts in itertools.product(*map(itertools.permutations, blocks))]
+    hours = [C.hours_to_reach(models.accuracy.iloc[order], models.device_hours.iloc[order], goal) for order in orders]
+    return sum(hours) / len(hours)
+
+
+def test_expected_hours_to_reach_is_the_mean_over_every_order_of_each_tied_group():
     models = models_table().assign(device_hours=[0.3, 1.1, 0.7, 2.0, 0.2])  # a and b are within 0.5 point of the best
-    every_order = [exhaustive.hours_to_reach(list(order), models, 0.60) for order in itertools.permutations(range(5))]
-    assert exhaustive.expected_hours_in_random_order(models, 0.60) == pytest.approx(sum(every_order) / len(every_order))
+    assert C.expected_hours_to_reach(models.accuracy, models.device_hours, 0.60) == pytest.approx(
+        mean_over_orders(models, 0.60, [0] * 5))  # one group: a fully random order
+    backwards = models.iloc[::-1]
+    for groups in ([1, 2, 2, 2, 3], [1, 1, 2, 3, 3], [1, 2, 3, 4, 5]):
+        assert C.expected_hours_to_reach(backwards.accuracy, backwards.device_hours, 0.60, groups) == pytest.approx(
+            mean_over_orders(backwards, 0.60, groups))
+    assert math.isnan(C.expected_hours_to_reach(models.accuracy, models.device_hours, 0.70))  # none gets there
+
+
+def test_exact_ties_are_order_free_and_said_in_the_table():
+    # c, d, e tie on p (minimised: a, b first); b is the best, a and d are within 0.5 point of it
+    models = pd.DataFrame({"label": list("abcde"), "accuracy": [0.597, 0.60, 0.55, 0.598, 0.45],
+                           "accuracy_std": [0.01] * 5, "device_hours": [1.0, 2.0, 0.5, 1.5, 0.7],
+                           "proxy_p": [2.0, 1.0, 3.0, 3.0, 3.0]})
+    def arm(frame, k, name="lora-search (p, maximize)"):
+        return exhaustive.arms(frame, k=k, probe_hours=0.0, shipped=("p", "minimize")).set_index("arm").loc[name]
+    listed, shuffled = models, models.iloc[[4, 3, 0, 2, 1]]
+    # maximised: c, d, e (a tie, in a random order), then a, b: within 0.5 point as soon as d is trained
+    assert arm(listed, 2).hours_to_within == pytest.approx(mean_over_orders(listed.iloc[[2, 3, 4]], 0.60, [0] * 3))
+    for k in (1, 2, 3, 4):
+        pd.testing.assert_series_equal(arm(listed, k), arm(shuffled, k), check_exact=False)
+    row = arm(listed, 1)  # 1 of the 3 tied models: the expectation over which
+    assert row.best_label == "expected (1 of 3 tied)" and row.tied_at_k == "1 of 3"
+    assert row.best_accuracy == pytest.approx((0.55 + 0.598 + 0.45) / 3) and row.device_hours == pytest.approx(0.9)
+    assert arm(listed, 3).tied_at_k == "" and arm(listed, 3).best_label == "d"  # the whole tie is trained: a pick
+    shipped = arm(listed, 3, "lora-search (p, minimize) — as shipped")  # b, a, then one of the three
+    assert shipped.best_label == "b" and shipped.tied_at_k == "1 of 3" and shipped.device_hours == pytest.approx(3.9)
 
 
 def test_lr_gets_its_own_runs_folder_and_needs_out(monkeypatch, tmp_path):
@@ -134,3 +169,24 @@ def test_report_keeps_every_flag_and_leaves_missing_cells_blank(monkeypatch):
     assert "Command: `python benchmarks/exhaustive.py --survivors 3 --seeds 0 1`" in text
     arms = text.split("## Arms")[1].split("## Every candidate")[0]
     assert "| train every candidate " in arms and "nan" not in arms  # p_within: the random arm's only
+
+
+def test_every_candidate_table_leaves_missing_cells_blank(monkeypatch):
+    from argparse import Namespace
+    from collections import defaultdict
+
+    monkeypatch.setattr(sys, "argv", ["exhaustive.py"])
+    models = models_table().assign(proxy_calibrated=[0.5, 3.0, float("nan"), 1.0, 0.0])  # a proxy without a score
+    table = exhaustive.arms(models, k=2, probe_hours=0.1, shipped=("p", "minimize"), calibration_hours=0.5)
+    text = exhaustive.markdown(table, models, defaultdict(str), Namespace(quick=False, survivors=2, seeds=[0]), "Task", 36.0)
+    assert "nan" not in text.split("## Every candidate")[1]
+
+
+def test_probe_seconds_count_the_warm_up_once():
+    from dataclasses import asdict
+
+    from orchestrator.proxies.probe import ModuleScores
+
+    scores = ModuleScores({}, seconds={"grad_norm": 2.0, "fisher": 3.0}, warmup_seconds=40.0)
+    assert C.probe_seconds(asdict(scores)) == 45.0  # as orchestrator.report.cost_breakdown counts the probe
+    assert C.probe_seconds({"seconds": {"grad_norm": 2.0}}) == 2.0  # a probe without warm-up

@@ -189,3 +189,15 @@ def test_only_refuses_a_script_name_that_does_not_exist(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_all.parse_args()
     assert stopped.value.code == 2 and "invalid choice: 'screening_costs'" in capsys.readouterr().err
+
+
+def test_worked_example_trains_as_many_jobs_as_search_quality_full_mode():
+    from search_quality import full_trainings
+
+    j = full_trainings()  # 36: 3 search arms × k = 3 + 3 baselines, over 3 seeds
+    text = "\n".join(run_all.scaling_model())  # from the stored screening_cost.csv and orchestration_overhead.csv
+    assert f"Worked example: J = {j} quickstart-sized jobs" in text and "J = 27" not in text
+    assert f"Beyond {j} slots nothing improves" in text
+    rows = [line for line in text.split("| slots (nodes × g) |")[1].splitlines() if line.startswith("| ")]
+    one, every = rows[0].split(" | "), next(r for r in rows if r.startswith(f"| {j} |")).split(" | ")
+    assert float(one[1].removesuffix(" min")) == pytest.approx(j * float(every[1].removesuffix(" min")), rel=0.02)

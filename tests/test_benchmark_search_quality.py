@@ -119,3 +119,102 @@ def test_arms_table_leaves_missing_values_blank_as_its_caption_says(tmp_path):
     text = search_quality.markdown(arms, models, {}, defaultdict(str), args, tables, tmp_path)
     table = text.split("## Arms")[1].split("Accuracies in %")[0]
     assert "| lora-search " in table and "nan" not in table
+
+
+def test_full_mode_counts_every_arms_trainings():
+    # 3 search arms × k = 3 + 3 baselines, each over seeds 0 1 2 (the stored full table: 9 + 9 + 9 + 3 + 3 + 3)
+    assert search_quality.full_trainings() == 36
+    assert "(36 trainings" in search_quality.__doc__ and "27 trainings" not in search_quality.__doc__
+
+
+def test_random_search_hours_are_the_mean_over_every_order_of_its_draws(tmp_path):
+    import itertools
+
+    import _common as C
+
+    # the random run labels its draws by the proxy (screen#1 first); the first one is near the best, the last is not
+    draws = [("searched", "screen#1", "r1", 0.505), ("searched", "screen#2", "r2", 0.509), ("searched", "screen#3", "r3", 0.329)]
+    tables = {"random search": rows(draws, seeds=(0,)).assign(device_hours=[0.13, 0.12, 0.14])}
+    arms, models = search_quality.summarise(tables, {"random search": None}, Namespace(survivors=3))
+    hours = [C.hours_to_reach(models.accuracy.iloc[list(o)], models.device_hours.iloc[list(o)], 0.509)
+             for o in itertools.permutations(range(3))]
+    got = arms.set_index("arm").loc["random search", "hours_to_within_0_5_of_best"]
+    assert got == pytest.approx(sum(hours) / 6) and got != pytest.approx(0.13)  # not the proxy's order
+
+
+def test_probe_cost_counts_its_warm_up(tmp_path):
+    tables = {"lora-search": rows([("searched", "screen#1", "s1", 0.45), ("baseline", "uniform_qv", "qv", 0.40)])}
+    path = run_dir(tmp_path / "a", 36.0)
+    (path / "module_scores.json").write_text(json.dumps({"unit": {}, "seconds": {"grad_norm": 36.0}, "warmup_seconds": 40.0}))
+    a = search_quality.summarise(tables, {"lora-search": path}, Namespace(survivors=1))[0].set_index("arm")
+    assert a.loc["lora-search", "search_s"] == pytest.approx(76.0)  # as orchestrator.report.cost_breakdown counts it
+    assert a.loc["lora-search", "device_hours"] == pytest.approx(2 * 0.05 + 76.0 / 3600)
+
+
+def earlier_run(runs_root: Path, folder: str, overrides: list[str]) -> None:
+    from orchestrator.config import load_config
+
+    (runs_root / folder).mkdir(parents=True)
+    config = load_config(search_quality.SPACE, overrides).to_dict()
+    (runs_root / folder / "run.json").write_text(json.dumps({"config": config}, default=str))
+
+
+def arms_call(runs_root: Path, *argv: str, monkeypatch) -> Namespace:
+    monkeypatch.setattr(sys, "argv", ["search_quality.py", *argv])
+    return search_quality.parse_args()
+
+
+def test_arms_refuses_an_earlier_run_of_another_configuration(tmp_path, monkeypatch):
+    import orchestrator.pipeline
+    from orchestrator.errors import UserError
+
+    def would_train(*_):
+        raise RuntimeError("passed the check: would start Ray and train")
+
+    monkeypatch.setattr(orchestrator.pipeline, "init_ray", would_train)
+    full = Namespace(seeds=[0, 1, 2], quick=False, survivors=3, train_size=None, eval_size=None, split_seed=None)
+    earlier_run(tmp_path, "lora-search", search_quality.common_overrides(full, tmp_path) + ["name=lora-search"])
+    for argv, option in ((["--survivors", "2"], "--survivors 3"), (["--seeds", "0"], "--seeds 0 1 2"),
+                         (["--train-size", "500"], "--train-size 2000"), (["--num-trials", "4"], "--num-trials 20")):
+        args = arms_call(tmp_path, "--arms", "random", "--random-draws", "6", *argv, monkeypatch=monkeypatch)
+        with pytest.raises(UserError, match=f"lora-search run .* pass {option}, or add lora-search to --arms"):
+            search_quality.train_arms(args, tmp_path)
+    args = arms_call(tmp_path, "--arms", "random", "--random-draws", "6", monkeypatch=monkeypatch)
+    with pytest.raises(RuntimeError, match="passed the check"):  # the same configuration: reported beside this call
+        search_quality.train_arms(args, tmp_path)
+
+
+def test_arms_accepts_earlier_random_draws_of_at_least_k(tmp_path, monkeypatch):
+    from orchestrator.errors import UserError
+
+    full = Namespace(seeds=[0, 1, 2], quick=False, survivors=6, train_size=None, eval_size=None, split_seed=None)
+    earlier_run(tmp_path, search_quality.RANDOM_NAME, search_quality.common_overrides(full, tmp_path) + [
+        f"name={search_quality.RANDOM_NAME}", "screen.allocator=random", "screen.num_trials=1"])
+    args = arms_call(tmp_path, "--arms", "lora-search", "calibrated", monkeypatch=monkeypatch)  # k = 3 of its 6 draws
+    search_quality.check_earlier_runs(args, tmp_path, search_quality.arm_overrides(args, tmp_path))
+    args = arms_call(tmp_path, "--arms", "lora-search", "--survivors", "7", monkeypatch=monkeypatch)
+    with pytest.raises(UserError, match="random run .* screen.survivors = 6, this call 7; pass --survivors 6"):
+        search_quality.check_earlier_runs(args, tmp_path, search_quality.arm_overrides(args, tmp_path))
+
+
+def test_ctrl_c_stops_the_benchmark_instead_of_failing_the_arm(tmp_path, monkeypatch):
+    import orchestrator.pipeline
+    from orchestrator.errors import Interrupted
+
+    def interrupted(cfg, resume=False):
+        raise Interrupted("stopped by Ctrl-C")
+
+    monkeypatch.setattr(orchestrator.pipeline, "run", interrupted)
+    log = {}
+    with pytest.raises(Interrupted):
+        search_quality.run_arm("lora-search", [f"results_dir={tmp_path}", "name=lora-search"], log)
+
+
+def test_every_trained_model_table_leaves_missing_cells_blank(tmp_path):
+    tables = {"lora-search": rows([("searched", "screen#1", "s1", 0.45), ("baseline", "uniform_qv", "qv", 0.40)], seeds=(0,))}
+    dirs = {"lora-search": run_dir(tmp_path / "a", 36.0)}
+    arms, models = search_quality.summarise(tables, dirs, Namespace(survivors=1))
+    models = models.assign(device_hours=[float("nan"), 0.05])  # a model whose hours are unknown
+    args = Namespace(quick=False, split_seed=None, seeds=[0], survivors=1, random_draws=1)
+    text = search_quality.markdown(arms, models, {}, defaultdict(str), args, tables, tmp_path)
+    assert "| lora-search " in text.split("## Every trained model")[1] and "nan" not in text.split("## Every trained model")[1]
