@@ -64,13 +64,22 @@ def agreement(table: pd.DataFrame, proxies: list[str], top_k: int, sign: float =
         k = min(top_k, len(part))
         true_top = set(part.nlargest(k, "accuracy").candidate_id)
         for proxy in proxies:
-            score = part[f"proxy_{proxy}"]
+            screened = ranked_as_screened(part[f"proxy_{proxy}"], sign)
+            score = sign * screened  # the proxy's own orientation (ρ stays signed), non-finite at the screen's worst end
             rho = stats.spearmanr(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
             tau = stats.kendalltau(score, part.accuracy).statistic if score.nunique() > 1 else float("nan")
-            kept = part.candidate_id[(sign * score).nlargest(k).index]
+            kept = part.candidate_id[screened.nlargest(k).index]
             rows.append({"scope": scope, "proxy": proxy, "spearman_rho": rho, "kendall_tau": tau, "top_k": k,
                          "top_k_hit_rate": len(true_top & set(kept)) / k if k else float("nan"), "models": len(part)})
     return pd.DataFrame(rows)
+
+
+def ranked_as_screened(score: pd.Series, sign: float) -> pd.Series:
+    """sign × score, with a NaN or infinite score below every finite one, as the screen ranks them (an overflow is
+    never the best): one such candidate no longer makes ρ and τ NaN."""
+    signed = sign * score.astype(float)
+    finite = np.isfinite(signed)
+    return signed.where(finite, signed[finite].min() - 1.0 if finite.any() else 0.0)
 
 
 def validation_table(trials: dict[str, dict], chosen: dict, scores: ModuleScores, modules, seed: int) -> pd.DataFrame:
@@ -85,7 +94,8 @@ def validation_table(trials: dict[str, dict], chosen: dict, scores: ModuleScores
                      "train_wall_s": float(np.mean([t["train_wall_s"] for t in trained])),
                      **{f"proxy_{name}": value for name, value in scores.scores(allocation).items()}})
     table = pd.DataFrame(rows)
-    table["proxy_random"] = np.random.default_rng(seed).random(len(table))  # the floor every proxy must beat
+    # the floor every proxy must beat, from a stream of its own (draw_spread's would tie it to the allocations)
+    table["proxy_random"] = np.random.default_rng([seed, 1]).random(len(table))
     return table
 
 
@@ -164,7 +174,9 @@ def run_validation(cfg: RunConfig, n: int, n_off_budget: int, resume: bool, addr
     pipeline.write_run_json(cfg, command="validate-proxies", allocations=len(chosen))
     scores = pipeline.module_scores(cfg, task, modules)
     jobs = [TrainJob(cid, "searched", label, a.as_dict(), seed) for cid, (label, a) in chosen.items() for seed in cfg.train.seeds]
-    trials = run_training(cfg, task, jobs)
+    # with train.lr_grid each allocation trains at its own picked rate, as `run` trains it: a proxy's sign can differ
+    # between an untuned and a tuned rate
+    trials = run_training(cfg, task, pipeline.tuned_learning_rates(cfg, task, jobs))
     ours = {job.job_id for job in jobs}  # a --resume with fewer seeds leaves the dropped seeds' trial files
     table = validation_table({k: t for k, t in trials.items() if k in ours}, chosen, scores, modules, cfg.screen.seed)
     if table.empty:  # nothing to rank; failed trials stay recorded, so --resume alone would not retry them

@@ -47,7 +47,9 @@ def perturbation_seed(seed: int | None) -> int:
 @contextmanager
 def perturbed_b(model: nn.Module, modules, std: float = PERTURB_STD, seed: int | None = None):
     """Temporarily set every all-zero B to N(0, std²), drawn in module order from a seeded CPU Generator
-    (noise is drawn for every module, so which B are zero does not shift the others' draws)."""
+    (noise is drawn for every module, so which B are zero does not shift the others' draws). A module's draw is its
+    position's: the probe always lists every adaptable module in model order (shortcut sites after them), so a
+    module's snip/synflow/grasp score is the same in every run of a model, but not under another listing."""
     generator = torch.Generator().manual_seed(perturbation_seed(seed))
     saved = []
     with torch.no_grad():
