@@ -71,6 +71,12 @@ def is_adapter_name(name: str) -> bool:
     return is_safe_name(name) and not name.startswith(REGISTRY_DB)
 
 
+def absolute_path(path: str) -> str:
+    """A local path as run.json keeps it: absolute, `~` expanded, so a --resume from any directory finds the same
+    place (Ray resolves a relative one against each trial's own working directory)."""
+    return str(Path(path).expanduser().absolute())
+
+
 @dataclass
 class ModelConfig:
     name: str = _help("'minilm-l6' (the packaged all-MiniLM-L6-v2) or a local Hugging Face model directory", "minilm-l6")
@@ -190,6 +196,8 @@ class ScreenConfig:
 
             check_url(self.storage)
             self.storage = absolute_url(self.storage)  # run.json's URL must open the same study from any directory
+        if self.warm_start_from is not None:
+            self.warm_start_from = absolute_path(self.warm_start_from)
         for name in ("num_trials", "candidates_per_trial", "survivors", "proxy_batches", "batch_size", "probe_rank"):
             _require(getattr(self, name) > 0, f"screen.{name}", f"{getattr(self, name)} is not positive", "use 1 or more")
         _require(self.probe_warmup_steps >= 0, "screen.probe_warmup_steps", f"{self.probe_warmup_steps} is negative", "use 0 or more")
@@ -390,6 +398,8 @@ class RunConfig:
             from orchestrator.storage import check_storage_path
 
             check_storage_path(self.storage_path, self.run_dir)
+            if "://" not in self.storage_path:
+                self.storage_path = absolute_path(self.storage_path)
 
     @property
     def run_dir(self) -> Path:

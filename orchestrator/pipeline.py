@@ -18,7 +18,7 @@ import pandas as pd
 from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, space_modules
-from orchestrator.config import CALIBRATED, RunConfig, flat_keys
+from orchestrator.config import CALIBRATED, RunConfig, absolute_path, flat_keys
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
@@ -171,8 +171,8 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
                         "or choose another name (name=...)")
     if resume and not exists:
         raise UserError(f"--resume: '{cfg.run_dir}' holds no run to resume; drop --resume to start it")
-    if exists:
-        _check_same_run(cfg, json.loads((run_dir / "run.json").read_text()).get("config") or {})
+    if exists:  # a damaged run.json is one line naming it, not a traceback
+        _check_same_run(cfg, report.read_run_json(run_dir, "config")["config"])
     return run_dir
 
 
@@ -182,6 +182,9 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
     now, then = _flat_config(cfg), _flat_config(RunConfig()) | flat_keys(stored)
     if then.get("screen.storage"):  # an older version kept a relative study file as written (resumed from its directory)
         then["screen.storage"] = absolute_url(then["screen.storage"])
+    for key in ("storage_path", "screen.warm_start_from"):  # and these, until 2026-12-07
+        if then.get(key) and "://" not in then[key]:
+            then[key] = absolute_path(then[key])
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
     if changed:
@@ -232,8 +235,8 @@ def module_scores(cfg: RunConfig, task: TaskData, modules) -> ModuleScores:
     from orchestrator.screen import probe_scores
 
     path = cfg.run_dir / "module_scores.json"
-    if path.is_file():
-        return ModuleScores(**json.loads(path.read_text()))
+    if path.is_file():  # a damaged one is one line naming it (delete it and resume: probed again)
+        return report.read_module_scores(path)
     scores = probe_scores(cfg, task, modules)
     _write_scores(cfg, scores)
     return scores
@@ -290,7 +293,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     before, trained_before = earlier_sessions(cfg), set(finished_jobs(cfg.run_dir))
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
-                   started_at=started, sessions=before + [{"started_at": started}],
+                   started_at=before[0]["started_at"] if before else started, sessions=before + [{"started_at": started}],
                    warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
                                "enqueued_trials": len(points)} if earlier else None)
 
@@ -299,7 +302,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         scores = calibrated_scores(cfg, task, modules, budget, scores)
     screen_path = cfg.run_dir / "screen.csv"
     if screen_path.is_file():
-        screen = pd.read_csv(screen_path)
+        screen = report.read_stored(screen_path, "candidate_id", "allocation", "survivor")
     else:
         screen = run_screen(cfg, ScreenContext.from_config(cfg, searchable, budget, scores), points)
         write_screen(screen, cfg.run_dir)
@@ -321,7 +324,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     sessions[-1]["finished_at"] = finished
     if before and "finished_at" in before[-1] and set(trials) == trained_before:
         sessions = before  # a --resume of a finished run that trained nothing new is no new session of it
-    write_run_json(cfg, finished_at=finished, sessions=sessions)  # first, so the report has the run's wall time
+    # first, so the report has the run's wall time; a session that trained nothing keeps the finish it found
+    write_run_json(cfg, finished_at=sessions[-1]["finished_at"], sessions=sessions)
     table = report.write(table, cfg.run_dir, task.majority_rate())  # what the CLI prints must be what report.md says
     write_run_json(cfg, registered=register_best(cfg),
                    copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)

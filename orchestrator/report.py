@@ -1226,7 +1226,7 @@ def read_run_json(run_dir: Path, *keys: str) -> dict:
     return read_stored(Path(run_dir) / "run.json", *keys, types=RUN_TYPES)
 
 
-def _module_scores(path: Path):
+def read_module_scores(path: Path):
     """module_scores.json as ModuleScores; none (no proxy columns) when the run has not written it."""
     from orchestrator.proxies import ModuleScores
 
@@ -1261,7 +1261,7 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
                         "to train them")
     from orchestrator.allocation import Allocation
 
-    scores = _module_scores(run_dir / "module_scores.json")
+    scores = read_module_scores(run_dir / "module_scores.json")
     order = list(next(iter(scores.unit.values()), {}))
     ranks = {t["candidate_id"]: t.get("ranks") or {} for t in trials}
     proxy_scores = {cid: scores.scores(Allocation.from_ranks(rank)) for cid, rank in ranks.items()} if scores.unit else {}

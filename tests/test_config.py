@@ -6,6 +6,7 @@ import dataclasses
 import re
 import textwrap
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -282,7 +283,7 @@ def test_partial_price_override_keeps_other_default():
     ("register.name=off", "register.name", "off"),
     ("register.root=0123", "register.root", "0123"),
     ("data.eval_path=0755", "data.eval_path", "0755"),
-    ("storage_path=1_000", "storage_path", "1_000"),
+    ("storage_path=s3://1_000", "storage_path", "s3://1_000"),
     ("register.name=null", "register.name", None),
     ("register.root=~", "register.root", None),
     ("data.eval_path=", "data.eval_path", None),
@@ -291,6 +292,16 @@ def test_optional_string_override_kept_verbatim_unless_null(override, attribute,
     section, _, field = attribute.rpartition(".")
     cfg = load_config(None, [override])
     assert getattr(getattr(cfg, section) if section else cfg, field) == value
+
+
+def test_local_storage_path_and_warm_start_are_kept_absolute(tmp_path, monkeypatch):
+    """Ray resolves a relative storage_path against each trial's working directory, and a --resume from another
+    directory read it against that one: run.json keeps both as absolute paths, `~` expanded."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage_path=ray_store", "screen.warm_start_from=results/earlier"])
+    assert cfg.storage_path == str(tmp_path / "ray_store")
+    assert cfg.screen.warm_start_from == str(tmp_path / "results" / "earlier")
+    assert load_config(None, ["storage_path=~/ray_store"]).storage_path == str(Path.home() / "ray_store")
 
 
 def test_optional_string_in_yaml_file_follows_yaml(tmp_path):

@@ -130,3 +130,55 @@ def test_earlier_sessions_read_every_run_json_shape(tmp_path):
             {"started_at": "2026-12-02T09:00:00+0000"}]
     (cfg.run_dir / "run.json").write_text(json.dumps({**older, "sessions": kept}))
     assert pipeline.earlier_sessions(cfg) == kept
+
+
+def test_a_run_that_recorded_a_relative_storage_path_resumes_from_its_directory(tmp_path, monkeypatch):
+    """Until 2026-12-07 run.json kept storage_path and screen.warm_start_from as written; now it keeps them absolute."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _started(tmp_path, ["storage_path=ray_store"])
+    stored = json.loads((cfg.run_dir / "run.json").read_text())
+    assert stored["config"]["storage_path"] == str(tmp_path / "ray_store")
+    stored["config"]["storage_path"] = "ray_store"  # as an older version wrote it
+    (cfg.run_dir / "run.json").write_text(json.dumps(stored))
+    assert pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job", "storage_path=ray_store"]),
+                                    resume=True) == cfg.run_dir
+
+
+@pytest.mark.parametrize("damage, problem", [("", "cannot be read"), ("[1, 2]", "has no 'config'")])
+def test_a_damaged_run_json_is_one_line_on_resume(tmp_path, damage, problem):
+    cfg = _started(tmp_path)
+    (cfg.run_dir / "run.json").write_text(damage)
+    with pytest.raises(UserError, match=rf"^report: '.*run\.json' {problem}.*; restore it from a backup"):
+        pipeline.prepare_run_dir(load_config(None, [f"results_dir={tmp_path}", "name=job"]), resume=True)
+
+
+@pytest.mark.parametrize("damage", ["", '{"unit": [1]}', '{"unit": {}, "bogus": 1}'])
+def test_damaged_module_scores_are_one_line_on_resume(tmp_path, damage):
+    cfg = _started(tmp_path)
+    (cfg.run_dir / "module_scores.json").write_text(damage)
+    with pytest.raises(UserError, match=r"^report: '.*module_scores\.json' .*; delete it and run `lora-search run"):
+        pipeline.module_scores(cfg, None, [])
+
+
+def test_a_resume_that_trains_nothing_keeps_the_runs_start_and_finish(tmp_path, monkeypatch, tiny_model_dir):
+    """sessions stayed as they were, but the top-level started_at and finished_at took this session's times."""
+    import pandas as pd
+
+    from orchestrator import report
+    from orchestrator.proxies import ModuleScores
+
+    overrides = [f"results_dir={tmp_path}", "name=job", f"model.name={tiny_model_dir}", "model.max_length=16",
+                 "data.train_size=64", "data.eval_size=32", "register.best=false", "train.baselines=[uniform_qv]"]
+    cfg = load_config("search_spaces/quickstart.yaml", overrides)
+    pipeline.prepare_run_dir(cfg, resume=False)
+    old = {"started_at": "2026-12-07T10:00:00+0000", "finished_at": "2026-12-07T11:00:00+0000"}
+    pipeline.write_run_json(cfg, sessions=[old], **old)
+    (cfg.run_dir / "screen.csv").write_text("candidate_id,allocation,survivor\n")
+    for name, stand_in in {"init_ray": lambda address: True, "check_trainings_fit": lambda *a, **k: None,
+                           "module_scores": lambda *a: ModuleScores(unit={}), "run_training": lambda *a: {}}.items():
+        monkeypatch.setattr(pipeline, name, stand_in)  # the Ray stages: everything is trained already
+    monkeypatch.setattr(report, "build", lambda *a: pd.DataFrame())
+    monkeypatch.setattr(report, "write", lambda table, *a: table)
+    pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
+    stored = json.loads((cfg.run_dir / "run.json").read_text())
+    assert stored["sessions"] == [old] and (stored["started_at"], stored["finished_at"]) == tuple(old.values())

@@ -110,12 +110,12 @@ def test_symlink_to_another_run_inside_results_is_followed_but_not_overwritten(t
 
     results = tmp_path / "results"
     (results / "real").mkdir(parents=True)
-    (results / "real" / "run.json").write_text('{"created_at": "earlier"}')
+    (results / "real" / "run.json").write_text('{"created_at": "earlier", "config": {}}')
     (results / "run").symlink_to(results / "real", target_is_directory=True)
     with pytest.raises(UserError, match="already exists; pass --resume"):
         prepare_run_dir(_cfg(results), resume=False)
     assert prepare_run_dir(_cfg(results), resume=True) == (results / "real").resolve()
-    assert (results / "real" / "run.json").read_text() == '{"created_at": "earlier"}'
+    assert (results / "real" / "run.json").read_text() == '{"created_at": "earlier", "config": {}}'
 
 
 def test_symlinked_results_dir_is_allowed(tmp_path):
