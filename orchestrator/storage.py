@@ -27,7 +27,7 @@ import json
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from orchestrator.errors import UserError
 
@@ -37,6 +37,10 @@ ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PASSWORD_PARAMETERS = ("password", "passwd", "pwd")  # query parameters SQLAlchemy's drivers read a password from
 SQLITE_BUSY_TIMEOUT_S = 60  # a reader waits out the writer's commit instead of failing with "database is locked"
 RAY_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # what pyarrow.fs.FileSystem.from_uri opens
+AZURE_SCHEMES = ("abfs", "abfss")  # abfs://<container>@<account>...: the user name is the container, not a credential
+# storage URI query keys that carry a secret: client_secret, token, sas_token, access_key, secret_key, account_key, ...
+SECRET_QUERY_KEY = re.compile(r"(?:^|_)(?:secret|token|key|password|passwd|pwd)$", re.IGNORECASE)
+ONE_SLASH_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):/", re.IGNORECASE)  # s3:/bucket: a URI missing a slash
 
 
 def check_url(url: str) -> None:
@@ -53,6 +57,9 @@ def check_url(url: str) -> None:
     except ArgumentError:
         raise UserError(f"screen.storage: {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///study.db, "
                         "postgresql://user@host/db or journal:study.log, or null for the run's study.db") from None
+    except ValueError:  # int() of the port; the URL is not shown, it may hold a literal password
+        raise UserError("screen.storage: the URL's port is not a number; give digits, e.g. postgresql://user@host:5432/db "
+                        "(a ${NAME} reference cannot stand for the port)") from None
     if any(not ENV_REFERENCE.fullmatch(password) for password in _passwords(parsed)):
         raise UserError("screen.storage: the URL holds a literal password, which would be written to run.json; "
                         "reference an environment variable instead, e.g. postgresql://user:${DB_PASSWORD}@host/db")
@@ -67,8 +74,8 @@ def absolute_url(url: str) -> str:
     """`url` with a relative SQLite or journal file made absolute: run.json keeps the URL, and the dashboard, warm
     starts and --resume must open the run's study from any directory."""
     if url.startswith(JOURNAL):
-        path = url[len(JOURNAL):]
-        return url if Path(path).expanduser().is_absolute() else JOURNAL + str(Path.cwd() / path)
+        path = url[len(JOURNAL):]  # a path starting with ${NAME} is known only when opened, as for SQLite below
+        return url if path.startswith("${") or Path(path).expanduser().is_absolute() else JOURNAL + str(Path.cwd() / path)
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -95,14 +102,31 @@ def _passwords(parsed) -> list[str]:
     return found
 
 
-def _expanded(url: str) -> str:
-    """The URL with every ${NAME} replaced by that environment variable (only ever in memory)."""
+def _with_environment(text: str, escape=lambda value, position: value) -> str:
+    """`text` with every ${NAME} replaced by that environment variable, passed through escape(value, position of the
+    reference) (only ever in memory); an unset variable is a one-line error."""
     def value(match: re.Match) -> str:
         if match.group(1) not in os.environ:
             raise UserError(f"screen.storage: environment variable {match.group(1)} is not set; export it before the run")
-        return os.environ[match.group(1)]
+        return escape(os.environ[match.group(1)], match.start())
 
-    return ENV_REFERENCE.sub(value, url)
+    return ENV_REFERENCE.sub(value, text)
+
+
+def _expanded(url: str) -> str:
+    """The URL with its ${NAME} references expanded and escaped for where each lands, as SQLAlchemy decodes them: a
+    '@', '/', ':' or '%' in a password stays in the password, a '?' or '%' in a file path stays in the path."""
+    start = url.find("://") + 3
+    host_end = min(i for i in (url.find("/", start), url.find("?", start), len(url)) if i >= 0)
+    user_end = url.rfind("@", start, host_end)
+    query = url.find("?", host_end)
+
+    def escape(value: str, position: int) -> str:
+        if position < user_end or 0 <= query < position:  # user name, password, or a ?password= query value
+            return quote(value, safe="")
+        return quote(value, safe="/") if position >= host_end else value  # the database path; the host is verbatim
+
+    return _with_environment(url, escape)
 
 
 def run_study(run_dir: str | Path) -> tuple[str, str]:
@@ -146,18 +170,17 @@ def _stored_config(run_dir: Path) -> dict:
 
 
 def check_study_storage(url: str | None, run_dir: Path, resume: bool) -> None:
-    """Before the run directory exists: screen.storage opens, and a new run does not write into the study of an
-    earlier run of the same name there. (The run's own study.db is checked with its directory.)"""
+    """Before the run directory exists (pipeline.check_run_dir has refused an existing run without --resume):
+    screen.storage opens, and a new run does not write into the study of an earlier run of the same name there, whose
+    directory is therefore gone. (The run's own study.db is checked with its directory.)"""
     if url is None or resume:
         return
     study = study_name(run_dir.name, url)
     if study not in {s.study_name for s in open_storage(url, create=True).get_all_studies()}:
         return
-    held = f"screen.storage: '{shown_url(url)}' already holds the study '{study}' of an earlier run named '{run_dir.name}'"
-    if (Path(run_dir) / "run.json").is_file():
-        raise UserError(f"{held}; choose another name (name=...) or pass --resume to continue it")
-    raise UserError(f"{held}, whose run directory '{run_dir}' is gone; choose another name (name=...), or delete that "
-                    f"study (optuna.delete_study(study_name='{study}', storage=...)) to start it again")
+    raise UserError(f"screen.storage: '{shown_url(url)}' already holds the study '{study}' of an earlier run named "
+                    f"'{run_dir.name}', whose run directory '{run_dir}' is gone; choose another name (name=...), or "
+                    f"delete that study (optuna.delete_study(study_name='{study}', storage=...)) to start it again")
 
 
 def open_storage(url: str, *, create: bool):
@@ -166,7 +189,7 @@ def open_storage(url: str, *, create: bool):
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     if url.startswith(JOURNAL):
-        path = Path(url[len(JOURNAL):]).expanduser()
+        path = Path(_with_environment(url[len(JOURNAL):])).expanduser()
         if not create and not path.is_file():
             raise UserError(f"screen.storage: journal file '{path}' does not exist; check the run's storage URL")
         if path.is_dir():
@@ -201,7 +224,7 @@ def _sqlite_file(url: str) -> str | None:
 
     try:
         return make_url(url).database
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return None  # RDBStorage names the error
 
 
@@ -225,17 +248,37 @@ def check_storage_path(value: str, run_dir: Path) -> None:
     if not value.strip():  # Path("") is the current directory, not "unset"
         raise UserError(f"storage_path: {value!r} is empty; give a directory or URI, or null to keep Ray's storage in "
                         "the run directory")
+    _check_not_one_slash(value)
     if "://" not in value or value.startswith("file://"):
         return _check_apart_from_run(urlsplit(value).path if "://" in value else value, run_dir)
     parts = urlsplit(value)
     if parts.scheme not in RAY_STORAGE_SCHEMES:
         raise UserError(f"storage_path: '{parts.scheme}://' is not a storage Ray can use; use s3://bucket/prefix, "
                         "gs://bucket/prefix, file:///path or a local/NFS path")
-    if parts.username or parts.password:
-        raise UserError("storage_path: the URI holds credentials, which would be written to run.json; give them through "
-                        "the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS) or the instance role")
+    secret = _credentials_in(parts)
+    if secret:
+        raise UserError(f"storage_path: the URI holds credentials ({secret}), which would be written to run.json; give them "
+                        "through the environment or the credential chain (AWS_ACCESS_KEY_ID, AZURE_CLIENT_SECRET, "
+                        "GOOGLE_APPLICATION_CREDENTIALS) or the instance role")
     if parts.scheme != "file" and not parts.netloc:
         raise UserError(f"storage_path: '{value}' names no bucket; use e.g. {parts.scheme}://my-bucket/lora-search")
+
+
+def _check_not_one_slash(value: str) -> None:
+    """`s3:/bucket/prefix` is a mistyped URI, not a local folder named 's3:' (which Ray would silently fill)."""
+    one_slash = ONE_SLASH_SCHEME.match(value)
+    if one_slash and "://" not in value:
+        scheme = one_slash.group(1)
+        raise UserError(f"storage_path: '{scheme}:/…' has one slash after '{scheme}:'; write {scheme}://… "
+                        "(e.g. s3://bucket/prefix), or a local path that does not start with '<word>:/'")
+
+
+def _credentials_in(parts) -> str | None:
+    """What in the split storage URI is a credential ('user:password@', a ?client_secret=... query key), else None."""
+    if parts.password is not None or (parts.username and parts.scheme not in AZURE_SCHEMES):
+        return "user:password@"
+    keys = [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if SECRET_QUERY_KEY.search(key)]
+    return f"query parameter '{keys[0]}'" if keys else None
 
 
 def _check_apart_from_run(path: str, run_dir: Path) -> None:
@@ -281,8 +324,8 @@ def check_run_storage(storage_path: str | None, run_dir: Path, resume: bool) -> 
         _check_no_stale_sub_runs(storage_path, Path(run_dir))
         return
     if not local:  # --resume needs the run directory (results, trials); a finished session published a copy of it
-        copy = (f"copy '{location}/results' to '{run_dir}' and pass --resume to continue it, "
-                if _holds(storage_path, f"{location}/results/run.json") else "")
+        copy = (f"copy '{run_storage(storage_path, run_dir, 'results')}' to '{run_dir}' and pass --resume to continue "
+                "it, " if _holds(storage_path, run_storage(storage_path, run_dir, "results", "run.json")) else "")
         raise UserError(f"storage_path: '{location}' holds a run named '{run_dir.name}' whose run directory '{run_dir}' "
                         f"is gone; {copy}delete '{location}' to start it again, or choose another name (name=...)")
     raise UserError(f"storage_path: '{location}' already holds a run named '{run_dir.name}'; "

@@ -1,5 +1,6 @@
 """The screen's Optuna study storage: SQLAlchemy URLs and Optuna journal files, for writers and readers."""
 
+import re
 from pathlib import Path
 
 import optuna
@@ -81,6 +82,41 @@ def test_bad_urls_name_the_field(url, message):
         check_url(url)
 
 
+@pytest.mark.parametrize("url", ["postgresql://alice@db.example:port/optuna", "postgresql://alice@db.example:${DB_PORT}/optuna",
+                                 "postgresql://alice:hunter2@db.example:port/optuna"])
+def test_a_port_that_is_not_a_number_is_one_line_without_the_password(url):
+    with pytest.raises(UserError, match=r"^screen.storage: the URL's port is not a number; give digits") as err:
+        load_config(None, [f"screen.storage={url}"])
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("password", ["p@ss/word", "100%41x", "a?b#c:d&e"])
+def test_a_password_from_the_environment_stays_the_password_whatever_its_characters(password, monkeypatch):
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.storage import _expanded
+
+    monkeypatch.setenv("DB_PASSWORD", password)
+    for url in ("postgresql://alice:${DB_PASSWORD}@db.example:5432/optuna",
+                "postgresql://alice@db.example:5432/optuna?password=${DB_PASSWORD}"):
+        check_url(url)
+        parsed = make_url(_expanded(url))
+        assert (parsed.host, parsed.port, parsed.database) == ("db.example", 5432, "optuna")
+        assert (parsed.password or parsed.query["password"]) == password
+
+
+def test_a_journal_path_expands_environment_references_when_opened(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = load_config(None, ["screen.storage=journal:${SHARED}/study.log"]).screen.storage
+    assert url == "journal:${SHARED}/study.log"  # kept as written, like sqlite:///${DB_DIR}/...
+    with pytest.raises(UserError, match="^screen.storage: environment variable SHARED is not set"):
+        open_storage(url, create=True)
+    monkeypatch.setenv("SHARED", str(tmp_path / "shared"))
+    optuna.create_study(study_name="screen", storage=open_storage(url, create=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"] and (tmp_path / "shared" / "study.log").is_file()
+    assert optuna.load_study(study_name="screen", storage=open_storage(url, create=False))
+
+
 def test_bad_url_in_config_is_refused_at_load_time():
     with pytest.raises(UserError, match="^screen.storage: 'my study db' is not a SQLAlchemy URL"):
         load_config(None, ["screen.storage=my study db"])
@@ -123,10 +159,7 @@ def test_a_new_run_does_not_write_into_an_earlier_runs_study(kind, tmp_path):
     with pytest.raises(UserError, match=held + f", whose run directory '{runs / 'exp1'}' is gone; choose another name "
                                               r"\(name=...\), or delete that study \(optuna.delete_study"):
         check_study_storage(url, runs / "exp1", resume=False)  # --resume would find no run directory to continue
-    (runs / "exp1").mkdir(parents=True)
-    (runs / "exp1" / "run.json").write_text("{}")
-    with pytest.raises(UserError, match=held + r"; choose another name \(name=...\) or pass --resume to continue it$"):
-        check_study_storage(url, runs / "exp1", resume=False)
+    # (an existing run without --resume never gets here: pipeline.check_run_dir refuses it first)
 
 
 def test_a_journal_in_a_folder_that_cannot_be_made_or_that_is_a_folder_is_one_line(tmp_path):
@@ -210,7 +243,8 @@ def test_a_nan_screen_trial_is_recorded_as_failed_not_left_running(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["/mnt/shared/lora-search", "shared/runs", "s3://bucket/prefix", "gs://bucket",
-                                   "file:///tmp/lora", "s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"])
+                                   "file:///tmp/lora", "s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http",
+                                   "abfss://container@account.dfs.core.windows.net/prefix"])  # the user is the container
 def test_storage_paths_ray_can_use_pass(value):
     check_storage_path(value, Path("results/run"))
     kept = value if "://" in value else str(Path(value).absolute())  # run.json keeps a local path absolute
@@ -219,10 +253,22 @@ def test_storage_paths_ray_can_use_pass(value):
 
 @pytest.mark.parametrize("value, message", [("ftp://host/dir", "is not a storage Ray can use"),
                                             ("s3:///prefix", "names no bucket"),
-                                            ("s3://AKIA:secret@bucket/p", "holds credentials")])
-def test_bad_storage_paths_name_the_field(value, message):
-    with pytest.raises(UserError, match=f"^storage_path: .*{message}"):
+                                            ("s3://AKIA:secret@bucket/p", "holds credentials"),
+                                            ("s3://bucket/p?access_key=AK&secret_key=SK", "'access_key'.*credential chain"),
+                                            ("s3://bucket/p?region=x&session_token=T", "'session_token'"),
+                                            ("abfs://acct.blob.core.windows.net/c/p?client_id=c&tenant_id=t&client_secret=TOPSECRET",
+                                             "'client_secret'"),
+                                            ("abfss://c@acct.dfs.core.windows.net/p?account_key=K", "'account_key'"),
+                                            ("abfs://c:K@acct.dfs.core.windows.net/p", "user:password@"),
+                                            ("gs://bucket/p?token=T", "'token'"),
+                                            ("s3:/bucket/prefix", "'s3:/…' has one slash.*write s3://"),
+                                            ("GS:/bucket", "one slash")])
+def test_bad_storage_paths_name_the_field(value, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"^storage_path: .*{message}") as err:
         load_config(None, [f"storage_path={value}"])
+    assert not any(secret in str(err.value) for secret in ("AKIA", "TOPSECRET", "=K", "=SK", "=T", ":secret"))
+    assert list(tmp_path.iterdir()) == []  # s3:/bucket is not made a local folder
 
 
 @pytest.mark.parametrize("value", ["", "  "])
@@ -295,6 +341,22 @@ def test_a_run_whose_directory_is_gone_is_neither_resumed_nor_restarted_but_told
         check_run_storage(str(storage), run_dir, resume=False)
     shutil.copytree(storage / "qs" / "results", run_dir)
     check_run_storage(str(storage), run_dir, resume=True)
+
+
+def test_a_gone_run_in_s3_with_a_query_is_told_where_its_published_copy_is(tmp_path, s3_bucket):
+    """The published copy's path goes before the ?endpoint_override=… query, in the check and in the message."""
+    storage = s3_bucket[0]
+    run_dir = tmp_path / "results" / "qs"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    publish_run(storage, run_dir)
+    (run_dir / "run.json").unlink()
+    run_dir.rmdir()  # the driver's disk is gone
+    results = run_storage(storage, run_dir, "results")
+    assert results.endswith("/runs/qs/results?" + storage.split("?", 1)[1])
+    for resume in (False, True):
+        with pytest.raises(UserError, match=f"is gone; copy '{re.escape(results)}' to '{run_dir}' and pass --resume"):
+            check_run_storage(storage, run_dir, resume=resume)
 
 
 @pytest.mark.parametrize("suffix, kind", [(".calibration", "calibration"), (".lr-sweep", "lr-sweep")])
