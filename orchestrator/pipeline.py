@@ -277,9 +277,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
-    earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
-    warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
-    points = warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
+    warm, outside, points = warm_start(cfg, modules, searchable, budget, resume)
     if cfg.screen.rank_by == CALIBRATED:
         calibrate.check_calibratable(cfg, modules, budget)
     check_run_storage(cfg.storage_path, cfg.run_dir, resume)
@@ -294,8 +292,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
                    started_at=before[0]["started_at"] if before else started, sessions=before + [{"started_at": started}],
-                   warm_start={"allocations": len(warm), "outside_the_search": len(earlier) - len(warm),
-                               "enqueued_trials": len(points)} if earlier else None)
+                   warm_start={"allocations": len(warm), "outside_the_search": outside, "enqueued_trials": len(points),
+                               "trained": [a.compact(modules) for a in warm], "points": points}
+                   if cfg.screen.warm_start_from else None)
 
     scores = module_scores(cfg, task, modules)
     if cfg.screen.rank_by == CALIBRATED:
@@ -398,6 +397,27 @@ def warm_start_allocations(run_dir: str | None, modules, count: int) -> list[All
             raise UserError(f"screen.warm_start_from: an allocation of '{run_dir}' uses {outside[:2]}, outside this "
                             "space; add those shortcut kinds to space.shortcuts")
     return allocations
+
+
+def warm_start(cfg: RunConfig, modules, searchable, budget, resume: bool) -> tuple[list[Allocation], int, list[dict]]:
+    """The earlier run's allocations this run trains, how many lay outside its search, and the screen distributions
+    it enqueues. A resumed run reads them back from its run.json: the earlier run may have moved on (re-ranked by
+    more seeds) or gone since the first session, whose choice stands."""
+    recorded = _recorded_warm_start(cfg) if resume and cfg.screen.warm_start_from else None
+    if recorded is not None:
+        warm = [Allocation.from_compact(text, modules) for text in recorded["trained"]]
+        return warm, recorded["outside_the_search"], recorded["points"]
+    earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
+    warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
+    return warm, len(earlier) - len(warm), warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
+
+
+def _recorded_warm_start(cfg: RunConfig) -> dict | None:
+    """run.json's warm start, if it recorded the allocations (runs before 2026-12-07 kept only their counts)."""
+    if not (cfg.run_dir / "run.json").is_file():
+        return None  # --resume of no run: check_run_dir says so
+    recorded = report.read_run_json(cfg.run_dir, "config").get("warm_start")
+    return recorded if isinstance(recorded, dict) and "trained" in recorded else None
 
 
 def inside_the_search(allocations: list[Allocation], searchable, ranks: list[int], modules, budget) -> list[Allocation]:

@@ -140,3 +140,30 @@ def test_only_allocations_inside_this_search_are_trained(modules, capsys):
     kept = inside_the_search([fits, *outside], searchable, space.ranks, modules, budget)
     assert kept == [fits]
     assert "3 of 4 earlier allocations lie outside this run's space, ranks or budget band" in capsys.readouterr().out
+
+
+def test_a_resumed_run_trains_the_warm_starts_its_first_session_chose(tmp_path, modules):
+    """The earlier run may be resumed with more seeds (re-ranked) or deleted after this run started: a --resume
+    trains the allocations the first session recorded in run.json (it read the earlier run again, or failed)."""
+    import shutil
+
+    from orchestrator import pipeline
+    from orchestrator.allocators import make_budget, space_modules
+    from orchestrator.config import load_config
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    _earlier_run(earlier, [{"kind": "searched", "candidate_id": "a1", "allocation": "L0.query:8,L1.value:8",
+                            "accuracy": 0.8}])
+    cfg = load_config(None, [f"results_dir={tmp_path / 'results'}", "name=warm", f"screen.warm_start_from={earlier}",
+                             "space.module_types=[query,value]", "space.ranks=[2,4,8]", "space.budget.params=12288", "space.budget.qv_rank=null"])
+    searchable, budget = space_modules(modules, cfg.space), make_budget(modules, cfg.space)
+    warm, outside, points = pipeline.warm_start(cfg, modules, searchable, budget, resume=False)
+    assert [a.compact(modules) for a in warm] == ["L0.query:8,L1.value:8"] and outside == 0 and points == []
+    pipeline.prepare_run_dir(cfg, resume=False)
+    pipeline.write_run_json(cfg, warm_start={"allocations": 1, "outside_the_search": 0, "enqueued_trials": 0,
+                                             "trained": [a.compact(modules) for a in warm], "points": []})
+    shutil.rmtree(earlier)
+    assert pipeline.warm_start(cfg, modules, searchable, budget, resume=True) == (warm, 0, [])
+    with pytest.raises(UserError, match="screen.warm_start_from"):  # a new run still needs the earlier one
+        pipeline.warm_start(cfg, modules, searchable, budget, resume=False)
