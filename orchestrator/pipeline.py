@@ -326,9 +326,13 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     # first, so the report has the run's wall time; a session that trained nothing keeps the finish it found
     write_run_json(cfg, finished_at=sessions[-1]["finished_at"], sessions=sessions)
     table = report.write(table, cfg.run_dir, task.majority_rate())  # what the CLI prints must be what report.md says
-    write_run_json(cfg, registered=register_best(cfg),
+    write_run_json(cfg, registered=register_best(cfg),  # before the copy: the copy's run.json says where it lies
                    copied_to=run_storage(cfg.storage_path, cfg.run_dir, "results") if cfg.storage_path else None)
-    publish_run(cfg.storage_path, cfg.run_dir)
+    try:
+        publish_run(cfg.storage_path, cfg.run_dir)
+    except BaseException:
+        write_run_json(cfg, copied_to=None)  # no copy was made: run.json must not name one (a --resume copies again)
+        raise
     return table
 
 

@@ -160,15 +160,15 @@ def test_damaged_module_scores_are_one_line_on_resume(tmp_path, damage):
         pipeline.module_scores(cfg, None, [])
 
 
-def test_a_resume_that_trains_nothing_keeps_the_runs_start_and_finish(tmp_path, monkeypatch, tiny_model_dir):
-    """sessions stayed as they were, but the top-level started_at and finished_at took this session's times."""
+def _finished_run(tmp_path, monkeypatch, tiny_model_dir, extra: list[str] = ()) -> tuple[list[str], dict]:
+    """A finished run (one recorded session) whose Ray stages are stand-ins: a --resume of it trains nothing."""
     import pandas as pd
 
     from orchestrator import report
     from orchestrator.proxies import ModuleScores
 
     overrides = [f"results_dir={tmp_path}", "name=job", f"model.name={tiny_model_dir}", "model.max_length=16",
-                 "data.train_size=64", "data.eval_size=32", "register.best=false", "train.baselines=[uniform_qv]"]
+                 "data.train_size=64", "data.eval_size=32", "register.best=false", "train.baselines=[uniform_qv]", *extra]
     cfg = load_config("search_spaces/quickstart.yaml", overrides)
     pipeline.prepare_run_dir(cfg, resume=False)
     old = {"started_at": "2026-12-07T10:00:00+0000", "finished_at": "2026-12-07T11:00:00+0000"}
@@ -179,6 +179,24 @@ def test_a_resume_that_trains_nothing_keeps_the_runs_start_and_finish(tmp_path, 
         monkeypatch.setattr(pipeline, name, stand_in)  # the Ray stages: everything is trained already
     monkeypatch.setattr(report, "build", lambda *a: pd.DataFrame())
     monkeypatch.setattr(report, "write", lambda table, *a: table)
+    return overrides, old
+
+
+def test_a_resume_that_trains_nothing_keeps_the_runs_start_and_finish(tmp_path, monkeypatch, tiny_model_dir):
+    """sessions stayed as they were, but the top-level started_at and finished_at took this session's times."""
+    overrides, old = _finished_run(tmp_path, monkeypatch, tiny_model_dir)
     pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
-    stored = json.loads((cfg.run_dir / "run.json").read_text())
+    stored = json.loads((tmp_path / "job" / "run.json").read_text())
     assert stored["sessions"] == [old] and (stored["started_at"], stored["finished_at"]) == tuple(old.values())
+
+
+def test_a_copy_to_storage_path_that_fails_is_not_named_in_run_json(tmp_path, monkeypatch, tiny_model_dir):
+    overrides, _ = _finished_run(tmp_path, monkeypatch, tiny_model_dir, [f"storage_path={tmp_path / 'store'}"])
+
+    def disk_full(storage_path, run_dir):
+        raise UserError("storage_path: could not copy the run (No space left on device)")
+
+    monkeypatch.setattr(pipeline, "publish_run", disk_full)
+    with pytest.raises(UserError, match="could not copy"):
+        pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
+    assert json.loads((tmp_path / "job" / "run.json").read_text())["copied_to"] is None
