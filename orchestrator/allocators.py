@@ -248,7 +248,12 @@ def _signed_values(unit_scores: dict[str, float], modules: list[AdaptableModule]
     if missing:
         raise UserError(f"screen.rank_by: the proxy scores have no entry for {len(missing)} searchable modules "
                         f"(e.g. {missing[0]}); delete module_scores.json of the run so the probe runs again")
-    values = np.array([float(unit_scores[m.name]) for m in modules]) * (1.0 if sign >= 0 else -1.0)
+    return signed_non_finite_last([float(unit_scores[m.name]) for m in modules], sign)
+
+
+def signed_non_finite_last(scores, sign: float) -> np.ndarray:
+    """sign × scores (a copy), a NaN or infinite one set below every finite one: an overflow is never the best."""
+    values = np.array(scores, dtype=float) * (1.0 if sign >= 0 else -1.0)
     finite = np.isfinite(values)
     if not finite.all():
         values[~finite] = values[finite].min() - 1.0 if finite.any() else 0.0

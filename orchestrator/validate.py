@@ -18,7 +18,7 @@ from scipy import stats
 
 from orchestrator import report
 from orchestrator.allocation import Allocation, searchable_units
-from orchestrator.allocators import Budget, make_budget, sample_allocations, space_modules
+from orchestrator.allocators import Budget, make_budget, sample_allocations, signed_non_finite_last, space_modules
 from orchestrator.config import RunConfig
 from orchestrator.errors import UserError
 from orchestrator.proxies import PROXIES, ModuleScores, get_proxy
@@ -75,11 +75,9 @@ def agreement(table: pd.DataFrame, proxies: list[str], top_k: int, sign: float =
 
 
 def ranked_as_screened(score: pd.Series, sign: float) -> pd.Series:
-    """sign × score, with a NaN or infinite score below every finite one, as the screen ranks them (an overflow is
-    never the best): one such candidate no longer makes ρ and τ NaN."""
-    signed = sign * score.astype(float)
-    finite = np.isfinite(signed)
-    return signed.where(finite, signed[finite].min() - 1.0 if finite.any() else 0.0)
+    """sign × score, a NaN or infinite score below every finite one, as the allocators rank them: one such candidate
+    no longer makes ρ and τ NaN."""
+    return pd.Series(signed_non_finite_last(score, sign), index=score.index)
 
 
 def validation_table(trials: dict[str, dict], chosen: dict, scores: ModuleScores, modules, seed: int) -> pd.DataFrame:
