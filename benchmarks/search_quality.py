@@ -27,8 +27,8 @@ Per arm: best accuracy (model with the best mean over seeds, ± std over seeds),
 arm's models, models and trainings, device-hours and USD (training rows of the reports; the
 lora-search arm adds its probe), device-hours until the arm has a model within 0.5 point of the best
 model of any arm (its models trained in screen order), and ROI = gain of the arm's best over uniform_qv in accuracy points
-per USD (and per device-hour). Random search's hours are the mean over every order of its draws (its run
-lists them by the probe's proxy, which random search does not have). Picking the best of k on the eval split flatters arms with k > 1;
+per USD (and per device-hour). Random search's hours are the mean over every order of its draws (its
+expectation, not the one order a run happened to draw; before 2026-12-07 its run listed them by the proxy). Picking the best of k on the eval split flatters arms with k > 1;
 the table also gives the arm's mean model for that reason.
 
 Presets (both 1 epoch, lr 2e-3, batch 32, 2 trainings at a time on 1 thread each):
@@ -354,7 +354,7 @@ def _screen_rank(label: str) -> int:
 
 def _hours_to_within(arm: str, mine: pd.DataFrame, goal: float) -> float:
     """Device-hours an arm trains until a model is within WITHIN_PTS of `goal`: the search arms' survivors in screen
-    order; random search's draws in every order (mean): the screen lists them by the proxy, which random search lacks."""
+    order; random search's draws in every order (mean): its expectation, not the one order a run drew."""
     if arm == "random search":
         return C.expected_hours_to_reach(mine.accuracy, mine.device_hours, goal)
     in_order = mine.iloc[mine.label.map(_screen_rank).argsort(kind="stable")]
@@ -488,7 +488,7 @@ def markdown(arms, models, log, ctx, args, tables, runs_root: Path) -> str:
                   "the arm's training rows (device-hours × price, CPU $0.0446 per vCPU-hour) + the proxy probe for "
                   "both lora-search arms + the calibration trainings for the calibrated one. hours_to_within_0_5_of_best = "
                   "device-hours the arm spends (its probe and calibration, then its models in screen "
-                  "order; random search: the mean over every order of its draws, which the screen lists by the proxy) until "
+                  "order; random search: the mean over every order of its draws) until "
                   "a model is within 0.5 point of the best model of any arm; blank if none is. "
                   "p = Welch t-test over seeds (blank with one seed). uniform_all puts r=1 on every "
                   "Linear: the smallest rank already exceeds the band, so it trains more parameters (best_params).", ""]
