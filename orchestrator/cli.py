@@ -134,7 +134,7 @@ def compose(adapters: str = typer.Option(..., "--adapters", help="registered ada
         table, done = run_compose(registry, [a.strip() for a in adapters.split(",") if a.strip()], task, cfg, out_dir,
                                   register, model)
     except KeyboardInterrupt:  # registering is compose's last step and all-or-nothing: nothing was registered
-        written = (f"'{out_dir}' may hold unfinished adapters or report files" if out_dir.exists()
+        written = (f"'{out_dir}' may hold this run's adapters or report files beside older ones" if out_dir.exists()
                    else "nothing was written")
         raise Interrupted(f"compose stopped; nothing was registered; {written}; run it again") from None
     _say(summarise(table).drop(columns=["accuracy_std", "seeds"]).to_markdown(index=False, floatfmt=".4g"))

@@ -496,6 +496,7 @@ def save_composed(sources: list[Source], weights, head: Head, base_model: str, o
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from orchestrator.models import HEAD_MODULES, load_model
+    from orchestrator.report import replace_dir_atomically
 
     composed = concatenate(sources, weights)
     ranks = {name: A.shape[0] for name, (A, _) in composed.items()}
@@ -514,7 +515,7 @@ def save_composed(sources: list[Source], weights, head: Head, base_model: str, o
         raise RuntimeError(f"composed adapter did not load into PEFT: unexpected {result.unexpected_keys[:3]}, "
                            f"missing {missing[:3]}")
     out = Path(out_dir)
-    model.save_pretrained(out)
+    replace_dir_atomically(out, model.save_pretrained)  # a rerun with the same --out replaces it whole
     return out
 
 

@@ -676,25 +676,21 @@ class Registry:
             from safetensors.torch import save
 
             weights = save(decode(weights, "int8"), metadata={"format": "pt", "lora_search_precision": "int8-dequantised"})
-        staged = None
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        from orchestrator.report import replace_dir_atomically
+
+        def write(staged: Path) -> None:
             (staged / CONFIG_FILE).write_bytes(contents[CONFIG_FILE])
             (staged / WEIGHTS_FILE).write_bytes(weights)
             for file in SHORTCUT_FILES:
                 if file in contents:
                     (staged / file).write_bytes(contents[file])
             (staged / "registry_entry.json").write_text(json.dumps(entry.to_dict(), indent=1, default=str))
-            if out.exists():
-                out.rmdir()
-            os.replace(staged, out)
+
+        try:
+            replace_dir_atomically(out, write)
         except OSError as err:
             raise UserError(f"registry: cannot export to '{out}' ({err.strerror or err}); give a new directory you "
                             "can write") from None
-        finally:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
         return out
 
     def load(self, name: str, version: int | None = None, base_model: str | None = None):

@@ -39,6 +39,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -92,6 +94,27 @@ def replace_atomically(path: Path, writer: Callable[[str], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def replace_dir_atomically(path: Path, writer: Callable[[Path], None]) -> None:
+    """writer(staged directory) then swap it in for the directory `path`: a reader sees the old directory (or none)
+    or the whole new one, never a half-written one; on any error the old one stays."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))  # same file system: os.replace is atomic
+    old = path.with_name(f".{path.name}.{os.getpid()}-{next(_WRITES)}.old")
+    try:
+        writer(staged)
+        staged.chmod(0o755)  # mkdtemp makes 0700; results are as readable as any other file
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staged, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, writer: Callable[[str], None]) -> None:

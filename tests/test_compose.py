@@ -99,6 +99,25 @@ def test_concatenation_is_exact_sum_of_peft_deltas(sources, pool):
     assert sources[2].blocks[value].scaling == pytest.approx(4.0 * 2 / 2 ** 0.5)  # rsLoRA: alpha / √r
 
 
+def test_an_interrupted_save_keeps_the_adapter_an_earlier_compose_saved(sources, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    from peft import PeftModel
+
+    head = fit_head(np.random.default_rng(0).normal(size=(12, 32)), [0, 1] * 6, 2)
+    out = save_composed(sources, [1.0, 1.0, 1.0], head, str(tiny_model_dir), tmp_path / "composed")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(self, save_directory, **kwargs):
+        (Path(save_directory) / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_composed(sources, [0.5, -0.25, 1.0], head, str(tiny_model_dir), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".composed")) == []
+
+
 def test_saved_adapter_loads_with_peft_and_registry_and_matches_merged(sources, pool, tiny_model_dir, tmp_path, sentences):
     from peft import PeftModel
 
@@ -409,7 +428,7 @@ def test_ctrl_c_is_one_line_saying_what_was_written(monkeypatch, capsys, tmp_pat
     assert err == "interrupted: compose stopped; nothing was registered; nothing was written; run it again\n"
     (tmp_path / "out").mkdir()  # what it had saved (an adapter, a report file) by then
     code, _, err = cli(monkeypatch, capsys, *common, tmp_path / "out")
-    assert code == 130 and err.count("\n") == 1 and f"'{tmp_path / 'out'}' may hold unfinished adapters" in err
+    assert code == 130 and err.count("\n") == 1 and f"'{tmp_path / 'out'}' may hold this run's adapters or report files beside older ones" in err
 
 
 def test_seed_draws_the_few_shot_sample_not_the_eval_split(pool, tmp_path, sentences):

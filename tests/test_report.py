@@ -404,3 +404,29 @@ def test_the_other_stages_plots_leave_pyplot_alone(tmp_path):
     finally:
         matplotlib.use(backend)
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("c.png", "v.png", "m.png"))
+
+
+def test_replace_dir_atomically_swaps_in_the_whole_new_directory(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "stale.bin").write_text("old")
+    report.replace_dir_atomically(target, lambda staged: (staged / "weights.bin").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staged or old directory left
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_replace_dir_atomically_keeps_the_old_directory_when_the_writer_stops(tmp_path, existed):
+    target = tmp_path / "adapter"
+    if existed:
+        target.mkdir()
+        (target / "weights.bin").write_text("old")
+
+    def half_written(staged):
+        (staged / "weights.bin").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        report.replace_dir_atomically(target, half_written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["adapter"] if existed else [])
+    assert not existed or (target / "weights.bin").read_text() == "old"
