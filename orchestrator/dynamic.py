@@ -6,6 +6,8 @@ computes what the current allocation would. Their gradient is not zero, though: 
 with A random, i.e. the `grad_norm` proxy of a module that is off. Every `every` fraction of an
 epoch the accumulated per-unit scores go to an allocator (the same registry the screen uses), the
 masks move, and the optimizer state of dropped columns is cleared; surviving columns keep theirs.
+A column switched on later starts with empty AdamW moments, so its updates are bias-corrected by its own
+age, not the tensor's step count (as a fresh AdamW of its own would).
 
 Damping (a trust region): every switched-on column restarts at B = 0, so moving a lot of rank often
 throws training away (undamped, knapsack moved 336 rank units in 5 steps on Rotten Tomatoes and the
@@ -59,6 +61,8 @@ class DynamicReallocator:
         self.factors = {m.name: lora_factors(peft_model, m.name) for m in modules}  # (A, B) weights
         self.active = {m.name: initial.as_dict().get(m.name, 0) for m in modules}
         self.scores = {m.name: 0.0 for m in modules}
+        self.live_since = {m.name: [0] * self.max_rank for m in modules}  # optimizer step each column went live at
+        self.before_step: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (A, B) of late columns' modules
         self.reallocations = 0  # re-allocations that moved rank
         self.held = 0  # re-allocations the trust region refused (no proposal close and good enough)
         self.moved_rank = 0  # Σ |Δr| over all re-allocations
@@ -73,12 +77,14 @@ class DynamicReallocator:
         """What a restarted worker needs to go on as if it had not stopped (JSON-safe): the active ranks, the
         accumulated scores, the sampler's state and the counters the report shows."""
         return {"active": self.active, "scores": self.scores, "rng": self.rng.bit_generator.state,
-                "reallocations": self.reallocations, "held": self.held, "moved_rank": self.moved_rank}
+                "reallocations": self.reallocations, "held": self.held, "moved_rank": self.moved_rank,
+                "live_since": self.live_since}
 
     def load_state(self, state: dict) -> None:
         self.active, self.scores = state["active"], state["scores"]
         self.rng.bit_generator.state = state["rng"]
         self.reallocations, self.held, self.moved_rank = state["reallocations"], state["held"], state["moved_rank"]
+        self.live_since = state.get("live_since", self.live_since)  # older checkpoints: every column as if live from 0
         self._park_a()  # the restored weights: the masked rows of A as the checkpoint holds them
 
     def after_backward(self) -> None:
@@ -91,8 +97,12 @@ class DynamicReallocator:
             a = self.factors[name][0]
             if a.grad is not None:
                 a.grad[self.active[name]:, :] = 0  # rows of A that feed masked columns stay as parked
+        self.before_step = {name: (a.detach().clone(), b.detach().clone()) for name, (a, b) in self.factors.items()
+                            if any(self.live_since[name][:self.active[name]])}
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After optimizer.step() and before the learning-rate schedule steps."""
+        self._correct_late_columns(optimizer)
         self._zero_masked_weights()  # weight decay or stale moments must not revive a masked column
         # not at an epoch's end nor after the last step: the epoch's eval (early stopping's signal) and checkpoint
         # would see trained columns zeroed and new ones untrained
@@ -106,9 +116,14 @@ class DynamicReallocator:
         if new is None:
             self.held += 1
             return
+        self.move_to(new, optimizer)
+
+    def move_to(self, new: dict[str, int], optimizer: torch.optim.Optimizer) -> None:
         for name, rank in new.items():
             if rank < self.active[name]:
                 self._clear_columns(name, rank, optimizer)
+            for column in range(self.active[name], rank):
+                self.live_since[name][column] = int(optimizer.state[self.factors[name][1]].get("step", 0))
         self.moved_rank += moved_rank(self.active, new)
         self.active = new
         self.reallocations += 1
@@ -135,6 +150,26 @@ class DynamicReallocator:
         for name, (a, b) in self.factors.items():
             b[:, self.active[name]:] = 0
             a[self.active[name]:, :] = self.parked_a[name][self.active[name]:, :]
+
+    @torch.no_grad()
+    def _correct_late_columns(self, optimizer: torch.optim.Optimizer) -> None:
+        """AdamW divides every element's moments by 1 − β^t, t the tensor's step count; a column that went live at
+        step t0 has moments only k = t − t0 steps old, so its update was 1/f of a fresh AdamW's (f below: 1.9 at t = 6,
+        k = 1, a step too small; 0.16 at t = 2,000, k = 10, six times too large). Rescale this step's update of
+        those columns by f: exact up to eps, whatever the step count."""
+        group = optimizer.param_groups[0]  # train.py's AdamW has one group
+        (beta1, beta2), decay = group["betas"], 1 - group["lr"] * group["weight_decay"]
+        for name, (a_before, b_before) in self.before_step.items():
+            a, b = self.factors[name]
+            t = int(optimizer.state[b]["step"])
+            k = torch.tensor([t - since for since in self.live_since[name]], dtype=torch.float64)
+            f = ((1 - beta1 ** t) / (1 - beta1 ** k) * ((1 - beta2 ** k) / (1 - beta2 ** t)).sqrt()).to(b.dtype)
+            late = torch.tensor(self.live_since[name]) > 0
+            late[self.active[name]:] = False
+            decayed_a, decayed_b = a_before[late] * decay, b_before[:, late] * decay
+            a[late] = decayed_a + f[late, None] * (a[late] - decayed_a)
+            b[:, late] = decayed_b + f[None, late] * (b[:, late] - decayed_b)
+        self.before_step = {}
 
     @torch.no_grad()
     def _clear_columns(self, name: str, keep: int, optimizer: torch.optim.Optimizer) -> None:

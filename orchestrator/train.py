@@ -373,8 +373,8 @@ def optimizer_step(model, adapted: Adapted, group: list[dict], optimizer, schedu
         losses.append(value)
     adapted.after_backward()
     optimizer.step()
+    adapted.after_step(step, optimizer)  # at the rate this step used
     scheduler.step()
-    adapted.after_step(step, optimizer)
     optimizer.zero_grad(set_to_none=True)
     return losses
 

@@ -160,3 +160,32 @@ def test_a_restarted_worker_goes_on_as_if_it_had_not_stopped(tiny_model_dir, tin
     restarted.load_state(saved)
     assert restarted.state() == saved
     assert restarted.rng.random() == dynamic.rng.random()  # the next draw is the one the first worker would make
+
+
+def test_a_column_switched_on_late_steps_as_a_fresh_adamw_would(tiny_model_dir, tiny_split):
+    """Its moments start empty at step t0 while AdamW bias-corrects by the tensor's step count t: at t = 6 its
+    first step was half a fresh AdamW's, and at t = 2,000 its tenth six times larger. Its steps now follow an
+    AdamW of its own, replayed here on the gradients it got."""
+    model, modules, _, dynamic, loader = _setup(tiny_model_dir, tiny_split)
+    dynamic.interval = 10**6  # only the move below
+    other = next(m.name for m in modules if m.type == "value")
+    lr, (beta1, beta2), eps = 5e-2, (0.9, 0.999), 1e-12  # the rescale is exact up to eps; some gradients here are 1e-6
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps, weight_decay=0.0)
+    batches = iter(loader)
+    grads = []
+    for step in range(8):
+        model(**next(batches)).loss.backward()
+        dynamic.after_backward()
+        if step >= 5:
+            grads.append(lora_factors(model, other)[1].grad[:, :2].clone())
+        optimizer.step()
+        dynamic.after_step(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if step == 4:
+            dynamic.move_to({name: 0 for name in dynamic.active} | {other: 2}, optimizer)
+    assert dynamic.live_since[other] == [5, 5]
+    m = v = want = torch.zeros_like(grads[0])  # B of a switched-on column starts at 0
+    for k, g in enumerate(grads, start=1):
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        want = want - lr * (m / (1 - beta1 ** k)) / ((v / (1 - beta2 ** k)).sqrt() + eps)
+    torch.testing.assert_close(lora_factors(model, other)[1][:, :2], want, rtol=1e-4, atol=1e-7)
