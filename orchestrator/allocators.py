@@ -103,15 +103,23 @@ def _reachable(costs: list[list[int]], low: int, high: int, lora: list[bool] | N
 # ---------------------------------------------------------------- the sampled distribution
 
 
-def distribution_space(space: SpaceConfig) -> dict:
-    """Ray Tune search space of the allocation distribution (given to OptunaSearch)."""
+def distribution_space(space: SpaceConfig, caps: list[int]) -> dict:
+    """Ray Tune search space of the allocation distribution (given to OptunaSearch); `caps`: reachable_caps."""
     from ray import tune
 
     types = list(space.module_types) + [f"shortcut.{kind}" for kind in space.shortcuts]
     params = {f"w_{t}": tune.uniform(0.0, 1.0) for t in types}
     params["depth_bias"] = tune.uniform(-1.0, 1.0)
-    params["max_rank"] = tune.choice(space.ranks)
+    params["max_rank"] = tune.choice(caps)
     return params
+
+
+def reachable_caps(modules: list[AdaptableModule], ranks: list[int], budget: Budget) -> list[int]:
+    """The rank caps (max_rank) under which an allocation can fill the band: under a lower one every module at the
+    cap stays below it, so a trial drawing it finds nothing, is recorded FAIL, and TPE, which ignores failed
+    trials, never learns to avoid it (full_space.yaml: 1 of its 5 caps)."""
+    everything = sum(m.params_per_rank for m in modules)
+    return [r for r in ranks if everything * r >= budget.low]
 
 
 def sample_allocations(params: dict, modules: list[AdaptableModule], ranks: list[int], budget: Budget,
@@ -420,8 +428,7 @@ class OptunaDistribution(Allocator):
 
     def generate(self, values, modules, ranks, budget, count, rng, caps):
         types = list(dict.fromkeys(m.type for m in modules))
-        everything = sum(m.params_per_rank for m in modules)
-        reachable = [r for r in ranks if everything * r >= budget.low]  # a lower cap can never fill the band
+        reachable = reachable_caps(modules, ranks, budget)
         if not reachable or not _feasible(modules, ranks, budget):
             return
         seen: set[str] = set()

@@ -17,7 +17,7 @@ import pandas as pd
 
 from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
-from orchestrator.allocators import baseline_allocations, make_budget, space_modules
+from orchestrator.allocators import baseline_allocations, make_budget, reachable_caps, space_modules
 from orchestrator.config import CALIBRATED, RunConfig, absolute_path, flat_keys
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
@@ -413,7 +413,9 @@ def warm_start(cfg: RunConfig, modules, searchable, budget, resume: bool) -> tup
         return warm, recorded["outside_the_search"], recorded["points"]
     earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
     warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
-    return warm, len(earlier) - len(warm), warm_start_points(cfg.screen.warm_start_from, cfg.space, cfg.screen.survivors)
+    caps = reachable_caps(searchable, cfg.space.ranks, budget)
+    return warm, len(earlier) - len(warm), warm_start_points(cfg.screen.warm_start_from, cfg.space, caps,
+                                                             cfg.screen.survivors)
 
 
 def _recorded_warm_start(cfg: RunConfig) -> dict | None:
@@ -436,7 +438,7 @@ def inside_the_search(allocations: list[Allocation], searchable, ranks: list[int
     return kept
 
 
-def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
+def warm_start_points(run_dir: str | None, space, caps: list[int], count: int) -> list[dict]:
     """The earlier run's best screen-trial distributions that fit this space: Optuna tries them first
     (OptunaSearch points_to_evaluate → enqueue_trial). A run screened without Optuna gives none."""
     if run_dir is None:
@@ -451,9 +453,9 @@ def warm_start_points(run_dir: str | None, space, count: int) -> list[dict]:
         study = optuna.load_study(study_name=name, storage=open_storage(url, create=False))
     except (UserError, KeyError):
         return []
-    keys = set(distribution_space(space))
+    keys = set(distribution_space(space, caps))
     fitting = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and set(t.params) == keys
-               and t.params["max_rank"] in space.ranks]
+               and t.params["max_rank"] in caps]
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
     fitting.sort(key=lambda t: -sign * t.values[0])
     return [dict(t.params) for t in fitting[:count]]

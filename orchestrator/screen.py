@@ -23,7 +23,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.allocation import Allocation
-from orchestrator.allocators import Budget, distribution_space, get_allocator, sample_allocations
+from orchestrator.allocators import Budget, distribution_space, get_allocator, reachable_caps, sample_allocations
 from orchestrator.errors import Interrupted, UserError
 from orchestrator.config import RunConfig
 from orchestrator.data import TaskData
@@ -146,7 +146,7 @@ def run_screen(cfg: RunConfig, context: ScreenContext, points: list[dict] = ()) 
         forget_unrecorded_trials(cfg)
         tuner = tune.Tuner(
             trainable,
-            param_space=distribution_space(cfg.space),
+            param_space=distribution_space(cfg.space, reachable_caps(context.modules, context.ranks, context.budget)),
             # A trial is milliseconds of arithmetic: reusing a finished trial's process for the next one saves
             # most of its cost (a process start and its imports).
             tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg, list(points)),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator.allocators import (Budget, _reachable, baseline_allocations, distribution_space, make_budget,
-                                     sample_allocations, space_modules)
+                                     reachable_caps, sample_allocations, space_modules)
 from orchestrator.allocation import budget_params
 from orchestrator.config import MODULE_TYPES, BudgetConfig, SpaceConfig
 from orchestrator.errors import UserError
@@ -188,9 +188,22 @@ def test_baseline_without_names(tiny_modules):
 
 
 def test_distribution_space_keys():
-    params = distribution_space(space(module_types=["query", "value"]))
+    params = distribution_space(space(module_types=["query", "value"]), RANKS)
     assert set(params) == {"w_query", "w_value", "depth_bias", "max_rank"}
     assert params["max_rank"].categories == RANKS
+
+
+def test_the_screen_offers_only_rank_caps_that_can_fill_the_band(tiny_modules):
+    """A trial drawing a lower cap finds no candidate and is recorded FAIL, which TPE ignores: it would keep
+    drawing it."""
+    everything = sum(m.params_per_rank for m in tiny_modules)
+    budget = Budget(everything * 3, 0.5)  # the band starts at every module at rank 1.5
+    caps = reachable_caps(tiny_modules, RANKS, budget)
+    assert caps == [2, 4, 8]
+    rng = np.random.default_rng(0)
+    for cap in RANKS:
+        params = {f"w_{m.type}": 1.0 for m in tiny_modules} | {"depth_bias": 0.0, "max_rank": cap}
+        assert bool(sample_allocations(params, tiny_modules, RANKS, budget, 5, rng)) == (cap in caps), cap
 
 
 def test_a_survivor_equal_to_a_baseline_leaves_the_baseline_its_own_row(tiny_modules, capsys):

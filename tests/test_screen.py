@@ -15,7 +15,7 @@ def suggestions(tmp_path, sampler: str, finish_newest_first: bool) -> list[dict]
     cfg = load_config(None, [f"results_dir={tmp_path}", f"name={sampler}-{finish_newest_first}", f"screen.sampler={sampler}"])
     cfg.run_dir.mkdir(parents=True)
     searcher = search_algorithm(cfg, [])
-    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    searcher.set_search_properties(None, None, distribution_space(cfg.space, cfg.space.ranks))
     live, suggested = [], []
     while len(suggested) < TRIALS or live:
         while len(suggested) < TRIALS and (config := searcher.suggest(f"t{len(suggested)}")) is not None:
@@ -49,6 +49,7 @@ def test_a_screen_resumed_after_tune_lost_its_record_starts_its_study_over(run_t
 
     import optuna
 
+    from orchestrator.allocators import reachable_caps
     from orchestrator.screen import run_screen
 
     [(cfg, first, context)] = run_tiny_screens(["name=lost", "space.ranks=[1,2,4]", "screen.proxies=[grad_norm,params]",
@@ -57,6 +58,9 @@ def test_a_screen_resumed_after_tune_lost_its_record_starts_its_study_over(run_t
     again = run_screen(cfg, context)
     study = optuna.load_study(study_name="screen", storage=f"sqlite:///{cfg.run_dir / 'study.db'}")
     assert len(study.trials) == 4  # the screen's trials once, not the lost ones too
+    # on the tiny model, every module at rank 1 or 2 stays under this budget: the screen offers only max_rank 4
+    assert reachable_caps(context.modules, context.ranks, context.budget) == [4]
+    assert {t.distributions["max_rank"].choices for t in study.trials} == {(4,)}
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == again.screen_trial.nunique()
     assert again[["candidate_id", "survivor"]].equals(first[["candidate_id", "survivor"]])
 

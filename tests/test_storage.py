@@ -196,7 +196,7 @@ def test_each_sampler_drives_the_study(sampler, cls, objectives, tmp_path):
     cfg = load_config(None, [f"results_dir={tmp_path}", f"screen.sampler={sampler}", "screen.direction=minimize"])
     cfg.run_dir.mkdir(parents=True)
     searcher = _searcher(cfg, [])
-    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    searcher.set_search_properties(None, None, distribution_space(cfg.space, cfg.space.ranks))
     for i in range(4):
         config = searcher.suggest(f"t{i}")
         assert 0 <= config["w_query"] <= 1 and config["max_rank"] in cfg.space.ranks

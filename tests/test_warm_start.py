@@ -75,7 +75,7 @@ def _earlier_study(run_dir, space, values, direction="maximize"):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None}}}))
     study = optuna.create_study(study_name="screen", storage=f"sqlite:///{run_dir / 'study.db'}", direction=direction)
-    keys = list(distribution_space(space))
+    keys = list(distribution_space(space, space.ranks))
     for value in values:
         trial = study.ask()
         for key in keys:  # the same names and distributions as the Tune space the screen gives OptunaSearch
@@ -91,11 +91,15 @@ def test_warm_start_points_are_the_best_earlier_distributions(tmp_path):
 
     space = SpaceConfig(ranks=[2, 4, 8])
     params = _earlier_study(tmp_path / "earlier", space, [0.1, 0.9, 0.5])
-    assert warm_start_points(str(tmp_path / "earlier"), space, count=2) == [params[1], params[2]]
-    assert warm_start_points(None, space, count=2) == []
+    assert warm_start_points(str(tmp_path / "earlier"), space, space.ranks, count=2) == [params[1], params[2]]
+    assert warm_start_points(None, space, space.ranks, count=2) == []
     # another space (other module types, or ranks the earlier max_rank is not among): nothing to enqueue
-    assert warm_start_points(str(tmp_path / "earlier"), SpaceConfig(module_types=["query", "value"], ranks=[2, 4, 8]), 2) == []
-    assert warm_start_points(str(tmp_path / "earlier"), SpaceConfig(ranks=[3, 5]), 2) == []
+    other_types = SpaceConfig(module_types=["query", "value"], ranks=[2, 4, 8])
+    assert warm_start_points(str(tmp_path / "earlier"), other_types, other_types.ranks, 2) == []
+    assert warm_start_points(str(tmp_path / "earlier"), SpaceConfig(ranks=[3, 5]), [3, 5], 2) == []
+    # a cap under which this budget cannot be filled is not among the screen's choices: not enqueued either
+    reachable = [r for r in space.ranks if r != params[1]["max_rank"]]
+    assert params[1] not in warm_start_points(str(tmp_path / "earlier"), space, reachable, count=3)
 
 
 def test_minimised_study_gives_its_lowest_values_first(tmp_path):
@@ -104,7 +108,7 @@ def test_minimised_study_gives_its_lowest_values_first(tmp_path):
 
     space = SpaceConfig(ranks=[2, 4, 8])
     params = _earlier_study(tmp_path / "earlier", space, [0.1, 0.9], direction="minimize")
-    assert warm_start_points(str(tmp_path / "earlier"), space, count=1) == [params[0]]
+    assert warm_start_points(str(tmp_path / "earlier"), space, space.ranks, count=1) == [params[0]]
 
 
 def test_enqueued_points_are_the_first_trials_and_marked(tmp_path):
@@ -116,9 +120,9 @@ def test_enqueued_points_are_the_first_trials_and_marked(tmp_path):
     cfg.run_dir.mkdir(parents=True)
     point = {"w_query": 0.9, "w_key": 0.1, "w_value": 0.8, "w_attention.output.dense": 0.2,
              "w_intermediate.dense": 0.3, "w_output.dense": 0.4, "depth_bias": -0.5, "max_rank": cfg.space.ranks[0]}
-    point = {k: point[k] for k in distribution_space(cfg.space)}
+    point = {k: point[k] for k in distribution_space(cfg.space, cfg.space.ranks)}
     searcher = _searcher(cfg, [point])
-    searcher.set_search_properties(None, None, distribution_space(cfg.space))
+    searcher.set_search_properties(None, None, distribution_space(cfg.space, cfg.space.ranks))
     assert searcher.suggest("first") == point
     assert searcher.suggest("second") != point
 
