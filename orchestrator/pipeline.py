@@ -269,7 +269,7 @@ def tuned_learning_rates(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -
 
 
 def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.DataFrame:
-    from orchestrator.screen import ScreenContext, run_screen, write_screen
+    from orchestrator.screen import ScreenContext, run_screen, survivor_shortfall, write_screen
 
     task = load_task(cfg.data)  # validate everything before the run directory exists
     base = load_model(cfg.model.name, task.num_labels)
@@ -305,6 +305,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     else:
         screen = run_screen(cfg, ScreenContext.from_config(cfg, searchable, budget, scores), points)
         write_screen(screen, cfg.run_dir)
+    if shortfall := survivor_shortfall(screen, cfg):
+        print(shortfall, flush=True)
 
     allocations = _allocations_to_train(screen, modules, budget, cfg, warm)
     variants = _routed_variants(allocations, cfg)

@@ -231,6 +231,18 @@ def _survivors(rows: list[dict], context: ScreenContext, survivors: int, by_scor
     return table.loc[order.sort_values(na_position="last", kind="stable").index].reset_index(drop=True)
 
 
+def survivor_shortfall(table: pd.DataFrame, cfg: RunConfig) -> str | None:
+    """A line for a screen that kept fewer survivors than screen.survivors asked (too few distinct candidates, or
+    too few with a finite score: a non-finite one never survives), else None."""
+    kept, asked = int(table.survivor.sum()), cfg.screen.survivors
+    if kept >= asked:
+        return None
+    score = table[f"proxy_{cfg.screen.rank_by}"].astype(float)
+    trains = f"{kept} searched model{'s' * (kept != 1)}" if kept else "the baselines only"
+    return (f"screen: {kept} of {asked} survivors ({len(table)} distinct candidates, {int((~np.isfinite(score)).sum())} "
+            f"with a non-finite {cfg.screen.rank_by} score); the run trains {trains}")
+
+
 def write_screen(table: pd.DataFrame, run_dir: Path) -> None:
     from orchestrator.report import write_atomic
 

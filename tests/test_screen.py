@@ -95,6 +95,25 @@ def test_the_first_rows_of_the_screen_are_its_survivors_even_with_tied_scores(ti
     assert table.candidate_id.iloc[-3:].tolist() == ["c007", "c008", "c009"]
 
 
+def test_a_screen_that_keeps_fewer_survivors_than_asked_says_so(tiny_modules, tmp_path):
+    """A non-finite score never survives: an all-NaN proxy left a run that trained only its baselines, silently."""
+    from orchestrator.allocators import Budget
+    from orchestrator.config import load_config
+    from orchestrator.proxies import ModuleScores
+    from orchestrator.screen import ScreenContext, _survivors, survivor_shortfall
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", "screen.rank_by=params", "screen.survivors=3"])
+    context = ScreenContext(tiny_modules, [1], Budget(128, 0.05), ModuleScores(unit={"params": {}}), 4, "params", 1.0, 0)
+    rows = [{"candidate_id": f"c{i}", "proxy_params": value} for i, value in enumerate([1.0, float("nan"), float("inf")])]
+    assert survivor_shortfall(_survivors(rows, context, 3), cfg) == (
+        "screen: 1 of 3 survivors (3 distinct candidates, 2 with a non-finite params score); the run trains 1 searched model")
+    rows[0]["proxy_params"] = float("nan")
+    assert survivor_shortfall(_survivors(rows, context, 3), cfg).endswith("3 with a non-finite params score); the run "
+                                                                       "trains the baselines only")
+    rows = [{"candidate_id": f"c{i}", "proxy_params": float(i)} for i in range(3)]
+    assert survivor_shortfall(_survivors(rows, context, 3), cfg) is None
+
+
 def test_a_random_screens_survivors_are_its_first_draws_not_the_proxys_pick(tiny_modules, tmp_path):
     """screen.allocator=random is the control random search is: it trains draws no score chose. Ranked by the
     proxy, its survivors were random proposals plus proxy selection."""
