@@ -45,14 +45,17 @@ class Allocation:
         for item in filter(None, (part.strip() for part in text.split(","))):
             if is_shortcut_item(item):
                 spec = ShortcutSpec.parse(item)
-                ranks[spec.name] = spec.rank
-                continue
-            short, _, rank = item.rpartition(":")
-            if short not in by_short or not (rank.isascii() and rank.isdigit()):
-                example = f"{modules[0].short}:8" if modules else "L0.query:8"
-                raise UserError(f"allocation: '{item}' is not `L<layer>.<module type>:<rank>` for this model; "
-                                f"e.g. {example} (see `lora-search modules`)")
-            ranks[by_short[short]] = int(rank)
+                name, rank = spec.name, spec.rank
+            else:
+                short, _, rank = item.rpartition(":")
+                if short not in by_short or not (rank.isascii() and rank.isdigit()):
+                    example = f"{modules[0].short}:8" if modules else "L0.query:8"
+                    raise UserError(f"allocation: '{item}' is not `L<layer>.<module type>:<rank>` for this model; "
+                                    f"e.g. {example} (see `lora-search modules`)")
+                name, rank = by_short[short], int(rank)
+            if name in ranks:  # the later one silently won
+                raise UserError(f"allocation: '{item}' gives a module a second rank in '{text}'; give each module once")
+            ranks[name] = rank
         return cls.from_ranks(ranks)
 
     def as_dict(self) -> dict[str, int]:

@@ -173,6 +173,13 @@ def test_from_compact_refuses_bad_items(text, tiny_modules):
         Allocation.from_compact(text, tiny_modules)
 
 
+@pytest.mark.parametrize("text", ["L0.query:8,L0.query:4", "L0.query:8,L1.shortcut.residual:2,L1.shortcut.residual:4"])
+def test_from_compact_refuses_a_module_given_twice(text, tiny_modules):
+    """The later rank silently won."""
+    with pytest.raises(UserError, match=r"^allocation: 'L\d\.[a-z.]+:4' gives a module a second rank in"):
+        Allocation.from_compact(text, tiny_modules)
+
+
 def test_check_against_accepts_exact_names(tiny_model):
     Allocation.from_ranks(MIXED).check_against(tiny_model)
     Allocation.from_ranks({m.name: 1 for m in adaptable_modules(tiny_model)}).check_against(tiny_model)
