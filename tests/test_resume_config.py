@@ -144,6 +144,19 @@ def test_a_run_that_recorded_a_relative_storage_path_resumes_from_its_directory(
                                     resume=True) == cfg.run_dir
 
 
+def test_a_run_that_recorded_a_relative_data_file_resumes_from_its_directory(tmp_path, monkeypatch):
+    """Until 2026-12-07 run.json kept a local model.name, data.task and data.eval_path as written."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data.task=train.csv", "data.eval_path=eval.csv"]
+    cfg = _started(tmp_path, overrides)
+    stored = json.loads((cfg.run_dir / "run.json").read_text())
+    assert stored["config"]["data"]["task"] == str(tmp_path / "train.csv")
+    stored["config"]["data"] |= {"task": "train.csv", "eval_path": "eval.csv"}  # as an older version wrote them
+    (cfg.run_dir / "run.json").write_text(json.dumps(stored))
+    again = load_config(None, [f"results_dir={tmp_path}", "name=job", *overrides])
+    assert pipeline.prepare_run_dir(again, resume=True) == cfg.run_dir
+
+
 @pytest.mark.parametrize("damage, problem", [("", "cannot be read"), ("[1, 2]", "has no 'config'")])
 def test_a_damaged_run_json_is_one_line_on_resume(tmp_path, damage, problem):
     cfg = _started(tmp_path)
