@@ -23,6 +23,8 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
 from orchestrator.proxies import ModuleScores
+from orchestrator.routing import check_expert_counts
+from orchestrator.shortcuts import is_shortcut_item
 from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, check_trainings_fit, finished_jobs, run_training
 
@@ -283,6 +285,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     modules = searchable_units(base, adaptable_modules(base), cfg.space.shortcuts)  # + shortcut sites, if searched
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
+    if cfg.routing.enabled:  # survivors are routed at their LoRA modules, within the budget
+        check_expert_counts(base, [m.name for m in searchable if not is_shortcut_item(m.name)], cfg.routing.num_experts,
+                            cfg.routing.mode, budget.high)
     warm, outside, points = warm_start(cfg, modules, searchable, budget, resume)
     if cfg.screen.rank_by == CALIBRATED:
         calibrate.check_calibratable(cfg, modules, budget)

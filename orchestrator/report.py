@@ -10,7 +10,8 @@ Per row (one trained model and seed), on top of the trial metrics and `proxy_<na
 - `params_pct_of_base` = 100 · trainable_params / base_params (the base model's parameter count from
   run.json `base_params`); NaN when the base size is unknown.
 - `num_adapted_modules`, `total_rank` (Σ rank) and `adapters_per_type` (adapters per module type in
-  model order, e.g. `query:6,value:6`), read from the allocation.
+  model order, e.g. `query:6,value:6`), read from the allocation; a routed model's are its routed sites and Σ
+  expert rank (`routed_modules`, `expert_rank_sum`), its types blank.
 - `gain_vs_<baseline>` = 100 · (accuracy − mean accuracy of that baseline over its seeds), in
   accuracy points, for every baseline label; NaN on the baseline's own rows.
 - `roi_baseline`: the baseline ROI is measured against (the first of run.json `train.baselines`
@@ -192,6 +193,12 @@ def compact_allocation(ranks: dict[str, int], module_order: list[str] | None = N
 
 
 def _allocation_summary(row) -> tuple[int, int, str]:
+    """(adapted modules, Σ rank, adapters per type). A routed model's come from its trial: budget_expert_ranks drops
+    sites and shrinks ranks, so its plain allocation overstates both; its trial does not name the sites it kept,
+    so their types stay blank."""
+    if getattr(row, "kind", None) == "routed":
+        sites, rank = getattr(row, "routed_modules", np.nan), getattr(row, "expert_rank_sum", np.nan)
+        return (np.nan, np.nan, "") if pd.isna(sites) or pd.isna(rank) else (int(sites), int(rank), "")
     cells = allocation_cells(getattr(row, "ranks_json", None), getattr(row, "allocation", None))
     counts = pd.Series([t for _, t in cells]).value_counts() if cells else pd.Series(dtype=int)
     per_type = ",".join(f"{t}:{counts[t]}" for t in ordered_types(counts.index))
@@ -425,10 +432,11 @@ def aggregate(report: pd.DataFrame) -> pd.DataFrame:
 def proxy_correlations(report: pd.DataFrame) -> pd.DataFrame:
     """Spearman ρ (and its p-value) of each proxy vs mean accuracy over the trained models.
 
-    NaN when fewer than 3 distinct models were trained or a proxy is constant over them.
+    Routed models are left out: each has its plain allocation's scores, so counting it would count that allocation
+    again. NaN when fewer than 3 distinct models were trained or a proxy is constant over them.
     """
     proxies = [c for c in report.columns if c.startswith("proxy_")]
-    models = report.groupby("candidate_id", sort=False).agg(
+    models = report[report.kind != "routed"].groupby("candidate_id", sort=False).agg(
         accuracy=("accuracy", "mean"), **{p: (p, "first") for p in proxies})
     rows = []
     for proxy in proxies:
@@ -817,7 +825,8 @@ def _sections(report: pd.DataFrame, majority_rate: float, context: dict | None, 
     rho = proxy_correlations(report)
     if not rho.empty:
         blocks += [("h2", "Proxies vs accuracy"), ("table", rho),
-                   ("p", "Signed Spearman ρ over the trained models (NaN with fewer than 3). A negative ρ means the "
+                   ("p", "Signed Spearman ρ over the trained models, routed ones aside (they share their allocation's "
+                         "proxy scores; NaN with fewer than 3). A negative ρ means the "
                          "proxy ranks allocations backwards on this task: set `screen.direction` accordingly.")]
     costs = context.get("costs")
     if costs:

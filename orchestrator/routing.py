@@ -60,7 +60,7 @@ from orchestrator.report import replace_atomically
 
 __all__ = [
     "RoutedLoRALinear", "RoutingConfig", "RoutingState", "attach_routed_adapters", "save_routed", "load_routed",
-    "load_routed_weights", "budget_expert_ranks",
+    "load_routed_weights", "budget_expert_ranks", "check_expert_counts",
     "train_routed", "measure_inference", "ROUTER_MODES", "GATINGS", "AUX_KINDS",
 ]
 
@@ -447,6 +447,32 @@ def _router_width(model: nn.Module) -> int:
     return width
 
 
+def _site_costs(model: nn.Module, names, mode: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per named Linear: the parameters of one rank of LoRA (in + out) and of one expert's router row (inputs + bias)."""
+    linears = dict(model.named_modules())
+    bad = [n for n in names if not isinstance(linears.get(n), nn.Linear)]
+    _need(not bad, "routing.modules", f"{bad[:2]} are not nn.Linear modules of the model", "route LoRA modules only")
+    router_in = _router_width(model) if mode == "per_input" else None
+    return ({n: linears[n].in_features + linears[n].out_features for n in names},
+            {n: (router_in or linears[n].in_features) + 1 for n in names})
+
+
+def _need_room(fits: bool, experts: int, budget: int) -> None:
+    _need(fits, "routing.num_experts", f"{experts} rank-1 experts and a router do not fit in {budget:,} parameters",
+          "use fewer experts or a larger space.budget")
+
+
+def check_expert_counts(model: nn.Module, names: Sequence[str], num_experts: Sequence[int], mode: str,
+                        budget_high: int) -> None:
+    """Refuse an expert count that budget_expert_ranks refuses for every allocation of these modules within
+    `budget_high` LoRA parameters: E rank-1 experts and a router cost more than that even at the cheapest site.
+    A run checks before its screen; each routed job would otherwise fail only after it and the plain trainings."""
+    width, router_row = _site_costs(model, names, mode)
+    cheapest = min(width[n] + router_row[n] for n in names)
+    for e in num_experts:
+        _need_room(e * cheapest <= budget_high, e, budget_high)
+
+
 def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts: int,
                         mode: str = "per_input") -> dict[str, list[int]]:
     """Expert ranks per routed site so that experts + routers ≈ plain LoRA at `ranks` (never above it).
@@ -458,19 +484,14 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
     rounding leaves over goes, one rank at a time, to the sites furthest below their share: the
     result is under the budget by less than one rank of one site.
     """
-    linears = dict(model.named_modules())
-    bad = [n for n in ranks if not isinstance(linears.get(n), nn.Linear)]
-    _need(not bad, "routing.modules", f"{bad[:2]} are not nn.Linear modules of the model", "route LoRA modules only")
     e = num_experts
-    width = {n: linears[n].in_features + linears[n].out_features for n in ranks}
-    router_in = _router_width(model) if mode == "per_input" else None
-    router = {n: e * ((router_in or linears[n].in_features) + 1) for n in ranks}
+    width, router_row = _site_costs(model, ranks, mode)
+    router = {n: e * router_row[n] for n in ranks}
     budget = sum(r * width[n] for n, r in ranks.items())
     sites = sorted(ranks, key=lambda n: -ranks[n])  # stable: model order among equal ranks
     while sites and sum(e * width[n] + router[n] for n in sites) > budget:
         sites.pop()
-    _need(bool(sites), "routing.num_experts", f"{e} rank-1 experts and a router do not fit in {budget:,} parameters",
-          "use fewer experts or a larger space.budget")
+    _need_room(bool(sites), e, budget)
     share = (budget - sum(router[n] for n in sites)) / sum(ranks[n] * width[n] for n in sites)
     total = {n: max(e, int(share * ranks[n])) for n in sites}
     cost = lambda: sum(total[n] * width[n] + router[n] for n in sites)  # noqa: E731

@@ -296,6 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
         _cap_address_space(32 * 2**20)  # the first training step needs more: it fails as a real OOM does
 
     epochs = math.ceil(steps / steps_per_epoch)
+    peak_mb = 0.0  # this process's, over its epochs so far
     for epoch in range(start_epoch, epochs):
         seed_epoch(train_loader, job.seed, epoch)
         model.train()
@@ -305,7 +306,8 @@ def train_loop_per_worker(config: dict) -> None:
             losses += optimizer_step(model, adapted, group, optimizer, scheduler, step, use_bf16, fault=fault)
         elapsed += time.perf_counter() - started
         metrics = epoch_metrics(adapted, eval_loader, validation_loader, device,
-                                measure_inference=cfg.routing.enabled)
+                                measure_inference=cfg.routing.enabled, peak_before=peak_mb)
+        peak_mb = metrics["peak_memory_mb"]
         metrics.update(epoch=epoch + 1, epochs_planned=epochs, train_wall_s=elapsed,
                        train_loss=_over_workers(float(np.mean(losses)), device, mean=True),  # each worker's shard
                        trained_params=trained_params, head_params=n_head, device="gpu" if device.type == "cuda" else "cpu",
@@ -318,15 +320,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def epoch_metrics(adapted: Adapted, eval_loader, validation_loader, device: torch.device,
-                  measure_inference: bool) -> dict:
-    """End of an epoch: eval (and validation) metrics, the epoch's peak memory and, with `measure_inference`
-    (routing runs: plain and routed alike, for the comparison), a second, measured inference pass."""
+                  measure_inference: bool, peak_before: float = 0.0) -> dict:
+    """End of an epoch: eval (and validation) metrics, the peak memory of the training so far (at least `peak_before`,
+    the earlier epochs') and, with `measure_inference` (routing runs: plain and routed alike, for the comparison), a
+    second, measured inference pass."""
     metrics = evaluate(adapted.peft_model, eval_loader, device)
     if validation_loader is not None:
         validation = evaluate(adapted.peft_model, validation_loader, device)
         metrics.update(val_accuracy=validation["accuracy"], val_f1=validation["f1"])
-    # Read before inference_metrics: its measurement resets the process's peak (VmHWM and ru_maxrss on CPU).
-    metrics["peak_memory_mb"] = _over_workers(_peak_memory_mb(device), device)
+    # Read before inference_metrics: its measurement resets the process's peak (VmHWM and ru_maxrss on CPU, CUDA's
+    # max allocated), so from then on the process only knows the peak since the last epoch: the max keeps the earlier.
+    metrics["peak_memory_mb"] = max(peak_before, _over_workers(_peak_memory_mb(device), device))
     if measure_inference:
         metrics.update(adapted.inference_metrics(eval_loader, device))
     return metrics

@@ -561,7 +561,7 @@ def routed_table() -> pd.DataFrame:
     rows = [dict(r, method="lora", gating="", experts=0) for r in trials()]
     routed = dict(next(r for r in rows if r["candidate_id"] == "cccc"), candidate_id="rrrr", kind="routed",
                   label="screen#3 sparse", method="routed", gating="topk", experts=4, trainable_params=110_000,
-                  accuracy=0.90)
+                  accuracy=0.90, routed_modules=1, expert_rank_sum=12)  # budget_expert_ranks dropped L0.value
     scores = proxy_scores() | {"rrrr": proxy_scores()["cccc"]}
     return report.build(rows + [routed], scores, COMPACT | {"rrrr": COMPACT["cccc"]}, MAJORITY)
 
@@ -587,6 +587,22 @@ def test_routed_models_get_a_point_of_their_own_in_both_scatter_plots(monkeypatc
         proxy = "proxy_" + ax.get_xlabel().removeprefix("proxy score (").removesuffix(")")
         assert (row(table, "rrrr")[proxy], "D", report.ROUTED_COLOR) in drawn(ax)
         assert "routed" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_proxy_rho_leaves_out_routed_models_which_share_their_allocations_scores():
+    table = routed_table()
+    rho = report.proxy_correlations(table)
+    pd.testing.assert_frame_equal(rho, report.proxy_correlations(table[table.candidate_id != "rrrr"]))
+    assert (rho.models == 4).all()
+    assert any(line.startswith("Spearman ρ of proxy vs accuracy over 4 models") for line in report.roi_lines(table))
+
+
+def test_a_routed_rows_sites_and_rank_are_its_routed_ones_not_its_allocations():
+    table = routed_table()
+    assert (row(table, "cccc").num_adapted_modules, row(table, "cccc").total_rank) == (2, 18)
+    routed = row(table, "rrrr")
+    assert (routed.num_adapted_modules, routed.total_rank, routed.adapters_per_type) == (1, 12, "")
+    assert table.num_adapted_modules.dtype.kind == table.total_rank.dtype.kind == "i"
 
 
 def test_the_per_seed_table_shows_routing_columns_only_in_a_run_with_routed_models():

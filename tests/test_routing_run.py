@@ -14,7 +14,7 @@ from orchestrator.allocation import Allocation
 from orchestrator.config import RunConfig, load_config
 from orchestrator.errors import UserError
 from orchestrator.models import load_model
-from orchestrator.routing import CONFIG_FILE, WEIGHTS_FILE, RoutedLoRALinear
+from orchestrator.routing import CONFIG_FILE, WEIGHTS_FILE, RoutedLoRALinear, budget_expert_ranks, check_expert_counts
 from orchestrator.train import TrainJob, build_adapted, keep_result
 
 LAYER = "bert.encoder.layer.{}.attention.self.{}"
@@ -135,6 +135,36 @@ def test_checkpoint_round_trip_and_kept_files(tiny_model_dir, tmp_path):
     row = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())
     assert row["method"] == "routed" and row["gating"] == "topk" and row["experts"] == 2
     assert row["trainable_params"] == 1480 and row["adapter_dir"] == "adapters/sparse2-c1"
+
+
+def _refusal(call, *args) -> str | None:
+    try:
+        call(*args)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_the_drivers_expert_check_refuses_what_budget_expert_ranks_refuses_at_the_cheapest_site(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), 2)
+    query, ffn = LAYER.format(0, "query"), "bert.encoder.layer.0.intermediate.dense"
+    for experts in range(1, 12):  # E rank-1 experts and a router at a query site: E·(32+32 + 32+1); 5 fit in 512
+        alone = _refusal(budget_expert_ranks, model, {query: 8}, experts)
+        assert _refusal(check_expert_counts, model, [ffn, query], [experts], "per_input", 8 * 64) == alone
+        assert (alone is None) == (experts <= 5)
+
+
+def test_an_expert_count_that_fits_no_survivor_is_refused_before_the_screen(tiny_model_dir, tmp_path, monkeypatch):
+    """Every routed job would refuse it, but only after the screen and the plain trainings. Budget qv_rank 8 on the
+    tiny BERT: 2,048 ± 5%; 30 rank-1 experts and a router cost 30·97 = 2,910 even at a q/k/v site."""
+    monkeypatch.setattr(pipeline, "init_ray", lambda address: pytest.fail("Ray started"))
+    cfg = load_config("search_spaces/sparse_adapters.yaml", [
+        f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", "model.max_length=16", "data.train_size=64",
+        "data.eval_size=32", "routing.num_experts=[2, 30]"])
+    with pytest.raises(UserError, match=r"^routing.num_experts: 30 rank-1 experts and a router do not fit in 2,150 "
+                                        r"parameters; use fewer experts or a larger space.budget$"):
+        pipeline.run(cfg)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plain_lora_checkpoints_still_use_peft_files(tiny_model_dir, tmp_path):

@@ -274,6 +274,19 @@ def test_the_epochs_peak_memory_is_read_before_the_inference_measurement_resets_
     assert metrics["peak_infer_mem_mb"] >= 0 and {"accuracy", "latency_ms_mean"} <= set(metrics)
 
 
+def test_a_later_epochs_peak_memory_keeps_the_earlier_epochs_peak(tiny_model_dir, tiny_split):
+    """The first epoch's measured inference pass reset the process peak: the second epoch's reading alone would miss
+    the first epoch's training peak."""
+    adapted = _adapted(tiny_model_dir)
+    loader = make_loader(tiny_split, load_tokenizer(str(tiny_model_dir)), 32, 8, shuffle=False)
+    spike = torch.ones(300 * 2**20 // 4)  # 300 MiB in the first epoch
+    del spike
+    first = epoch_metrics(adapted, loader, None, torch.device("cpu"), measure_inference=True)
+    second = epoch_metrics(adapted, loader, None, torch.device("cpu"), measure_inference=True,
+                           peak_before=first["peak_memory_mb"])
+    assert second["peak_memory_mb"] >= first["peak_memory_mb"]
+
+
 def test_kernels_name_the_cpu_the_kernel_isa_mkls_mode_and_the_threads(monkeypatch):
     """What a seed's exact floats depend on beyond versions and data (README "Reproducibility"): the kernel ISA and
     MKL's mode each changed the trained weights in a measured check; the thread count is named because MKL promises
