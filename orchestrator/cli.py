@@ -170,8 +170,11 @@ def registry_add(run_dir: Path = typer.Argument(..., help="a finished run direct
     """Store a run's adapter as the next version of NAME (checksummed, safetensors only)."""
     from orchestrator.registry import Registry
 
-    entry = Registry(root).add_from_run(run_dir, candidate, name=name, precision=precision, promote=promote)
-    _say(f"Added {_entry_line(entry)}; candidate {entry.metrics.get('candidate_id')} of {run_dir}")
+    registry = Registry(root)
+    before = {(e.name, e.version) for e in registry.list()}
+    entry = registry.add_from_run(run_dir, candidate, name=name, precision=precision, promote=promote)
+    said = "Already stored as" if (entry.name, entry.version) in before else "Added"  # add_from_run stores it once
+    _say(f"{said} {_entry_line(entry)}; candidate {entry.metrics.get('candidate_id')} of {run_dir}")
     _say(f"Stored in {entry.path}/")
 
 

@@ -212,7 +212,7 @@ BUILTIN_TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
 
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        close = difflib.get_close_matches(str(path), BUILTIN_TASKS, n=1)
+        close = difflib.get_close_matches(path.name, BUILTIN_TASKS, n=1)  # the path is absolute (config)
         hint = f"did you mean the built-in task '{close[0]}'?" if close else (
             f"give a CSV, JSONL or Parquet file or a built-in task ({', '.join(BUILTIN_TASKS)})")
         raise UserError(f"data: file '{path}' not found; {hint}")

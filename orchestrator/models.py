@@ -83,17 +83,30 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
     path = resolve_model_path(name)
     try:
         # a checkpoint's own classifier for another label count is replaced by a fresh one, as a missing one is
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True,
-                                                                   ignore_mismatched_sizes=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError, SafetensorError) as err:  # bad config.json, unknown model_type, corrupt weights
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.name: '{path}' could not be loaded ({first}); check config.json and the "
                         "*.safetensors weights (e.g. save the model again with save_pretrained)") from None
+    _check_only_head_is_new(path, info)
     if dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
     return model
+
+
+def _check_only_head_is_new(path: Path, info: dict) -> None:
+    """Only the head may be freshly initialised: any other weight missing from the checkpoint, or of another
+    shape (a config.json that does not match the weights), would silently be random."""
+    keys = list(info["missing_keys"]) + [k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]]
+    fresh = sorted(k for k in keys if k.split(".")[0] not in HEAD_MODULES)  # mismatched: (key, ckpt shape, model shape)
+    if fresh:
+        shown = ", ".join(fresh[:3]) + (", …" if len(fresh) > 3 else "")
+        raise UserError(f"model.name: '{path}' has {len(fresh)} weight(s) missing from its *.safetensors or of another "
+                        f"shape than its config.json says ({shown}), which would be random; use the config.json "
+                        "saved with these weights (save_pretrained writes both)")
 
 
 def check_max_length(model: nn.Module, max_length: int) -> None:

@@ -13,10 +13,11 @@ Layout under the root (default `results/registry`):
                                          the other tensors (the classifier head) in fp16. Named apart on
                                          purpose: PEFT must not load it as if it were a plain adapter.
 
-Every entry records its task, base model id and the SHA-256 of the base model's weights, the
+Every entry records its task, base model id and the SHA-256 of the base model's config.json and weights, the
 allocation, metrics, parent version, precision, a current flag (at most one per name) and the SHA-256
 of every stored file. `load` checks all of them before it builds a model. Versions of a name only
-go up: a removed version keeps its row (marked removed, files deleted), so its number is never reused.
+go up: a removed version keeps its row (marked removed, files deleted), so its number is never reused, and a
+version folder no row names (a database restored from a backup) is skipped, never overwritten.
 
 Nothing half-done is ever visible: files are written to a staging directory inside the root and
 renamed into place inside the same write transaction that records them; any error rolls both back.
@@ -127,12 +128,12 @@ def sha256_file(path: Path) -> str:
 
 
 def base_model_files(base_model: str) -> list[Path]:
-    """The base model's weights: model.safetensors, else every *.safetensors (sharded), sorted."""
+    """The base model's config.json, then its weights: model.safetensors, else every *.safetensors (sharded), sorted."""
     from orchestrator.models import resolve_model_path
 
     path = resolve_model_path(base_model)
     single = path / "model.safetensors"
-    return [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    return [path / "config.json"] + ([single] if single.is_file() else sorted(path.glob("*.safetensors")))
 
 
 def base_model_id(base_model: str) -> str:
@@ -203,6 +204,9 @@ def decode(data: bytes, precision: str) -> dict:
         if key.endswith(".qweight") and precision == "int8":
             base = key[: -len(".qweight")]
             per_row = f"{base}.scale" in stored  # lora_A; lora_B too in files written before per-column scales
+            if not per_row and f"{base}.col_scale" not in stored:
+                raise UserError(f"registry: int8 weights hold '{key}' without its '.scale' or '.col_scale'; the file is "
+                                "damaged: store the adapter again from its fp32 original")
             scale = stored[f"{base}.scale"] if per_row else stored[f"{base}.col_scale"]
             tensors[base] = dequantise_int8(tensor, scale, per_row)
         else:
@@ -430,6 +434,9 @@ class Registry:
     def _db_error(self, err: sqlite3.DatabaseError) -> UserError:
         if "locked" in str(err) or "busy" in str(err):
             return UserError(f"registry: {self.db_path} stayed locked by another process for 30 s; try again when it is done")
+        if any(word in str(err) for word in ("disk is full", "I/O error", "readonly")):  # the file is fine, the disk not
+            return UserError(f"registry: {self.db_path} cannot be written ({err}); free disk space or fix permissions, "
+                             "then run the command again")
         return UserError(f"registry: {self.db_path} cannot be used ({err}); restore it from a backup or point --root "
                          "at another directory")
 
@@ -479,10 +486,12 @@ class Registry:
             return parts[0][1]
         return sha256_bytes("\n".join(f"{n}:{d}" for n, d in parts).encode())
 
-    def base_model_hash(self, base_model: str) -> str:
+    def base_model_hashes(self, base_model: str) -> tuple[str, str]:
+        """(SHA-256 of config.json and weights, as `add` records it; of the weights alone, as entries stored before
+        2026-12-07 recorded it: such an entry still loads, with its base model's config.json unchecked)."""
         files = base_model_files(base_model)  # a missing model is refused before any registry is created
         with self._connect(write=True, create=True) as conn:
-            return self._base_hash(conn, files)
+            return self._base_hash(conn, files), self._base_hash(conn, files[1:])
 
     def _staging(self) -> Path:
         """A fresh directory on the root's file system (so that os.replace into place is atomic). An add stages for
@@ -490,8 +499,9 @@ class Registry:
         staging = self.root / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
         for left in staging.iterdir():
-            if time.time() - left.stat().st_mtime > STALE_STAGING_S:
-                shutil.rmtree(left, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # another add moved its copy into place, or removed it
+                if time.time() - left.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(left, ignore_errors=True)
         path = Path(tempfile.mkdtemp(dir=staging))
         path.chmod(0o755)  # mkdtemp makes 0700; stored versions are as readable as any other result
         return path
@@ -509,7 +519,9 @@ class Registry:
         if precision not in PRECISIONS:
             raise UserError(f"registry: precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
         adapter = read_adapter_dir(source_dir)
-        num_labels_of(adapter.tensors)  # refuse an adapter without a classifier head now, not at load time
+        # a trial load (a fraction of a second even for the packaged model): an adapter without a classifier head,
+        # trained on another base model or naming modules it lacks is refused now, not when it is loaded
+        peft_model_from_tensors(base_model, adapter.config_bytes, adapter.tensors, adapter.shortcuts, f"'{source_dir}'")
         if isinstance(allocation, dict):
             from orchestrator.report import compact_allocation
 
@@ -520,39 +532,46 @@ class Registry:
             weights_name, weights = WEIGHTS_FILE, adapter.weights
         else:
             weights_name, weights = encode(adapter.tensors, precision)
-        files = {CONFIG_FILE: sha256_bytes(adapter.config_bytes), weights_name: sha256_bytes(weights)}
-        files |= {name: sha256_bytes(data) for name, data in adapter.shortcuts.items()}  # fp32 as trained: small
-        metrics_text = json.dumps(metrics or {}, sort_keys=True, default=float)
-        base_hash = self.base_model_hash(base_model)  # hashed (once per file version) before taking the write lock
+        stored = {CONFIG_FILE: adapter.config_bytes, weights_name: weights} | adapter.shortcuts  # shortcuts fp32: small
+        record = {"task": str(task), "base_model": base_model_id(base_model),
+                  # hashed (once per file version) before taking the write lock
+                  "base_model_sha256": self.base_model_hashes(base_model)[0], "allocation": allocation,
+                  "metrics": json.dumps(metrics or {}, sort_keys=True, default=float), "precision": precision,
+                  "files": json.dumps({file: sha256_bytes(data) for file, data in stored.items()}),
+                  "source": source or str(Path(source_dir))}
+        try:
+            return self._entry(self._store(name, stored, record, parent_version, promote))
+        except OSError as err:  # disk full or not writable: whatever was staged is gone again
+            raise UserError(f"registry: could not write to '{self.root}' ({err.strerror or err}); free disk space or "
+                            "fix permissions, then run the command again") from None
 
+    def _store(self, name: str, files: dict[str, bytes], record: dict, parent_version: int | None,
+               promote: bool) -> sqlite3.Row:
+        """Stage `files`, then in one write transaction number the version, insert its row (`record` with version,
+        lineage and current flag) and rename the files into place; any error takes both back."""
         staged, target = self._staging(), None
         try:
-            (staged / CONFIG_FILE).write_bytes(adapter.config_bytes)
-            (staged / weights_name).write_bytes(weights)
-            for file, data in adapter.shortcuts.items():
+            for file, data in files.items():
                 (staged / file).write_bytes(data)
             for path in staged.iterdir():
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
             with self._connect(write=True, create=True) as conn:
                 top = conn.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()[0]
-                version = (top or 0) + 1
+                # past any folder no row names too (a registry.db restored from a backup): its files are kept
+                version = max(top or 0, self._top_folder(name)) + 1
                 current = conn.execute("SELECT version FROM entries WHERE name = ? AND is_current = 1",
                                        (name,)).fetchone()
-                parent = parent_version if parent_version is not None else (current[0] if current else None)
                 make_current = promote or current is None
                 if make_current:
                     conn.execute("UPDATE entries SET is_current = 0 WHERE name = ?", (name,))
-                conn.execute("INSERT INTO entries (name, version, task, base_model, base_model_sha256, allocation, "
-                             "metrics, parent_version, created_at, precision, is_current, files, source) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (name, version, str(task), base_model_id(base_model), base_hash, allocation,
-                              metrics_text, parent, _now(), precision, int(make_current), json.dumps(files),
-                              source or str(Path(source_dir))))
+                parent = parent_version if parent_version is not None else (current[0] if current else None)
+                record = record | {"name": name, "version": version, "parent_version": parent, "created_at": _now(),
+                                   "is_current": int(make_current)}
+                conn.execute(f"INSERT INTO entries ({', '.join(record)}) VALUES ({', '.join('?' * len(record))})",
+                             tuple(record.values()))
                 row = conn.execute("SELECT * FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
                 folder = self.root / name / f"v{version}"
-                if folder.exists():  # left by a crash between rename and commit: no row owns it
-                    shutil.rmtree(folder)
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged, folder)
                 target = folder  # from here on, a failed commit must take the files out again
@@ -562,7 +581,12 @@ class Registry:
             raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return self._entry(row)
+        return row
+
+    def _top_folder(self, name: str) -> int:
+        """The highest N of the <name>/v<N> folders under the root, 0 without any."""
+        found = (re.fullmatch(r"v([0-9]+)", path.name) for path in (self.root / name).glob("v*"))
+        return max((int(match.group(1)) for match in found if match), default=0)
 
     def add_from_run(self, run_dir: str | Path, candidate_id: str | None = None, *, name: str | None = None,
                      precision: str = "fp32", promote: bool = True) -> Entry:
@@ -574,10 +598,13 @@ class Registry:
                    if row.get(k) is not None}
         metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage
-        task_name = run.get("task", {}).get("task") or run["config"]["data"]["task"]
-        return self.add(name or _safe_name(task_name), run_dir / row["adapter_dir"], run["config"]["data"]["task"],
-                        run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
-                        source=f"{run_dir}:{row['candidate_id']}:seed{row.get('seed')}")
+        name = name or _safe_name(run.get("task", {}).get("task") or run["config"]["data"]["task"])
+        source = f"{run_dir}:{row['candidate_id']}:seed{row.get('seed')}"
+        # once per adapter and precision: a resumed run whose run.json missed the first registration finds it here
+        stored = next((e for e in self.list(name) if e.source == source and e.precision == precision), None)
+        return stored or self.add(name, run_dir / row["adapter_dir"], run["config"]["data"]["task"],
+                                  run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
+                                  source=source)
 
     def promote(self, name: str, version: int) -> Entry:
         """Make `version` the current one of `name`."""
@@ -696,24 +723,30 @@ class Registry:
     def load(self, name: str, version: int | None = None, base_model: str | None = None):
         """A PeftModel (eval mode) of the stored adapter on `base_model` (default: the recorded one).
 
-        Refuses, with UserError, a stored file whose SHA-256 changed and a base model whose weights
-        differ from the ones the adapter was stored with.
+        Refuses, with UserError, a stored file whose SHA-256 changed, a base model whose config.json or weights
+        differ from the ones the adapter was stored with, and an adapter PEFT cannot load on it.
         """
         entry, contents = self.verified_files(name, version)
         base = base_model if base_model is not None else entry.base_model
-        actual = self.base_model_hash(str(base))  # the registry exists: verified_files read it
-        if actual != entry.base_model_sha256:
-            raise UserError(f"registry: base model '{base}' (SHA-256 {actual[:12]}…) is not the one {entry.name} "
+        hashes = self.base_model_hashes(str(base))  # the registry exists: verified_files read it
+        if entry.base_model_sha256 not in hashes:
+            raise UserError(f"registry: base model '{base}' (SHA-256 {hashes[0][:12]}…) is not the one {entry.name} "
                             f"v{entry.version} was stored with ('{entry.base_model}', SHA-256 "
-                            f"{entry.base_model_sha256[:12]}…); load it on that model")
+                            f"{entry.base_model_sha256[:12]}…); load it on that model, its config.json and weights as "
+                            "they were")
         tensors = decode(contents[entry.weights_file], entry.precision)
         shortcuts = {name: contents[name] for name in SHORTCUT_FILES if name in contents}
-        return peft_model_from_tensors(str(base), contents[CONFIG_FILE], tensors, shortcuts)
+        fix = (f"remove it (`lora-search registry remove {entry.name} {entry.version}`) and add it again with the base "
+               "model it was trained on")  # an entry stored before `add` tried loading it
+        return peft_model_from_tensors(str(base), contents[CONFIG_FILE], tensors, shortcuts,
+                                       f"{entry.name} v{entry.version}", fix)
 
 
-def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict, shortcuts: dict | None = None):
+def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict, shortcuts: dict | None = None,
+                            what: str = "the adapter", fix: str = "use the base model it was trained on"):
     """PeftModel.from_pretrained on a private temporary directory holding these tensors as safetensors, with the
-    shortcut connections of `shortcuts` (their files' bytes) attached, frozen."""
+    shortcut connections of `shortcuts` (their files' bytes) attached, frozen. A failure is a UserError naming `what`
+    and `fix`."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
@@ -725,13 +758,19 @@ def peft_model_from_tensors(base_model: str, config_bytes: bytes, tensors: dict,
         (Path(tmp) / CONFIG_FILE).write_bytes(config_bytes)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / WEIGHTS_FILE),
                   metadata={"format": "pt"})
-        with warnings.catch_warnings():  # PEFT 0.21's false alarm on every AdaLoRA adapter (README, "reloads")
-            warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
-            peft_model = PeftModel.from_pretrained(model, tmp)
         for name, data in (shortcuts or {}).items():
             (Path(tmp) / name).write_bytes(data)
-        if shortcuts:
-            load_shortcuts(peft_model, tmp, trainable=False)
+        try:
+            with warnings.catch_warnings():  # PEFT 0.21's false alarm on every AdaLoRA adapter (README, "reloads")
+                warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+                peft_model = PeftModel.from_pretrained(model, tmp)
+            if shortcuts:
+                load_shortcuts(peft_model, tmp, trainable=False)
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:  # PEFT's and torch's, many lines each
+            reason = " ".join(str(err).split())[:240] or type(err).__name__
+            raise UserError(f"registry: {what} does not load on base model '{base_model}' ({reason}); it was likely "
+                            "trained on another base model, or its adapter_config.json names modules this one lacks; "
+                            f"{fix}") from None
     return peft_model.eval()
 
 
@@ -813,7 +852,8 @@ def quantisation_report(run_dir: str | Path, candidate_id: str | None = None,
         size = len(blob) + len(adapter.shortcuts.get(SHORTCUT_WEIGHTS, b""))  # as the registry stores it: shortcuts fp32
         tensors = decode(blob, precision)
         error = max(float((tensors[k] - reference[k]).abs().max()) for k in reference if reference[k].is_floating_point())
-        model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors, adapter.shortcuts).to(device)
+        model = peft_model_from_tensors(cfg["model"]["name"], config_bytes, tensors, adapter.shortcuts,
+                                        f"'{run_dir / row['adapter_dir']}'").to(device)
         metrics = evaluate(model, loader, device)
         rows.append({"precision": precision, "weights_file": name, "size_bytes": size,
                      "accuracy": metrics["accuracy"], "f1": metrics["f1"], "eval_loss": metrics["eval_loss"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,12 @@ def test_bad_input_is_one_line_user_error(pool, tiny_model_dir, tmp_path):
     registry.add("stranger", pool[0].show("alpha").path, "t", str(other), None, {})
     with pytest.raises(UserError, match="different base models"):
         load_sources(registry, ["alpha", "stranger"])
+    registry.add("older", pool[0].show("alpha").path, "t", str(tiny_model_dir), None, {})
+    with sqlite3.connect(registry.db_path) as conn:  # stored before config.json was hashed too: the weights' hash alone
+        conn.execute("UPDATE entries SET base_model_sha256 = ? WHERE name = 'older'",
+                     (registry.base_model_hashes(str(tiny_model_dir))[1],))
+    assert len(load_sources(registry, ["alpha", "older"])[0]) == 2  # one base model, two hashes of it
+    registry.remove("older", 1)
 
 
 def test_cli_compose(monkeypatch, capsys, pool, tiny_model_dir, tmp_path, sentences):

@@ -117,6 +117,12 @@ def add(registry: Registry, adapter, model_dir, precision="fp32", name="sentimen
                         precision, **kwargs)
 
 
+def base_sha(model_dir) -> str:
+    """What an entry records of its base model: the SHA-256 of its config.json and weights files' SHA-256s."""
+    files = ("config.json", "model.safetensors")
+    return hashlib.sha256("\n".join(f"{f}:{sha(Path(model_dir) / f)}" for f in files).encode()).hexdigest()
+
+
 def snapshot(root: Path) -> tuple[list, list[tuple[str, str]]]:
     """Every entry row and every stored file with its hash (the database file itself, WAL and staging aside)."""
     with sqlite3.connect(root / "registry.db") as conn:
@@ -146,7 +152,7 @@ def test_add_list_versions_monotonic(registry, adapter, tiny_model_dir):
     assert first.task == "tiny.csv" and first.precision == "fp32" and first.metrics == {"accuracy": 0.75, "f1": 0.7}
     assert first.allocation == compact and compact.startswith("L0.query:16,L0.value:16,L0.intermediate.dense:16")
     assert first.base_model == str(Path(tiny_model_dir).resolve())
-    assert first.base_model_sha256 == sha(Path(tiny_model_dir) / "model.safetensors")
+    assert first.base_model_sha256 == base_sha(tiny_model_dir)
     assert first.path == registry.root / "sentiment" / "v1"
     assert sorted(p.name for p in first.path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert (first.path / WEIGHTS_FILE).read_bytes() == (directory / WEIGHTS_FILE).read_bytes()  # fp32: bytes kept
@@ -222,6 +228,60 @@ def test_an_add_clears_staging_copies_a_killed_add_left(registry, adapter, tiny_
     os.utime(killed, (old, old))  # a copy no add is still making
     add(registry, adapter, tiny_model_dir)
     assert sorted(p.name for p in (registry.root / ".staging").iterdir()) == ["tmpbusy"]  # another add's, in progress
+
+
+def test_a_staging_copy_that_vanishes_while_an_add_clears_stale_ones_is_skipped(registry, adapter, tiny_model_dir,
+                                                                              monkeypatch):
+    """Another add moves its staged copy into place between this add's listing of .staging/ and its stat."""
+    add(registry, adapter, tiny_model_dir)
+    staging = registry.root / ".staging"
+    other = staging / "tmpother"
+    other.mkdir()
+    listed = Path.iterdir
+
+    def iterdir(self):
+        entries = list(listed(self))
+        if self == staging and other.exists():
+            other.rename(registry.root / "moved-into-place")
+        return iter(entries)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert add(registry, adapter, tiny_model_dir).version == 2
+
+
+def test_an_add_after_a_restored_backup_numbers_past_the_versions_on_disk(registry, adapter, tiny_model_dir, tmp_path):
+    """The README's fix for a damaged registry.db is a backup: versions stored after it keep their files."""
+    add(registry, adapter, tiny_model_dir)
+    shutil.copy(registry.db_path, tmp_path / "backup.db")
+    later = add(registry, adapter, tiny_model_dir, precision="int8")
+    files = sorted((p.name, sha(p)) for p in later.path.iterdir())
+    shutil.copy(tmp_path / "backup.db", registry.db_path)  # restored: v2 has no row now
+    assert add(registry, adapter, tiny_model_dir).version == 3
+    assert sorted((p.name, sha(p)) for p in later.path.iterdir()) == files
+    assert [e.version for e in registry.list()] == [1, 3]
+
+
+def test_disk_full_while_an_add_stages_is_one_line_and_changes_nothing(registry, adapter, tiny_model_dir, monkeypatch):
+    import errno
+
+    add(registry, adapter, tiny_model_dir)
+    before = snapshot(registry.root)
+    written = Path.write_bytes
+
+    def full(self, data):
+        if ".staging" in self.parts and len(data) > 10_000:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return written(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError) as err:
+        add(registry, adapter, tiny_model_dir)
+    assert str(err.value) == (f"registry: could not write to '{registry.root}' (No space left on device); free disk space "
+                              "or fix permissions, then run the command again")
+    assert snapshot(registry.root) == before and not list((registry.root / ".staging").iterdir())
+    full_db = registry._db_error(sqlite3.OperationalError("database or disk is full"))
+    assert "free disk space or fix permissions, then run the command again" in str(full_db)
+    assert "backup" not in str(full_db)
 
 
 DIES_BEFORE_COMMIT = """
@@ -381,6 +441,58 @@ def test_base_model_mismatch_is_refused(registry, adapter, tiny_model_dir, tmp_p
     assert registry.load("sentiment", base_model=str(tiny_model_dir)) is not None
 
 
+def test_a_changed_base_model_config_is_refused_and_entries_hashed_before_still_load(registry, adapter, tiny_model_dir,
+                                                                                      tmp_path):
+    """Same weights, another model (heads, activation): other logits. Entries stored before config.json was hashed
+    recorded the weights' SHA-256 alone, and still load."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    add(registry, adapter, base)
+    original = (base / "config.json").read_bytes()
+    config = json.loads(original)
+    (base / "config.json").write_text(json.dumps(config | {"num_attention_heads": 4, "hidden_act": "relu"}))
+    with pytest.raises(UserError, match="is not the one sentiment v1 was stored with.*load it on that model"):
+        registry.load("sentiment")
+    (base / "config.json").write_bytes(original)
+    assert registry.load("sentiment") is not None
+    with sqlite3.connect(registry.db_path) as conn:  # as stored before 2026-12-07
+        conn.execute("UPDATE entries SET base_model_sha256 = ?", (sha(base / "model.safetensors"),))
+    assert registry.load("sentiment") is not None
+
+
+def test_an_adapter_that_does_not_load_on_its_base_model_is_refused(registry, adapter, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """Trained on another base model (other shapes), or naming modules the base lacks: refused by `add`, and an entry
+    stored before `add` tried loading it is one line from `load`."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import TINY, VOCAB
+    from orchestrator import registry as registry_module
+
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny_model_dir, wider)
+    BertForSequenceClassification(BertConfig(vocab_size=len(VOCAB), num_labels=2, **(TINY | {"hidden_size": 48}))
+                                  ).save_pretrained(wider)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(adapter[0], elsewhere)
+    config = json.loads((elsewhere / CONFIG_FILE).read_text())
+    (elsewhere / CONFIG_FILE).write_text(json.dumps(config | {"target_modules": ["no_such_module"], "rank_pattern": {},
+                                                              "alpha_pattern": {}}))
+    for source, base, reason in ((adapter[0], wider, r"Error\(s\) in loading state_dict.*size mismatch"),
+                                 (elsewhere, tiny_model_dir, "No modules were targeted")):
+        with pytest.raises(UserError, match=f"registry: '{source}' does not load on base model '{base}' \\({reason}.*"
+                                            "use the base model it was trained on") as err:
+            registry.add("bad", source, "tiny.csv", str(base))
+        assert "\n" not in str(err.value) and not registry.root.exists()
+    monkeypatch.setattr(registry_module, "peft_model_from_tensors", lambda *args: None)  # add as it was before
+    registry.add("bad", adapter[0], "tiny.csv", str(wider))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"registry: bad v1 does not load on base model .*size mismatch.*"
+                                        r"remove it \(`lora-search registry remove bad 1`\)") as err:
+        registry.load("bad")
+    assert "\n" not in str(err.value)
+
+
 def test_pickled_weights_are_refused_and_never_unpickled(registry, adapter, tiny_model_dir, tmp_path):
     armed = tmp_path / "armed-check"  # prove the payload is live: unpickling it does create its marker
     torch.save(WritesMarker(armed), tmp_path / "armed.pt")
@@ -506,6 +618,20 @@ def test_int8_files_with_per_row_scales_still_decode():
                                    rtol=0, atol=0)
 
 
+def test_an_int8_file_without_a_scale_is_one_line(registry, adapter, tiny_model_dir, tmp_path):
+    from safetensors.torch import load, save
+
+    entry = add(registry, adapter, tiny_model_dir, "int8")
+    copy = tmp_path / "copy"
+    shutil.copytree(entry.path, copy)  # a stored version copied out as it is
+    tensors = load((copy / INT8_WEIGHTS_FILE).read_bytes())
+    del tensors[next(k for k in tensors if k.endswith(".col_scale"))]
+    (copy / INT8_WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt", "lora_search_precision": "int8"}))
+    with pytest.raises(UserError, match=r"registry: int8 weights hold '.*lora_B.weight.qweight' without its '.scale' or "
+                                        r"'.col_scale'; the file is damaged: store the adapter again from its fp32 original"):
+        registry.add("copy", copy, "tiny.csv", str(tiny_model_dir))
+
+
 def test_an_adalora_adapter_is_stored_as_int8(registry, tiny_model_dir, tokenizer, tmp_path):
     """AdaLoRA's keys end in `.lora_A` / `.lora_B` (no `.weight`): int8 quantises them too, not fp16 under the int8 label."""
     from safetensors.torch import load_file
@@ -581,6 +707,24 @@ def test_add_from_run_picks_best_searched(registry, fake_run):
     assert baseline.metrics["kind"] == "baseline" and baseline.precision == "int8"
     with pytest.raises(UserError, match="candidate 'zz' has no trained adapter.*choose one of a1, a2, b1, s1$"):
         registry.add_from_run(fake_run, "zz")  # r1, routed, is not one to choose
+
+
+def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monkeypatch, capsys):
+    """A resumed run whose run.json missed the first registration (its write failed, or Ctrl-C) stores nothing twice."""
+    from types import SimpleNamespace
+
+    from orchestrator.pipeline import register_best
+
+    cfg = SimpleNamespace(run_dir=fake_run, registry_root=registry.root,
+                          register=SimpleNamespace(best=True, name=None, precision="fp32"))
+    first = register_best(cfg)
+    assert register_best(cfg) == first == {"name": "tiny", "version": 1, "root": str(registry.root)}
+    assert registry.add_from_run(fake_run).version == 1
+    assert registry.add_from_run(fake_run, precision="int8").version == 2  # another precision is another version
+    assert registry.add_from_run(fake_run, "a1").version == 3
+    capsys.readouterr()  # register_best's own lines
+    code, out, _ = cli(monkeypatch, capsys, "registry", "add", fake_run, "--root", registry.root)
+    assert code == 0 and out.startswith("Already stored as tiny v1 (fp32") and len(registry.list()) == 3
 
 
 def test_a_routed_candidate_is_refused_with_how_to_load_it(registry, fake_run, monkeypatch, capsys):

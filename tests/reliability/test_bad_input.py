@@ -132,6 +132,13 @@ def _model(rel: str, keep: tuple[str, ...], extra: dict[str, str | bytes] | None
     return setup
 
 
+def _config_not_of_the_weights(space: Space) -> None:
+    """The tiny model's weights under a config.json with wider intermediate layers: they would load random."""
+    space.model_dir("m_mismatch", ("model.safetensors",) + TOKENIZER)
+    config = json.loads((space.tiny / "config.json").read_text())
+    space.write("m_mismatch/config.json", json.dumps(config | {"intermediate_size": 96}))
+
+
 def _existing_run(space: Space) -> None:
     space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "task": {"majority_rate": 0.5}}))
 
@@ -208,7 +215,7 @@ CASES = [
     # ---- data
     Case("data_missing_file", {"data": {"task": "$root/data/nope.csv"}}, ("data: file", "nope.csv' not found", "give a CSV")),
     Case("data_builtin_typo", {"data": {"task": "rotten_tomatos"}},
-         ("data: file 'rotten_tomatos' not found", "did you mean the built-in task 'rotten_tomatoes'?")),
+         ("rotten_tomatos' not found", "did you mean the built-in task 'rotten_tomatoes'?")),
     Case("data_empty_file", {"data": {"task": "$root/data/empty.csv"}}, ("empty.csv' could not be parsed", "check the file"),
          setup=_data("data/empty.csv", "")),
     Case("data_header_only", {"data": {"task": "$root/data/header.csv"}}, ("header.csv' has no rows", "add labelled examples"),
@@ -257,6 +264,9 @@ CASES = [
          setup=_model("m_badjson", ("model.safetensors",) + TOKENIZER, {"config.json": "{not json"})),
     Case("model_corrupt_safetensors", {"model": {"name": "$root/m_corrupt"}}, ("could not be loaded", "save the model again"),
          setup=_model("m_corrupt", ("config.json",) + TOKENIZER, {"model.safetensors": b"garbage" * 64})),
+    Case("model_config_not_of_the_weights", {"model": {"name": "$root/m_mismatch"}},
+         ("model.name", "weight(s) missing from its *.safetensors or of another shape than its config.json says",
+          "use the config.json saved with these weights"), setup=_config_not_of_the_weights),
     Case("max_length_too_small", {"model": {"max_length": 4}}, ("model.max_length: 4 is out of range", "use 8..4096")),
     # ---- run names and the run directory
     Case("name_traversal", {"name": "../x"}, ("name: '../x' is not a safe run name", "no slashes")),
