@@ -304,6 +304,9 @@ class TrainConfig:
         _require(self.max_failures >= 0, "train.max_failures", f"{self.max_failures} is negative", "use 0 or more")
 
 
+MAX_EXPERTS = 1024  # far past any budget (each expert costs a rank of its site); a huge count only stalls the checks
+
+
 @dataclass
 class RoutingSpaceConfig:
     """Sparse modular adapters in the run: each searched survivor also trains as routed LoRA experts."""
@@ -324,8 +327,8 @@ class RoutingSpaceConfig:
     def __post_init__(self):
         from orchestrator.routing import RoutingConfig  # lazy: routing imports torch
 
-        _require(bool(self.num_experts) and all(e >= 1 for e in self.num_experts), "routing.num_experts",
-                 f"{self.num_experts} must be positive integers", "e.g. [4] or [2, 4]")
+        _require(bool(self.num_experts) and all(1 <= e <= MAX_EXPERTS for e in self.num_experts), "routing.num_experts",
+                 f"{self.num_experts} must be integers in 1..{MAX_EXPERTS}", "e.g. [4] or [2, 4]")
         _require(bool(self.gating), "routing.gating", "is empty", "use [topk], [dense] or [topk, dense]")
         _require_non_negative(self.aux_weight, "routing.aux_weight", "use e.g. 0.01, or 0")
         self.num_experts, self.gating = sorted(set(self.num_experts)), list(dict.fromkeys(self.gating))

@@ -23,6 +23,7 @@ RANKS = {LAYER.format(0, "query"): 8, LAYER.format(0, "value"): 8, LAYER.format(
 
 @pytest.mark.parametrize("override,field", [
     ("routing.num_experts=[0, 4]", "routing.num_experts"), ("routing.num_experts=[]", "routing.num_experts"),
+    ("routing.num_experts=[1000000000]", "routing.num_experts"),  # built a tuple that large before refusing anything
     ("routing.gating=[sparse]", "routing.gating"), ("routing.gating=[]", "routing.gating"),
     ("routing.top_k=3", "routing.top_k"), ("routing.mode=per_batch", "routing.mode"),
     ("routing.aux=l2", "routing.aux"), ("routing.aux_weight=-0.1", "routing.aux_weight"),
