@@ -303,9 +303,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
     write_run_json(cfg, task=task_summary(task), budget={"target": budget.target, "low": budget.low, "high": budget.high},
                    base_params=sum(p.numel() for p in base.parameters()), head_params=head_params(base),
                    started_at=before[0]["started_at"] if before else started, sessions=before + [{"started_at": started}],
-                   warm_start={"allocations": len(warm), "outside_the_search": outside, "enqueued_trials": len(points),
-                               "trained": [a.compact(modules) for a in warm], "points": points}
-                   if cfg.screen.warm_start_from else None)
+                   warm_start=warm_start_record(cfg, warm, outside, points, modules))
 
     scores = module_scores(cfg, task, modules)
     if cfg.screen.rank_by == CALIBRATED:
@@ -429,6 +427,14 @@ def warm_start(cfg: RunConfig, modules, searchable, budget, resume: bool) -> tup
     caps = reachable_caps(searchable, cfg.space.ranks, budget)
     return warm, len(earlier) - len(warm), warm_start_points(cfg.screen.warm_start_from, cfg.space, caps,
                                                              cfg.screen.survivors)
+
+
+def warm_start_record(cfg: RunConfig, warm: list[Allocation], outside: int, points: list[dict], modules) -> dict | None:
+    """run.json's warm start: what a --resume trains again (warm_start reads it back). None without a warm start."""
+    if not cfg.screen.warm_start_from:
+        return None
+    return {"allocations": len(warm), "outside_the_search": outside, "enqueued_trials": len(points),
+            "trained": [a.compact(modules) for a in warm], "points": points}
 
 
 def _recorded_warm_start(cfg: RunConfig) -> dict | None:

@@ -72,6 +72,10 @@ def test_report_files_and_columns(finished_run):
     # the kernel setup each model trained on (README "Reproducibility"): one CPU thread per worker in the quickstart
     assert on_disk.kernels.str.fullmatch(r"cpu .+, \w+ kernels, MKL_CBWR=\w+, 1 threads").all(), on_disk.kernels
     assert f"Trained on: {on_disk.kernels.iloc[0]}" in (run_dir / "report.md").read_text()
+    # the cost model (train.keep_result) on the real trainings: 1 worker × 1 vCPU each, at the CPU price
+    hours = on_disk.train_wall_s * cfg.train.num_workers * cfg.train.cpus_per_worker / 3600
+    assert (on_disk.train_wall_s > 0).all() and on_disk.device_hours.tolist() == pytest.approx(hours.tolist())
+    assert on_disk.cost_usd.tolist() == pytest.approx((hours * cfg.cost.price_per_device_hour["cpu"]).tolist())
 
 
 def test_screen_table_and_study(finished_run):
@@ -108,6 +112,24 @@ def test_saved_adapters_reload_with_plain_peft(finished_run):
         model = PeftModel.from_pretrained(load_model(cfg.model.name, task.num_labels, seed=123), path)
         accuracy = evaluate(model, loader, torch.device("cpu"))["accuracy"]
         assert abs(accuracy - row.accuracy) <= 0.005, row.candidate_id
+
+
+def test_quantised_storage_keeps_the_best_adapters_accuracy(finished_run):
+    """registry.quantisation_report on the run's best searched adapter, evaluated on CPU as the run was."""
+    from orchestrator.registry import quantisation_report
+
+    cfg, report_table, _ = finished_run
+    table = quantisation_report(cfg.run_dir, device="cpu").set_index("precision")
+    best = report_table.set_index("candidate_id").loc[table.attrs["candidate_id"]]
+    assert table.size_bytes["int8"] < 0.45 * table.size_bytes["fp32"] and table.size_bytes["fp16"] < 0.55 * table.size_bytes["fp32"]
+    # fp32 is the run's own evaluation: the same numbers come back
+    assert table.accuracy["fp32"] == pytest.approx(best.accuracy, abs=1e-9)
+    assert table.eval_loss["fp32"] == pytest.approx(best.eval_loss, rel=1e-6)
+    assert abs(table.accuracy_change_pts["fp16"]) <= 0.5 and abs(table.accuracy_change_pts["int8"]) <= 2.0
+    # Here the slice's models predict the majority class, so accuracy cannot move: the eval loss shows what storage
+    # changed (~1e-6 here; an int8 adapter decoded as zeros moves it 1.6e-3)
+    loss_change = (table.eval_loss - table.eval_loss["fp32"]).abs()
+    assert loss_change["fp16"] <= 1e-5 and loss_change["int8"] <= 1e-4
 
 
 def test_existing_run_needs_resume(finished_run):

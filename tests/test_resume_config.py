@@ -4,6 +4,7 @@ anything is written; which models to train, how many at once and what happens af
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -201,6 +202,19 @@ def test_a_resume_that_trains_nothing_keeps_the_runs_start_and_finish(tmp_path, 
     pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
     stored = json.loads((tmp_path / "job" / "run.json").read_text())
     assert stored["sessions"] == [old] and (stored["started_at"], stored["finished_at"]) == tuple(old.values())
+
+
+def test_a_resume_that_trains_a_new_model_is_a_new_session_of_the_run(tmp_path, monkeypatch, tiny_model_dir):
+    overrides, old = _finished_run(tmp_path, monkeypatch, tiny_model_dir)
+    monkeypatch.setattr(pipeline, "run_training", lambda *a: {"uniform_qv-s1": {}})  # e.g. a seed added on resume
+    stamp = "%Y-%m-%dT%H:%M:%S%z"  # run.json's times
+    before = time.strftime(stamp)
+    pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
+    stored, after = json.loads((tmp_path / "job" / "run.json").read_text()), time.strftime(stamp)
+    assert len(stored["sessions"]) == 2 and stored["sessions"][0] == old
+    new = stored["sessions"][1]
+    assert before <= new["started_at"] <= new["finished_at"] <= after
+    assert (stored["started_at"], stored["finished_at"]) == (old["started_at"], new["finished_at"])
 
 
 def test_a_copy_to_storage_path_that_fails_is_not_named_in_run_json(tmp_path, monkeypatch, tiny_model_dir):

@@ -172,7 +172,11 @@ def test_a_journal_in_a_folder_that_cannot_be_made_or_that_is_a_folder_is_one_li
 
 
 def test_password_is_hidden_in_messages():
-    assert "hunter2" not in shown_url("postgresql://user:hunter2@db.example/lora")
+    # only the password goes: the user, host, port and database say which storage a message is about
+    assert shown_url("postgresql://user:hunter2@db.example/lora") == "postgresql://user:***@db.example/lora"
+    assert shown_url("postgresql+psycopg2://user:${DB_PASSWORD}@db.example:5432/lora") == \
+        "postgresql+psycopg2://user:***@db.example:5432/lora"
+    assert shown_url("journal:/shared/study.log") == "journal:/shared/study.log"  # no password to hide
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])

@@ -104,6 +104,35 @@ def test_total_steps_and_max_steps():
     assert total_steps(TrainConfig(epochs=1, max_steps=25), 10) == 10  # epochs come first when shorter
 
 
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # the lr is the multiplier itself
+    scheduler = _linear_warmup_decay(optimizer, steps=10, warmup_ratio=0.2)  # 2 warm-up steps, then 8 of decay
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert optimizer.param_groups[0]["lr"] == 0.0  # where the schedule ends
+
+
+def test_a_kept_training_is_charged_for_every_device_it_held(tmp_path):
+    """device_hours = train_wall_s × devices / 3600, cost_usd = device_hours × the price of the device kind it trained
+    on. The integration runs train on one vCPU each: only this test tells the device count apart."""
+    import json
+
+    from orchestrator.train import keep_result
+
+    cfg = load_config(None, [f"results_dir={tmp_path}", "cost.price_per_device_hour.gpu=2.5"])
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    job = TrainJob("c1", "searched", "screen#1", {"L0.query": 8}, seed=cfg.train.seeds[0])
+    keep_result(cfg, job, {"checkpoint_path": str(checkpoint), "train_wall_s": 900.0, "epoch": 1, "epochs_planned": 1,
+                           "history": "[]", "device": "gpu"}, device_count=4)
+    kept = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())
+    assert kept["device_hours"] == 1.0 and kept["cost_usd"] == 2.5  # 900 s on 4 GPUs at $2.5 per GPU-hour
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.num_workers=3"], "train.batch_size: 32 does not split into num_workers × grad_accum_steps = 3"),
     (["train.grad_accum_steps=5"], "use a multiple of 5"),

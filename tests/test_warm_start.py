@@ -111,20 +111,38 @@ def test_minimised_study_gives_its_lowest_values_first(tmp_path):
     assert warm_start_points(str(tmp_path / "earlier"), space, space.ranks, count=1) == [params[0]]
 
 
-def test_enqueued_points_are_the_first_trials_and_marked(tmp_path):
-    from orchestrator.allocators import distribution_space
+def test_enqueued_points_are_the_first_trials_and_marked(tmp_path, modules, monkeypatch):
+    from ray.tune import Result
+
+    from orchestrator import screen
+    from orchestrator.allocators import distribution_space, make_budget, space_modules
     from orchestrator.config import load_config
-    from orchestrator.screen import _searcher
+    from orchestrator.proxies import ModuleScores
 
     cfg = load_config(None, [f"results_dir={tmp_path}"])
     cfg.run_dir.mkdir(parents=True)
     point = {"w_query": 0.9, "w_key": 0.1, "w_value": 0.8, "w_attention.output.dense": 0.2,
-             "w_intermediate.dense": 0.3, "w_output.dense": 0.4, "depth_bias": -0.5, "max_rank": cfg.space.ranks[0]}
+             "w_intermediate.dense": 0.3, "w_output.dense": 0.4, "depth_bias": -0.5,
+             "max_rank": 8}  # draws candidates inside the budget band (max_rank 1 draws none: nothing to mark)
     point = {k: point[k] for k in distribution_space(cfg.space, cfg.space.ranks)}
-    searcher = _searcher(cfg, [point])
+    searcher = screen._searcher(cfg, [point])
     searcher.set_search_properties(None, None, distribution_space(cfg.space, cfg.space.ranks))
-    assert searcher.suggest("first") == point
-    assert searcher.suggest("second") != point
+    configs = {"first": searcher.suggest("first"), "second": searcher.suggest("second")}
+    assert configs["first"] == point and configs["second"] != point
+    # screen.csv's warm_start column: the enqueued trial's candidates are marked, the sampler's own are not.
+    # Each trial's candidates come from the real screen_trial, in a Tune Result as the screen's tuner returns it.
+    searchable = space_modules(modules, cfg.space)
+    context = screen.ScreenContext.from_config(cfg, searchable, make_budget(modules, cfg.space),
+                                               ModuleScores({cfg.screen.rank_by: {m.name: 1.0 for m in searchable}}))
+    reported = []
+    monkeypatch.setattr(screen.tune, "report", reported.append)
+    results = []
+    for trial_id, config in configs.items():
+        screen.screen_trial(config, context)
+        results.append(Result(metrics={**reported.pop(), "config": config, "trial_id": trial_id}, checkpoint=None,
+                              error=None, path=str(tmp_path)))
+    table = screen.screen_table(results, context, cfg.screen.survivors, [point])
+    assert table.groupby("screen_trial").warm_start.agg(set).to_dict() == {"first": {True}, "second": {False}}
 
 
 def test_only_allocations_inside_this_search_are_trained(modules, capsys):
@@ -164,9 +182,11 @@ def test_a_resumed_run_trains_the_warm_starts_its_first_session_chose(tmp_path, 
     searchable, budget = space_modules(modules, cfg.space), make_budget(modules, cfg.space)
     warm, outside, points = pipeline.warm_start(cfg, modules, searchable, budget, resume=False)
     assert [a.compact(modules) for a in warm] == ["L0.query:8,L1.value:8"] and outside == 0 and points == []
+    record = pipeline.warm_start_record(cfg, warm, outside, points, modules)  # what pipeline.run writes to run.json
+    assert record == {"allocations": 1, "outside_the_search": 0, "enqueued_trials": 0,
+                      "trained": ["L0.query:8,L1.value:8"], "points": []}
     pipeline.prepare_run_dir(cfg, resume=False)
-    pipeline.write_run_json(cfg, warm_start={"allocations": 1, "outside_the_search": 0, "enqueued_trials": 0,
-                                             "trained": [a.compact(modules) for a in warm], "points": []})
+    pipeline.write_run_json(cfg, warm_start=record)
     shutil.rmtree(earlier)
     assert pipeline.warm_start(cfg, modules, searchable, budget, resume=True) == (warm, 0, [])
     with pytest.raises(UserError, match="screen.warm_start_from"):  # a new run still needs the earlier one
