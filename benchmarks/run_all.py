@@ -472,8 +472,8 @@ def worked_example(job: float, job_fixed: float, ckpt: float, epoch_cpu: float, 
     for n in sorted({1, 2, 4, 8, 16, 32, j, 2 * j}):
         lines.append(f"| {n} | {math.ceil(j / n) * job / 60:.1f} min | {j * job / 3600:.2f} |")
     return lines + ["", f"Beyond {j} slots nothing improves: every job already has its own. On GPU slots the compute part "
-                    "shrinks and the orchestration part stays, so the orchestration share rises; no GPU was available to "
-                    "measure it here.", ""]
+                    "shrinks and the orchestration part stays, so the orchestration share rises (one H200 session measured "
+                    "the per-epoch part: ../results/benchmarks/gpu/README.md; GPU nodes × slots were not measured).", ""]
 
 
 if __name__ == "__main__":

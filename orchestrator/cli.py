@@ -92,7 +92,7 @@ def dashboard(run_dir: Path = typer.Argument(..., help="a run directory, e.g. re
 
 @app.command()
 def compare(run_dirs: list[Path] = typer.Argument(..., help="run directories, e.g. results/quickstart results/qs3"),
-            out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: results/compare-<names>)")):
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: compare-<names> beside the first run)")):
     """Put finished runs side by side: best searched vs baselines, gain, cost and the settings that differ."""
     from orchestrator import report
 
