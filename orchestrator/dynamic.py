@@ -20,6 +20,8 @@ max_move = 1, min_gain = 0 is the undamped rule.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -162,13 +164,14 @@ class DynamicReallocator:
         for name, (a_before, b_before) in self.before_step.items():
             a, b = self.factors[name]
             t = int(optimizer.state[b]["step"])
-            k = torch.tensor([t - since for since in self.live_since[name]], dtype=torch.float64)
-            f = ((1 - beta1 ** t) / (1 - beta1 ** k) * ((1 - beta2 ** k) / (1 - beta2 ** t)).sqrt()).to(b.dtype)
-            late = torch.tensor(self.live_since[name]) > 0
-            late[self.active[name]:] = False
+            late = [c for c in range(self.active[name]) if self.live_since[name][c] > 0]
+            ages = [t - self.live_since[name][c] for c in late]
+            f = torch.tensor([(1 - beta1 ** t) / (1 - beta1 ** k) * math.sqrt((1 - beta2 ** k) / (1 - beta2 ** t))
+                              for k in ages], device=b.device, dtype=b.dtype)
+            late = torch.tensor(late, device=b.device)  # on the factors' device: CUDA in a GPU run
             decayed_a, decayed_b = a_before[late] * decay, b_before[:, late] * decay
-            a[late] = decayed_a + f[late, None] * (a[late] - decayed_a)
-            b[:, late] = decayed_b + f[None, late] * (b[:, late] - decayed_b)
+            a[late] = decayed_a + f[:, None] * (a[late] - decayed_a)
+            b[:, late] = decayed_b + f[None, :] * (b[:, late] - decayed_b)
         self.before_step = {}
 
     @torch.no_grad()

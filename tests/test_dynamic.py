@@ -1,6 +1,7 @@
 """Dynamic re-allocation: rank moves during training, the budget holds, masked columns stay dead."""
 
 import numpy as np
+import pytest
 import torch
 
 from orchestrator.allocation import Allocation, apply_lora
@@ -162,7 +163,8 @@ def test_a_restarted_worker_goes_on_as_if_it_had_not_stopped(tiny_model_dir, tin
     assert restarted.rng.random() == dynamic.rng.random()  # the next draw is the one the first worker would make
 
 
-def test_a_column_switched_on_late_steps_as_a_fresh_adamw_would(tiny_model_dir, tiny_split):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_column_switched_on_late_steps_as_a_fresh_adamw_would(tiny_model_dir, tiny_split, weight_decay):
     """Its moments start empty at step t0 while AdamW bias-corrects by the tensor's step count t: at t = 6 its
     first step was half a fresh AdamW's, and at t = 2,000 its tenth six times larger. Its steps now follow an
     AdamW of its own, replayed here on the gradients it got."""
@@ -170,7 +172,8 @@ def test_a_column_switched_on_late_steps_as_a_fresh_adamw_would(tiny_model_dir, 
     dynamic.interval = 10**6  # only the move below
     other = next(m.name for m in modules if m.type == "value")
     lr, (beta1, beta2), eps = 5e-2, (0.9, 0.999), 1e-12  # the rescale is exact up to eps; some gradients here are 1e-6
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps,
+                                  weight_decay=weight_decay)
     batches = iter(loader)
     grads = []
     for step in range(8):
@@ -187,5 +190,20 @@ def test_a_column_switched_on_late_steps_as_a_fresh_adamw_would(tiny_model_dir, 
     m = v = want = torch.zeros_like(grads[0])  # B of a switched-on column starts at 0
     for k, g in enumerate(grads, start=1):
         m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
-        want = want - lr * (m / (1 - beta1 ** k)) / ((v / (1 - beta2 ** k)).sqrt() + eps)
+        want = want * (1 - lr * weight_decay) - lr * (m / (1 - beta1 ** k)) / ((v / (1 - beta2 ** k)).sqrt() + eps)
     torch.testing.assert_close(lora_factors(model, other)[1][:, :2], want, rtol=1e-4, atol=1e-7)
+
+
+def test_the_late_columns_rescale_stays_on_the_parameters_device():
+    """On a GPU the factors live on CUDA: rescaling tensors built on the CPU failed the first step after a late
+    switch-on ("Expected all tensors to be on the same device"). The meta device stands in for CUDA here."""
+    from types import SimpleNamespace
+
+    a = torch.nn.Parameter(torch.zeros(2, 8, device="meta"))
+    b = torch.nn.Parameter(torch.zeros(8, 2, device="meta"))
+    optimizer = SimpleNamespace(param_groups=[{"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.0}],
+                                state={b: {"step": torch.tensor(6.0)}})
+    dynamic = SimpleNamespace(factors={"m": (a, b)}, live_since={"m": [0, 5]}, active={"m": 2},
+                              before_step={"m": (a.detach().clone(), b.detach().clone())})
+    DynamicReallocator._correct_late_columns(dynamic, optimizer)
+    assert dynamic.before_step == {}
