@@ -234,6 +234,14 @@ def _header_metadata(data: bytes) -> dict:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
+def stored_weights(adapter: AdapterFiles, precision: str) -> tuple[str, bytes]:
+    """(file name, bytes) of the weights the registry stores: an fp32 source stored as fp32 keeps its bytes; anything
+    else is encoded from the fp32 tensors."""
+    if precision == "fp32" and adapter.precision == "fp32":
+        return WEIGHTS_FILE, adapter.weights
+    return encode(adapter.tensors, precision)
+
+
 def read_adapter_dir(source_dir: str | Path) -> AdapterFiles:
     """Config and weights of a PEFT adapter directory, safetensors only.
 
@@ -527,11 +535,7 @@ class Registry:
 
             allocation = compact_allocation(allocation)
         allocation = allocation or allocation_from_config(adapter.config, source_dir if adapter.shortcuts else None)
-        # An fp32 source stored as fp32 keeps its bytes; anything else is encoded from the fp32 tensors.
-        if precision == "fp32" and adapter.precision == "fp32":
-            weights_name, weights = WEIGHTS_FILE, adapter.weights
-        else:
-            weights_name, weights = encode(adapter.tensors, precision)
+        weights_name, weights = stored_weights(adapter, precision)
         stored = {CONFIG_FILE: adapter.config_bytes, weights_name: weights} | adapter.shortcuts  # shortcuts fp32: small
         record = {"task": str(task), "base_model": base_model_id(base_model),
                   # hashed (once per file version) before taking the write lock
@@ -600,8 +604,11 @@ class Registry:
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage
         name = name or _safe_name(run.get("task", {}).get("task") or run["config"]["data"]["task"])
         source = f"{run_dir}:{row['candidate_id']}:seed{row.get('seed')}"
-        # once per adapter and precision: a resumed run whose run.json missed the first registration finds it here
-        stored = next((e for e in self.list(name) if e.source == source and e.precision == precision), None)
+        # once per adapter and precision: a resumed run whose run.json missed the first registration finds it here; the
+        # weights tell it from a new run of the same name, whose source string is the same
+        weights_name, weights = stored_weights(read_adapter_dir(run_dir / row["adapter_dir"]), precision)
+        stored = next((e for e in self.list(name) if e.source == source and e.precision == precision
+                       and e.files.get(weights_name) == sha256_bytes(weights)), None)
         return stored or self.add(name, run_dir / row["adapter_dir"], run["config"]["data"]["task"],
                                   run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
                                   source=source)

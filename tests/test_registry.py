@@ -724,6 +724,12 @@ def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monk
     capsys.readouterr()  # register_best's own lines
     code, out, _ = cli(monkeypatch, capsys, "registry", "add", fake_run, "--root", registry.root)
     assert code == 0 and out.startswith("Already stored as tiny v1 (fp32") and len(registry.list()) == 3
+    # the run deleted and run again under its name: the same source string, other weights, a version of their own
+    from safetensors.torch import load_file, save_file
+
+    weights = fake_run / "adapters" / "a2" / "adapter_model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
+    assert registry.add_from_run(fake_run).version == 4
 
 
 def test_a_routed_candidate_is_refused_with_how_to_load_it(registry, fake_run, monkeypatch, capsys):
