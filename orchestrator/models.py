@@ -99,9 +99,14 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
 
 def _check_only_head_is_new(path: Path, info: dict) -> None:
     """Only the head may be freshly initialised: any other weight missing from the checkpoint, or of another
-    shape (a config.json that does not match the weights), would silently be random."""
+    shape (a config.json that does not match the weights), would silently be random, and frozen."""
     keys = list(info["missing_keys"]) + [k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]]
     fresh = sorted(k for k in keys if k.split(".")[0] not in HEAD_MODULES)  # mismatched: (key, ckpt shape, model shape)
+    if fresh and all(".pooler." in f".{k}" for k in fresh):  # saved from a masked-LM model, which has no pooler
+        raise UserError(f"model.name: '{path}' has no pooler weights ({fresh[0]}; a checkpoint saved from a masked-LM "
+                        "model), and its classifier reads the pooler: a random one would differ between seeds and the "
+                        "registry; save it once with a pooler (AutoModel.from_pretrained(dir).save_pretrained(new_dir), "
+                        "then copy the tokenizer files) and use that")
     if fresh:
         shown = ", ".join(fresh[:3]) + (", …" if len(fresh) > 3 else "")
         raise UserError(f"model.name: '{path}' has {len(fresh)} weight(s) missing from its *.safetensors or of another "

@@ -139,6 +139,15 @@ def _config_not_of_the_weights(space: Space) -> None:
     space.write("m_mismatch/config.json", json.dumps(config | {"intermediate_size": 96}))
 
 
+def _no_pooler(space: Space) -> None:
+    """The tiny model's weights without bert.pooler.*, as a checkpoint saved from a masked-LM model has them."""
+    from safetensors.torch import load_file, save_file
+
+    target = space.model_dir("m_mlm", ("config.json",) + TOKENIZER)
+    weights = load_file(space.tiny / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, target / "model.safetensors")
+
+
 def _existing_run(space: Space) -> None:
     space.write("results/bad/run.json", json.dumps({"created_at": "earlier", "task": {"majority_rate": 0.5}}))
 
@@ -267,6 +276,8 @@ CASES = [
     Case("model_config_not_of_the_weights", {"model": {"name": "$root/m_mismatch"}},
          ("model.name", "weight(s) missing from its *.safetensors or of another shape than its config.json says",
           "use the config.json saved with these weights"), setup=_config_not_of_the_weights),
+    Case("model_without_pooler", {"model": {"name": "$root/m_mlm"}},
+         ("model.name", "has no pooler weights", "save it once with a pooler"), setup=_no_pooler),
     Case("max_length_too_small", {"model": {"max_length": 4}}, ("model.max_length: 4 is out of range", "use 8..4096")),
     # ---- run names and the run directory
     Case("name_traversal", {"name": "../x"}, ("name: '../x' is not a safe run name", "no slashes")),
