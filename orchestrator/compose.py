@@ -633,8 +633,13 @@ def run_compose(registry_root: str | Path, adapters: list[str], task_spec: str, 
         # training examples of a source trained on this dataset into the eval split. --seed draws the few-shot sample.
         task = load_task_spec(task_spec, cfg.eval_size, DataConfig().split_seed)
         table, outcomes = compare(sources, base, task, cfg)
-    saved = {m: save_composed(sources, outcomes[m].weights, outcomes[m].head, base, out / "adapters" / m)
-             for m in COMPOSED if m in outcomes}
+    try:
+        saved = {m: save_composed(sources, outcomes[m].weights, outcomes[m].head, base, out / "adapters" / m)
+                 for m in COMPOSED if m in outcomes}
+    except OSError as err:  # a full disk, no permission, or a link or file where an adapter's directory goes
+        raise UserError(f"compose --out: could not save a composed adapter under '{out / 'adapters'}' "
+                        f"({err.strerror or err}); free disk space, fix permissions or remove what is in the way, "
+                        "then run it again") from None
     header = [f"# Adapter composition: {task.name}", "",
               f"Sources: {', '.join(f'{s.name} ({s.task})' for s in sources)}; base model {base}. "
               f"{cfg.shots} examples per class, {len(task.eval)} eval examples, majority rate "

@@ -34,6 +34,7 @@ accuracy and minimises x ∈ trainable_params, cost_usd (per seed), peak_memory_
 
 from __future__ import annotations
 
+import errno
 import html as html_lib
 import itertools
 import json
@@ -99,11 +100,14 @@ def replace_atomically(path: Path, writer: Callable[[str], None]) -> None:
 
 def replace_dir_atomically(path: Path, writer: Callable[[Path], None]) -> None:
     """writer(staged directory) then swap it in for the directory `path`: a reader sees the old directory (or none)
-    or the whole new one, never a half-written one; on any error the old one stays."""
-    path = Path(path)
+    or the whole new one, never a half-written one; on any error the old one stays. A link or a file at `path` is
+    refused (NotADirectoryError): the swap would move the link, not what it points to."""
+    path = Path(os.path.abspath(path))  # "." has no name to stage beside
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (a link or a file)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))  # same file system: os.replace is atomic
     old = path.with_name(f".{path.name}.{os.getpid()}-{next(_WRITES)}.old")
+    staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))  # same file system: os.replace is atomic
     try:
         writer(staged)
         staged.chmod(0o755)  # mkdtemp makes 0700; results are as readable as any other file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -430,3 +431,22 @@ def test_replace_dir_atomically_keeps_the_old_directory_when_the_writer_stops(tm
         report.replace_dir_atomically(target, half_written)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["adapter"] if existed else [])
     assert not existed or (target / "weights.bin").read_text() == "old"
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_replace_dir_atomically_refuses_a_link_or_a_file_and_leaves_it(tmp_path, kind):
+    """The swap would have moved the link itself aside (and left it there), not replaced what it points to."""
+    target, real = tmp_path / "adapter", tmp_path / "real"
+    real.mkdir()
+    target.symlink_to(real) if kind == "link" else target.write_text("mine")
+    with pytest.raises(NotADirectoryError):
+        report.replace_dir_atomically(target, lambda staged: (staged / "weights.bin").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "real"]  # nothing staged or moved aside
+
+
+def test_replace_dir_atomically_into_the_current_directory(tmp_path, monkeypatch):
+    """"." has an empty name to stage beside: it was a ValueError, with a staging directory left behind."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    report.replace_dir_atomically(Path("."), lambda staged: (staged / "weights.bin").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and (tmp_path / "here" / "weights.bin").is_file()
