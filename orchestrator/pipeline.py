@@ -18,7 +18,8 @@ import pandas as pd
 from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, reachable_caps, space_modules
-from orchestrator.config import BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS, RunConfig, absolute_path, flat_keys
+from orchestrator.config import (BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS, RunConfig, absolute_path, flat_keys,
+                                 local_path)
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
@@ -192,7 +193,7 @@ def _check_same_run(cfg: RunConfig, stored: dict) -> None:
             then[key] = absolute_path(then[key])
     for key, names in (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NAMES), ("data.eval_path", ())):
         if then.get(key) and then[key] not in names:  # and local model and data paths, until 2026-12-07
-            then[key] = absolute_path(then[key])
+            then[key] = local_path(then[key])
     changed = [key for key in now if key in then and now[key] != then[key]
                and not any(key == allowed or key.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
     if changed:

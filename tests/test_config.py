@@ -156,7 +156,7 @@ def test_wrong_type(override, message):
 def test_string_field_accepts_scalars():
     cfg = load_config(None, ["train.use_gpu=false", "data.task=123"])
     assert cfg.train.use_gpu == "false"
-    assert cfg.data.task == str(Path("123").absolute())  # a file name, kept absolute
+    assert cfg.data.task == "123"  # no such file here: kept as typed, for the error that names it
 
 
 @pytest.mark.parametrize("overrides", [
@@ -282,7 +282,7 @@ def test_partial_price_override_keeps_other_default():
     ("register.name=007", "register.name", "007"),
     ("register.name=off", "register.name", "off"),
     ("register.root=0123", "register.root", "0123"),
-    ("data.eval_path=0755", "data.eval_path", str(Path("0755").absolute())),  # a file, kept absolute
+    ("data.eval_path=0755", "data.eval_path", "0755"),
     ("storage_path=s3://1_000", "storage_path", "s3://1_000"),
     ("register.name=null", "register.name", None),
     ("register.root=~", "register.root", None),
@@ -311,9 +311,14 @@ def test_local_model_and_data_paths_are_kept_absolute_and_names_are_not(tmp_path
     from orchestrator.data import BUILTIN_TASKS
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_model").mkdir()
+    (tmp_path / "train.csv").write_text("text,label\n")
     cfg = load_config(None, ["model.name=my_model", "data.task=train.csv", "data.eval_path=~/eval.csv"])
     assert (cfg.model.name, cfg.data.task) == (str(tmp_path / "my_model"), str(tmp_path / "train.csv"))
-    assert cfg.data.eval_path == str(Path.home() / "eval.csv")
+    assert cfg.data.eval_path == str(Path.home() / "eval.csv")  # written as a path: absolute, there or not
+    # a hub id (never supported) or a typo stays as typed, so the error names what the user wrote
+    assert load_config(None, ["model.name=org/some-model"]).model.name == "org/some-model"
+    assert load_config(None, ["model.name=./missing"]).model.name == str(tmp_path / "missing")
     for name in PACKAGED_MODELS:
         assert load_config(None, [f"model.name={name}"]).model.name == name
     assert tuple(BUILTIN_TASKS) == BUILTIN_TASK_NAMES

@@ -148,6 +148,8 @@ def test_a_run_that_recorded_a_relative_storage_path_resumes_from_its_directory(
 def test_a_run_that_recorded_a_relative_data_file_resumes_from_its_directory(tmp_path, monkeypatch):
     """Until 2026-12-07 run.json kept a local model.name, data.task and data.eval_path as written."""
     monkeypatch.chdir(tmp_path)
+    for name in ("train.csv", "eval.csv"):
+        (tmp_path / name).write_text("text,label\n")
     overrides = ["data.task=train.csv", "data.eval_path=eval.csv"]
     cfg = _started(tmp_path, overrides)
     stored = json.loads((cfg.run_dir / "run.json").read_text())
