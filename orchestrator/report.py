@@ -34,6 +34,7 @@ accuracy and minimises x ∈ trainable_params, cost_usd (per seed), peak_memory_
 
 from __future__ import annotations
 
+import base64
 import errno
 import html as html_lib
 import itertools
@@ -902,8 +903,10 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", html_lib.escape(text, quote=False))
 
 
-def html(report: pd.DataFrame, majority_rate: float, context: dict | None = None, plots: list[str] | None = None) -> str:
-    """A self-contained page (inline CSS; the PNGs by relative path)."""
+def html(report: pd.DataFrame, majority_rate: float, context: dict | None = None, plots: list[str] | None = None,
+         images: dict[str, bytes] | None = None) -> str:
+    """A self-contained page: inline CSS, and each PNG of `images` (name → bytes) embedded, so the page can be mailed
+    or moved alone; a plot without its bytes is linked by relative path."""
     body, title = [], "lora-search report"
     for kind, payload in _sections(report, majority_rate, context, _default_plots(report) if plots is None else plots):
         if kind == "h1":
@@ -918,8 +921,11 @@ def html(report: pd.DataFrame, majority_rate: float, context: dict | None = None
         elif kind == "table":
             body.append(payload.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}"))
         elif kind == "img":
-            name, caption = (html_lib.escape(p) for p in payload)
-            body.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+            name, caption = payload
+            source = (f"data:image/png;base64,{base64.b64encode(images[name]).decode()}" if images and name in images
+                      else html_lib.escape(name))
+            caption = html_lib.escape(caption)
+            body.append(f'<figure><img src="{source}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}</title>"
             f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -1241,7 +1247,8 @@ def write(report: pd.DataFrame, run_dir: Path, majority_rate: float) -> pd.DataF
     plots = write_plots(report, run_dir, majority_rate, context["module_types"], context["run"].get("config", {}).get("screen"))
     write_atomic(run_dir / "report.md", lambda p: Path(p).write_text(markdown(report, majority_rate, context, plots),
                                                                      encoding="utf-8"))
-    write_atomic(run_dir / "report.html", lambda p: Path(p).write_text(html(report, majority_rate, context, plots),
+    images = {name: (run_dir / name).read_bytes() for name in plots if (run_dir / name).is_file()}
+    write_atomic(run_dir / "report.html", lambda p: Path(p).write_text(html(report, majority_rate, context, plots, images),
                                                                        encoding="utf-8"))
     return report
 
