@@ -234,6 +234,11 @@ def _header_metadata(data: bytes) -> dict:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"registry: precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+
+
 def stored_weights(adapter: AdapterFiles, precision: str) -> tuple[str, bytes]:
     """(file name, bytes) of the weights the registry stores: an fp32 source stored as fp32 keeps its bytes; anything
     else is encoded from the fp32 tensors."""
@@ -524,8 +529,7 @@ class Registry:
         parent_version defaults to the version that was current when this one was added.
         """
         _check_name(name)
-        if precision not in PRECISIONS:
-            raise UserError(f"registry: precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+        _check_precision(precision)
         adapter = read_adapter_dir(source_dir)
         # a trial load (a fraction of a second even for the packaged model): an adapter without a classifier head,
         # trained on another base model or naming modules it lacks is refused now, not when it is loaded
@@ -596,6 +600,7 @@ class Registry:
                      precision: str = "fp32", promote: bool = True) -> Entry:
         """Store a finished run's adapter: `candidate_id`, or the report's best searched model (best_candidate)."""
         run_dir = Path(run_dir)
+        _check_precision(precision)  # before the weights are encoded at it
         row, run = best_candidate(run_dir, candidate_id, ("config.name", "config.data.task", "config.model.name"))
         metrics = {k: _plain(row.get(k)) for k in ("accuracy", "f1", "val_accuracy", "eval_loss", "trainable_params",
                                                      "head_params", "seed", "lr", "latency_ms_per_batch", "train_wall_s", "cost_usd")
@@ -603,11 +608,13 @@ class Registry:
         metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage
         name = name or _safe_name(run.get("task", {}).get("task") or run["config"]["data"]["task"])
-        source = f"{run_dir}:{row['candidate_id']}:seed{row.get('seed')}"
+        # the run's absolute path: `registry add results/x` from its parent finds what the run itself registered
+        sources = [f"{path}:{row['candidate_id']}:seed{row.get('seed')}" for path in (run_dir.resolve(), run_dir)]
+        source = sources[0]
         # once per adapter and precision: a resumed run whose run.json missed the first registration finds it here; the
         # weights tell it from a new run of the same name, whose source string is the same
         weights_name, weights = stored_weights(read_adapter_dir(run_dir / row["adapter_dir"]), precision)
-        stored = next((e for e in self.list(name) if e.source == source and e.precision == precision
+        stored = next((e for e in self.list(name) if e.source in sources and e.precision == precision
                        and e.files.get(weights_name) == sha256_bytes(weights)), None)
         return stored or self.add(name, run_dir / row["adapter_dir"], run["config"]["data"]["task"],
                                   run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,

@@ -727,6 +727,10 @@ def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monk
     # the run deleted and run again under its name: the same source string, other weights, a version of their own
     from safetensors.torch import load_file, save_file
 
+    # `registry add results/x` from the run's parent: the same run as the absolute path the run registered under
+    monkeypatch.chdir(fake_run.parent)
+    assert registry.add_from_run(fake_run.name).version == 1
+    assert registry.show("tiny", 1).source == f"{fake_run.resolve()}:a2:seed0"
     weights = fake_run / "adapters" / "a2" / "adapter_model.safetensors"
     save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
     assert registry.add_from_run(fake_run).version == 4
