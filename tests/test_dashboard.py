@@ -110,6 +110,16 @@ def test_bad_run_dir_is_a_user_error(tmp_path, case):
     assert not (run_dir / "study.db").exists()  # nothing was created
 
 
+def test_a_run_screened_without_optuna_is_told_so_not_asked_to_wait(tmp_path):
+    """A random or score-driven screen writes no study.db: "start the dashboard once it runs" waited for nothing."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": None, "allocator": "random"}}}))
+    with pytest.raises(UserError, match=r"^RUN_DIR: '.*run' screened with screen.allocator=random, which runs no "
+                                        r"Optuna study .*; its candidates are in screen.csv$"):
+        run_study(run_dir)
+
+
 def test_missing_sqlite_file_named_in_run_json_is_a_user_error(tmp_path):
     run_dir = make_run_dir(tmp_path)
     (run_dir / "run.json").write_text(json.dumps({"config": {"screen": {"storage": f"sqlite:///{tmp_path / 'gone.db'}"}}}))
