@@ -350,18 +350,21 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
 
 def register_best(cfg: RunConfig) -> dict | None:
     """Store the best searched adapter in the registry, once per run (a resumed run keeps its entry)."""
-    from orchestrator.registry import Registry
+    from orchestrator.registry import Registry, best_candidate
 
     earlier = json.loads((cfg.run_dir / "run.json").read_text()).get("registered")
     if earlier or not cfg.register.best:
         return earlier
     try:
+        # a model that does not beat the majority class learned nothing: stored, but not made the name's current one
+        learned = bool(best_candidate(cfg.run_dir)[0].get("beats_majority", True))
         entry = Registry(cfg.registry_root).add_from_run(cfg.run_dir, name=cfg.register.name,
-                                                          precision=cfg.register.precision)
+                                                          precision=cfg.register.precision, promote=learned)
     except UserError as err:  # e.g. every searched model failed: the run's results still stand
         print(f"registry: best adapter not registered ({err})", flush=True)
         return None
-    print(f"registry: stored {entry.name} v{entry.version} in {cfg.registry_root}", flush=True)
+    held = "" if entry.current else " (not made current: it does not beat the majority class)"
+    print(f"registry: stored {entry.name} v{entry.version} in {cfg.registry_root}{held}", flush=True)
     return {"name": entry.name, "version": entry.version, "root": str(cfg.registry_root)}
 
 

@@ -708,7 +708,7 @@ def test_add_from_run_picks_best_searched(registry, fake_run):
         registry.add_from_run(fake_run, "zz")  # r1, routed, is not one to choose
 
 
-def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monkeypatch, capsys):
+def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monkeypatch, capsys, tmp_path):
     """A resumed run whose run.json missed the first registration (its write failed, or Ctrl-C) stores nothing twice."""
     from types import SimpleNamespace
 
@@ -731,9 +731,29 @@ def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monk
     monkeypatch.chdir(fake_run.parent)
     assert registry.add_from_run(fake_run.name).version == 1
     assert registry.show("tiny", 1).source == f"{fake_run.resolve()}:a2:seed0"
-    weights = fake_run / "adapters" / "a2" / "adapter_model.safetensors"
+    rerun = shutil.copytree(fake_run, tmp_path / "tiny-run")  # fake_run is shared by the module's tests
+    assert registry.add_from_run(rerun).version == 4
+    weights = rerun / "adapters" / "a2" / "adapter_model.safetensors"
     save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
-    assert registry.add_from_run(fake_run).version == 4
+    assert registry.add_from_run(rerun).version == 5
+
+
+def test_a_best_model_that_does_not_beat_the_majority_class_is_stored_but_not_made_current(registry, fake_run, tmp_path,
+                                                                                            capsys):
+    """It learned nothing: made current, it replaced a model of an earlier run that did."""
+    from types import SimpleNamespace
+
+    from orchestrator.pipeline import register_best
+
+    assert registry.add_from_run(fake_run).current  # an earlier run's adapter, current
+    run = shutil.copytree(fake_run, tmp_path / "tiny-run")
+    frame = pd.read_parquet(run / "report.parquet")
+    frame.assign(beats_majority=frame.candidate_id != "a2").to_parquet(run / "report.parquet")
+    cfg = SimpleNamespace(run_dir=run, registry_root=registry.root,
+                          register=SimpleNamespace(best=True, name=None, precision="fp32"))
+    assert register_best(cfg)["version"] == 2 and registry.show("tiny").version == 1
+    out = capsys.readouterr().out
+    assert "stored tiny v2 in" in out and out.rstrip().endswith("(not made current: it does not beat the majority class)")
 
 
 def test_a_routed_candidate_is_refused_with_how_to_load_it(registry, fake_run, monkeypatch, capsys):
