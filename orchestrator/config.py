@@ -79,7 +79,12 @@ def local_path(value: str) -> str:
     """model.name, data.task, data.eval_path: a local file or directory (or one written as a path: ~, ., /) is kept
     absolute, since a Ray Train worker runs in a working directory of its own and a --resume may run from another one;
     anything else (a typo, a Hugging Face hub id) stays as typed, for the error that names it."""
-    looks_local = value.startswith(("~", ".", "/")) or Path(value).expanduser().exists()
+    if not value:  # Path("") is the current directory
+        return value
+    try:
+        looks_local = value.startswith(("~", ".", "/")) or Path(value).expanduser().exists()
+    except OSError:  # a name too long for a path, or one behind a directory we may not read: not a local path
+        looks_local = False
     return absolute_path(value) if looks_local else value
 
 
@@ -97,6 +102,7 @@ class ModelConfig:
                                   "the checkpoint's (0.1 for MiniLM). 0 helped short runs: README 'Benchmarks'", None)
 
     def __post_init__(self):
+        _require(bool(self.name.strip()), "model.name", "is empty", "use minilm-l6 or a local model directory")
         if self.name not in PACKAGED_MODELS:
             self.name = local_path(self.name)
         _require(8 <= self.max_length <= 4096, "model.max_length", f"{self.max_length} is out of range", "use 8..4096")
@@ -116,6 +122,7 @@ class DataConfig:
                                         "weak ones (ASHA) on, so the eval split only measures; null: both use the eval split", None)
 
     def __post_init__(self):
+        _require(bool(self.task.strip()), "data.task", "is empty", "use a built-in task or a CSV/JSONL/Parquet file")
         if self.task not in BUILTIN_TASK_NAMES:
             self.task = local_path(self.task)
         if self.eval_path is not None:

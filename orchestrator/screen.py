@@ -239,7 +239,7 @@ def survivor_shortfall(table: pd.DataFrame, cfg: RunConfig) -> str | None:
         return None
     score = table.get(f"proxy_{cfg.screen.rank_by}", pd.Series(dtype=float)).astype(float)
     return (f"screen: {kept} of {asked} survivors ({len(table)} distinct candidates, {int((~np.isfinite(score)).sum())} "
-            f"with a non-finite {cfg.screen.rank_by} score); {'only they train' if kept else 'no screened model trains'}")
+            f"with a non-finite {cfg.screen.rank_by} score); {'only those train' if kept else 'no screened model trains'}")
 
 
 def write_screen(table: pd.DataFrame, run_dir: Path) -> None:

@@ -319,6 +319,11 @@ def test_local_model_and_data_paths_are_kept_absolute_and_names_are_not(tmp_path
     # a hub id (never supported) or a typo stays as typed, so the error names what the user wrote
     assert load_config(None, ["model.name=org/some-model"]).model.name == "org/some-model"
     assert load_config(None, ["model.name=./missing"]).model.name == str(tmp_path / "missing")
+    # a name too long for a path was an OSError traceback; an empty one became the current directory
+    assert load_config(None, ["model.name=" + "x" * 300]).model.name == "x" * 300
+    for field in ("model.name", "data.task"):
+        with pytest.raises(UserError, match=rf"^{field}: is empty; use "):
+            load_config(None, [f"{field}="])
     for name in PACKAGED_MODELS:
         assert load_config(None, [f"model.name={name}"]).model.name == name
     assert tuple(BUILTIN_TASKS) == BUILTIN_TASK_NAMES

@@ -444,9 +444,12 @@ def test_replace_dir_atomically_refuses_a_link_or_a_file_and_leaves_it(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "real"]  # nothing staged or moved aside
 
 
-def test_replace_dir_atomically_into_the_current_directory(tmp_path, monkeypatch):
-    """"." has an empty name to stage beside: it was a ValueError, with a staging directory left behind."""
+@pytest.mark.parametrize("target", [".", ".."])
+def test_replace_dir_atomically_refuses_the_current_directory_and_those_above_it(tmp_path, monkeypatch, target):
+    """Swapped, the caller (and the user's shell) would sit in a deleted folder; "." was a ValueError that left a
+    staging directory behind."""
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
-    report.replace_dir_atomically(Path("."), lambda staged: (staged / "weights.bin").write_text("new"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and (tmp_path / "here" / "weights.bin").is_file()
+    with pytest.raises(IsADirectoryError):
+        report.replace_dir_atomically(Path(target), lambda staged: (staged / "weights.bin").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any((tmp_path / "here").iterdir())

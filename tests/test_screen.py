@@ -106,7 +106,7 @@ def test_a_screen_that_keeps_fewer_survivors_than_asked_says_so(tiny_modules, tm
     context = ScreenContext(tiny_modules, [1], Budget(128, 0.05), ModuleScores(unit={"params": {}}), 4, "params", 1.0, 0)
     rows = [{"candidate_id": f"c{i}", "proxy_params": value} for i, value in enumerate([1.0, float("nan"), float("inf")])]
     assert survivor_shortfall(_survivors(rows, context, 3), cfg) == (
-        "screen: 1 of 3 survivors (3 distinct candidates, 2 with a non-finite params score); only they train")
+        "screen: 1 of 3 survivors (3 distinct candidates, 2 with a non-finite params score); only those train")
     rows[0]["proxy_params"] = float("nan")
     assert survivor_shortfall(_survivors(rows, context, 3), cfg).endswith("3 with a non-finite params score); no "
                                                                        "screened model trains")
