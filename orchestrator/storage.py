@@ -138,11 +138,11 @@ def run_study(run_dir: str | Path) -> tuple[str, str]:
     if url:
         return url, name
     db = (run_dir / "study.db").resolve()
-    allocator = config.get("screen", {}).get("allocator", "optuna")
-    if not db.is_file() and allocator != "optuna":  # a score-driven or random screen runs no Optuna study
-        raise UserError(f"RUN_DIR: '{run_dir}' screened with screen.allocator={allocator}, which runs no Optuna study "
-                        "(only the optuna allocator does); its candidates are in screen.csv")
     if not db.is_file():
+        allocator = config.get("screen", {}).get("allocator", "optuna")
+        if allocator != "optuna":  # a score-driven or random screen runs no Optuna study
+            raise UserError(f"RUN_DIR: '{run_dir}' screened with screen.allocator={allocator}, which runs no Optuna "
+                            "study (only the optuna allocator does); its candidates are in screen.csv")
         raise UserError(f"RUN_DIR: '{run_dir}' has no study.db yet; the screen stage creates it, start the dashboard once it runs")
     return sqlite_url(db), name
 
