@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from orchestrator.errors import UserError
-from orchestrator.models import HEAD_MODULES, AdaptableModule
+from orchestrator.models import AdaptableModule, head_modules
 from orchestrator.shortcuts import (ShortcutSpec, attach_shortcuts, check_specs, format_compact, is_shortcut_item,
                                     shortcut_sites)
 
@@ -108,8 +108,8 @@ class Allocation:
                 raise UserError(f"allocation: module '{key}' matches {len(hits)} Linear modules of the model; "
                                 "use full module names from `lora-search modules`")
 
-    def to_lora_config(self):
-        """PEFT LoraConfig: exact target list, one escaped rank/alpha pattern per module."""
+    def to_lora_config(self, heads: list[str]):
+        """PEFT LoraConfig: exact target list, one escaped rank/alpha pattern per module, the `heads` trained."""
         from peft import LoraConfig
 
         default_rank = Counter(r for _, r in self.lora_ranks).most_common(1)[0][0]
@@ -120,7 +120,7 @@ class Allocation:
             rank_pattern={re.escape(name): r for name, r in self.lora_ranks},
             alpha_pattern={re.escape(name): self.alpha_ratio * r for name, r in self.lora_ranks},
             lora_dropout=0.0,
-            modules_to_save=list(HEAD_MODULES),
+            modules_to_save=heads,
             task_type="SEQ_CLS",
         )
 
@@ -150,7 +150,7 @@ def apply_adalora(model: nn.Module, allocation: Allocation, total_steps: int):
     config = AdaLoraConfig(init_r=math.ceil(1.5 * target_r), target_r=target_r, lora_alpha=allocation.alpha_ratio * target_r,
                            target_modules=[name for name, _ in allocation.lora_ranks], lora_dropout=0.0,
                            total_step=total_steps, tinit=int(0.1 * total_steps), tfinal=int(0.2 * total_steps),
-                           deltaT=max(1, total_steps // 50), modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
+                           deltaT=max(1, total_steps // 50), modules_to_save=head_modules(model), task_type="SEQ_CLS")
     return get_peft_model(model, config)
 
 
@@ -203,7 +203,7 @@ def apply_lora(model: nn.Module, allocation: Allocation):
     from peft import get_peft_model
 
     allocation.check_against(model)
-    return get_peft_model(model, allocation.to_lora_config())
+    return get_peft_model(model, allocation.to_lora_config(head_modules(model)))
 
 
 def attach_allocation_shortcuts(peft_model: nn.Module, allocation: Allocation, seed: int):

@@ -302,7 +302,7 @@ class MergedModel:
     """The base classifier with Σ w_i ΔW_i merged into its weights: a candidate costs one plain forward pass."""
 
     def __init__(self, base_model: str, num_labels: int, sources: list[Source], device: torch.device):
-        from orchestrator.models import load_model
+        from orchestrator.models import head_modules, load_model
 
         self.model = load_model(base_model, num_labels).to(device).eval()
         self.device = device
@@ -310,7 +310,9 @@ class MergedModel:
         self.base = {name: m.weight.detach().clone() for name, m in self.modules.items()}
         self.deltas = {name: [(i, s.blocks[name].delta.to(device)) for i, s in enumerate(sources) if name in s.blocks]
                        for name in self.modules}
-        if not isinstance(getattr(self.model, "classifier", None), torch.nn.Linear):
+        # the fitted head replaces the classifier alone: a head with more layers (DistilBERT's pre_classifier) would
+        # keep them random
+        if head_modules(self.model) != ["classifier"] or not isinstance(self.model.classifier, torch.nn.Linear):
             raise UserError(f"compose --model: '{base_model}' has no single Linear `classifier` head; "
                             "compose on a BERT-style sequence classifier such as minilm-l6")
 
@@ -496,7 +498,7 @@ def save_composed(sources: list[Source], weights, head: Head, base_model: str, o
     """A plain PEFT LoRA adapter (concatenated factors, scaling 1, the fitted head) that from_pretrained loads."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from orchestrator.models import HEAD_MODULES, load_model
+    from orchestrator.models import load_model
     from orchestrator.report import replace_dir_atomically
 
     composed = concatenate(sources, weights)
@@ -505,7 +507,7 @@ def save_composed(sources: list[Source], weights, head: Head, base_model: str, o
     config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(composed), lora_dropout=0.0,
                         rank_pattern={re.escape(n): r for n, r in ranks.items()},
                         alpha_pattern={re.escape(n): float(r) for n, r in ranks.items()},  # alpha = r: scaling 1
-                        modules_to_save=list(HEAD_MODULES), task_type="SEQ_CLS")
+                        modules_to_save=["classifier"], task_type="SEQ_CLS")  # MergedModel checked it is the head
     model = get_peft_model(load_model(base_model, head.weight.shape[0]), config)
     state = {f"base_model.model.{n}.lora_{part}.weight": t for n, (A, B) in composed.items() for part, t in (("A", A), ("B", B))}
     state |= {"base_model.model.classifier.weight": torch.from_numpy(head.weight),

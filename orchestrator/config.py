@@ -24,6 +24,11 @@ from orchestrator.errors import UserError
 
 SHORTCUT_KINDS = ("residual", "cross_block", "cross_layer")  # orchestrator.shortcuts.KINDS
 MODULE_TYPES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # a Linear inside an encoder layer: (layer, path within it)
+# DistilBERT's and DeBERTa's names for BERT's module types, so search spaces, baselines and reports read one way
+_TYPE_ALIASES = {"attention.q_lin": "query", "attention.k_lin": "key", "attention.v_lin": "value",
+                 "attention.out_lin": "attention.output.dense", "ffn.lin1": "intermediate.dense",
+                 "ffn.lin2": "output.dense", "query_proj": "query", "key_proj": "key", "value_proj": "value"}
 DEFAULT_PRICES = {"cpu": 0.0446, "gpu": 1.006}  # USD: one vCPU of an on-demand c7i; one A10G (g5.xlarge)
 BASELINES = ("uniform_qv", "uniform_all", "adalora")
 SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
@@ -33,6 +38,12 @@ CALIBRATED = "calibrated"  # screen.rank_by value: rank by the calibration's mea
 CALIBRATION_SUFFIX = ".calibration"  # the calibration's own run is '<name>.calibration' (orchestrator/calibrate.py)
 LR_SWEEP_SUFFIX = ".lr-sweep"  # train.lr_grid's trainings are the run '<name>.lr-sweep' (orchestrator/lr_tuning.py)
 NULL_TEXTS = ("null", "Null", "NULL", "~", "")  # YAML's spellings of null, in an override of an optional field
+
+
+def module_type(path_in_layer: str) -> str:
+    """A Linear's module type from its path inside the layer: `attention.self.query` and `attention.q_lin` → query."""
+    path_in_layer = path_in_layer.replace("attention.self.", "")
+    return _TYPE_ALIASES.get(path_in_layer, path_in_layer)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.config import PACKAGED_MODELS
+from orchestrator.config import LAYER_MODULE, PACKAGED_MODELS, module_type
 from orchestrator.errors import UserError
 
-HEAD_MODULES = ["classifier"]  # trained and saved with the adapter (PEFT modules_to_save)
-_LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
 # Without one of these, transformers 5 silently builds a 5-token default vocabulary: every word becomes [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
 # transformers 5.23 warns about its own deprecated property whenever PEFT wraps a model: once in every Ray
@@ -29,7 +26,7 @@ class AdaptableModule:
 
     name: str  # full module name, e.g. bert.encoder.layer.0.attention.self.query
     layer: int
-    type: str  # query, key, value, attention.output.dense, intermediate.dense, output.dense
+    type: str  # query, key, value, attention.output.dense, intermediate.dense, output.dense (config.module_type)
     in_features: int
     out_features: int
 
@@ -89,7 +86,7 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"model.name: '{path}' could not be loaded ({first}); check config.json and the "
                         "*.safetensors weights (e.g. save the model again with save_pretrained)") from None
-    _check_only_head_is_new(path, info)
+    _check_only_head_is_new(path, info, head_modules(model))
     if dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -97,11 +94,19 @@ def load_model(name: str, num_labels: int, seed: int = 0, dropout: float | None 
     return model
 
 
-def _check_only_head_is_new(path: Path, info: dict) -> None:
+def head_modules(model: nn.Module) -> list[str]:
+    """The classification head: the model's top-level modules with weights beside the encoder (BERT, RoBERTa:
+    classifier; DistilBERT: pre_classifier, classifier; DeBERTa: pooler, classifier). It is new for each task, so it
+    is trained and saved with the adapter (PEFT modules_to_save)."""
+    return [name for name, child in model.named_children()
+            if name != model.base_model_prefix and next(child.parameters(), None) is not None]
+
+
+def _check_only_head_is_new(path: Path, info: dict, heads: list[str]) -> None:
     """Only the head may be freshly initialised: any other weight missing from the checkpoint, or of another
     shape (a config.json that does not match the weights), would silently be random, and frozen."""
     keys = list(info["missing_keys"]) + [k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]]
-    fresh = sorted(k for k in keys if k.split(".")[0] not in HEAD_MODULES)  # mismatched: (key, ckpt shape, model shape)
+    fresh = sorted(k for k in keys if k.split(".")[0] not in heads)  # mismatched: (key, ckpt shape, model shape)
     if fresh and all(".pooler." in f".{k}" for k in fresh):  # saved from a masked-LM model, which has no pooler
         raise UserError(f"model.name: '{path}' has no pooler weights ({fresh[0]}; a checkpoint saved from a masked-LM "
                         "model), and its classifier reads the pooler: a random one would differ between seeds and the "
@@ -130,15 +135,15 @@ def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:
     """Every Linear inside an encoder layer, in model order. Pooler and classifier are not adaptable."""
     found = []
     for name, module in model.named_modules():
-        match = _LAYER_MODULE.search(name)
+        match = LAYER_MODULE.search(name)
         if isinstance(module, nn.Linear) and match:
-            module_type = match.group(2).replace("attention.self.", "")
-            found.append(AdaptableModule(name, int(match.group(1)), module_type, module.in_features, module.out_features))
+            found.append(AdaptableModule(name, int(match.group(1)), module_type(match.group(2)), module.in_features,
+                                         module.out_features))
     if not found:
         raise UserError("model.name: no Linear modules inside `.layer.N.` blocks were found; "
-                        "use a BERT-style encoder (BERT, RoBERTa, MiniLM, ...)")
+                        "use a BERT-style encoder (BERT, RoBERTa, MiniLM, DistilBERT, DeBERTa, ...)")
     return found
 
 
 def head_params(model: nn.Module) -> int:
-    return sum(p.numel() for name in HEAD_MODULES for p in model.get_submodule(name).parameters())
+    return sum(p.numel() for name in head_modules(model) for p in model.get_submodule(name).parameters())

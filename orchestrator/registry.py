@@ -346,10 +346,9 @@ def allocation_from_config(config: dict, shortcuts_dir: str | Path | None = None
 
 
 def num_labels_of(tensors: dict) -> int:
-    from orchestrator.models import HEAD_MODULES
-
-    heads = [t.shape[0] for k, t in tensors.items()
-             if any(f".{head}." in k for head in HEAD_MODULES) and k.endswith("weight") and t.ndim == 2]
+    """The label count, from the head's last layer: transformers calls it `classifier` in every sequence classifier
+    (DistilBERT's pre_classifier and DeBERTa's pooler come before it)."""
+    heads = [t.shape[0] for k, t in tensors.items() if ".classifier." in k and k.endswith("weight") and t.ndim == 2]
     if heads:
         return int(min(heads))  # classifier.weight, or out_proj of a two-layer head
     raise UserError("registry: the adapter has no classifier head (modules_to_save); "

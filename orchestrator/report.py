@@ -52,7 +52,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from orchestrator.config import flat_keys
+from orchestrator.config import LAYER_MODULE, flat_keys, module_type
 from orchestrator.errors import UserError
 
 CONTRACT_COLUMNS = ["candidate_id", "kind", "label", "allocation", "trainable_params", "head_params", "accuracy", "f1",
@@ -79,7 +79,6 @@ PLOTS = {  # file name → caption (learning_curves.png only when the trials rec
 SEARCHED_COLOR, BASELINE_COLOR, ROUTED_COLOR, FRONT_COLOR = "#1f77b4", "#d62728", "#9467bd", "#2ca02c"
 KIND_MARKERS = {"searched": "o", "baseline": "s", "routed": "D"}  # every kind a row can have gets a point in the plots
 NA = "n/a"  # a missing number in a sentence (tables leave it blank)
-_LAYER_MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")  # as models.adaptable_modules (kept here: no torch import)
 _SHORT_MODULE = re.compile(r"^L(\d+)\.(.+)$")
 
 
@@ -147,9 +146,9 @@ def write_atomic(path: Path, writer: Callable[[str], None]) -> None:
 
 def module_cell(name: str) -> tuple[int, str] | None:
     """(layer, module type) of a full module name or a compact `L3.query` name; None if it is neither."""
-    match = _LAYER_MODULE.search(name)
+    match = LAYER_MODULE.search(name)
     if match:
-        return int(match.group(1)), match.group(2).replace("attention.self.", "")
+        return int(match.group(1)), module_type(match.group(2))
     match = _SHORT_MODULE.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from orchestrator.data import accuracy_and_macro_f1
 from orchestrator.errors import UserError
-from orchestrator.models import HEAD_MODULES, head_params
+from orchestrator.models import head_modules, head_params
 from orchestrator.report import replace_atomically
 
 __all__ = [
@@ -426,7 +426,7 @@ def attach_routed_adapters(model: nn.Module, module_names: Sequence[str], num_ex
               "use full names from `lora-search modules` (and attach once per model)")
     router_in = _router_width(model) if mode == "per_input" else None
     model.requires_grad_(False)
-    for head in HEAD_MODULES:
+    for head in head_modules(model):
         model.get_submodule(head).requires_grad_(True)
     modules = {}
     for name, ranks in zip(config.module_names, config.expert_ranks):
@@ -510,7 +510,7 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
 
 def _expected_tensors(model: nn.Module, state: RoutingState, keep_vars: bool) -> dict[str, torch.Tensor]:
     tensors = {f"{name}.{k}": v for name, m in state.modules.items() for k, v in m.adapter_state_dict(keep_vars).items()}
-    for head in HEAD_MODULES:
+    for head in head_modules(model):
         tensors.update({f"{head}.{k}": v for k, v in model.get_submodule(head).state_dict(keep_vars=keep_vars).items()})
     return tensors
 
@@ -524,7 +524,7 @@ def save_routed(model: nn.Module, state: RoutingState, path: str | Path) -> Path
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _expected_tensors(model, state, False).items()}
     replace_atomically(path / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "routed-lora"}))
     config = asdict(state.config) | {"format_version": FORMAT_VERSION,
-                                     "num_labels": int(model.get_submodule(HEAD_MODULES[0]).out_features),
+                                     "num_labels": int(model.config.num_labels),
                                      "trainable_params": state.trainable_params(), "head_params": state.head_params()}
     replace_atomically(path / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
     return path

@@ -196,7 +196,8 @@ def _find_encoder(model: nn.Module) -> _Encoder:
              and all(hasattr(layer, part) for layer in module for part in ("attention", "intermediate", "output"))]
     if len(found) != 1:
         raise UserError(f"model.name: shortcuts need one BERT-style `encoder.layer` list with attention/intermediate/"
-                        f"output blocks; found {len(found)}. Use a BERT-style encoder (BERT, RoBERTa, MiniLM, ...)")
+                        f"output blocks; found {len(found)}. Use such an encoder (BERT, RoBERTa, MiniLM, DeBERTa; "
+                        "not DistilBERT) or search without them (space.shortcuts: [])")
     name, layers = found[0]
     encoder = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
     for index, layer in enumerate(layers):
@@ -226,6 +227,8 @@ def shortcut_sites(model: nn.Module, kinds=KINDS, layers=None) -> list[ShortcutS
 def check_specs(model: nn.Module, specs) -> tuple[ShortcutSpec, ...]:
     """Validate `specs` against `model` (layer range, duplicates) and return them normalised."""
     specs = normalize_specs(specs)
+    if not specs:  # an allocation without shortcuts fits any encoder, BERT's layer blocks or not
+        return specs
     n_layers = len(_find_encoder(model).layers)
     for spec in specs:
         if spec.layer >= n_layers:

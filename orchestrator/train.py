@@ -230,7 +230,9 @@ class Adapted:
 
 def build_adapted(cfg: RunConfig, job: TrainJob, base, steps_per_epoch: int) -> Adapted:
     allocation = Allocation.from_ranks(job.ranks)
-    units = searchable_units(base, adaptable_modules(base), shortcut_kinds=KINDS)
+    # shortcut sites only where something may use them: an encoder without BERT's layer blocks has none
+    kinds = KINDS if allocation.shortcuts or cfg.space.shortcuts else ()
+    units = searchable_units(base, adaptable_modules(base), shortcut_kinds=kinds)
     if job.method == "adalora":
         return Adapted(apply_adalora(base, allocation, total_steps(cfg.train, steps_per_epoch)), allocation, units, adalora=True)
     if job.method == "dynamic":

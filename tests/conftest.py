@@ -57,6 +57,43 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
+def _save_encoder(root, family: str) -> None:
+    """A random-weight sequence classifier of another encoder family (the tiny BERT's sizes) and a tokenizer."""
+    import torch
+    from transformers import (BertTokenizerFast, DebertaV2Config, DebertaV2ForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, DistilBertTokenizerFast, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    sizes = dict(vocab_size=len(VOCAB), num_labels=2)
+    builds = {  # DistilBERT's tokenizer gives no token_type_ids, which its forward refuses
+        "distilbert": (DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128,
+                                        **sizes), DistilBertForSequenceClassification, DistilBertTokenizerFast),
+        "deberta": (DebertaV2Config(**TINY, **sizes, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                    position_buckets=16, max_relative_positions=32),
+                    DebertaV2ForSequenceClassification, BertTokenizerFast),
+        "roberta": (RobertaConfig(**TINY | {"max_position_embeddings": 130}, **sizes, pad_token_id=0),
+                    RobertaForSequenceClassification, BertTokenizerFast)}
+    config, model_class, tokenizer_class = builds[family]
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer_class(vocab=str(root / "vocab.txt")).save_pretrained(root)
+    torch.manual_seed(1234)
+    model_class(config).save_pretrained(root, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """family ('distilbert', 'deberta', 'roberta') → a directory with that tiny random model, built once."""
+    built = {}
+
+    def build(family: str):
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp(f"tiny_{family}")
+            _save_encoder(built[family], family)
+        return built[family]
+
+    return build
+
+
 def make_sentences(n: int = 64) -> tuple[list[str], list[int]]:
     """n (≤ 72) distinct English sentences of varied length, alternating labels 1 (positive) and 0.
 

@@ -129,7 +129,7 @@ def test_scaling_follows_alpha_ratio(tiny_model_dir):
 
 
 def test_lora_config_is_exact(tiny_modules):
-    config = Allocation.from_ranks(MIXED).to_lora_config()
+    config = Allocation.from_ranks(MIXED).to_lora_config(["classifier"])
     assert set(config.target_modules) == set(MIXED)
     assert (config.r, config.lora_alpha) == (8, 16.0)  # all ranks differ: the first (by name) is the default
     assert config.rank_pattern == {name.replace(".", r"\."): r for name, r in MIXED.items()}

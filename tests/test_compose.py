@@ -36,7 +36,7 @@ def make_source(model_dir: Path, out: Path, types, rank: int, alpha_ratio: float
 
     base = load_model(str(model_dir), 2)
     config = Allocation.from_ranks({m.name: rank for m in adaptable_modules(base) if m.type in types},
-                                   alpha_ratio).to_lora_config()
+                                   alpha_ratio).to_lora_config(["classifier"])
     config.use_rslora = rslora
     model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
