@@ -277,16 +277,27 @@ app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:
-    """Usage errors (unknown option, bad argument type) are click's: usage line, exit 2. Ours: one line, exit 2;
+    """Bad input, ours or a usage error (unknown option or command, missing argument, bad value): one line, exit 2;
     Ctrl-C: one line, exit 130."""
     try:
-        app(standalone_mode=True)
+        # not standalone: typer would print usage errors as a multi-line box; --help and ctx.exit return their code
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # the base of typer's vendored click errors (click.UsageError is another class)
+        if type(err).__name__ != "NoArgsIsHelpError":  # typer's check: its help is already printed when it is made
+            ctx = getattr(err, "ctx", None)
+            hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            print(f"error: {' '.join(err.format_message().split()).rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1))
+    except typer.Abort:  # EOF (or Ctrl-C) at a prompt
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as err:
         print(f"interrupted: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, the shell's code for Ctrl-C
+    sys.exit(code if isinstance(code, int) else 0)  # commands return None; typer turns a bare Ctrl-C into 130
 
 
 if __name__ == "__main__":

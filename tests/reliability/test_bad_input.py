@@ -438,6 +438,34 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, tiny_model_dir):
     assert not space.results.exists()
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("run", "x.yaml", "--bogus"), ("No such option: --bogus", "see 'python -m orchestrator.cli run --help'")),
+    (("run",), ("Missing argument 'config'", "run --help'")),
+    (("bogus",), ("No such command 'bogus'", "see 'python -m orchestrator.cli --help'")),
+    (("validate-proxies", "x.yaml", "--n", "abc"), ("Invalid value for '--n'", "validate-proxies --help'")),
+    (("registry", "promote", "a", "abc"), ("Invalid value for 'version'", "registry promote --help'")),
+], ids=["unknown-option", "missing-argument", "unknown-command", "bad-type", "bad-type-subgroup"])
+def test_usage_errors_are_one_line(args, expect):
+    """Typer's own usage errors (parsed before any command runs) follow the same one-line rule, not its boxed panel."""
+    done = _cli(*args)
+    assert_one_line_error(done.returncode, done.stdout, done.stderr, *expect)
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args, code", [(("--help",), 0), (("run", "--help"), 0), ((), 2), (("registry",), 2)])
+def test_help_is_kept(args, code):
+    """--help exits 0; no arguments (no_args_is_help) shows the help too, with click's exit code 2."""
+    done = _cli(*args)
+    assert done.returncode == code, done.stderr
+    assert "Usage:" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert done.stderr == ""
+
+
 # ---------------------------------------------------------------- validate-proxies
 
 
