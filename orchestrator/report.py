@@ -281,7 +281,8 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
     `base_params` (run.json `base_params`) gives `params_pct_of_base`; `baselines` (the config's
     `train.baselines`) picks the ROI reference. `write` fills both from run.json when they are left out.
     Failed runs (rows without accuracy, from train.keep_failure) are left out of the table and named in
-    `summary_lines` (through `DataFrame.attrs["failed"]`); early-stopped runs stay, with their status.
+    `summary_lines` (through `DataFrame.attrs["failed"]`); their device time is charged in the run's cost (through
+    `attrs["failed_charge"]`, see `failed_charge`); early-stopped runs stay, with their status.
     """
     frame = pd.DataFrame(trials)
     for column in CONTRACT_COLUMNS:
@@ -313,7 +314,19 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
         errors = failed.get("error", pd.Series("", index=failed.index)).fillna("")
         frame.attrs["failed"] = [f"{cid}-s{int(seed)}" + (f" ({error})" if error else "") for cid, seed, error in
                                  zip(failed.candidate_id, failed.seed.fillna(-1), errors)]
+        timed = failed[failed.device_hours.notna()]  # trial files from before keep_failure timed them have none
+        frame.attrs["failed_charge"] = {"runs": len(failed), "untimed": len(failed) - len(timed),
+                                        "seconds": float(timed.train_wall_s.sum()),
+                                        "device_hours": float(timed.device_hours.sum()),
+                                        "cost_usd": float(timed.cost_usd.sum())}
     return frame
+
+
+def failed_charge(report: pd.DataFrame) -> dict:
+    """The failed trainings' runs, untimed runs, seconds, device-hours and dollars (zeros without any): they left
+    no row, but they held their devices until they failed, so the run's cost counts them."""
+    return report.attrs.get("failed_charge") or {"runs": 0, "untimed": 0, "seconds": 0.0, "device_hours": 0.0,
+                                                 "cost_usd": 0.0}
 
 
 # ---------------------------------------------------------------- statistics
@@ -481,7 +494,8 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
     counted. A calibrated screen (run.json `calibration`) and a learning-rate sweep (run.json `lr_sweep`) add their
     trainings as stages of their own. `compute_to_best_s` = probe seconds + calibration seconds + the best searched
     model's lr-sweep seconds + its training wall seconds (its first seed): the compute to obtain it had it been the
-    only model trained (NaN without a searched model). `total_cost_usd` and `total_device_hours` add up every stage.
+    only model trained (NaN without a searched model). `total_cost_usd` and `total_device_hours` add up every stage,
+    the failed trainings' (`failed_*`, see `failed_charge`) included; `train_*` are the report's rows alone.
     """
     run_info = run_info or {}
     price = run_info.get("config", {}).get("cost", {}).get("price_per_device_hour", {}).get("cpu", float("nan"))
@@ -503,7 +517,9 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         before_training = sum(before[f"{prefix}_{unit}"] for prefix, _, _ in PRE_TRAINING_STAGES.values())
         return (0.0 if math.isnan(screen) else screen) + before_training + train
 
-    total, total_dh = every_stage("cost_usd", screen_cost, train_cost), every_stage("device_hours", screen_dh, train_dh)
+    failed = failed_charge(report)
+    total = every_stage("cost_usd", screen_cost, train_cost + failed["cost_usd"])
+    total_dh = every_stage("device_hours", screen_dh, train_dh + failed["device_hours"])
     table = aggregate(report)
     searched = table[table.kind == "searched"]
     best_wall, best_sweep_s = float("nan"), 0.0
@@ -519,6 +535,7 @@ def cost_breakdown(report: pd.DataFrame, run_info: dict | None = None, module_sc
         **before,
         "models_trained": int(report.candidate_id.nunique()), "training_runs": int(len(report)),
         "train_seconds": float(report.train_wall_s.sum()), "train_device_hours": train_dh, "train_cost_usd": train_cost,
+        **{f"failed_{key}": value for key, value in failed.items()},
         "total_cost_usd": total, "total_device_hours": total_dh,
         "screen_share_of_cost": screen_cost / total if total > 0 else float("nan"),
         "compute_to_best_s": (0.0 if math.isnan(probe_s) else probe_s) + before["calibrate_seconds"] + best_sweep_s + best_wall,
@@ -549,6 +566,9 @@ def cost_table(costs: dict) -> pd.DataFrame:
                          "device_hours": costs[f"{prefix}_device_hours"], "cost_usd": costs[f"{prefix}_cost_usd"]})
     rows += [{"stage": "train", "items": costs["training_runs"], "seconds": costs["train_seconds"],
              "device_hours": costs["train_device_hours"], "cost_usd": costs["train_cost_usd"]}]
+    if costs.get("failed_runs"):  # no model, no report row, but device time spent
+        rows.append({"stage": "train: failed runs", "items": costs["failed_runs"], "seconds": costs["failed_seconds"],
+                     "device_hours": costs["failed_device_hours"], "cost_usd": costs["failed_cost_usd"]})
     table = pd.DataFrame(rows)
     table["share_of_cost"] = table.cost_usd / costs["total_cost_usd"] if costs["total_cost_usd"] > 0 else np.nan
     return table
@@ -654,8 +674,10 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
         for _, base in baselines.iterrows():
             lines.append(f"Gain over {base.label} ({base.accuracy:.4f}, {base.trainable_params:,} params): "
                          f"{100 * (best.accuracy - base.accuracy):+.2f} points")
-    lines.append(f"Training cost: {_say(report.device_hours.sum(min_count=1), '.4f')} device-hours, "
-                 f"{_say(report.cost_usd.sum(min_count=1), '.4f', '${}')}")  # no cost recorded: n/a, not $0
+    failed = failed_charge(report)
+    lines.append(f"Training cost: {_say(report.device_hours.sum(min_count=1) + failed['device_hours'], '.4f')} "
+                 f"device-hours, {_say(report.cost_usd.sum(min_count=1) + failed['cost_usd'], '.4f', '${}')}"  # n/a, not $0
+                 + _failed_cost_note(failed))
     setups = report["kernels"].dropna().unique().tolist() if "kernels" in report else []  # older trials lack it
     if len(setups) == 1:
         lines.append(f"Trained on: {setups[0]}")
@@ -669,6 +691,17 @@ def summary_lines(report: pd.DataFrame, majority_rate: float) -> list[str]:
     if failed:
         lines.append(f"WARNING: {len(failed)} training run(s) failed and are left out: {'; '.join(failed)}")
     return lines
+
+
+def _failed_cost_note(failed: dict) -> str:
+    """What the training cost holds of the failed runs, and which of them it cannot charge."""
+    timed = failed["runs"] - failed["untimed"]
+    note = (f", {timed} failed run(s) included ({failed['device_hours']:.4f} device-hours, "
+            f"{_say(failed['cost_usd'], '.4f', '${}')})") if timed else ""
+    if failed["untimed"]:
+        note += (f"; {failed['untimed']} failed run(s) recorded no device time (trial files from before it was kept, "
+                 "or the driver never saw them start) and are not charged")
+    return note
 
 
 def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
@@ -709,7 +742,10 @@ def roi_lines(report: pd.DataFrame, context: dict | None = None) -> list[str]:
                                f"({_say(costs[f'{prefix}_cost_usd'], '.4f', '${}')}); "
                                for prefix, _, counted in PRE_TRAINING_STAGES.values() if costs.get(f"{prefix}_runs"))
                      + f"training: {costs['training_runs']} runs, "
-                     f"{costs['train_seconds']:.0f} s ({_say(costs['train_cost_usd'], '.4f', '${}')}){to_best}")
+                     f"{costs['train_seconds']:.0f} s ({_say(costs['train_cost_usd'], '.4f', '${}')})"
+                     + (f", {costs['failed_runs']} failed, {costs['failed_seconds']:.0f} s "
+                        f"({_say(costs['failed_cost_usd'], '.4f', '${}')})" if costs.get("failed_runs") else "")
+                     + to_best)
     return lines
 
 

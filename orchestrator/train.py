@@ -530,11 +530,19 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, device_count: int)
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
 
 
-def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException) -> None:
+def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException, wall_s: float | None = None,
+                 device_count: int = 1, device: str = "cpu") -> None:
+    """Write trials/<job>.json as `failed`. With `wall_s` (the driver's clock from the training's start to its failure,
+    retries included) it is charged as a finished one is: its devices were held all that time. Without it (the driver
+    never saw it start) the row carries no cost, and the report says so."""
     from orchestrator.report import write_atomic
 
     reason = _root_cause(error)
     row = {**asdict(job), "status": "failed", "error": reason}
+    if wall_s is not None:
+        device_hours = wall_s * device_count / 3600
+        row |= {"train_wall_s": wall_s, "device": device, "device_hours": device_hours,
+                "cost_usd": device_hours * cfg.cost.price_per_device_hour[device]}
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
 
 
@@ -617,10 +625,20 @@ class KeepFinished(tune.Callback):
 
     def __init__(self, cfg: RunConfig, device_count: int):
         self.cfg, self.device_count = cfg, device_count
+        self.started: dict[str, float] = {}  # trial id -> when the driver saw it start
+        self.failed_after_s: dict[str, float] = {}  # job id -> seconds from its start to its failure (keep_failure)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.monotonic())  # a Tune retry keeps the first start: all is charged
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.last_result.get("checkpoint_path"):  # a model that failed before its first epoch has none
             keep_result(self.cfg, TrainJob(**trial.config["job"]), trial.last_result, self.device_count)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.started:
+            job_id = TrainJob(**trial.config["job"]).job_id
+            self.failed_after_s[job_id] = time.monotonic() - self.started[trial.trial_id]
 
 
 def selection_metric(task: TaskData) -> str:
@@ -645,6 +663,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
         gpus = cluster_gpus()
         use_gpu = trains_on_gpu(cfg.train, gpus)
         context = TrainContext(cfg, task, use_gpu, fault_plan())
+        keeper = KeepFinished(cfg, context.device_count)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": TRIAL_CPUS})
         scheduler = None
         if cfg.train.epochs > 1 and cfg.train.early_stopping:
@@ -658,12 +677,13 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, max_concurrent_trials=concurrent_trainings(
                 cfg.train, use_gpu, gpus, alive_nodes())),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
-                                      callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
+                                      callbacks=[keeper], verbose=1),
         )
         for result in tuner.fit():
             job = TrainJob(**result.config["job"])
             if result.error and not (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
-                keep_failure(cfg, job, result.error)
+                keep_failure(cfg, job, result.error, keeper.failed_after_s.get(job.job_id), context.device_count,
+                             "gpu" if use_gpu else "cpu")
         check_trainings_ended(cfg.run_dir, pending)
     return finished_jobs(cfg.run_dir)
 

@@ -187,6 +187,67 @@ def test_failed_runs_are_left_out_and_named_stopped_runs_stay():
     assert "WARNING: 3 model(s) do not beat the majority class: aaaa, bbbb, qqqq" in below
 
 
+def failed_trial(seed: int, **timing) -> dict:
+    """bbbb's seed as train.keep_failure writes it: with its wall time and cost, or (an older file) without."""
+    return {"candidate_id": "bbbb", "kind": "searched", "label": "screen#2", "ranks": MODELS["bbbb"][3], "seed": seed,
+            "status": "failed", "error": "RuntimeError: worker died", **timing}
+
+
+def test_a_failed_runs_device_time_counts_in_the_runs_cost_not_in_its_tables(tmp_path, no_plots):
+    """A failed training has no accuracy but held its devices until it failed: the run's total device-hours and cost
+    count it (a stage of its own in the cost table, and in the summary's training cost), while the model tables, the
+    plots' rows and the per-model ROI stay without it. Before, the cost left it out and understated the search."""
+    run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0446}}}}
+    scores = {"seconds": {"grad_norm": 36.0}}
+    plain = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
+    timed = failed_trial(1, train_wall_s=1800.0, device="cpu", device_hours=1.0, cost_usd=0.0446)  # 2 vCPUs, 30 min
+    frame = report.build(trials() + [timed], proxy_scores(), COMPACT, MAJORITY)
+    pd.testing.assert_frame_equal(report.aggregate(frame), report.aggregate(plain))  # the tables: as without it
+    before, costs = report.cost_breakdown(plain, run, scores), report.cost_breakdown(frame, run, scores)
+    assert costs["total_device_hours"] == pytest.approx(before["total_device_hours"] + 1.0)
+    assert costs["total_cost_usd"] == pytest.approx(before["total_cost_usd"] + 0.0446)
+    assert costs["train_cost_usd"] == before["train_cost_usd"]  # the report's rows alone
+    assert (costs["failed_runs"], costs["failed_untimed"], costs["failed_seconds"]) == (1, 0, 1800.0)
+    stages = report.cost_table(costs).set_index("stage")
+    assert stages.loc["train: failed runs", "cost_usd"] == pytest.approx(0.0446)
+    assert stages.share_of_cost.sum() == pytest.approx(1.0)
+    line = next(text for text in report.summary_lines(frame, MAJORITY) if text.startswith("Training cost"))
+    assert line == (f"Training cost: {plain.device_hours.sum() + 1.0:.4f} device-hours, ${0.064 + 0.0446:.4f}, "
+                    "1 failed run(s) included (1.0000 device-hours, $0.0446)")
+    screening = next(text for text in report.roi_lines(frame, {"costs": costs}) if text.startswith("Screening"))
+    assert "training: 6 runs, " in screening and ", 1 failed, 1800 s ($0.0446)" in screening
+    # the charge goes through report.parquet: compare and `load` see it
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / "trials" / "bbbb-s1.json").write_text(json.dumps(timed))
+    report.rebuild(run_dir)
+    loaded = report.load(run_dir)
+    assert report.failed_charge(loaded)["device_hours"] == 1.0 and len(loaded) == 6
+    table = report.compare([run_dir], tmp_path / "cmp")
+    assert table.total_device_hours[0] == pytest.approx(plain.device_hours.sum() + 36.0 / 3600 + 1.0)
+
+
+def test_a_failed_row_without_device_time_still_loads_and_is_said_not_charged():
+    """Trial files from before keep_failure timed a failure (or a training the driver never saw start) have no wall
+    time: they still load, add nothing to the cost, and the summary says what it could not charge."""
+    run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0446}}}}
+    scores = {"seconds": {"grad_norm": 36.0}}
+    plain = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
+    older = report.build(trials() + [failed_trial(1)], proxy_scores(), COMPACT, MAJORITY)
+    assert len(older) == len(plain) and older.attrs["failed"] == ["bbbb-s1 (RuntimeError: worker died)"]
+    costs, before = report.cost_breakdown(older, run, scores), report.cost_breakdown(plain, run, scores)
+    assert costs["total_cost_usd"] == before["total_cost_usd"] and costs["failed_untimed"] == 1
+    line = next(text for text in report.summary_lines(older, MAJORITY) if text.startswith("Training cost"))
+    assert line.endswith("; 1 failed run(s) recorded no device time (trial files from before it was kept, or the "
+                         "driver never saw them start) and are not charged")
+    mixed = report.build(trials() + [failed_trial(1), failed_trial(2, train_wall_s=900.0, device="cpu",
+                                                                   device_hours=0.5, cost_usd=0.0223)],
+                         proxy_scores(), COMPACT, MAJORITY)  # what is known is charged
+    costs = report.cost_breakdown(mixed, run, scores)
+    assert costs["total_cost_usd"] == pytest.approx(before["total_cost_usd"] + 0.0223)
+    assert (costs["failed_runs"], costs["failed_untimed"]) == (2, 1)
+    assert not any("nan" in text for text in report.summary_lines(mixed, MAJORITY) + report.roi_lines(mixed, {"costs": costs}))
+
+
 def test_compact_allocation_follows_model_order():
     ranks = {name(1, "key"): 4, name(0, "output.dense"): 2, name(0, "query"): 8, name(1, "value"): 0}
     assert report.compact_allocation(ranks, MODULES) == "L0.query:8,L0.output.dense:2,L1.key:4"

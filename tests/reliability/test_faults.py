@@ -28,6 +28,7 @@ def test_nan_loss_marks_that_model_failed_with_the_reason(hostile_run):
     trial = _trial(hostile_run, hostile_run.nan_job)
     assert trial["status"] == "failed" and trial["label"] == "uniform_qv"
     assert "FloatingPointError: non-finite training loss nan at step 0" in trial["error"], trial["error"]
+    assert trial["train_wall_s"] > 0 and trial["device_hours"] > 0 and trial["cost_usd"] > 0  # timed by the driver
 
 
 @pytest.mark.slow
@@ -46,6 +47,7 @@ def test_the_other_model_completes_and_the_summary_names_the_failures(hostile_ru
     assert len(on_disk) == 1 and on_disk.candidate_id.tolist() == table.candidate_id.tolist()
     summary = (hostile_run.run_dir / "report.md").read_text()
     assert "2 training run(s) failed" in summary
+    assert "2 failed run(s) included" in summary  # their device time counts in the run's cost
     assert f"{hostile_run.nan_job} (FloatingPointError" in summary and f"{hostile_run.oom_job} (" in summary
     assert json.loads((hostile_run.run_dir / "run.json").read_text())["finished_at"]
 
