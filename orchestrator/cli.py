@@ -16,22 +16,66 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
+CONFIG_ARG = typer.Argument(..., help="search space YAML, e.g. search_spaces/quickstart.yaml")
+OVERRIDES_ARG = typer.Argument(None, help="key.sub=value overrides, e.g. train.epochs=2")
+ADDRESS_OPT = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+WARM_START_OPT = typer.Option(None, "--warm-start", help="earlier run whose best allocations are trained too")
+
+
 @app.command()
-def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_spaces/quickstart.yaml"),
-        overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.epochs=2"),
+def run(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same name"),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)"),
-        warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="earlier run whose best allocations are trained too")):
+        address: Optional[str] = ADDRESS_OPT, warm_start: Optional[Path] = WARM_START_OPT):
     """Screen candidates with zero-cost proxies, train the survivors and baselines, write the report."""
-    from orchestrator import pipeline, report
+    _run_pipeline(_config(config, overrides, warm_start), resume, address)
+
+
+@app.command()
+def screen(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+           resume: bool = typer.Option(False, "--resume", help="continue an interrupted screen of the same name"),
+           address: Optional[str] = ADDRESS_OPT, warm_start: Optional[Path] = WARM_START_OPT):
+    """Screen only: score the candidates, pick the survivors and list what training would do; `train` goes on."""
+    from orchestrator.report import terminal_table
+
+    cfg = _config(config, overrides, warm_start)
+    plan = _run_pipeline(cfg, resume, address, screen_only=True)
+    rows = [[r.candidate_id, r.kind, r.label, f"{r.trainable_params:,}", str(r.modules), str(r.total_rank),
+             f"{r.to_train} of {len(plan.attrs['seeds'])}"] for r in plan.itertuples()]
+    console.print(terminal_table("what `train` would do", ["candidate", "kind", "label", "params", "modules", "Σ rank",
+                                                           "seeds to train"], rows, folding={}, left={"candidate", "kind", "label"}))
+    console.print(f"Allocations: {cfg.run_dir}/screen.csv. {plan.to_train.sum()} training(s) left; "
+                  f"run them with: lora-search train {cfg.run_dir}")
+
+
+@app.command()
+def train(run_dir: Path = typer.Argument(..., help="a run directory that `screen` or `run` started, e.g. results/quickstart"),
+          address: Optional[str] = ADDRESS_OPT):
+    """Train a screened run's survivors and baselines, or finish an interrupted run, with the config it started with."""
+    from orchestrator.pipeline import stored_config
+
+    try:
+        _run_pipeline(stored_config(run_dir), True, address)
+    except Interrupted as err:  # the same command continues it: it resumes
+        raise Interrupted(str(err).replace("--resume", f"`lora-search train {run_dir}`")) from None
+
+
+def _config(config: Path, overrides: Optional[list[str]], warm_start: Optional[Path]):
     from orchestrator.config import load_config
 
-    cfg = load_config(config, (overrides or []) + ([f"screen.warm_start_from={warm_start}"] if warm_start else []))
+    return load_config(config, (overrides or []) + ([f"screen.warm_start_from={warm_start}"] if warm_start else []))
+
+
+def _run_pipeline(cfg, resume: bool, address: Optional[str], screen_only: bool = False):
+    """The pipeline, then its summary; the screen's training plan instead with `screen_only`."""
+    from orchestrator import pipeline, report
+
     try:
-        table = pipeline.run(cfg, resume=resume, address=address)
+        table = pipeline.run(cfg, resume=resume, address=address, screen_only=screen_only)
     except KeyboardInterrupt:  # outside Tune's fit(), which returns on Ctrl-C (the pipeline raises Interrupted then)
         raise Interrupted(f"run '{cfg.name}' stopped; " + ("continue it with --resume" if (cfg.run_dir / "run.json").is_file()
                                                           else "nothing was written; start it again")) from None
+    if screen_only:
+        return table
     run_info = report.read_run_json(cfg.run_dir)
     report.print_summary(table, run_info["task"]["majority_rate"], console, run_dir=cfg.run_dir)
     written = [name for name in ("report.md", "report.csv", "report.parquet", "screen.csv", "study.db", "adapters/")
@@ -39,6 +83,7 @@ def run(config: Path = typer.Argument(..., help="search space YAML, e.g. search_
     console.print(f"Results: {cfg.run_dir}/ ({', '.join(written)})")
     if run_info.get("copied_to"):
         console.print(f"Copied to: {run_info['copied_to']}")
+    return table
 
 
 @app.command("report")

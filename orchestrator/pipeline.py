@@ -18,8 +18,8 @@ import pandas as pd
 from orchestrator import calibrate, report
 from orchestrator.allocation import Allocation, searchable_units
 from orchestrator.allocators import baseline_allocations, make_budget, reachable_caps, space_modules
-from orchestrator.config import (BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS, RunConfig, absolute_path, flat_keys,
-                                 local_path)
+from orchestrator.config import (BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS, RunConfig, absolute_path, build,
+                                 flat_keys, local_path)
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
@@ -277,7 +277,9 @@ def tuned_learning_rates(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -
     return [replace(job, lr=sweep["chosen"].get(job.candidate_id)) for job in jobs]
 
 
-def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.DataFrame:
+def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen_only: bool = False) -> pd.DataFrame:
+    """Screen, train, report and register; the report's table. With `screen_only`, stop after the screen and return
+    the plan of what training would do (`training_plan`): the same run continues with `resume`."""
     from orchestrator.screen import ScreenContext, run_screen, survivor_shortfall, write_screen
 
     task = load_task(cfg.data)  # validate everything before the run directory exists
@@ -324,6 +326,11 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
             for cid, (kind, label, alloc) in allocations.items() for seed in cfg.train.seeds]
     jobs += [TrainJob(cid, "routed", label, alloc.as_dict(), seed, "routed", gating, experts)
              for cid, (label, alloc, gating, experts) in variants.items() for seed in cfg.train.seeds]
+    if screen_only:
+        sessions = earlier_sessions(cfg)
+        sessions[-1]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # timed, so the report counts its wall time
+        write_run_json(cfg, sessions=sessions)
+        return training_plan(jobs, modules, cfg.train.seeds, set(finished_jobs(cfg.run_dir)))
     jobs = tuned_learning_rates(cfg, task, jobs)
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
@@ -346,6 +353,37 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None) -> pd.
         write_run_json(cfg, copied_to=None)  # no copy was made: run.json must not name one (a --resume copies again)
         raise
     return table
+
+
+def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: set[str]) -> pd.DataFrame:
+    """One row per model training would make: id, kind, label, allocation (with its modules and Σ rank), trainable
+    params, and how many of its seeds are still to train."""
+    rows = {}
+    for job in jobs:
+        if job.candidate_id not in rows:
+            allocation = Allocation.from_ranks(job.ranks)
+            compact = allocation.compact(modules)
+            rows[job.candidate_id] = dict(zip(
+                ("candidate_id", "kind", "label", "method", "allocation", "trainable_params", "modules", "total_rank",
+                 "to_train"),
+                (job.candidate_id, job.kind, job.label, job.method, compact, allocation.trainable_params(modules),
+                 *report.allocation_summary(compact)[:2], 0)))
+        rows[job.candidate_id]["to_train"] += job.job_id not in finished
+    plan = pd.DataFrame(list(rows.values()))
+    plan.attrs["seeds"] = list(seeds)
+    return plan
+
+
+def stored_config(run_dir: str | Path) -> RunConfig:
+    """The config a run was started with (run.json), for continuing it from its directory alone."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "run.json").is_file():
+        raise UserError(f"train: '{run_dir}' has no run.json; give a run directory that `lora-search screen` or "
+                        "`lora-search run` started, e.g. results/quickstart")
+    config = report.read_stored(run_dir / "run.json", "config", types={"config": "mapping"})["config"]
+    if config.get("name") != run_dir.name:  # its Optuna study and Ray state are stored under the run's own name
+        raise UserError(f"train: '{run_dir}' holds the run '{config.get('name')}'; rename the directory back to that")
+    return build(RunConfig, config | {"results_dir": str(run_dir.parent)}, "")
 
 
 def register_best(cfg: RunConfig) -> dict | None:

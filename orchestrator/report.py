@@ -206,7 +206,12 @@ def _allocation_summary(row) -> tuple[int, int, str]:
     if getattr(row, "kind", None) == "routed":
         sites, rank = getattr(row, "routed_modules", np.nan), getattr(row, "expert_rank_sum", np.nan)
         return (np.nan, np.nan, "") if pd.isna(sites) or pd.isna(rank) else (int(sites), int(rank), "")
-    cells = allocation_cells(getattr(row, "ranks_json", None), getattr(row, "allocation", None))
+    return allocation_summary(getattr(row, "allocation", None), getattr(row, "ranks_json", None))
+
+
+def allocation_summary(allocation: str | None, ranks_json: str | None = None) -> tuple[int, int, str]:
+    """(adapted modules, Σ rank, adapters per type: `query:3,value:6`) of a compact allocation or a full-name map."""
+    cells = allocation_cells(ranks_json, allocation)
     counts = pd.Series([t for _, t in cells]).value_counts() if cells else pd.Series(dtype=int)
     per_type = ",".join(f"{t}:{counts[t]}" for t in ordered_types(counts.index))
     return len(cells), sum(cells.values()), per_type
@@ -1338,8 +1343,8 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     if baselines is not None:  # a resume may drop a baseline: its earlier trials stay on disk, not in the report
         trials = [t for t in trials if t.get("kind") != "baseline" or t.get("label") in baselines]
     if not any(t.get("accuracy") is not None for t in trials):
-        raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; run `lora-search run ... --resume` "
-                        "to train them")
+        raise UserError(f"report: '{run_dir / 'trials'}' holds no finished model; train them with "
+                        f"`lora-search train {run_dir}`")
     from orchestrator.allocation import Allocation
 
     scores = read_module_scores(run_dir / "module_scores.json")
