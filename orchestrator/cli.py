@@ -238,8 +238,10 @@ def registry_list(root: Path = _root_option()):
              f"{e.size_bytes:,}", f"v{e.parent_version}" if e.parent_version else "", e.created_at[:16].replace("T", " ")]
             for e in entries]
     columns = ["name", "ver", "cur", "prec", "task", "base model", "accuracy", "bytes", "parent", "created"]
-    console.print(terminal_table("lora-search registry", columns, rows, left={"cur", "prec", "parent"},
-                                 folding={"name": 8, "task": 8, "base model": 8, "created": 10}))
+    # name and version are what the other commands take: never folded, so they can be copied whole; a name too long
+    # for the terminal makes the lines longer (crop=False), not the last columns cut off
+    console.print(terminal_table("lora-search registry", columns, rows, left={"name", "cur", "prec", "parent"},
+                                 folding={"task": 8, "base model": 8, "created": 10}), crop=False)
 
 
 @registry_app.command("show")

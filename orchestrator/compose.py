@@ -575,13 +575,19 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose"
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(table)
     shown = table.drop(columns=["weights"]).assign(weights=table.weights.fillna("-"))
-    md = [*header, "## Mean over seeds", "", summary.to_markdown(index=False, floatfmt=".4g"), "",
-          "## Every run", "", shown.to_markdown(index=False, floatfmt=".4g"), ""]
+    # blank, not `nan`, where a number is undefined (the std of one seed), as in report.md
+    md = [*header, "## Mean over seeds", "", _markdown(summary), "", "## Every run", "", _markdown(shown), ""]
     paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"]
     write_atomic(paths[0], lambda p: table.to_csv(p, index=False))
     write_atomic(paths[1], lambda p: Path(p).write_text("\n".join(md), encoding="utf-8"))
     plot(summary, paths[2])
     return paths
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    from orchestrator.report import _blank_nan
+
+    return _blank_nan(table).to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def check_out_dir(out_dir: str | Path) -> Path:

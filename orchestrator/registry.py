@@ -188,7 +188,19 @@ def encode(tensors: dict, precision: str) -> tuple[str, bytes]:
                                 "store this adapter as fp32")
             stored[key] = tensor.to(torch.float16).contiguous()
     name = INT8_WEIGHTS_FILE if precision == "int8" else WEIGHTS_FILE
-    return name, save(stored, metadata={"format": "pt", "lora_search_precision": precision})
+    return name, _sorted_metadata(save(stored, metadata={"format": "pt", "lora_search_precision": precision}))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's __metadata__ sorted. safetensors 0.8 writes it in hash-map order, which
+    changes from call to call: the same tensors gave other bytes, and add_from_run's already-stored check (a SHA-256)
+    missed an fp16 or int8 copy about every other time. Only the order changes: same length, same offsets."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].rstrip(b" ")
+    parsed = json.loads(header)
+    parsed["__metadata__"] = dict(sorted((parsed.get("__metadata__") or {}).items()))
+    canonical = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + canonical + data[8 + len(canonical):] if len(canonical) == len(header) else data
 
 
 def decode(data: bytes, precision: str) -> dict:
@@ -245,6 +257,26 @@ def stored_weights(adapter: AdapterFiles, precision: str) -> tuple[str, bytes]:
     if precision == "fp32" and adapter.precision == "fp32":
         return WEIGHTS_FILE, adapter.weights
     return encode(adapter.tensors, precision)
+
+
+def names_run(source: str | None, run_dir: Path, tail: str) -> bool:
+    """Whether an entry's source (`<run path>:<tail>`) names this run: its path as given or absolute (`registry add
+    results/x` from the run's parent finds what the run registered), or a relative one (an entry stored before sources
+    were absolute) that resolves to it from here or that its absolute path ends with: the directory it was given from
+    is unknown."""
+    if not source or not source.endswith(f":{tail}"):
+        return False
+    text = source[: -len(tail) - 1]
+    path, resolved = Path(text), run_dir.resolve()
+    if path.is_absolute() or not path.parts:
+        return text in (str(resolved), str(run_dir))
+    return (Path.cwd() / path).resolve() == resolved or resolved.parts[-len(path.parts):] == path.parts
+
+
+def _read_stored(source_dir: str | Path, precision: str) -> tuple[AdapterFiles, tuple[str, bytes]]:
+    """The adapter directory read, and its weights as the registry stores them at `precision`."""
+    adapter = read_adapter_dir(source_dir)
+    return adapter, stored_weights(adapter, precision)
 
 
 def read_adapter_dir(source_dir: str | Path) -> AdapterFiles:
@@ -522,14 +554,15 @@ class Registry:
 
     def add(self, name: str, source_dir: str | Path, task: str, base_model: str, allocation: str | dict | None = None,
             metrics: dict | None = None, precision: str = "fp32", *, parent_version: int | None = None,
-            promote: bool = True, source: str | None = None) -> Entry:
+            promote: bool = True, source: str | None = None, _read: tuple | None = None) -> Entry:
         """Store the adapter in `source_dir` as the next version of `name` (current unless promote=False).
 
-        parent_version defaults to the version that was current when this one was added.
+        parent_version defaults to the version that was current when this one was added. `_read` is add_from_run's
+        (AdapterFiles, stored_weights) of `source_dir` at `precision`: read and encoded (quantised) once, not twice.
         """
         _check_name(name)
         _check_precision(precision)
-        adapter = read_adapter_dir(source_dir)
+        adapter, (weights_name, weights) = _read or _read_stored(source_dir, precision)
         # a trial load (a fraction of a second even for the packaged model): an adapter without a classifier head,
         # trained on another base model or naming modules it lacks is refused now, not when it is loaded
         peft_model_from_tensors(base_model, adapter.config_bytes, adapter.tensors, adapter.shortcuts, f"'{source_dir}'")
@@ -538,7 +571,6 @@ class Registry:
 
             allocation = compact_allocation(allocation)
         allocation = allocation or allocation_from_config(adapter.config, source_dir if adapter.shortcuts else None)
-        weights_name, weights = stored_weights(adapter, precision)
         stored = {CONFIG_FILE: adapter.config_bytes, weights_name: weights} | adapter.shortcuts  # shortcuts fp32: small
         record = {"task": str(task), "base_model": base_model_id(base_model),
                   # hashed (once per file version) before taking the write lock
@@ -607,17 +639,17 @@ class Registry:
         metrics |= {"candidate_id": row["candidate_id"], "kind": row["kind"], "label": row["label"],
                     "run": run["config"]["name"], "evaluated_at": "fp32"}  # the run's numbers, before storage
         name = name or _safe_name(run.get("task", {}).get("task") or run["config"]["data"]["task"])
-        # the run's absolute path: `registry add results/x` from its parent finds what the run itself registered
-        sources = [f"{path}:{row['candidate_id']}:seed{row.get('seed')}" for path in (run_dir.resolve(), run_dir)]
-        source = sources[0]
+        tail = f"{row['candidate_id']}:seed{row.get('seed')}"
         # once per adapter and precision: a resumed run whose run.json missed the first registration finds it here; the
-        # weights tell it from a new run of the same name, whose source string is the same
-        weights_name, weights = stored_weights(read_adapter_dir(run_dir / row["adapter_dir"]), precision)
-        stored = next((e for e in self.list(name) if e.source in sources and e.precision == precision
+        # weights tell it from a new run of the same name, whose source string is the same. Read and encoded once: add
+        # takes them as they are
+        read = _read_stored(run_dir / row["adapter_dir"], precision)
+        weights_name, weights = read[1]
+        stored = next((e for e in self.list(name) if names_run(e.source, run_dir, tail) and e.precision == precision
                        and e.files.get(weights_name) == sha256_bytes(weights)), None)
         return stored or self.add(name, run_dir / row["adapter_dir"], run["config"]["data"]["task"],
                                   run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
-                                  source=source)
+                                  source=f"{run_dir.resolve()}:{tail}", _read=read)  # absolute: see names_run
 
     def promote(self, name: str, version: int) -> Entry:
         """Make `version` the current one of `name`."""

@@ -401,6 +401,22 @@ def test_a_full_disk_leaves_no_temp_file_and_no_open_figure(monkeypatch, tmp_pat
     assert plt.get_fignums() == open_before
 
 
+def test_the_markdown_leaves_a_one_seed_std_blank(tmp_path):
+    """As report.md does: the std of one seed is undefined, an empty cell, not `nan` (before 2026-12-07 `nan`)."""
+    from orchestrator.compose import write_report
+
+    rows = [{"task": "t", "shots": 4, "seed": seed, "method": method, "accuracy": 0.5 + seed / 10, "f1": 0.5,
+             "search_s": None if method == "zero_shot" else 1.0, "cost_usd": 0.0, "weights": None}
+            for method, seeds in (("zero_shot", [0]), ("uniform", [0, 1])) for seed in seeds]
+    write_report(pd.DataFrame(rows), tmp_path)
+    text = (tmp_path / "compose.md").read_text()
+    assert "nan" not in text.lower()
+    mean = text.split("## Mean over seeds")[1].split("## Every run")[0]
+    cells = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]]
+             for line in mean.splitlines() if line.startswith("| t ")}
+    assert cells["zero_shot"][4] == "" and cells["uniform"][4] == "0.07071", mean  # accuracy_std
+
+
 def test_the_report_is_written_before_the_composition_is_registered(monkeypatch, pool, tmp_path, sentences):
     """A failed report write leaves nothing registered, so running compose again does not store a second version."""
     import orchestrator.compose as compose

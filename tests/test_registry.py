@@ -575,6 +575,17 @@ def test_fp16_and_int8_round_trips(registry, adapter, tiny_model_dir, tokenizer,
     assert load_file(out / WEIGHTS_FILE)[lora[0]].dtype == torch.float32
 
 
+def test_encoding_the_same_tensors_gives_the_same_bytes(adapter):
+    """safetensors writes its metadata in hash-map order; encode sorts it (before 2026-12-07 an fp16 or int8 encoding
+    changed from call to call, and add_from_run stored a run's adapter again about every other time)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter[0] / WEIGHTS_FILE)
+    for precision in ("fp16", "int8"):
+        blobs = {encode(tensors, precision)[1] for _ in range(16)}
+        assert len(blobs) == 1 and decode(blobs.pop(), precision).keys() == tensors.keys(), precision
+
+
 def test_int8_zero_rows_and_exact_bound():
     weight = torch.tensor([[0.0, 0.0, 0.0], [1.0, -0.5, 0.25], [-3.0, 2.0, 1e-4]])
     q, scale = quantise_int8(weight)
@@ -738,6 +749,40 @@ def test_a_run_registers_its_adapter_once_per_precision(registry, fake_run, monk
     assert registry.add_from_run(rerun).version == 5
 
 
+def test_add_from_run_reads_and_encodes_the_adapter_once_and_a_plain_add_still_stores_twice(registry, fake_run,
+                                                                                             adapter, tiny_model_dir,
+                                                                                             monkeypatch):
+    """The already-stored check's int8 encoding is the one add stores (before 2026-12-07 add quantised it again)."""
+    from orchestrator import registry as registry_module
+
+    calls = []
+    real = registry_module.encode
+    monkeypatch.setattr(registry_module, "encode", lambda *args, **kwargs: calls.append(args[1]) or real(*args, **kwargs))
+    entry = registry.add_from_run(fake_run, precision="int8")
+    assert calls == ["int8"] and entry.version == 1
+    assert registry.add_from_run(fake_run, precision="int8").version == 1 and calls == ["int8"] * 2  # the check's own
+    assert [add(registry, adapter, tiny_model_dir, "int8").version for _ in range(2)] == [1, 2]  # "sentiment": no check
+
+
+def test_an_entry_stored_with_a_relative_source_is_found_from_anywhere(registry, fake_run, tmp_path, monkeypatch):
+    """Entries stored before sources were absolute name the run as it was given (`results/x`), from a directory no
+    one recorded: the run given absolute, or relative from elsewhere, is found by the path's last parts (and weights)."""
+    assert registry.add_from_run(fake_run).version == 1
+    relative = f"{fake_run.parent.name}/{fake_run.name}"
+    with sqlite3.connect(registry.db_path) as conn:
+        conn.execute("UPDATE entries SET source = ?", (f"{relative}:a2:seed0",))
+    monkeypatch.chdir(tmp_path)
+    assert registry.add_from_run(fake_run).version == 1  # absolute, from another directory
+    monkeypatch.chdir(fake_run.parent.parent)
+    assert registry.add_from_run(f"./{relative}").version == 1
+    monkeypatch.chdir(fake_run)
+    assert registry.add_from_run("../tiny-run").version == 1
+    assert len(registry.list()) == 1
+    with sqlite3.connect(registry.db_path) as conn:  # another run's path: its own version
+        conn.execute("UPDATE entries SET source = ?", (f"other/{fake_run.name}:a2:seed0",))
+    assert registry.add_from_run(fake_run).version == 2
+
+
 def test_a_best_model_that_does_not_beat_the_majority_class_is_stored_but_not_made_current(registry, fake_run, tmp_path,
                                                                                             capsys):
     """It learned nothing: made current, it replaced a model of an earlier run that did."""
@@ -872,6 +917,19 @@ def test_cli_commands(monkeypatch, capsys, fake_run, tmp_path):
     assert code == 0 and "int8" in out and "accuracy_change_pts" in out
     assert pd.read_csv(tmp_path / "q" / "quantisation.csv").precision.tolist() == ["fp32", "fp16", "int8"]
     assert "Low-precision adapter storage" in (tmp_path / "q" / "quantisation.md").read_text()
+
+
+def test_cli_list_never_folds_a_name(monkeypatch, capsys, registry, adapter, tiny_model_dir):
+    """In 80 columns (a narrow terminal, a pipe) a name is shown whole, to be copied into `show`/`promote`; task, base
+    model and date fold, and a name too long for the width makes longer lines, with no column cut off (before
+    2026-12-07 names longer than 8 characters were folded)."""
+    long = "rotten_tomatoes-int8-distilled.v12"
+    for name in ("rotten_tomatoes", long):
+        add(registry, adapter, tiny_model_dir, name=name)
+    code, out, _ = cli(monkeypatch, capsys, "registry", "list", "--root", registry.root)
+    rows = [line.split() for line in out.splitlines() if line.startswith("rotten")]
+    assert code == 0 and [row[:3] for row in rows] == [["rotten_tomatoes", "1", "*"], [long, "1", "*"]], out
+    assert all(f"{e.size_bytes:,}" in row and e.created_at[:10] in row for e, row in zip(registry.list(), rows)), out
 
 
 def test_cli_bad_or_missing_root_is_one_line_and_changes_nothing(monkeypatch, capsys, fake_run, tmp_path):
