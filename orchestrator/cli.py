@@ -121,8 +121,9 @@ def modules(model: str = typer.Option("minilm-l6", help="packaged model name or 
     from orchestrator.report import terminal_table
 
     rows = [[m.short, f"{m.params_per_rank:,}", m.name] for m in adaptable_modules(load_model(model, num_labels=2))]
+    # names whole, to be copied into routing.modules or an allocation: a long one makes longer lines, not folded ones
     console.print(terminal_table(f"modules of {model}", ["module", "params\nper rank", "name in the model"], rows,
-                                 folding={"name in the model": 8}, left={"module"}))
+                                 folding={}, left={"module", "name in the model"}), crop=False)
 
 
 @app.command()

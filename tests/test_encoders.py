@@ -45,6 +45,19 @@ def test_the_head_and_bert_module_types(encoder_dir, family):
         assert report.module_cell(m.name) == (m.layer, m.type)
 
 
+def test_the_modules_command_shows_distilberts_names_whole(encoder_dir):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    model_dir = encoder_dir("distilbert")
+    result = CliRunner().invoke(app, ["modules", "--model", str(model_dir)], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for module in adaptable_modules(load_model(str(model_dir), 2)):  # names to copy: longer lines, never folded
+        assert any(line.split() == [module.short, f"{module.params_per_rank:,}", module.name] for line in lines)
+
+
 def test_distilbert_and_deberta_names_map_to_bert_types():
     assert report.module_cell("distilbert.transformer.layer.1.attention.q_lin") == (1, "query")
     assert report.module_cell("distilbert.transformer.layer.1.attention.out_lin") == (1, "attention.output.dense")
