@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.config import LAYER_MODULE, PACKAGED_MODELS, module_type
+from orchestrator.config import LAYER_MODULE, MODULE_TYPES, PACKAGED_MODELS, module_type
 from orchestrator.errors import UserError
 
 # Without one of these, transformers 5 silently builds a 5-token default vocabulary: every word becomes [UNK].
@@ -132,11 +132,12 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
 
 
 def adaptable_modules(model: nn.Module) -> list[AdaptableModule]:
-    """Every Linear inside an encoder layer, in model order. Pooler and classifier are not adaptable."""
+    """Every Linear of BERT's six module types inside an encoder layer, in model order. Pooler and classifier are
+    not adaptable, nor other Linears in a layer (DeBERTa's pos_key_proj projects position embeddings, not tokens)."""
     found = []
     for name, module in model.named_modules():
         match = LAYER_MODULE.search(name)
-        if isinstance(module, nn.Linear) and match:
+        if isinstance(module, nn.Linear) and match and module_type(match.group(2)) in MODULE_TYPES:
             found.append(AdaptableModule(name, int(match.group(1)), module_type(match.group(2)), module.in_features,
                                          module.out_features))
     if not found:

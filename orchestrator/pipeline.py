@@ -22,9 +22,9 @@ from orchestrator.config import (BUILTIN_TASK_NAMES, CALIBRATED, PACKAGED_MODELS
                                  flat_keys, local_path)
 from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
-from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model
+from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model, resolve_model_path
 from orchestrator.proxies import ModuleScores
-from orchestrator.routing import check_expert_counts
+from orchestrator.routing import check_expert_counts, check_routable
 from orchestrator.shortcuts import is_shortcut_item
 from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, check_trainings_fit, finished_jobs, run_training
@@ -289,8 +289,9 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
     searchable = space_modules(modules, cfg.space)
     budget = make_budget(modules, cfg.space)
     if cfg.routing.enabled:  # survivors are routed at their LoRA modules, within the budget
-        check_expert_counts(base, [m.name for m in searchable if not is_shortcut_item(m.name)], cfg.routing.num_experts,
-                            cfg.routing.mode, budget.high)
+        routable = [m.name for m in searchable if not is_shortcut_item(m.name)]
+        check_routable(base, routable)
+        check_expert_counts(base, routable, cfg.routing.num_experts, cfg.routing.mode, budget.high)
     warm, outside, points = warm_start(cfg, modules, searchable, budget, resume)
     if cfg.screen.rank_by == CALIBRATED:
         calibrate.check_calibratable(cfg, modules, budget)
@@ -464,11 +465,31 @@ def warm_start(cfg: RunConfig, modules, searchable, budget, resume: bool) -> tup
     if recorded is not None:
         warm = [Allocation.from_compact(text, modules) for text in recorded["trained"]]
         return warm, recorded["outside_the_search"], recorded["points"]
+    check_same_base_model(cfg.screen.warm_start_from, cfg.model.name)
     earlier = warm_start_allocations(cfg.screen.warm_start_from, modules, cfg.screen.survivors)
     warm = inside_the_search(earlier, searchable, cfg.space.ranks, modules, budget)
     caps = reachable_caps(searchable, cfg.space.ranks, budget)
     return warm, len(earlier) - len(warm), warm_start_points(cfg.screen.warm_start_from, cfg.space, caps,
                                                              cfg.screen.survivors)
+
+
+def check_same_base_model(run_dir: str | None, model_name: str) -> None:
+    """An earlier run's allocations name layers and module types (`L3.query`), which every encoder of that depth
+    has: only its base model tells whether they were found on this one."""
+    if run_dir is None or not (Path(run_dir) / "run.json").is_file():
+        return  # no run: warm_start_allocations says so
+    earlier = report.read_run_json(Path(run_dir), "config.model.name")["config"]["model"]["name"]
+    if _model_path(earlier) != _model_path(model_name):
+        raise UserError(f"screen.warm_start_from: '{run_dir}' searched on the base model '{earlier}', this run on "
+                        f"'{model_name}'; warm-start from a run on the same base model")
+
+
+def _model_path(name: str) -> str:
+    """A packaged model's directory, or the directory given (a model deleted since is known by its name)."""
+    try:
+        return str(resolve_model_path(name).resolve())
+    except UserError:
+        return name
 
 
 def warm_start_record(cfg: RunConfig, warm: list[Allocation], outside: int, points: list[dict], modules) -> dict | None:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.config import LAYER_MODULE, module_type
 from orchestrator.data import accuracy_and_macro_f1
 from orchestrator.errors import UserError
 from orchestrator.models import head_modules, head_params
@@ -60,7 +61,7 @@ from orchestrator.report import replace_atomically
 
 __all__ = [
     "RoutedLoRALinear", "RoutingConfig", "RoutingState", "attach_routed_adapters", "save_routed", "load_routed",
-    "load_routed_weights", "budget_expert_ranks", "check_expert_counts",
+    "load_routed_weights", "budget_expert_ranks", "check_expert_counts", "check_routable",
     "train_routed", "measure_inference", "ROUTER_MODES", "GATINGS", "AUX_KINDS",
 ]
 
@@ -471,6 +472,29 @@ def check_expert_counts(model: nn.Module, names: Sequence[str], num_experts: Seq
     cheapest = min(width[n] + router_row[n] for n in names)
     for e in num_experts:
         _need_room(e * cheapest <= budget_high, e, budget_high)
+
+
+def check_routable(model: nn.Module, names: Sequence[str], batch: int = 2, tokens: int = 4) -> None:
+    """Refuse modules the model also calls on inputs other than its tokens (DeBERTa-v3 projects its relative
+    positions with query_proj and key_proj): a router picks experts per input or per token, and those rows are
+    neither. One forward of a dummy batch tells, whatever the model."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, set] = {name: set() for name in names}
+    handles = [modules[name].register_forward_hook(lambda _m, args, _out, name=name: shapes[name].add(args[0].shape[:-1]))
+               for name in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(batch, tokens, dtype=torch.long, device=device),
+                  attention_mask=torch.ones(batch, tokens, dtype=torch.long, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    off = sorted({module_type(LAYER_MODULE.search(name).group(2)) for name, seen in shapes.items()
+                  if seen - {torch.Size([batch, tokens])}})
+    _need(not off, "space.module_types", f"{off} also run on inputs other than the tokens in this model (DeBERTa-v3 "
+          "projects its relative positions with them), which a router cannot route",
+          "with routing.enabled, leave them out of space.module_types")
 
 
 def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts: int,

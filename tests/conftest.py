@@ -68,9 +68,13 @@ def _save_encoder(root, family: str) -> None:
     builds = {  # DistilBERT's tokenizer gives no token_type_ids, which its forward refuses
         "distilbert": (DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128,
                                         **sizes), DistilBertForSequenceClassification, DistilBertTokenizerFast),
+        # v2's own pos_key_proj and pos_query_proj project relative positions; v3 shares query_proj and key_proj
         "deberta": (DebertaV2Config(**TINY, **sizes, relative_attention=True, pos_att_type=["p2c", "c2p"],
                                     position_buckets=16, max_relative_positions=32),
                     DebertaV2ForSequenceClassification, BertTokenizerFast),
+        "deberta3": (DebertaV2Config(**TINY, **sizes, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                     position_buckets=16, max_relative_positions=32, share_att_key=True),
+                     DebertaV2ForSequenceClassification, BertTokenizerFast),
         "roberta": (RobertaConfig(**TINY | {"max_position_embeddings": 130}, **sizes, pad_token_id=0),
                     RobertaForSequenceClassification, BertTokenizerFast)}
     config, model_class, tokenizer_class = builds[family]
@@ -82,7 +86,7 @@ def _save_encoder(root, family: str) -> None:
 
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
-    """family ('distilbert', 'deberta', 'roberta') → a directory with that tiny random model, built once."""
+    """family ('distilbert', 'deberta', 'deberta3', 'roberta') → a directory with that tiny random model, built once."""
     built = {}
 
     def build(family: str):

@@ -1,6 +1,8 @@
 """Encoder families beside BERT: DistilBERT (its own module names, a two-layer head), DeBERTa (the pooler belongs to
 the head) and RoBERTa (a two-layer classifier). Each adapts, trains its whole head and reloads as BERT does."""
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -12,7 +14,7 @@ from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, head_modules, head_params, load_model, load_tokenizer
 
 HEADS = {"distilbert": ["pre_classifier", "classifier"], "deberta": ["pooler", "classifier"],
-         "roberta": ["classifier"]}
+         "deberta3": ["pooler", "classifier"], "roberta": ["classifier"]}
 
 
 def logits(model, model_dir) -> torch.Tensor:
@@ -37,8 +39,8 @@ def test_the_head_and_bert_module_types(encoder_dir, family):
     assert head_modules(model) == HEADS[family]
     assert head_params(model) == sum(p.numel() for head in HEADS[family] for p in model.get_submodule(head).parameters())
     modules = adaptable_modules(model)
-    for layer in (0, 1):
-        assert set(MODULE_TYPES) <= {m.type for m in modules if m.layer == layer}
+    for layer in (0, 1):  # BERT's six: not DeBERTa's pos_key_proj and pos_query_proj, which project positions
+        assert sorted(m.type for m in modules if m.layer == layer) == sorted(MODULE_TYPES)
     # the baselines and the search space name BERT's types, whatever the model calls them
     assert uniform(modules, ("query", "value"), 4).compact(modules) == "L0.query:4,L0.value:4,L1.query:4,L1.value:4"
     for m in modules:
@@ -98,6 +100,33 @@ def test_a_routed_adapter_trains_and_saves_the_whole_head(encoder_dir, family, t
     fresh = load_model(str(model_dir), 3, seed=99)
     load_routed(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh, model_dir), logits(model, model_dir), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "deberta3"])
+def test_every_proxy_scores_every_module(encoder_dir, family, sentences):
+    from orchestrator.data import Split
+    from orchestrator.proxies import PROXIES, score_modules
+
+    model_dir = encoder_dir(family)
+    modules = adaptable_modules(load_model(str(model_dir), 2))
+    scores = score_modules(str(model_dir), 2, Split(*map(list, sentences)), modules, sorted(PROXIES), probe_rank=2,
+                           num_batches=1, batch_size=8, max_length=16, seed=0)
+    for proxy in PROXIES:  # nwot on DeBERTa-v3 scores the tokens' query_proj call, not the positions' one
+        assert all(math.isfinite(scores.unit[proxy][m.name]) for m in modules), proxy
+
+
+def test_routing_refuses_modules_that_also_project_positions(encoder_dir):
+    from orchestrator.routing import check_routable
+
+    for family in ("distilbert", "deberta", "roberta"):
+        model = load_model(str(encoder_dir(family)), 2)
+        check_routable(model, [m.name for m in adaptable_modules(model)])
+    model = load_model(str(encoder_dir("deberta3")), 2)
+    names = [m.name for m in adaptable_modules(model)]
+    with pytest.raises(UserError, match=r"^space.module_types: \['key', 'query'\] also run on inputs other than the "
+                                        r"tokens .*; with routing.enabled, leave them out of space.module_types$"):
+        check_routable(model, names)
+    check_routable(model, [m.name for m in adaptable_modules(model) if m.type not in ("query", "key")])
 
 
 def test_the_registry_reloads_a_distilbert_adapter(encoder_dir, tmp_path):

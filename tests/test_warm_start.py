@@ -1,5 +1,7 @@
 """Warm start: the best allocations of an earlier run are trained again on a new task."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -191,3 +193,17 @@ def test_a_resumed_run_trains_the_warm_starts_its_first_session_chose(tmp_path, 
     assert pipeline.warm_start(cfg, modules, searchable, budget, resume=True) == (warm, 0, [])
     with pytest.raises(UserError, match="screen.warm_start_from"):  # a new run still needs the earlier one
         pipeline.warm_start(cfg, modules, searchable, budget, resume=False)
+
+
+def test_a_run_on_another_base_model_is_refused(tmp_path, tiny_model_dir):
+    """`L3.query` names a place in every encoder that deep: only the earlier run's model.name tells them apart."""
+    from orchestrator.models import resolve_model_path
+    from orchestrator.pipeline import check_same_base_model
+
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"model": {"name": "minilm-l6"}}}))
+    check_same_base_model(str(tmp_path), "minilm-l6")
+    check_same_base_model(str(tmp_path), str(resolve_model_path("minilm-l6")))  # the packaged model's own directory
+    check_same_base_model(None, str(tiny_model_dir))
+    with pytest.raises(UserError, match=rf"^screen.warm_start_from: '.*' searched on the base model 'minilm-l6', this "
+                                        rf"run on '{tiny_model_dir}'; warm-start from a run on the same base model$"):
+        check_same_base_model(str(tmp_path), str(tiny_model_dir))

@@ -46,6 +46,8 @@ class NwotProxy(Proxy):
 
         def hook_for(module):
             def hook(_layer, _inputs, output):
+                if output.shape[:-1] != state["mask"].shape:  # DeBERTa-v3 also projects its relative positions
+                    return
                 codes = output > 0
                 n = codes.shape[0]
                 codes = codes.reshape(n, -1, codes.shape[-1])
