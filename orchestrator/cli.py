@@ -43,6 +43,9 @@ def screen(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES
              f"{r.to_train} of {len(plan.attrs['seeds'])}"] for r in plan.itertuples()]
     console.print(terminal_table("what `train` would do", ["candidate", "kind", "label", "params", "modules", "Σ rank",
                                                            "seeds to train"], rows, folding={}, left={"candidate", "kind", "label"}))
+    if cfg.train.lr_grid:
+        console.print(f"train.lr_grid: each model first trains on its first seed at each of {len(cfg.train.lr_grid)} "
+                      "rates (those done already are kept); its best is that seed's training")
     console.print(f"Allocations: {cfg.run_dir}/screen.csv. {plan.to_train.sum()} training(s) left; "
                   f"run them with: lora-search train {cfg.run_dir}")
 

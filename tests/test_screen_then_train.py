@@ -75,24 +75,35 @@ def test_train_on_a_directory_that_is_no_run_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_a_screened_run_trains_its_plan_from_its_directory(tmp_path, tiny_model_dir, embedded_ray):
-    cfg = load_config("search_spaces/quickstart.yaml", [
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    overrides = [
         "name=staged", f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", "model.max_length=16",
         "data.train_size=64", "data.eval_size=32", "screen.num_trials=1", "screen.candidates_per_trial=4",
         "screen.survivors=1", "screen.proxy_batches=1", "screen.batch_size=8", "train.batch_size=16",
-        "train.eval_batch_size=16", "train.baselines=[uniform_qv]", "register.best=false"])
-    plan = pipeline.run(cfg, screen_only=True)
+        "train.eval_batch_size=16", "train.baselines=[uniform_qv]", "register.best=false"]
+    cfg = load_config("search_spaces/quickstart.yaml", overrides)
+    shown = CliRunner().invoke(app, ["screen", "search_spaces/quickstart.yaml", *overrides], terminal_width=100)
+    assert shown.exit_code == 0, shown.output
     screen = pd.read_csv(cfg.run_dir / "screen.csv")
-    survivor = screen[screen.survivor].candidate_id.tolist()
-    assert plan.label.tolist() == ["screen#1", "uniform_qv"] and plan.candidate_id.tolist()[:1] == survivor
-    assert plan.to_train.tolist() == [1, 1]
+    survivor = screen[screen.survivor].candidate_id.iloc[0]
+    for cid, label in ((survivor, "screen#1"), (None, "uniform_qv")):  # one row per model, one seed each left
+        assert any(label in line and (cid is None or cid in line) and line.rstrip().endswith("1 of 1")
+                   for line in shown.output.splitlines()), shown.output
+    assert f"2 training(s) left; run them with: lora-search train {cfg.run_dir}" in " ".join(shown.output.split())
     assert not (cfg.run_dir / "trials").exists() or not list((cfg.run_dir / "trials").iterdir())
     run = json.loads((cfg.run_dir / "run.json").read_text())
     assert "finished_at" not in run and "finished_at" in run["sessions"][-1]  # a timed session, an unfinished run
     study = f"sqlite:///{cfg.run_dir / 'study.db'}"
     screened = len(optuna.load_study(study_name=None, storage=study).trials)
 
-    table = pipeline.run(pipeline.stored_config(cfg.run_dir), resume=True)
-    assert sorted(table.candidate_id) == sorted(plan.candidate_id) and table.accuracy.notna().all()
+    trained = CliRunner().invoke(app, ["train", str(cfg.run_dir)], terminal_width=100)
+    assert trained.exit_code == 0, trained.output
+    table = pd.read_parquet(cfg.run_dir / "report.parquet")
+    assert sorted(table.label) == ["screen#1", "uniform_qv"] and table.accuracy.notna().all()
+    assert survivor in table.candidate_id.tolist()
     run = json.loads((cfg.run_dir / "run.json").read_text())
     assert len(run["sessions"]) == 2 and run["finished_at"] == run["sessions"][-1]["finished_at"]
     assert pd.read_csv(cfg.run_dir / "screen.csv").equals(screen)  # screened once, not again
