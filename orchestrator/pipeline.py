@@ -338,7 +338,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
     rows = [row for job_id, row in trials.items() if job_id in wanted]
     placed = {cid: a for cid, (_, _, a) in allocations.items()} | {cid: v[1] for cid, v in variants.items()}
     table = report.build(rows, {cid: scores.scores(a) for cid, a in placed.items()},
-                         {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate())
+                         {cid: a.compact(modules) for cid, a in placed.items()}, task.majority_rate(),
+                         failed_charges=report.failed_charges(cfg.run_dir))
     finished, sessions = time.strftime("%Y-%m-%dT%H:%M:%S%z"), earlier_sessions(cfg)
     sessions[-1]["finished_at"] = finished
     if before and "finished_at" in before[-1] and set(trials) == trained_before:

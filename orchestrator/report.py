@@ -280,14 +280,16 @@ def add_derived(report: pd.DataFrame, base_params: int | None = None, baselines:
 
 
 def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact: dict[str, str],
-          majority_rate: float, *, base_params: int | None = None, baselines: list[str] | None = None) -> pd.DataFrame:
+          majority_rate: float, *, base_params: int | None = None, baselines: list[str] | None = None,
+          failed_charges: list[dict] = ()) -> pd.DataFrame:
     """One row per (model, seed): metrics from the trial files, proxy scores from the screen, derived ROI columns.
 
     `base_params` (run.json `base_params`) gives `params_pct_of_base`; `baselines` (the config's
     `train.baselines`) picks the ROI reference. `write` fills both from run.json when they are left out.
     Failed runs (rows without accuracy, from train.keep_failure) are left out of the table and named in
-    `summary_lines` (through `DataFrame.attrs["failed"]`); their device time is charged in the run's cost (through
-    `attrs["failed_charge"]`, see `failed_charge`); early-stopped runs stay, with their status.
+    `summary_lines` (through `DataFrame.attrs["failed"]`); every failed training's `failed_charges` (`failed_charges`
+    of the run: those retried since too) counts in the run's cost (through `attrs["failed_charge"]`, see
+    `failed_charge`); early-stopped runs stay, with their status.
     """
     frame = pd.DataFrame(trials)
     for column in CONTRACT_COLUMNS:
@@ -319,12 +321,25 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
         errors = failed.get("error", pd.Series("", index=failed.index)).fillna("")
         frame.attrs["failed"] = [f"{cid}-s{int(seed)}" + (f" ({error})" if error else "") for cid, seed, error in
                                  zip(failed.candidate_id, failed.seed.fillna(-1), errors)]
-        timed = failed[failed.device_hours.notna()]  # trial files from before keep_failure timed them have none
-        frame.attrs["failed_charge"] = {"runs": len(failed), "untimed": len(failed) - len(timed),
-                                        "seconds": float(timed.train_wall_s.sum()),
-                                        "device_hours": float(timed.device_hours.sum()),
-                                        "cost_usd": float(timed.cost_usd.sum())}
+    charged = {charge.get("job_id") for charge in failed_charges}
+    # a failed trial file from before failures were charged has no charge: named in the summary, not charged
+    untimed = [cid for cid, seed in zip(failed.candidate_id, failed.seed.fillna(-1)) if f"{cid}-s{int(seed)}" not in charged]
+    if failed_charges or untimed:
+        frame.attrs["failed_charge"] = {"runs": len(failed_charges) + len(untimed), "untimed": len(untimed),
+                                        **{key: float(sum(c[column] for c in failed_charges)) for key, column in
+                                           (("seconds", "train_wall_s"), ("device_hours", "device_hours"),
+                                            ("cost_usd", "cost_usd"))}}
     return frame
+
+
+FAILED_CHARGES = "failed"  # trials/failed/<job>.<attempt>.json: each failed training's charge (train.keep_failure)
+
+
+def failed_charges(run_dir: str | Path) -> list[dict]:
+    """Every failed training's charge in a run, those retried since included (deleting a failed trial file to retry
+    the model leaves its charge)."""
+    ledger = Path(run_dir) / "trials" / FAILED_CHARGES
+    return [read_stored(p, "job_id", types=TRIAL_TYPES) for p in sorted(ledger.glob("*.json"))]
 
 
 def failed_charge(report: pd.DataFrame) -> dict:
@@ -704,8 +719,8 @@ def _failed_cost_note(failed: dict) -> str:
     note = (f", {timed} failed run(s) included ({failed['device_hours']:.4f} device-hours, "
             f"{_say(failed['cost_usd'], '.4f', '${}')})") if timed else ""
     if failed["untimed"]:
-        note += (f"; {failed['untimed']} failed run(s) recorded no device time (trial files from before it was kept, "
-                 "or the driver never saw them start) and are not charged")
+        note += (f"; {failed['untimed']} failed run(s) recorded no device time (trial files from before failed "
+                 "trainings were charged) and are not charged")
     return note
 
 
@@ -1356,7 +1371,8 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
         screen = read_stored(run_dir / "screen.csv", "candidate_id", "allocation")
         compact.update({cid: a for cid, a in zip(screen.candidate_id, screen.allocation) if cid in compact and not ranks[cid]})
     majority = run_info["task"]["majority_rate"]
-    table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines)
+    table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines,
+                  failed_charges=failed_charges(run_dir))
     table.attrs["unfinished"] = "finished_at" not in run_sessions(run_info)[-1]  # its models so far; the rest unnamed
     return write(table, run_dir, majority)
 

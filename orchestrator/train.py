@@ -530,19 +530,22 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, device_count: int)
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
 
 
-def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException, wall_s: float | None = None,
-                 device_count: int = 1, device: str = "cpu") -> None:
-    """Write trials/<job>.json as `failed`. With `wall_s` (the driver's clock from the training's start to its failure,
-    retries included) it is charged as a finished one is: its devices were held all that time. Without it (the driver
-    never saw it start) the row carries no cost, and the report says so."""
-    from orchestrator.report import write_atomic
+def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException, wall_s: float = 0.0, device_count: int = 1,
+                 device: str = "cpu") -> None:
+    """Write trials/<job>.json as `failed`, charged as keep_result charges a finished model: `wall_s` is the training
+    time of the epochs it finished (the part of an epoch it lost is not charged, nor is a finished model's). The
+    charge is also kept in trials/failed/, which deleting the trial file to retry the model leaves in place."""
+    from orchestrator.report import FAILED_CHARGES, write_atomic
 
-    reason = _root_cause(error)
-    row = {**asdict(job), "status": "failed", "error": reason}
-    if wall_s is not None:
-        device_hours = wall_s * device_count / 3600
-        row |= {"train_wall_s": wall_s, "device": device, "device_hours": device_hours,
-                "cost_usd": device_hours * cfg.cost.price_per_device_hour[device]}
+    device_hours = wall_s * device_count / 3600
+    cost = {"train_wall_s": wall_s, "device": device, "device_hours": device_hours,
+            "cost_usd": device_hours * cfg.cost.price_per_device_hour[device]}
+    row = {**asdict(job), "status": "failed", "error": _root_cause(error), **cost}
+    ledger = cfg.run_dir / "trials" / FAILED_CHARGES
+    ledger.mkdir(parents=True, exist_ok=True)
+    attempt = len(list(ledger.glob(f"{job.job_id}.*.json")))
+    write_atomic(ledger / f"{job.job_id}.{attempt}.json",
+                 lambda p: Path(p).write_text(json.dumps({"job_id": job.job_id, **cost}, indent=1)))
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
 
 
@@ -625,20 +628,15 @@ class KeepFinished(tune.Callback):
 
     def __init__(self, cfg: RunConfig, device_count: int):
         self.cfg, self.device_count = cfg, device_count
-        self.started: dict[str, float] = {}  # trial id -> when the driver saw it start
-        self.failed_after_s: dict[str, float] = {}  # job id -> seconds from its start to its failure (keep_failure)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.started.setdefault(trial.trial_id, time.monotonic())  # a Tune retry keeps the first start: all is charged
+        self.failed_wall_s: dict[str, float] = {}  # job id -> training seconds of the epochs it finished (keep_failure)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.last_result.get("checkpoint_path"):  # a model that failed before its first epoch has none
             keep_result(self.cfg, TrainJob(**trial.config["job"]), trial.last_result, self.device_count)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.started:
-            job_id = TrainJob(**trial.config["job"]).job_id
-            self.failed_after_s[job_id] = time.monotonic() - self.started[trial.trial_id]
+        job_id = TrainJob(**trial.config["job"]).job_id  # its last epoch's cumulative time; none: no epoch finished
+        self.failed_wall_s[job_id] = float((trial.last_result or {}).get("train_wall_s", 0.0))
 
 
 def selection_metric(task: TaskData) -> str:
@@ -682,7 +680,7 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
         for result in tuner.fit():
             job = TrainJob(**result.config["job"])
             if result.error and not (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
-                keep_failure(cfg, job, result.error, keeper.failed_after_s.get(job.job_id), context.device_count,
+                keep_failure(cfg, job, result.error, keeper.failed_wall_s.get(job.job_id, 0.0), context.device_count,
                              "gpu" if use_gpu else "cpu")
         check_trainings_ended(cfg.run_dir, pending)
     return finished_jobs(cfg.run_dir)

@@ -187,21 +187,26 @@ def test_failed_runs_are_left_out_and_named_stopped_runs_stay():
     assert "WARNING: 3 model(s) do not beat the majority class: aaaa, bbbb, qqqq" in below
 
 
-def failed_trial(seed: int, **timing) -> dict:
-    """bbbb's seed as train.keep_failure writes it: with its wall time and cost, or (an older file) without."""
+def failed_trial(seed: int) -> dict:
+    """bbbb's seed as train.keep_failure writes it (its charge, from trials/failed/, is given apart)."""
     return {"candidate_id": "bbbb", "kind": "searched", "label": "screen#2", "ranks": MODELS["bbbb"][3], "seed": seed,
-            "status": "failed", "error": "RuntimeError: worker died", **timing}
+            "status": "failed", "error": "RuntimeError: worker died"}
+
+
+def charge(seed: int, seconds: float, device_hours: float, cost: float) -> dict:
+    return {"job_id": f"bbbb-s{seed}", "train_wall_s": seconds, "device": "cpu", "device_hours": device_hours,
+            "cost_usd": cost}
 
 
 def test_a_failed_runs_device_time_counts_in_the_runs_cost_not_in_its_tables(tmp_path, no_plots):
-    """A failed training has no accuracy but held its devices until it failed: the run's total device-hours and cost
-    count it (a stage of its own in the cost table, and in the summary's training cost), while the model tables, the
-    plots' rows and the per-model ROI stay without it. Before, the cost left it out and understated the search."""
+    """A failed training has no accuracy but held its devices for the epochs it finished: the run's total device-hours
+    and cost count it (a stage of its own in the cost table, and in the summary's training cost), while the model
+    tables, the plots' rows and the per-model ROI stay without it. Before, the cost left it out."""
     run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0446}}}}
     scores = {"seconds": {"grad_norm": 36.0}}
     plain = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
-    timed = failed_trial(1, train_wall_s=1800.0, device="cpu", device_hours=1.0, cost_usd=0.0446)  # 2 vCPUs, 30 min
-    frame = report.build(trials() + [timed], proxy_scores(), COMPACT, MAJORITY)
+    charged = charge(1, 1800.0, 1.0, 0.0446)  # 2 vCPUs, 30 min
+    frame = report.build(trials() + [failed_trial(1)], proxy_scores(), COMPACT, MAJORITY, failed_charges=[charged])
     pd.testing.assert_frame_equal(report.aggregate(frame), report.aggregate(plain))  # the tables: as without it
     before, costs = report.cost_breakdown(plain, run, scores), report.cost_breakdown(frame, run, scores)
     assert costs["total_device_hours"] == pytest.approx(before["total_device_hours"] + 1.0)
@@ -216,19 +221,24 @@ def test_a_failed_runs_device_time_counts_in_the_runs_cost_not_in_its_tables(tmp
                     "1 failed run(s) included (1.0000 device-hours, $0.0446)")
     screening = next(text for text in report.roi_lines(frame, {"costs": costs}) if text.startswith("Screening"))
     assert "training: 6 runs, " in screening and ", 1 failed, 1800 s ($0.0446)" in screening
-    # the charge goes through report.parquet: compare and `load` see it
+    # rebuilt from the run directory, through report.parquet: compare and `load` see it
     run_dir = make_run_dir(tmp_path / "run")
-    (run_dir / "trials" / "bbbb-s1.json").write_text(json.dumps(timed))
+    (run_dir / "trials" / "bbbb-s1.json").write_text(json.dumps(failed_trial(1)))
+    (run_dir / "trials" / report.FAILED_CHARGES).mkdir()
+    (run_dir / "trials" / report.FAILED_CHARGES / "bbbb-s1.0.json").write_text(json.dumps(charged))
     report.rebuild(run_dir)
     loaded = report.load(run_dir)
     assert report.failed_charge(loaded)["device_hours"] == 1.0 and len(loaded) == 6
     table = report.compare([run_dir], tmp_path / "cmp")
     assert table.total_device_hours[0] == pytest.approx(plain.device_hours.sum() + 36.0 / 3600 + 1.0)
+    # the README's retry: its trial file deleted, the model trained again (here: its seed-0 row); the charge stays
+    (run_dir / "trials" / "bbbb-s1.json").unlink()
+    assert report.failed_charge(report.rebuild(run_dir))["device_hours"] == 1.0
 
 
-def test_a_failed_row_without_device_time_still_loads_and_is_said_not_charged():
-    """Trial files from before keep_failure timed a failure (or a training the driver never saw start) have no wall
-    time: they still load, add nothing to the cost, and the summary says what it could not charge."""
+def test_a_failed_row_without_a_charge_still_loads_and_is_said_not_charged():
+    """A failed trial file from before failures were charged has no charge in trials/failed/: it still loads, adds
+    nothing to the cost, and the summary says what it could not charge."""
     run = {"config": {"cost": {"price_per_device_hour": {"cpu": 0.0446}}}}
     scores = {"seconds": {"grad_norm": 36.0}}
     plain = report.build(trials(), proxy_scores(), COMPACT, MAJORITY)
@@ -237,11 +247,10 @@ def test_a_failed_row_without_device_time_still_loads_and_is_said_not_charged():
     costs, before = report.cost_breakdown(older, run, scores), report.cost_breakdown(plain, run, scores)
     assert costs["total_cost_usd"] == before["total_cost_usd"] and costs["failed_untimed"] == 1
     line = next(text for text in report.summary_lines(older, MAJORITY) if text.startswith("Training cost"))
-    assert line.endswith("; 1 failed run(s) recorded no device time (trial files from before it was kept, or the "
-                         "driver never saw them start) and are not charged")
-    mixed = report.build(trials() + [failed_trial(1), failed_trial(2, train_wall_s=900.0, device="cpu",
-                                                                   device_hours=0.5, cost_usd=0.0223)],
-                         proxy_scores(), COMPACT, MAJORITY)  # what is known is charged
+    assert line.endswith("; 1 failed run(s) recorded no device time (trial files from before failed trainings were "
+                         "charged) and are not charged")
+    mixed = report.build(trials() + [failed_trial(1), failed_trial(2)], proxy_scores(), COMPACT, MAJORITY,
+                         failed_charges=[charge(2, 900.0, 0.5, 0.0223)])  # what is known is charged
     costs = report.cost_breakdown(mixed, run, scores)
     assert costs["total_cost_usd"] == pytest.approx(before["total_cost_usd"] + 0.0223)
     assert (costs["failed_runs"], costs["failed_untimed"]) == (2, 1)

@@ -134,29 +134,30 @@ def test_a_kept_training_is_charged_for_every_device_it_held(tmp_path):
     assert kept["device_hours"] == 1.0 and kept["cost_usd"] == 2.5  # 900 s on 4 GPUs at $2.5 per GPU-hour
 
 
-def test_a_failed_training_is_charged_from_its_start_to_its_failure(tmp_path, monkeypatch):
-    """A failed training held its devices until it failed: the driver times it (KeepFinished, from the trial's start
-    to its error) and keep_failure charges that as keep_result charges a finished one. Before, the row had no cost."""
+def test_a_failed_training_is_charged_for_the_epochs_it_finished(tmp_path):
+    """A failed training is charged as keep_result charges a finished one: the training time of its finished epochs
+    (Tune's last result; none finished: 0). The charge is also kept in trials/failed/, once per failure, so deleting
+    the trial file to retry the model keeps what the failure cost. Before, a failure had no cost."""
     import json
     from types import SimpleNamespace
 
-    from orchestrator import train
+    from orchestrator import report, train
 
     cfg = load_config(None, [f"results_dir={tmp_path}", "cost.price_per_device_hour.gpu=2.5"])
     job = TrainJob("c1", "searched", "screen#1", {"L0.query": 8}, seed=cfg.train.seeds[0])
-    trial = SimpleNamespace(trial_id="t1", config={"job": dataclasses.asdict(job)}, last_result={})
-    keeper, clock = train.KeepFinished(cfg, device_count=4), iter([100.0, 1000.0])
-    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
-    keeper.on_trial_start(0, [trial], trial)
+    keeper = train.KeepFinished(cfg, device_count=4)
+    trial = SimpleNamespace(trial_id="t1", config={"job": dataclasses.asdict(job)}, last_result={"train_wall_s": 900.0})
     keeper.on_trial_error(0, [trial], trial)
-    assert keeper.failed_after_s == {job.job_id: 900.0}
-    train.keep_failure(cfg, job, RuntimeError("boom"), keeper.failed_after_s[job.job_id], 4, "gpu")
+    assert keeper.failed_wall_s == {job.job_id: 900.0}
+    train.keep_failure(cfg, job, RuntimeError("boom"), keeper.failed_wall_s[job.job_id], 4, "gpu")
     kept = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())
-    assert kept["status"] == "failed" and kept["train_wall_s"] == 900.0
+    assert kept["status"] == "failed" and kept["train_wall_s"] == 900.0 and "job_id" not in kept
     assert kept["device_hours"] == 1.0 and kept["cost_usd"] == 2.5  # 900 s on 4 GPUs at $2.5 per GPU-hour
-    train.keep_failure(cfg, job, RuntimeError("boom"))  # never seen starting: nothing known to charge
-    kept = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())
-    assert kept["status"] == "failed" and not {"train_wall_s", "device_hours", "cost_usd"} & set(kept)
+    (cfg.run_dir / "trials" / f"{job.job_id}.json").unlink()  # the README's retry, which fails again at once
+    keeper.on_trial_error(0, [trial], SimpleNamespace(**vars(trial) | {"last_result": {}}))
+    train.keep_failure(cfg, job, RuntimeError("boom"), keeper.failed_wall_s[job.job_id], 4, "gpu")
+    assert [(c["job_id"], c["device_hours"]) for c in report.failed_charges(cfg.run_dir)] == [
+        (job.job_id, 1.0), (job.job_id, 0.0)]
 
 
 @pytest.mark.parametrize("overrides, message", [
