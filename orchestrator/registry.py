@@ -273,6 +273,19 @@ def names_run(source: str | None, run_dir: Path, tail: str) -> bool:
     return (Path.cwd() / path).resolve() == resolved or resolved.parts[-len(path.parts):] == path.parts
 
 
+def _holds(entry: Entry, weights_name: str, digest: str) -> bool:
+    """Whether `entry` stores the weights whose encoding hashes to `digest`: its recorded SHA-256 is that, or (an entry
+    stored before 2026-12-07, its header's metadata in safetensors' hash-map order) its file, intact, hashes to it with
+    the metadata sorted as encode sorts it. The file is read only for an entry whose recorded hash differs."""
+    recorded, path = entry.files.get(weights_name), entry.path / weights_name
+    if recorded == digest:
+        return True
+    if recorded is None or not path.is_file():
+        return False
+    data = path.read_bytes()
+    return sha256_bytes(data) == recorded and sha256_bytes(_sorted_metadata(data)) == digest
+
+
 def _read_stored(source_dir: str | Path, precision: str) -> tuple[AdapterFiles, tuple[str, bytes]]:
     """The adapter directory read, and its weights as the registry stores them at `precision`."""
     adapter = read_adapter_dir(source_dir)
@@ -645,8 +658,9 @@ class Registry:
         # takes them as they are
         read = _read_stored(run_dir / row["adapter_dir"], precision)
         weights_name, weights = read[1]
+        digest = sha256_bytes(weights)
         stored = next((e for e in self.list(name) if names_run(e.source, run_dir, tail) and e.precision == precision
-                       and e.files.get(weights_name) == sha256_bytes(weights)), None)
+                       and _holds(e, weights_name, digest)), None)
         return stored or self.add(name, run_dir / row["adapter_dir"], run["config"]["data"]["task"],
                                   run["config"]["model"]["name"], row["allocation"], metrics, precision, promote=promote,
                                   source=f"{run_dir.resolve()}:{tail}", _read=read)  # absolute: see names_run

@@ -783,6 +783,33 @@ def test_an_entry_stored_with_a_relative_source_is_found_from_anywhere(registry,
     assert registry.add_from_run(fake_run).version == 2
 
 
+def test_an_entry_stored_with_its_metadata_in_another_order_is_found(registry, fake_run):
+    """An fp16 or int8 entry stored before 2026-12-07 may hold safetensors metadata in hash-map order: its recorded
+    hash is not the sorted encoding's, yet it holds the same weights, so add_from_run returns it (before, a duplicate)."""
+    import struct
+
+    for version, precision in enumerate(("fp16", "int8"), start=1):
+        entry = registry.add_from_run(fake_run, precision=precision)
+        path = entry.path / entry.weights_file
+        data = path.read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + length])
+        header["__metadata__"] = dict(reversed(header["__metadata__"].items()))  # as the old code could write it
+        reordered = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+        assert len(reordered) == length and reordered != data[8:8 + length], precision
+        path.write_bytes(data[:8] + reordered + data[8 + length:])
+        with sqlite3.connect(registry.db_path) as conn:  # its recorded hash is of those bytes, as the old code's was
+            conn.execute("UPDATE entries SET files = ? WHERE name = ? AND version = ?",
+                         (json.dumps(entry.files | {entry.weights_file: sha(path)}), entry.name, entry.version))
+        assert entry.version == version and registry.verify(entry.name, version).version == version
+        assert registry.add_from_run(fake_run, precision=precision).version == version, precision
+        assert registry.verify(entry.name, version).files[entry.weights_file] == sha(path)
+    assert [e.version for e in registry.list("tiny")] == [1, 2]
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # modified since: not the entry it was, a version of its own
+    assert registry.add_from_run(fake_run, precision="int8").version == 3
+
+
 def test_a_best_model_that_does_not_beat_the_majority_class_is_stored_but_not_made_current(registry, fake_run, tmp_path,
                                                                                             capsys):
     """It learned nothing: made current, it replaced a model of an earlier run that did."""
