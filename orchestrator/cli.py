@@ -40,14 +40,22 @@ def screen(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES
     cfg = _config(config, overrides, warm_start)
     plan = _run_pipeline(cfg, resume, address, screen_only=True)
     rows = [[r.candidate_id, r.kind, r.label, f"{r.trainable_params:,}", str(r.modules), str(r.total_rank),
-             f"{r.to_train} of {len(plan.attrs['seeds'])}"] for r in plan.itertuples()]
+             f"{r.to_train} of {len(plan.attrs['seeds'])}" + (f", {r.failed} failed" if r.failed else "")]
+            for r in plan.itertuples()]
+    # ids whole, to be found in screen.csv and the report: a long one makes longer lines, not the last column cut off
     console.print(terminal_table("what `train` would do", ["candidate", "kind", "label", "params", "modules", "Σ rank",
-                                                           "seeds to train"], rows, folding={}, left={"candidate", "kind", "label"}))
+                                                           "seeds to train"], rows, folding={}, left={"candidate", "kind", "label"}),
+                  crop=False)
     if cfg.train.lr_grid:
         console.print(f"train.lr_grid: each model first trains on its first seed at each of {len(cfg.train.lr_grid)} "
                       "rates (those done already are kept); its best is that seed's training")
-    console.print(f"Allocations: {cfg.run_dir}/screen.csv. {plan.to_train.sum()} training(s) left; "
-                  f"run them with: lora-search train {cfg.run_dir}")
+    left, failed = plan.to_train.sum(), plan.failed.sum()
+    console.print(f"Allocations: {cfg.run_dir}/screen.csv. " + (
+        f"{left} training(s) left; run them with: lora-search train {cfg.run_dir}" if left else
+        f"Nothing left to train: the run is trained; its report: lora-search report {cfg.run_dir}"))
+    if failed:  # a resume leaves a failed training as it is: the same config would fail the same way
+        console.print(f"{failed} training(s) failed (the error is in trials/<job>.json); once the cause is fixed, "
+                      f"delete that file and run: lora-search train {cfg.run_dir}")
 
 
 @app.command()
@@ -327,6 +335,18 @@ def registry_quantise(run_dir: Path = typer.Argument(..., help="a finished run d
 app.add_typer(registry_app, name="registry")
 
 
+def _invoked_command() -> str:
+    """`lora-search` and the command words of sys.argv (`lora-search registry add`): up to the first option or
+    argument that names no (sub)command."""
+    words, group = ["lora-search"], typer.main.get_command(app)
+    for word in sys.argv[1:]:
+        group = getattr(group, "commands", {}).get(word)
+        if group is None:
+            break
+        words.append(word)
+    return " ".join(words)
+
+
 def main() -> None:
     """Bad input, ours or a usage error (unknown option or command, missing argument, bad value): one line, exit 2;
     Ctrl-C: one line, exit 130."""
@@ -335,8 +355,8 @@ def main() -> None:
         code = app(standalone_mode=False)
     except typer.TyperException as err:  # the base of typer's vendored click errors (click.UsageError is another class)
         if type(err).__name__ != "NoArgsIsHelpError":  # typer's check: its help is already printed when it is made
-            ctx = getattr(err, "ctx", None)
-            hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            ctx = getattr(err, "ctx", None)  # None where click raised it outside a command's context
+            hint = f"; see '{ctx.command_path if ctx is not None else _invoked_command()} --help'"
             print(f"error: {' '.join(err.format_message().split()).rstrip('.')}{hint}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 1))
     except typer.Abort:  # EOF (or Ctrl-C) at a prompt

@@ -414,8 +414,8 @@ class RunConfig:
 
     def __post_init__(self):
         self.results_dir = str(Path(self.results_dir).expanduser())  # `~` in YAML, or under /bin/sh (a job's entrypoint)
-        if self.register.root:
-            self.register.root = str(Path(self.register.root).expanduser())
+        if self.register.root:  # absolute, as storage_path: a `train RUN_DIR` from elsewhere must register there too
+            self.register.root = absolute_path(self.register.root)
         _require(is_safe_name(self.name), "name", f"{self.name!r} is not a safe run name",
                  "start with a letter or digit and use letters, digits, '-', '_' and '.' only (no slashes, no '..')")
         # a sub-run's own config (calibrate.calibration_config, lr_tuning.sweep_config) carries its suffix and has no sub-runs

@@ -24,7 +24,7 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model, resolve_model_path
 from orchestrator.proxies import ModuleScores
-from orchestrator.routing import check_expert_counts, check_routable
+from orchestrator.routing import budget_expert_ranks, check_expert_counts, check_routable, routed_params
 from orchestrator.shortcuts import is_shortcut_item
 from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, check_trainings_fit, finished_jobs, run_training
@@ -331,7 +331,7 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
         sessions = earlier_sessions(cfg)
         sessions[-1]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # timed, so the report counts its wall time
         write_run_json(cfg, sessions=sessions)
-        return training_plan(jobs, modules, cfg.train.seeds, set(finished_jobs(cfg.run_dir)))
+        return training_plan(jobs, modules, cfg.train.seeds, finished_jobs(cfg.run_dir), base, cfg.routing.mode)
     jobs = tuned_learning_rates(cfg, task, jobs)
     trials = run_training(cfg, task, jobs)
     wanted = {job.job_id for job in jobs}
@@ -357,23 +357,36 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
     return table
 
 
-def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: set[str]) -> pd.DataFrame:
-    """One row per model training would make: id, kind, label, allocation (with its modules and Σ rank), trainable
-    params, and how many of its seeds are still to train."""
+def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dict[str, dict], base,
+                  routing_mode: str) -> pd.DataFrame:
+    """One row per model training would make: id, kind, label, allocation, the trainable params, adapted modules and
+    Σ rank it will train with, how many of its seeds are still to train, and how many failed (`finished`:
+    trials/<job>.json by job id; a --resume leaves a failed one as it is)."""
     rows = {}
     for job in jobs:
         if job.candidate_id not in rows:
-            allocation = Allocation.from_ranks(job.ranks)
-            compact = allocation.compact(modules)
-            rows[job.candidate_id] = dict(zip(
-                ("candidate_id", "kind", "label", "method", "allocation", "trainable_params", "modules", "total_rank",
-                 "to_train"),
-                (job.candidate_id, job.kind, job.label, job.method, compact, allocation.trainable_params(modules),
-                 *report.allocation_summary(compact)[:2], 0)))
-        rows[job.candidate_id]["to_train"] += job.job_id not in finished
+            compact = Allocation.from_ranks(job.ranks).compact(modules)
+            rows[job.candidate_id] = dict(candidate_id=job.candidate_id, kind=job.kind, label=job.label,
+                                          method=job.method, allocation=compact,
+                                          **_trained_size(job, modules, base, routing_mode), to_train=0, failed=0)
+        done = finished.get(job.job_id)
+        rows[job.candidate_id]["to_train"] += done is None
+        rows[job.candidate_id]["failed"] += done is not None and done.get("status") == "failed"
     plan = pd.DataFrame(list(rows.values()))
     plan.attrs["seeds"] = list(seeds)
     return plan
+
+
+def _trained_size(job: TrainJob, modules, base, routing_mode: str) -> dict:
+    """trainable_params, modules and total_rank of the model `job` trains: a routed one keeps fewer sites and ranks
+    than its allocation (routing.budget_expert_ranks, as train.build_adapted builds it)."""
+    allocation = Allocation.from_ranks(job.ranks)
+    if job.method == "routed":
+        sites = budget_expert_ranks(base, job.ranks, job.experts, routing_mode)
+        return dict(trainable_params=routed_params(base, sites, routing_mode), modules=len(sites),
+                    total_rank=sum(map(sum, sites.values())))
+    count, rank = report.allocation_summary(allocation.compact(modules))[:2]
+    return dict(trainable_params=allocation.trainable_params(modules), modules=count, total_rank=rank)
 
 
 def stored_config(run_dir: str | Path) -> RunConfig:
@@ -385,7 +398,27 @@ def stored_config(run_dir: str | Path) -> RunConfig:
     config = report.read_stored(run_dir / "run.json", "config", types={"config": "mapping"})["config"]
     if config.get("name") != run_dir.name:  # its Optuna study and Ray state are stored under the run's own name
         raise UserError(f"train: '{run_dir}' holds the run '{config.get('name')}'; rename the directory back to that")
+    _check_recorded_paths(run_dir, flat_keys(config))
     return build(RunConfig, config | {"results_dir": str(run_dir.parent)}, "")
+
+
+# paths an older run.json kept relative, as typed (register.root until 2026-12-07 too), beside the names that are none
+RECORDED_PATHS = (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NAMES), ("data.eval_path", ()),
+                  ("register.root", ()), ("storage_path", ()), ("screen.warm_start_from", ()))
+
+
+def _check_recorded_paths(run_dir: Path, config: dict) -> None:
+    """Such a path was relative to the directory the run started in, which run.json does not record: from here it
+    may name nothing, or another model, data file or registry. One that is found from here is taken (as `--resume`
+    takes it)."""
+    for key, names in RECORDED_PATHS:
+        value = config.get(key)
+        if not isinstance(value, str) or not value or value in names or "://" in value:
+            continue
+        if not Path(value).expanduser().is_absolute() and not Path(value).exists():
+            raise UserError(f"{key}: '{value}' in {run_dir / 'run.json'} is relative (an older version kept it as "
+                            "typed) and not found from here; continue the run with `lora-search run CONFIG --resume` "
+                            "from the directory it started in")
 
 
 def register_best(cfg: RunConfig) -> dict | None:

@@ -1315,7 +1315,9 @@ def load(run_dir: str | Path, field: str = "report") -> pd.DataFrame:
     """The report of a finished run as a DataFrame (for notebooks); errors name `field`, where the path came from."""
     path = Path(run_dir) / "report.parquet"
     if not path.is_file():
-        raise UserError(f"{field}: '{path}' not found; give the directory of a finished `lora-search run`")
+        started = (Path(run_dir) / "run.json").is_file()  # a run only screened, or interrupted: `train` finishes it
+        raise UserError(f"{field}: '{path}' not found; give the directory of a finished `lora-search run`"
+                        + (f", or train this one first: lora-search train {run_dir}" if started else ""))
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError

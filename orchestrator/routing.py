@@ -529,6 +529,13 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
     return {n: [total[n] // e + (i < total[n] % e) for i in range(e)] for n in ranks if n in total}
 
 
+def routed_params(model: nn.Module, sites: Mapping[str, Sequence[int]], mode: str = "per_input") -> int:
+    """Experts + routers at these sites (budget_expert_ranks' expert ranks): RoutingState.trainable_params of the
+    routed model, without attaching it."""
+    width, router_row = _site_costs(model, sites, mode)
+    return sum(sum(ranks) * width[n] + len(ranks) * router_row[n] for n, ranks in sites.items())
+
+
 # ---------------------------------------------------------------- save and load (safetensors only)
 
 

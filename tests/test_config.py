@@ -281,7 +281,7 @@ def test_partial_price_override_keeps_other_default():
 @pytest.mark.parametrize("override, attribute, value", [
     ("register.name=007", "register.name", "007"),
     ("register.name=off", "register.name", "off"),
-    ("register.root=0123", "register.root", "0123"),
+    ("register.root=0123", "register.root", str(Path("0123").absolute())),  # a path, kept absolute
     ("data.eval_path=0755", "data.eval_path", "0755"),
     ("storage_path=s3://1_000", "storage_path", "s3://1_000"),
     ("register.name=null", "register.name", None),
@@ -294,13 +294,15 @@ def test_optional_string_override_kept_verbatim_unless_null(override, attribute,
     assert getattr(getattr(cfg, section) if section else cfg, field) == value
 
 
-def test_local_storage_path_and_warm_start_are_kept_absolute(tmp_path, monkeypatch):
-    """Ray resolves a relative storage_path against each trial's working directory, and a --resume from another
-    directory read it against that one: run.json keeps both as absolute paths, `~` expanded."""
+def test_local_storage_path_warm_start_and_registry_root_are_kept_absolute(tmp_path, monkeypatch):
+    """Ray resolves a relative storage_path against each trial's working directory, and a --resume (or a `train
+    RUN_DIR`) from another directory read them against that one: a second registry under it. run.json keeps them
+    as absolute paths, `~` expanded."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["storage_path=ray_store", "screen.warm_start_from=results/earlier"])
+    cfg = load_config(None, ["storage_path=ray_store", "screen.warm_start_from=results/earlier", "register.root=reg"])
     assert cfg.storage_path == str(tmp_path / "ray_store")
     assert cfg.screen.warm_start_from == str(tmp_path / "results" / "earlier")
+    assert cfg.register.root == str(tmp_path / "reg") and cfg.registry_root == tmp_path / "reg"
     assert load_config(None, ["storage_path=~/ray_store"]).storage_path == str(Path.home() / "ray_store")
 
 
@@ -341,7 +343,7 @@ def test_a_home_relative_results_dir_and_registry_root_are_expanded():
 def test_optional_string_in_yaml_file_follows_yaml(tmp_path):
     # a YAML file is YAML's business: unquoted 007 is the integer 7 there; quoting keeps the text
     cfg = load_config(write(tmp_path, "register:\n  name: 007\n  root: '0123'\n"))
-    assert (cfg.register.name, cfg.register.root) == ("7", "0123")
+    assert (cfg.register.name, cfg.register.root) == ("7", str(Path("0123").absolute()))
 
 
 @pytest.mark.parametrize("override, field", [

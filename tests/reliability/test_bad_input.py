@@ -449,7 +449,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (("bogus",), ("No such command 'bogus'", "see 'python -m orchestrator.cli --help'")),
     (("validate-proxies", "x.yaml", "--n", "abc"), ("Invalid value for '--n'", "validate-proxies --help'")),
     (("registry", "promote", "a", "abc"), ("Invalid value for 'version'", "registry promote --help'")),
-], ids=["unknown-option", "missing-argument", "unknown-command", "bad-type", "bad-type-subgroup"])
+    # click raises these without a context: the hint names the command sys.argv gave
+    (("run", "x.yaml", "--address"), ("Option '--address' requires an argument", "; see 'lora-search run --help'")),
+    (("registry", "add", "r", "--name"), ("requires an argument", "; see 'lora-search registry add --help'")),
+], ids=["unknown-option", "missing-argument", "unknown-command", "bad-type", "bad-type-subgroup", "option-value-missing",
+        "option-value-missing-subgroup"])
 def test_usage_errors_are_one_line(args, expect):
     """Typer's own usage errors (parsed before any command runs) follow the same one-line rule, not its boxed panel."""
     done = _cli(*args)
