@@ -355,9 +355,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except typer.TyperException as err:  # the base of typer's vendored click errors (click.UsageError is another class)
         if type(err).__name__ != "NoArgsIsHelpError":  # typer's check: its help is already printed when it is made
-            ctx = getattr(err, "ctx", None)  # None where click raised it outside a command's context
-            hint = f"; see '{ctx.command_path if ctx is not None else _invoked_command()} --help'"
-            print(f"error: {' '.join(err.format_message().split()).rstrip('.')}{hint}", file=sys.stderr)
+            # the command from argv, not click's context: it has none for some errors (an option missing its value)
+            print(f"error: {' '.join(err.format_message().split()).rstrip('.')}; see '{_invoked_command()} --help'",
+                  file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 1))
     except typer.Abort:  # EOF (or Ctrl-C) at a prompt
         print("Aborted!", file=sys.stderr)

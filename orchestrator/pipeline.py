@@ -236,7 +236,7 @@ def earlier_sessions(cfg: RunConfig) -> list[dict]:
     directory from before sessions were kept gives its one recorded start and finish."""
     path = cfg.run_dir / "run.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    return [{k: session[k] for k in ("started_at", "finished_at") if k in session}
+    return [{k: session[k] for k in ("started_at", "finished_at", "screen_only") if k in session}
             for session in report.run_sessions(stored) if "started_at" in session]
 
 
@@ -329,7 +329,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
              for cid, (label, alloc, gating, experts) in variants.items() for seed in cfg.train.seeds]
     if screen_only:
         sessions = earlier_sessions(cfg)
-        sessions[-1]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # timed, so the report counts its wall time
+        # timed, so the report counts its wall time; a screen alone does not finish the run (report's `unfinished`)
+        sessions[-1] |= {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "screen_only": True}
         write_run_json(cfg, sessions=sessions)
         return training_plan(jobs, modules, cfg.train.seeds, finished_jobs(cfg.run_dir), base, cfg.routing.mode)
     jobs = tuned_learning_rates(cfg, task, jobs)
@@ -408,17 +409,15 @@ RECORDED_PATHS = (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NA
 
 
 def _check_recorded_paths(run_dir: Path, config: dict) -> None:
-    """Such a path was relative to the directory the run started in, which run.json does not record: from here it
-    may name nothing, or another model, data file or registry. One that is found from here is taken (as `--resume`
-    takes it)."""
+    """Such a path is relative to the directory the run started in, which run.json does not record: from another
+    one it names nothing, or another model, data file or registry. `run CONFIG --resume` there knows it."""
     for key, names in RECORDED_PATHS:
         value = config.get(key)
-        if not isinstance(value, str) or not value or value in names or "://" in value:
-            continue
-        if not Path(value).expanduser().is_absolute() and not Path(value).exists():
+        if isinstance(value, str) and value and value not in names and "://" not in value \
+                and not Path(value).expanduser().is_absolute():
             raise UserError(f"{key}: '{value}' in {run_dir / 'run.json'} is relative (an older version kept it as "
-                            "typed) and not found from here; continue the run with `lora-search run CONFIG --resume` "
-                            "from the directory it started in")
+                            "typed), so `train` cannot tell what it names; continue the run with `lora-search run "
+                            "CONFIG --resume` from the directory it started in")
 
 
 def register_best(cfg: RunConfig) -> dict | None:

@@ -1375,7 +1375,8 @@ def rebuild(run_dir: str | Path) -> pd.DataFrame:
     majority = run_info["task"]["majority_rate"]
     table = build(trials, proxy_scores, compact, majority, base_params=run_info.get("base_params"), baselines=baselines,
                   failed_charges=failed_charges(run_dir))
-    table.attrs["unfinished"] = "finished_at" not in run_sessions(run_info)[-1]  # its models so far; the rest unnamed
+    trained = [s for s in run_sessions(run_info) if not s.get("screen_only")]  # a `screen --resume` trains nothing
+    table.attrs["unfinished"] = not trained or "finished_at" not in trained[-1]  # its models so far; the rest unnamed
     return write(table, run_dir, majority)
 
 

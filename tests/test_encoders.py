@@ -115,6 +115,21 @@ def test_every_proxy_scores_every_module(encoder_dir, family, sentences):
         assert all(math.isfinite(scores.unit[proxy][m.name]) for m in modules), proxy
 
 
+def test_fisher_pairs_the_tokens_activations_and_gradients_on_deberta3(encoder_dir, sentences, monkeypatch):
+    """query_proj and key_proj run twice per forward on DeBERTa-v3, the second time on 2·buckets position rows:
+    fisher's per-example sums must take the tokens' call (it took the last one)."""
+    from orchestrator.data import Split
+    from orchestrator.proxies import score_modules
+
+    model_dir = encoder_dir("deberta3")
+    modules = [m for m in adaptable_modules(load_model(str(model_dir), 2)) if m.type in ("query", "key")]
+    einsum, paired = torch.einsum, []
+    monkeypatch.setattr(torch, "einsum", lambda spec, *ops: paired.append(ops[1].shape[0]) or einsum(spec, *ops))
+    score_modules(str(model_dir), 2, Split(*map(list, sentences)), modules, ["fisher"], probe_rank=2,
+                  num_batches=1, batch_size=8, max_length=16, seed=0)
+    assert paired == [8] * len(modules)  # the batch's 8 examples, not 1 row of positions
+
+
 def test_routing_refuses_modules_that_also_project_positions(encoder_dir):
     from orchestrator.routing import check_routable
 

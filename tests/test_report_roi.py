@@ -399,6 +399,11 @@ def test_rebuild_of_an_unfinished_run_says_so(tmp_path, no_plots):
                "`lora-search run <config> --resume` trains the rest")
     assert rebuilt.attrs["unfinished"] and report.summary_lines(rebuilt, MAJORITY)[0] == warning
     assert warning in (run_dir / "report.md").read_text()
+    # a `screen --resume` to see what is left times its session but trains nothing: the run is still unfinished
+    run["sessions"].append({"started_at": "2026-01-02T11:00:00+0000", "finished_at": "2026-01-02T11:01:00+0000",
+                            "screen_only": True})
+    (run_dir / "run.json").write_text(json.dumps(run))
+    assert report.rebuild(run_dir).attrs["unfinished"]
 
 
 def test_rebuild_scores_a_calibrated_run_as_its_screen_did(tmp_path, no_plots):

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.proxies.base import Proxy, register
 from orchestrator.proxies.grad_norm import adapter_parts
-from orchestrator.proxies.scoring import batch_loss, per_unit, scoring_mode
+from orchestrator.proxies.scoring import batch_loss, on_tokens, per_unit, scoring_mode
 
 
 @register
@@ -25,10 +25,12 @@ class FisherProxy(Proxy):
 
     def module_scores(self, model, batches, modules, probe_rank):
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        tokens = [torch.Size()]  # this batch's [N, T]
 
         def hook_for(name):
             def hook(_module, inputs, output):
-                captured[name] = (inputs[0].detach(), output)
+                if on_tokens(inputs[0], tokens[0]):  # not DeBERTa-v3's call on its relative positions
+                    captured[name] = (inputs[0].detach(), output)
             return hook
 
         handles = [adapter_parts(model, m.name)[2].register_forward_hook(hook_for(m.name))
@@ -38,6 +40,7 @@ class FisherProxy(Proxy):
             with scoring_mode(model):
                 for batch in batches:
                     captured.clear()
+                    tokens[0] = batch["input_ids"].shape[:2]
                     loss = batch_loss(model, batch)
                     names = [m.name for m in modules]
                     grads = torch.autograd.grad(loss, [captured[name][1] for name in names])

@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.proxies.base import Proxy, register
 from orchestrator.proxies.grad_norm import adapter_parts
-from orchestrator.proxies.scoring import scoring_mode
+from orchestrator.proxies.scoring import on_tokens, scoring_mode
 
 
 def hamming_kernel(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class NwotProxy(Proxy):
 
         def hook_for(module):
             def hook(_layer, _inputs, output):
-                if output.shape[:-1] != state["mask"].shape:  # DeBERTa-v3 also projects its relative positions
+                if not on_tokens(output, state["mask"].shape):
                     return
                 codes = output > 0
                 n = codes.shape[0]

@@ -86,3 +86,9 @@ def batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 def per_unit(totals: dict[str, float], num_batches: int, probe_rank: int) -> dict[str, float]:
     """Mean over batches, divided by the probe rank (the sums run over r i.i.d. rank-one components)."""
     return {name: total / (max(num_batches, 1) * probe_rank) for name, total in totals.items()}
+
+
+def on_tokens(tensor: torch.Tensor, tokens: torch.Size) -> bool:
+    """Whether a module's input or output is per token of the batch ([N, T, …], `tokens` = [N, T]): DeBERTa-v3 also
+    runs query_proj and key_proj on its relative positions, a call that per-example proxies must leave out."""
+    return tensor.shape[:2] == tokens

@@ -444,12 +444,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, expect", [
-    (("run", "x.yaml", "--bogus"), ("No such option: --bogus", "see 'python -m orchestrator.cli run --help'")),
-    (("run",), ("Missing argument 'config'", "run --help'")),
-    (("bogus",), ("No such command 'bogus'", "see 'python -m orchestrator.cli --help'")),
-    (("validate-proxies", "x.yaml", "--n", "abc"), ("Invalid value for '--n'", "validate-proxies --help'")),
-    (("registry", "promote", "a", "abc"), ("Invalid value for 'version'", "registry promote --help'")),
-    # click raises these without a context: the hint names the command sys.argv gave
+    (("run", "x.yaml", "--bogus"), ("No such option: --bogus", "; see 'lora-search run --help'")),
+    (("run",), ("Missing argument 'config'", "; see 'lora-search run --help'")),
+    (("bogus",), ("No such command 'bogus'", "; see 'lora-search --help'")),
+    (("validate-proxies", "x.yaml", "--n", "abc"), ("Invalid value for '--n'", "; see 'lora-search validate-proxies --help'")),
+    (("registry", "promote", "a", "abc"), ("Invalid value for 'version'", "; see 'lora-search registry promote --help'")),
+    # click raises these without a context: the hint names the command sys.argv gave, as for the others
     (("run", "x.yaml", "--address"), ("Option '--address' requires an argument", "; see 'lora-search run --help'")),
     (("registry", "add", "r", "--name"), ("requires an argument", "; see 'lora-search registry add --help'")),
 ], ids=["unknown-option", "missing-argument", "unknown-command", "bad-type", "bad-type-subgroup", "option-value-missing",
