@@ -193,7 +193,7 @@ def _finished_run(tmp_path, monkeypatch, tiny_model_dir, extra: list[str] = ()) 
     for name, stand_in in {"init_ray": lambda address: True, "check_trainings_fit": lambda *a, **k: None,
                            "module_scores": lambda *a: ModuleScores(unit={}), "run_training": lambda *a: {}}.items():
         monkeypatch.setattr(pipeline, name, stand_in)  # the Ray stages: everything is trained already
-    monkeypatch.setattr(report, "build", lambda *a: pd.DataFrame())
+    monkeypatch.setattr(report, "build", lambda *a, **k: pd.DataFrame())
     monkeypatch.setattr(report, "write", lambda table, *a: table)
     return overrides, old
 
