@@ -287,8 +287,8 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
     `base_params` (run.json `base_params`) gives `params_pct_of_base`; `baselines` (the config's
     `train.baselines`) picks the ROI reference. `write` fills both from run.json when they are left out.
     Failed runs (rows without accuracy, from train.keep_failure) are left out of the table and named in
-    `summary_lines` (through `DataFrame.attrs["failed"]`); every failed training's `failed_charges` (`failed_charges`
-    of the run: those retried since too) counts in the run's cost (through `attrs["failed_charge"]`, see
+    `summary_lines` (through `DataFrame.attrs["failed"]`); `failed_charges` (the run's `failed_charges`: every failed
+    training's, those retried since included) count in the run's cost (through `attrs["failed_charge"]`, see
     `failed_charge`); early-stopped runs stay, with their status.
     """
     frame = pd.DataFrame(trials)
@@ -323,7 +323,8 @@ def build(trials: list[dict], proxy_scores: dict[str, dict[str, float]], compact
                                  zip(failed.candidate_id, failed.seed.fillna(-1), errors)]
     charged = {charge.get("job_id") for charge in failed_charges}
     # a failed trial file from before failures were charged has no charge: named in the summary, not charged
-    untimed = [cid for cid, seed in zip(failed.candidate_id, failed.seed.fillna(-1)) if f"{cid}-s{int(seed)}" not in charged]
+    untimed = [cid for cid, seed in zip(failed.candidate_id, failed.seed.fillna(-1))
+               if f"{cid}-s{int(seed)}" not in charged]
     if failed_charges or untimed:
         frame.attrs["failed_charge"] = {"runs": len(failed_charges) + len(untimed), "untimed": len(untimed),
                                         **{key: float(sum(c[column] for c in failed_charges)) for key, column in
@@ -344,7 +345,7 @@ def failed_charges(run_dir: str | Path) -> list[dict]:
 
 def failed_charge(report: pd.DataFrame) -> dict:
     """The failed trainings' runs, untimed runs, seconds, device-hours and dollars (zeros without any): they left
-    no row, but they held their devices until they failed, so the run's cost counts them."""
+    no row, but the epochs they finished held devices, so the run's cost counts them."""
     return report.attrs.get("failed_charge") or {"runs": 0, "untimed": 0, "seconds": 0.0, "device_hours": 0.0,
                                                  "cost_usd": 0.0}
 
