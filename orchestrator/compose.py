@@ -569,25 +569,19 @@ def _bars(ax, groups: list, methods: list[str]) -> None:
 
 def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose", header: list[str] = ()) -> list[Path]:
     """<stem>.csv (every row), <stem>.md (the mean table + every row) and <stem>.png (accuracy by method)."""
-    from orchestrator.report import write_atomic
+    from orchestrator.report import markdown_table, write_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(table)
     shown = table.drop(columns=["weights"]).assign(weights=table.weights.fillna("-"))
     # blank, not `nan`, where a number is undefined (the std of one seed), as in report.md
-    md = [*header, "## Mean over seeds", "", _markdown(summary), "", "## Every run", "", _markdown(shown), ""]
+    md = [*header, "## Mean over seeds", "", markdown_table(summary), "", "## Every run", "", markdown_table(shown), ""]
     paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"]
     write_atomic(paths[0], lambda p: table.to_csv(p, index=False))
     write_atomic(paths[1], lambda p: Path(p).write_text("\n".join(md), encoding="utf-8"))
     plot(summary, paths[2])
     return paths
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    from orchestrator.report import _blank_nan
-
-    return _blank_nan(table).to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def check_out_dir(out_dir: str | Path) -> Path:

@@ -938,15 +938,16 @@ def markdown(report: pd.DataFrame, majority_rate: float, context: dict | None = 
         elif kind == "list":
             lines += [f"- {item}" for item in payload] + [""]
         elif kind == "table":
-            lines += [_blank_nan(payload).to_markdown(index=False, floatfmt=".4g", missingval=""), ""]
+            lines += [markdown_table(payload), ""]
         elif kind == "img":
             lines += [f"![{payload[1]}]({payload[0]})", ""]
     return "\n".join(lines)
 
 
-def _blank_nan(table: pd.DataFrame) -> pd.DataFrame:
-    """NaN → None, which tabulate prints as its `missingval` (blank) instead of `nan`."""
-    return table.astype(object).where(table.notna(), None)
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table in Markdown, a number it cannot have (NaN: the std of one seed) blank rather than `nan`: NaN → None,
+    which tabulate prints as its `missingval`."""
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222}
@@ -1544,7 +1545,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> pd
     write_atomic(out_dir / "compare.csv", lambda p: table.to_csv(p, index=False))
     plot_compare(table, out_dir / "compare.png")
     shown = table.drop(columns=["run_dir"])
-    shown = _blank_nan(shown).to_markdown(index=False, floatfmt=".4g", missingval="")
+    shown = markdown_table(shown)
     text = "\n".join(["# lora-search: runs compared", "", shown, "",
                       "Gain = best searched − the run's ROI baseline, in accuracy points; p = Welch t-test over seeds.", "",
                       "![runs compared](compare.png)", ""])
