@@ -522,11 +522,10 @@ def keep_result(cfg: RunConfig, job: TrainJob, metrics: dict, device_count: int)
                      ROUTED_CONFIG):
             if (Path(checkpoint) / name).is_file():  # only the files this model has
                 shutil.copy2(Path(checkpoint) / name, target / name)
-    device_hours = metrics["train_wall_s"] * device_count / 3600
     status = "completed" if metrics["epoch"] >= metrics["epochs_planned"] else "stopped"
     row = {**asdict(job), "lr": job.learning_rate(cfg.train), **{k: v for k, v in metrics.items() if k not in NOT_KEPT},
            "history": json.loads(metrics["history"]), "status": status, "adapter_dir": str(target.relative_to(cfg.run_dir)),
-           "device_hours": device_hours, "cost_usd": device_hours * cfg.cost.price_per_device_hour[metrics["device"]]}
+           **_charge(cfg, metrics["train_wall_s"], device_count, metrics["device"])}
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
 
 
@@ -537,9 +536,7 @@ def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException, wall_s: fl
     charge is also kept in trials/failed/, which deleting the trial file to retry the model leaves in place."""
     from orchestrator.report import FAILED_CHARGES, write_atomic
 
-    device_hours = wall_s * device_count / 3600
-    cost = {"train_wall_s": wall_s, "device": device, "device_hours": device_hours,
-            "cost_usd": device_hours * cfg.cost.price_per_device_hour[device]}
+    cost = {"train_wall_s": wall_s, "device": device, **_charge(cfg, wall_s, device_count, device)}
     row = {**asdict(job), "status": "failed", "error": _root_cause(error), **cost}
     ledger = cfg.run_dir / "trials" / FAILED_CHARGES
     ledger.mkdir(parents=True, exist_ok=True)
@@ -547,6 +544,17 @@ def keep_failure(cfg: RunConfig, job: TrainJob, error: BaseException, wall_s: fl
     write_atomic(ledger / f"{job.job_id}.{attempt}.json",
                  lambda p: Path(p).write_text(json.dumps({"job_id": job.job_id, **cost}, indent=1)))
     write_atomic(cfg.run_dir / "trials" / f"{job.job_id}.json", lambda p: Path(p).write_text(json.dumps(row, indent=1)))
+
+
+def _charge(cfg: RunConfig, wall_s: float, device_count: int, device: str) -> dict:
+    """device_hours (training seconds × devices held) and cost_usd at the configured price per device-hour."""
+    device_hours = wall_s * device_count / 3600
+    return {"device_hours": device_hours, "cost_usd": device_hours * cfg.cost.price_per_device_hour[device]}
+
+
+def finished_epochs_s(metrics: dict | None) -> float:
+    """The training seconds of the epochs a job finished: its last report's cumulative time (none: no epoch)."""
+    return float((metrics or {}).get("train_wall_s", 0.0))
 
 
 def _root_cause(error: BaseException) -> str:
@@ -628,15 +636,10 @@ class KeepFinished(tune.Callback):
 
     def __init__(self, cfg: RunConfig, device_count: int):
         self.cfg, self.device_count = cfg, device_count
-        self.failed_wall_s: dict[str, float] = {}  # job id -> training seconds of the epochs it finished (keep_failure)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.last_result.get("checkpoint_path"):  # a model that failed before its first epoch has none
             keep_result(self.cfg, TrainJob(**trial.config["job"]), trial.last_result, self.device_count)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        job_id = TrainJob(**trial.config["job"]).job_id  # its last epoch's cumulative time; none: no epoch finished
-        self.failed_wall_s[job_id] = float((trial.last_result or {}).get("train_wall_s", 0.0))
 
 
 def selection_metric(task: TaskData) -> str:
@@ -661,7 +664,6 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
         gpus = cluster_gpus()
         use_gpu = trains_on_gpu(cfg.train, gpus)
         context = TrainContext(cfg, task, use_gpu, fault_plan())
-        keeper = KeepFinished(cfg, context.device_count)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"CPU": TRIAL_CPUS})
         scheduler = None
         if cfg.train.epochs > 1 and cfg.train.early_stopping:
@@ -675,12 +677,13 @@ def run_training(cfg: RunConfig, task: TaskData, jobs: list[TrainJob]) -> dict[s
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, max_concurrent_trials=concurrent_trainings(
                 cfg.train, use_gpu, gpus, alive_nodes())),
             run_config=tune.RunConfig(name="train", storage_path=run_storage(cfg.storage_path, cfg.run_dir, "tune"),
-                                      callbacks=[keeper], verbose=1),
+                                      callbacks=[KeepFinished(cfg, context.device_count)], verbose=1),
         )
         for result in tuner.fit():
             job = TrainJob(**result.config["job"])
             if result.error and not (cfg.run_dir / "trials" / f"{job.job_id}.json").is_file():
-                keep_failure(cfg, job, result.error, keeper.failed_wall_s.get(job.job_id, 0.0), context.device_count,
+                # result.metrics: the trial's last report, as Tune's ResultGrid gives it for a failed trial too
+                keep_failure(cfg, job, result.error, finished_epochs_s(result.metrics), context.device_count,
                              "gpu" if use_gpu else "cpu")
         check_trainings_ended(cfg.run_dir, pending)
     return finished_jobs(cfg.run_dir)

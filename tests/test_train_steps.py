@@ -3,7 +3,6 @@ adapter they place; step counts and max_steps."""
 
 import contextlib
 import copy
-import dataclasses
 import math
 import re
 import resource
@@ -136,26 +135,22 @@ def test_a_kept_training_is_charged_for_every_device_it_held(tmp_path):
 
 def test_a_failed_training_is_charged_for_the_epochs_it_finished(tmp_path):
     """A failed training is charged as keep_result charges a finished one: the training time of its finished epochs
-    (Tune's last result; none finished: 0). The charge is also kept in trials/failed/, once per failure, so deleting
-    the trial file to retry the model keeps what the failure cost. Before, a failure had no cost."""
+    (its Tune result's last report; none finished: 0). The charge is also kept in trials/failed/, once per failure, so
+    deleting the trial file to retry the model keeps what the failure cost. Before, a failure had no cost."""
     import json
-    from types import SimpleNamespace
 
     from orchestrator import report, train
 
     cfg = load_config(None, [f"results_dir={tmp_path}", "cost.price_per_device_hour.gpu=2.5"])
     job = TrainJob("c1", "searched", "screen#1", {"L0.query": 8}, seed=cfg.train.seeds[0])
-    keeper = train.KeepFinished(cfg, device_count=4)
-    trial = SimpleNamespace(trial_id="t1", config={"job": dataclasses.asdict(job)}, last_result={"train_wall_s": 900.0})
-    keeper.on_trial_error(0, [trial], trial)
-    assert keeper.failed_wall_s == {job.job_id: 900.0}
-    train.keep_failure(cfg, job, RuntimeError("boom"), keeper.failed_wall_s[job.job_id], 4, "gpu")
+    assert train.finished_epochs_s({"train_wall_s": 900.0, "epoch": 2}) == 900.0
+    train.keep_failure(cfg, job, RuntimeError("boom"), train.finished_epochs_s({"train_wall_s": 900.0}), 4, "gpu")
     kept = json.loads((cfg.run_dir / "trials" / f"{job.job_id}.json").read_text())
     assert kept["status"] == "failed" and kept["train_wall_s"] == 900.0 and "job_id" not in kept
     assert kept["device_hours"] == 1.0 and kept["cost_usd"] == 2.5  # 900 s on 4 GPUs at $2.5 per GPU-hour
     (cfg.run_dir / "trials" / f"{job.job_id}.json").unlink()  # the README's retry, which fails again at once
-    keeper.on_trial_error(0, [trial], SimpleNamespace(**vars(trial) | {"last_result": {}}))
-    train.keep_failure(cfg, job, RuntimeError("boom"), keeper.failed_wall_s[job.job_id], 4, "gpu")
+    assert train.finished_epochs_s({}) == train.finished_epochs_s(None) == 0.0  # no epoch reported
+    train.keep_failure(cfg, job, RuntimeError("boom"), train.finished_epochs_s({}), 4, "gpu")
     assert [(c["job_id"], c["device_hours"]) for c in report.failed_charges(cfg.run_dir)] == [
         (job.job_id, 1.0), (job.job_id, 0.0)]
 
