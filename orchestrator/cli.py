@@ -64,10 +64,7 @@ def train(run_dir: Path = typer.Argument(..., help="a run directory that `screen
     """Train a screened run's survivors and baselines, or finish an interrupted run, with the config it started with."""
     from orchestrator.pipeline import stored_config
 
-    try:
-        _run_pipeline(stored_config(run_dir), True, address)
-    except Interrupted as err:  # the same command continues it: it resumes
-        raise Interrupted(str(err).replace("--resume", f"`lora-search train {run_dir}`")) from None
+    _run_pipeline(stored_config(run_dir), True, address, continue_with=f"`lora-search train {run_dir}`")
 
 
 def _config(config: Path, overrides: Optional[list[str]], warm_start: Optional[Path]):
@@ -76,14 +73,18 @@ def _config(config: Path, overrides: Optional[list[str]], warm_start: Optional[P
     return load_config(config, (overrides or []) + ([f"screen.warm_start_from={warm_start}"] if warm_start else []))
 
 
-def _run_pipeline(cfg, resume: bool, address: Optional[str], screen_only: bool = False):
-    """The pipeline, then its summary; the screen's training plan instead with `screen_only`."""
+def _run_pipeline(cfg, resume: bool, address: Optional[str], screen_only: bool = False,
+                  continue_with: str = "--resume"):
+    """The pipeline, then its summary; the screen's training plan instead with `screen_only`. A stopped run says
+    how to go on: `continue_with`, the command's own way to resume."""
     from orchestrator import pipeline, report
 
     try:
         table = pipeline.run(cfg, resume=resume, address=address, screen_only=screen_only)
-    except KeyboardInterrupt:  # outside Tune's fit(), which returns on Ctrl-C (the pipeline raises Interrupted then)
-        raise Interrupted(f"run '{cfg.name}' stopped; " + ("continue it with --resume" if (cfg.run_dir / "run.json").is_file()
+    except Interrupted as err:  # Tune's fit() returned on Ctrl-C with work left
+        raise Interrupted(f"{err}; continue with {continue_with}") from None
+    except KeyboardInterrupt:  # outside Tune's fit()
+        raise Interrupted(f"run '{cfg.name}' stopped; " + (f"continue with {continue_with}" if (cfg.run_dir / "run.json").is_file()
                                                           else "nothing was written; start it again")) from None
     if screen_only:
         return table
@@ -120,7 +121,10 @@ def validate_proxies(config: Path = typer.Argument(..., help="search space YAML 
     from orchestrator.validate import run_validation
 
     cfg = load_config(config, overrides or [])
-    summary = run_validation(cfg, n, off_budget, resume, address)
+    try:
+        summary = run_validation(cfg, n, off_budget, resume, address)
+    except Interrupted as err:
+        raise Interrupted(f"{err}; continue with --resume") from None
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
     console.print(f"Written: {cfg.run_dir}/proxy_validation.{{csv,md,png}}")
 

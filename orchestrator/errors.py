@@ -6,4 +6,5 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """The run was stopped (Ctrl-C) before its work was done: nothing was reported. The CLI exits with code 130."""
+    """The run was stopped (Ctrl-C) before its work was done: nothing was reported. The CLI adds how its command
+    continues the run, and exits with code 130."""

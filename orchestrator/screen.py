@@ -175,8 +175,7 @@ def check_screen_ended(results, num_trials: int) -> None:
     written: a --resume would take it as the whole screen. A trial ends with its candidates or an error."""
     ended = sum(1 for result in results if result.error or "candidates" in (result.metrics or {}))
     if ended < num_trials:
-        raise Interrupted(f"screen stopped after {ended} of {num_trials} trials; nothing was written to screen.csv; "
-                          "continue with --resume")
+        raise Interrupted(f"screen stopped after {ended} of {num_trials} trials; nothing was written to screen.csv")
 
 
 def allocator_screen(cfg: RunConfig, context: ScreenContext) -> pd.DataFrame:

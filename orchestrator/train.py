@@ -695,5 +695,4 @@ def check_trainings_ended(run_dir: Path, pending: dict[str, TrainJob]) -> None:
     unfinished = [job_id for job_id in pending if not (run_dir / "trials" / f"{job_id}.json").is_file()]
     if unfinished:
         raise Interrupted(f"training stopped with {len(unfinished)} of {len(pending)} model(s) unfinished "
-                          f"({', '.join(unfinished[:3])}{', …' if len(unfinished) > 3 else ''}); nothing was reported; "
-                          "continue with --resume")
+                          f"({', '.join(unfinished[:3])}{', …' if len(unfinished) > 3 else ''}); nothing was reported")

@@ -27,7 +27,7 @@ def test_a_training_left_without_a_result_or_failure_stops_the_run(tmp_path):
     for job_id in ("aaa-s0", "bbb-s0"):  # finished, or failed with its reason: both ended
         (tmp_path / "trials" / f"{job_id}.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(Interrupted, match=r"^training stopped with 1 of 3 model\(s\) unfinished \(ccc-s0\); nothing was "
-                                          r"reported; continue with --resume$"):
+                                          r"reported$"):
         check_trainings_ended(tmp_path, pending)
     (tmp_path / "trials" / "ccc-s0.json").write_text("{}")
     check_trainings_ended(tmp_path, pending)
@@ -57,8 +57,28 @@ def _cli_run_stopped_by(stop: BaseException, tmp_path, capsys, monkeypatch) -> s
 
 
 def test_the_cli_says_interrupted_in_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
-    stop = Interrupted("training stopped with 1 of 2 model(s) unfinished (x-s0); continue with --resume")
-    assert _cli_run_stopped_by(stop, tmp_path, capsys, monkeypatch) == f"interrupted: {stop}"
+    stop = Interrupted("training stopped with 1 of 2 model(s) unfinished (x-s0); nothing was reported")
+    assert _cli_run_stopped_by(stop, tmp_path, capsys, monkeypatch) == f"interrupted: {stop}; continue with --resume"
+
+
+def test_a_stopped_train_says_to_run_train_again(tmp_path, capsys, monkeypatch):
+    """`lora-search train DIR` resumes by itself: its way on is the same command, not --resume."""
+    from orchestrator import pipeline
+    from orchestrator.config import load_config
+
+    cfg = load_config("search_spaces/quickstart.yaml", [f"results_dir={tmp_path}"])
+    monkeypatch.setattr(pipeline, "stored_config", lambda run_dir: cfg)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "run.json").write_text("{}")
+    for stop in (Interrupted("training stopped with 1 of 2 model(s) unfinished (x-s0); nothing was reported"),
+                 KeyboardInterrupt()):
+        def stopped_run(*args, stop=stop, **kwargs):
+            raise stop
+
+        monkeypatch.setattr(pipeline, "run", stopped_run)
+        code, out, err = run_cli(["train", str(cfg.run_dir)], capsys, monkeypatch)
+        assert code == 130 and err.count("\n") == 1
+        assert err.strip().endswith(f"; continue with `lora-search train {cfg.run_dir}`")
 
 
 def test_ctrl_c_outside_tune_says_whether_there_is_a_run_to_resume(tmp_path, capsys, monkeypatch):
@@ -67,4 +87,4 @@ def test_ctrl_c_outside_tune_says_whether_there_is_a_run_to_resume(tmp_path, cap
     (tmp_path / "quickstart").mkdir()
     (tmp_path / "quickstart" / "run.json").write_text("{}")
     said = _cli_run_stopped_by(KeyboardInterrupt(), tmp_path, capsys, monkeypatch)
-    assert said == "interrupted: run 'quickstart' stopped; continue it with --resume"
+    assert said == "interrupted: run 'quickstart' stopped; continue with --resume"
