@@ -408,16 +408,27 @@ RECORDED_PATHS = (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NA
                   ("register.root", ()), ("storage_path", ()), ("screen.warm_start_from", ()))
 
 
-def _check_recorded_paths(run_dir: Path, config: dict) -> None:
-    """Such a path is relative to the directory the run started in, which run.json does not record: from another
-    one it names nothing, or another model, data file or registry. `run CONFIG --resume` there knows it."""
+def _relative_recorded_paths(config: dict):
+    """(key, value) of each path an older run.json kept relative, the study's SQLite or journal file among them."""
+    from orchestrator.storage import absolute_url
+
     for key, names in RECORDED_PATHS:
         value = config.get(key)
         if isinstance(value, str) and value and value not in names and "://" not in value \
                 and not Path(value).expanduser().is_absolute():
-            raise UserError(f"{key}: '{value}' in {run_dir / 'run.json'} is relative (an older version kept it as "
-                            "typed), so `train` cannot tell what it names; continue the run with `lora-search run "
-                            "CONFIG --resume` from the directory it started in")
+            yield key, value
+    storage = config.get("screen.storage")
+    if storage and absolute_url(storage) != storage:  # made absolute at load since 2026-12-07
+        yield "screen.storage", storage
+
+
+def _check_recorded_paths(run_dir: Path, config: dict) -> None:
+    """Such a path is relative to the directory the run started in, which run.json does not record: from another
+    one it names nothing, or another model, data file, registry or study. `run CONFIG --resume` there knows it."""
+    for key, value in _relative_recorded_paths(config):
+        raise UserError(f"{key}: '{value}' in {run_dir / 'run.json'} is relative (an older version kept it as "
+                        "typed), so `train` cannot tell what it names; continue the run with `lora-search run "
+                        "CONFIG --resume` from the directory it started in")
 
 
 def register_best(cfg: RunConfig) -> dict | None:

@@ -158,7 +158,8 @@ def test_a_relative_registry_root_is_the_one_the_run_started_with(tmp_path, monk
 
 
 OLDER_PATHS = {"model.name": "models/tiny", "data.task": "data/train.csv", "data.eval_path": "data/eval.csv",
-               "register.root": "adapters", "storage_path": "ray_store", "screen.warm_start_from": "results/earlier"}
+               "register.root": "adapters", "storage_path": "ray_store", "screen.warm_start_from": "results/earlier",
+               "screen.storage": "sqlite:///studies/run.db"}
 
 
 def _older_run(tmp_path, key: str):
