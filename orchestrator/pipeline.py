@@ -366,10 +366,12 @@ def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dic
     rows = {}
     for job in jobs:
         if job.candidate_id not in rows:
-            compact = Allocation.from_ranks(job.ranks).compact(modules)
+            allocation = Allocation.from_ranks(job.ranks)
+            compact = allocation.compact(modules)
             rows[job.candidate_id] = dict(candidate_id=job.candidate_id, kind=job.kind, label=job.label,
                                           method=job.method, allocation=compact,
-                                          **_trained_size(job, modules, base, routing_mode), to_train=0, failed=0)
+                                          **_trained_size(job, allocation, compact, modules, base, routing_mode),
+                                          to_train=0, failed=0)
         done = finished.get(job.job_id)
         rows[job.candidate_id]["to_train"] += done is None
         rows[job.candidate_id]["failed"] += done is not None and done.get("status") == "failed"
@@ -378,15 +380,15 @@ def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dic
     return plan
 
 
-def _trained_size(job: TrainJob, modules, base, routing_mode: str) -> dict:
-    """trainable_params, modules and total_rank of the model `job` trains: a routed one keeps fewer sites and ranks
-    than its allocation (routing.budget_expert_ranks, as train.build_adapted builds it)."""
-    allocation = Allocation.from_ranks(job.ranks)
+def _trained_size(job: TrainJob, allocation: Allocation, compact: str, modules, base, routing_mode: str) -> dict:
+    """trainable_params, modules and total_rank of the model `job` trains (`allocation`, `compact`: its ranks): a
+    routed one keeps fewer sites and ranks than its allocation (routing.budget_expert_ranks, as train.build_adapted
+    builds it)."""
     if job.method == "routed":
         sites = budget_expert_ranks(base, job.ranks, job.experts, routing_mode)
         return dict(trainable_params=routed_params(base, sites, routing_mode), modules=len(sites),
                     total_rank=sum(map(sum, sites.values())))
-    count, rank = report.allocation_summary(allocation.compact(modules))[:2]
+    count, rank = report.allocation_summary(compact)[:2]
     return dict(trainable_params=allocation.trainable_params(modules), modules=count, total_rank=rank)
 
 
