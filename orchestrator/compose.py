@@ -6,8 +6,10 @@ scaling 1, whatever the sources' ranks. A module only some sources adapt gets on
 saved as a plain PEFT LoRA adapter (rank_pattern / alpha_pattern per module) and registered like any other.
 
 The new task needs its own classification head (the sources' heads are for other label sets). Every
-method gets it the same way: a logistic regression on the classifier's input features (the pooled
-output) of the few-shot examples, with the encoder frozen; its coefficients become the adapter's head.
+method gets it the same way: a logistic regression on the input features of the head's last Linear (BERT:
+the pooled output) of the few-shot examples, with the encoder frozen; its coefficients become that layer. Layers
+before it in the head (DistilBERT's pre_classifier, RoBERTa's dense, DeBERTa's pooler) keep the weights the
+base model loads with (the checkpoint's, or seeded fresh ones), and are saved with it.
 
 Methods compared (`METHODS`):
   zero_shot          the base model, no adapter, + the head fit
@@ -18,7 +20,7 @@ Methods compared (`METHODS`):
   few_shot_training  a fresh LoRA (query, value, r=8) + head trained with AdamW on the same examples
 
 Candidate weights are scored cheaply: ΔW = Σ w_i ΔW_i (precomputed dense per source) merged into the
-base weights, one forward pass over the few-shot examples, k-fold logistic regressions on the pooled
+base weights, one forward pass over the few-shot examples, k-fold logistic regressions on those
 features. Accuracy and F1 are measured on the task's eval split, never on the few-shot examples.
 """
 
@@ -302,19 +304,17 @@ class MergedModel:
     """The base classifier with Σ w_i ΔW_i merged into its weights: a candidate costs one plain forward pass."""
 
     def __init__(self, base_model: str, num_labels: int, sources: list[Source], device: torch.device):
-        from orchestrator.models import head_modules, load_model
+        from orchestrator.models import load_model, output_layer
 
         self.model = load_model(base_model, num_labels).to(device).eval()
+        # the fitted head is the head's last Linear; layers before it (DistilBERT's pre_classifier, RoBERTa's dense)
+        # keep load_model's weights (seeded where fresh), and save_composed stores them with it
+        self.output = self.model.get_submodule(output_layer(self.model, num_labels, "compose --model"))
         self.device = device
         self.modules = {name: self.model.get_submodule(name) for name in modules_of(sources)}
         self.base = {name: m.weight.detach().clone() for name, m in self.modules.items()}
         self.deltas = {name: [(i, s.blocks[name].delta.to(device)) for i, s in enumerate(sources) if name in s.blocks]
                        for name in self.modules}
-        # the fitted head replaces the classifier alone: a head with more layers (DistilBERT's pre_classifier) would
-        # keep them random
-        if head_modules(self.model) != ["classifier"] or not isinstance(self.model.classifier, torch.nn.Linear):
-            raise UserError(f"compose --model: '{base_model}' has no single Linear `classifier` head; "
-                            "compose on a BERT-style sequence classifier such as minilm-l6")
 
     @torch.no_grad()
     def set_weights(self, weights) -> None:
@@ -323,14 +323,14 @@ class MergedModel:
 
     @torch.no_grad()
     def set_head(self, head: Head) -> None:
-        self.model.classifier.weight.copy_(torch.from_numpy(head.weight))
-        self.model.classifier.bias.copy_(torch.from_numpy(head.bias))
+        self.output.weight.copy_(torch.from_numpy(head.weight))
+        self.output.bias.copy_(torch.from_numpy(head.bias))
 
     @torch.no_grad()
     def features(self, loader) -> np.ndarray:
-        """The classifier's input (the pooled output) for every example."""
+        """The input of the head's last Linear (BERT: the pooled output) for every example."""
         captured = []
-        hook = self.model.classifier.register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
+        hook = self.output.register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
         try:
             for batch in loader:
                 batch.pop("labels")
@@ -498,20 +498,24 @@ def save_composed(sources: list[Source], weights, head: Head, base_model: str, o
     """A plain PEFT LoRA adapter (concatenated factors, scaling 1, the fitted head) that from_pretrained loads."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from orchestrator.models import load_model
+    from orchestrator.models import head_modules, load_model, output_layer
     from orchestrator.report import replace_dir_atomically
 
     composed = concatenate(sources, weights)
+    base = load_model(base_model, head.weight.shape[0])
+    output, heads = output_layer(base, head.weight.shape[0], "compose --model"), head_modules(base)
+    # the head's other layers as MergedModel fitted on them: load_model's, seeded where fresh
+    head_state = {f"base_model.model.{k}": t.clone() for k, t in base.state_dict().items() if k.split(".")[0] in heads}
     ranks = {name: A.shape[0] for name, (A, _) in composed.items()}
     default = max(set(ranks.values()), key=list(ranks.values()).count)
     config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(composed), lora_dropout=0.0,
                         rank_pattern={re.escape(n): r for n, r in ranks.items()},
                         alpha_pattern={re.escape(n): float(r) for n, r in ranks.items()},  # alpha = r: scaling 1
-                        modules_to_save=["classifier"], task_type="SEQ_CLS")  # MergedModel checked it is the head
-    model = get_peft_model(load_model(base_model, head.weight.shape[0]), config)
+                        modules_to_save=heads, task_type="SEQ_CLS")
+    model = get_peft_model(base, config)
     state = {f"base_model.model.{n}.lora_{part}.weight": t for n, (A, B) in composed.items() for part, t in (("A", A), ("B", B))}
-    state |= {"base_model.model.classifier.weight": torch.from_numpy(head.weight),
-              "base_model.model.classifier.bias": torch.from_numpy(head.bias)}
+    state |= head_state | {f"base_model.model.{output}.weight": torch.from_numpy(head.weight),
+              f"base_model.model.{output}.bias": torch.from_numpy(head.bias)}
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if result.unexpected_keys or missing:  # a PEFT key layout this code does not know: fail loudly, not silently

@@ -102,6 +102,20 @@ def head_modules(model: nn.Module) -> list[str]:
             if name != model.base_model_prefix and next(child.parameters(), None) is not None]
 
 
+def output_layer(model: nn.Module, num_labels: int, field: str = "model.name") -> str:
+    """The head's last Linear, the one that maps to the labels: `classifier` (BERT, DistilBERT, DeBERTa) or
+    `classifier.out_proj` (RoBERTa). Its input is what the layers before it in the head make of the encoder."""
+    found = [".".join(filter(None, (head, name))) for head in head_modules(model)
+             for name, module in model.get_submodule(head).named_modules()
+             if isinstance(module, nn.Linear) and module.out_features == num_labels]
+    if len(found) != 1:
+        raise UserError(f"{field}: the classification head of {type(model).__name__} has "
+                        f"{'no' if not found else len(found)} Linear layer(s) with {num_labels} outputs "
+                        f"({', '.join(found) or 'in ' + ', '.join(head_modules(model))}); use a sequence classifier "
+                        "whose head ends in one, as BERT, DistilBERT, RoBERTa and DeBERTa do")
+    return found[0]
+
+
 def _check_only_head_is_new(path: Path, info: dict, heads: list[str]) -> None:
     """Only the head may be freshly initialised: any other weight missing from the checkpoint, or of another
     shape (a config.json that does not match the weights), would silently be random, and frozen."""

@@ -32,11 +32,11 @@ def make_source(model_dir: Path, out: Path, types, rank: int, alpha_ratio: float
     from peft import get_peft_model
 
     from orchestrator.allocation import Allocation
-    from orchestrator.models import adaptable_modules, load_model
+    from orchestrator.models import adaptable_modules, head_modules, load_model
 
     base = load_model(str(model_dir), 2)
     config = Allocation.from_ranks({m.name: rank for m in adaptable_modules(base) if m.type in types},
-                                   alpha_ratio).to_lora_config(["classifier"])
+                                   alpha_ratio).to_lora_config(head_modules(base))
     config.use_rslora = rslora
     model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
@@ -219,6 +219,39 @@ def test_compare_all_methods_on_held_out_split(sources, tiny_model_dir, sentence
     losses = outcomes["single_best"].extra["source_losses"]
     assert chosen == min(losses, key=losses.get)
     assert outcomes["few_shot_training"].weights is None and pd.isna(table.set_index("method").weights["few_shot_training"])
+
+
+@pytest.mark.parametrize("family", ["distilbert", "deberta", "roberta"])
+def test_compose_fits_the_heads_last_linear_and_saves_the_whole_head(family, encoder_dir, tmp_path, sentences):
+    """DistilBERT's pre_classifier, DeBERTa's pooler and RoBERTa's dense come before the layer compose fits: they keep
+    the base model's weights, and the saved adapter holds them, so PEFT and the registry reload the composed model."""
+    from peft import PeftModel
+
+    from orchestrator.models import load_model, load_tokenizer
+
+    model_dir = str(encoder_dir(family))
+    registry = Registry(tmp_path / "registry")
+    for seed, name in enumerate(("alpha", "beta")):
+        make_source(model_dir, tmp_path / name, *SOURCES[name], seed)
+        registry.add(name, tmp_path / name, f"task-{name}", model_dir, None, {"accuracy": 0.5})
+    sources, base_model = load_sources(registry, ["alpha", "beta"])
+    texts, labels = sentences
+    cfg = ComposeConfig(shots=6, trials=4, max_length=32, methods=("uniform", "learned"))
+    table, outcomes = compare(sources, base_model, tiny_task(texts, labels), cfg, torch.device("cpu"))
+    assert table.accuracy.between(0, 1).all() and table.few_shot_cv_loss.notna().all()
+
+    learned = outcomes["learned"]
+    out = save_composed(sources, learned.weights, learned.head, base_model, tmp_path / "composed")
+    merged = MergedModel(base_model, 2, sources, torch.device("cpu"))
+    merged.set_weights(learned.weights)
+    merged.set_head(learned.head)
+    batch = load_tokenizer(model_dir)(texts[48:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = merged.model(**batch).logits
+        reloaded = PeftModel.from_pretrained(load_model(model_dir, 2, seed=9), out).eval()  # another fresh head
+        torch.testing.assert_close(reloaded(**batch).logits, want, rtol=0, atol=1e-5)
+        registry.add("composed", out, "tiny", model_dir, None, {"accuracy": 0.5})
+        torch.testing.assert_close(registry.load("composed")(**batch).logits, want, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- tasks

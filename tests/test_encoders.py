@@ -160,16 +160,25 @@ def test_the_registry_reloads_a_distilbert_adapter(encoder_dir, tmp_path):
     torch.testing.assert_close(logits(registry.load("distil"), model_dir), logits(model, model_dir), rtol=0, atol=1e-6)
 
 
-def test_distilbert_refuses_shortcuts_and_compose_in_one_line(encoder_dir):
-    from orchestrator.compose import MergedModel
+def test_distilbert_refuses_shortcuts_in_one_line(encoder_dir):
     from orchestrator.shortcuts import shortcut_sites
 
     model_dir = encoder_dir("distilbert")
     with pytest.raises(UserError, match=r"not DistilBERT\) or search without them \(space.shortcuts: \[\]\)$"):
         shortcut_sites(load_model(str(model_dir), 2))
-    # compose fits the classifier alone on its input: a random pre_classifier before it would stay random
-    with pytest.raises(UserError, match="has no single Linear `classifier` head"):
-        MergedModel(str(model_dir), 2, [], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family, last", [("distilbert", "classifier"), ("deberta", "classifier"),
+                                          ("roberta", "classifier.out_proj")])
+def test_the_heads_last_linear_maps_to_the_labels(encoder_dir, family, last):
+    from orchestrator.models import output_layer
+
+    model = load_model(str(encoder_dir(family)), 3)
+    assert output_layer(model, 3) == last and model.get_submodule(last).out_features == 3
+    hidden = model.config.hidden_size if family != "distilbert" else model.config.dim
+    with pytest.raises(UserError, match=rf"^compose --model: the classification head of \w+ has no Linear layer\(s\) "
+                                        rf"with {hidden + 1} outputs"):
+        output_layer(model, hidden + 1, "compose --model")
 
 
 @pytest.mark.slow
