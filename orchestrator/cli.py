@@ -39,13 +39,16 @@ def screen(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES
 
     cfg = _config(config, overrides, warm_start)
     plan = _run_pipeline(cfg, resume, address, screen_only=True)
-    rows = [[r.candidate_id, r.kind, r.label, f"{r.trainable_params:,}", str(r.modules), str(r.total_rank),
-             f"{r.to_train} of {len(plan.attrs['seeds'])}" + (f", {r.failed} failed" if r.failed else "")]
+    rows = [[r.candidate_id, r.kind, r.label] + (["does not fit", "", ""] if r.unfit else
+                                                 [f"{int(r.trainable_params):,}", str(int(r.modules)), str(int(r.total_rank))])
+            + [f"{r.to_train} of {len(plan.attrs['seeds'])}" + (f", {r.failed} failed" if r.failed else "")]
             for r in plan.itertuples()]
     # ids whole, to be found in screen.csv and the report: a long one makes longer lines, not the last column cut off
     console.print(terminal_table("what `train` would do", ["candidate", "kind", "label", "params", "modules", "Σ rank",
                                                            "seeds to train"], rows, folding={}, left={"candidate", "kind", "label"}),
                   crop=False)
+    for r in plan[plan.unfit != ""].itertuples():
+        console.print(f"{r.label}: its training will fail: {r.unfit}")
     if cfg.train.lr_grid:
         console.print(f"train.lr_grid: each model first trains on its first seed at each of {len(cfg.train.lr_grid)} "
                       "rates (those done already are kept); its best is that seed's training")

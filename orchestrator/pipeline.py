@@ -361,8 +361,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
 def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dict[str, dict], base,
                   routing_mode: str) -> pd.DataFrame:
     """One row per model training would make: id, kind, label, allocation, the trainable params, adapted modules and
-    Σ rank it will train with, how many of its seeds are still to train, and how many failed (`finished`:
-    trials/<job>.json by job id; a --resume leaves a failed one as it is)."""
+    Σ rank it will train with (or why it cannot be built: `unfit`), how many of its seeds are still to train, and how
+    many failed (`finished`: trials/<job>.json by job id; a --resume leaves a failed one as it is)."""
     rows = {}
     for job in jobs:
         if job.candidate_id not in rows:
@@ -381,15 +381,18 @@ def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dic
 
 
 def _trained_size(job: TrainJob, allocation: Allocation, compact: str, modules, base, routing_mode: str) -> dict:
-    """trainable_params, modules and total_rank of the model `job` trains (`allocation`, `compact`: its ranks): a
-    routed one keeps fewer sites and ranks than its allocation (routing.budget_expert_ranks, as train.build_adapted
-    builds it)."""
+    """trainable_params, modules and total_rank of the model `job` trains (`allocation`, `compact`: its ranks), and
+    why it cannot be built (`unfit`, else ""): a routed one keeps fewer sites and ranks than its allocation
+    (routing.budget_expert_ranks, as train.build_adapted builds it), or none where its E experts do not fit."""
     if job.method == "routed":
-        sites = budget_expert_ranks(base, job.ranks, job.experts, routing_mode)
+        try:
+            sites = budget_expert_ranks(base, job.ranks, job.experts, routing_mode)
+        except UserError as err:  # its training fails with this line; the plan's other rows still stand
+            return dict(trainable_params=None, modules=None, total_rank=None, unfit=str(err))
         return dict(trainable_params=routed_params(base, sites, routing_mode), modules=len(sites),
-                    total_rank=sum(map(sum, sites.values())))
+                    total_rank=sum(map(sum, sites.values())), unfit="")
     count, rank = report.allocation_summary(compact)[:2]
-    return dict(trainable_params=allocation.trainable_params(modules), modules=count, total_rank=rank)
+    return dict(trainable_params=allocation.trainable_params(modules), modules=count, total_rank=rank, unfit="")
 
 
 def stored_config(run_dir: str | Path) -> RunConfig:
@@ -467,14 +470,20 @@ def _routed_variants(allocations: dict[str, tuple[str, str, Allocation]],
     r = cfg.routing
     if not r.enabled:
         return {}
-    variants = {}
+    variants, unrouted = {}, []
     for cid, (kind, label, allocation) in allocations.items():
-        if kind != "searched" or cid.startswith(report.DYNAMIC) or allocation.shortcuts:
+        if kind != "searched" or cid.startswith(report.DYNAMIC):
+            continue
+        if allocation.shortcuts:
+            unrouted.append(label)
             continue
         for experts in r.num_experts:
             for gating in r.gating:
                 name = f"sparse top-{r.top_k}" if gating == "topk" else "dense"
                 variants[f"{name.split()[0]}{experts}-{cid}"] = (f"{label} {name} E={experts}", allocation, gating, experts)
+    if unrouted:
+        print(f"routing: no routed variant of {', '.join(unrouted)} (shortcut sites: routing replaces Linear modules "
+              "only)", flush=True)
     return variants
 
 

@@ -509,10 +509,12 @@ def budget_expert_ranks(model: nn.Module, ranks: Mapping[str, int], num_experts:
     result is under the budget by less than one rank of one site.
     """
     e = num_experts
+    ranks = {n: r for n, r in ranks.items() if r > 0}  # a site without rank has no budget for experts
     width, router_row = _site_costs(model, ranks, mode)
     router = {n: e * router_row[n] for n in ranks}
     budget = sum(r * width[n] for n, r in ranks.items())
-    sites = sorted(ranks, key=lambda n: -ranks[n])  # stable: model order among equal ranks
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    sites = sorted(ranks, key=lambda n: (-ranks[n], order[n]))  # model order among equal ranks: the last are left out
     while sites and sum(e * width[n] + router[n] for n in sites) > budget:
         sites.pop()
     _need_room(bool(sites), e, budget)

@@ -316,6 +316,17 @@ def test_budget_expert_ranks_meet_the_lora_budget(tiny_model_dir, experts, mode)
     assert all(ranks[d] <= min(ranks[n] for n in sites) for d in dropped)  # lowest allocated ranks go first
 
 
+def test_budget_expert_ranks_leave_out_the_later_of_equal_ranks_in_model_order(tiny_model_dir):
+    """Ties among the lowest ranks are dropped from the model's end (the names' order put attention.output.dense
+    before attention.self.query, and layer.10 before layer.2); a site without rank gets no experts."""
+    layer = "bert.encoder.layer.0."
+    ranks = {layer + "intermediate.dense": 4, layer + "attention.output.dense": 1, layer + "attention.self.query": 1}
+    sites = budget_expert_ranks(fresh(tiny_model_dir), ranks, 2)
+    assert list(sites) == [layer + "intermediate.dense", layer + "attention.self.query"]
+    sites = budget_expert_ranks(fresh(tiny_model_dir), {layer + "attention.self.query": 0, QV[1]: 8}, 2)
+    assert list(sites) == [QV[1]]
+
+
 def test_budget_expert_ranks_refuses_what_cannot_fit(tiny_model_dir):
     with pytest.raises(UserError, match="routing.num_experts"):
         budget_expert_ranks(fresh(tiny_model_dir), {QV[0]: 1}, 4)

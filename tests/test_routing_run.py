@@ -37,6 +37,15 @@ def test_bad_routing_fields_name_themselves(override, field):
     assert message.startswith(field) and "\n" not in message and ";" in message  # problem; fix
 
 
+def test_top_k_of_every_expert_is_refused_as_the_dense_model_again():
+    with pytest.raises(UserError, match=r"^routing.top_k: 2 activates every one of 2 experts, which is the dense model "
+                                        r"again under a sparse label; use num_experts above top_k, or leave topk out "
+                                        r"of routing.gating$"):
+        load_config(None, ["routing.num_experts=[2, 4]", "routing.top_k=2"])
+    assert load_config(None, ["routing.num_experts=[2]", "routing.top_k=2", "routing.gating=[dense]"]).routing.top_k == 2
+    assert load_config(None, ["routing.num_experts=[3, 4]", "routing.top_k=2"]).routing.num_experts == [3, 4]
+
+
 def test_routing_section_defaults_and_normalisation():
     cfg = load_config(None, ["routing.enabled=true", "routing.num_experts=[4, 2, 4]", "routing.gating=[dense, dense]"])
     assert cfg.routing.num_experts == [2, 4] and cfg.routing.gating == ["dense"]
@@ -57,6 +66,16 @@ def test_routed_jobs_per_survivor_expert_count_and_gating():
     job = TrainJob("sparse4-c1", "routed", "screen#1 sparse top-1 E=4", searched.as_dict(), 0, "routed", "topk", 4)
     assert job.job_id == "sparse4-c1-s0" and TrainJob(**json.loads(json.dumps(job.__dict__))) == job
     assert pipeline._routed_variants(allocations, load_config(None)) == {}
+
+
+def test_a_survivor_with_shortcut_sites_is_said_to_stay_plain(capsys):
+    cfg = load_config(None, ["routing.enabled=true", "space.shortcuts=[residual]"])
+    with_shortcut = Allocation.from_ranks({LAYER.format(0, "query"): 8, "L1.shortcut.residual": 4})
+    allocations = {"c1": ("searched", "screen#1", with_shortcut),
+                   "c2": ("searched", "screen#2", Allocation.from_ranks(RANKS))}
+    assert sorted(pipeline._routed_variants(allocations, cfg)) == ["dense4-c2", "sparse4-c2"]
+    assert capsys.readouterr().out == ("routing: no routed variant of screen#1 (shortcut sites: routing replaces "
+                                       "Linear modules only)\n")
 
 
 def _cfg(tiny_model_dir, tmp_path, *extra) -> RunConfig:
@@ -161,7 +180,7 @@ def test_an_expert_count_that_fits_no_survivor_is_refused_before_the_screen(tiny
     monkeypatch.setattr(pipeline, "init_ray", lambda address: pytest.fail("Ray started"))
     cfg = load_config("search_spaces/sparse_adapters.yaml", [
         f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", "model.max_length=16", "data.train_size=64",
-        "data.eval_size=32", "routing.num_experts=[2, 30]"])
+        "data.eval_size=32", "routing.num_experts=[4, 30]"])
     with pytest.raises(UserError, match=r"^routing.num_experts: 30 rank-1 experts and a router do not fit in 2,150 "
                                         r"parameters; use fewer experts or a larger space.budget$"):
         pipeline.run(cfg)

@@ -66,7 +66,7 @@ def test_the_plan_has_one_row_per_model_and_counts_the_seeds_left(tiny_model_dir
     assert plan.to_dict("records") == [{
         "candidate_id": "a1", "kind": "baseline", "label": "uniform_qv", "method": "lora",
         "allocation": "L0.query:4,L0.value:4,L1.query:4,L1.value:4", "trainable_params": 4 * 4 * 64, "modules": 4,
-        "total_rank": 16, "to_train": 1, "failed": 0}]
+        "total_rank": 16, "unfit": "", "to_train": 1, "failed": 0}]
     assert plan.attrs["seeds"] == [0, 1]
 
 
@@ -99,6 +99,26 @@ def test_a_routed_row_shows_what_its_training_builds(tiny_model_dir, gating):
     assert (row["trainable_params"], row["modules"], row["total_rank"]) == (
         kept["trainable_params"], kept["routed_modules"], kept["expert_rank_sum"])
     assert row["modules"] == 2 and row["trainable_params"] < kept["lora_params"]  # the rank-1 sites are dropped
+
+
+def test_a_routed_row_that_cannot_be_built_says_why_and_the_plan_stands(tiny_model_dir, tmp_path, monkeypatch):
+    """An E that passes the screen's check (the cheapest site) may not fit a survivor of costlier sites: that one
+    routed training fails, and the plan says so beside its other rows instead of failing whole."""
+    from orchestrator.models import adaptable_modules, load_model
+
+    base = load_model(str(tiny_model_dir), 2)
+    modules = adaptable_modules(base)
+    names = {m.short: m.name for m in modules}
+    costly = {names["L0.intermediate.dense"]: 16, names["L1.intermediate.dense"]: 4, names["L1.output.dense"]: 1}
+    jobs = [TrainJob("c1", "searched", "screen#1", costly, 0),
+            TrainJob("sparse16-c1", "routed", "screen#1 sparse top-1 E=16", costly, 0, "routed", "topk", 16)]
+    plan = pipeline.training_plan(jobs, modules, [0], {}, base, "per_input")
+    assert plan.unfit.tolist()[0] == "" and plan.trainable_params[0] == 16 * (32 + 64) + 4 * (32 + 64) + 64 + 32
+    assert plan.unfit[1].startswith("routing.num_experts: 16 rank-1 experts and a router do not fit in ")
+    plan.attrs["seeds"] = [0]
+    output = _screen_with(monkeypatch, tmp_path, plan, width=200)
+    assert any("screen#1 sparse top-1 E=16" in line and "does not fit" in line for line in output.splitlines())
+    assert f"screen#1 sparse top-1 E=16: its training will fail: {plan.unfit[1]}" in " ".join(output.split())
 
 
 def test_train_on_a_directory_that_is_no_run_is_one_line_exit_2(tmp_path):
@@ -203,7 +223,7 @@ def _screen_with(monkeypatch, tmp_path, plan, width: int = 80):
 def _plan(rows: list[dict], seeds=(0,)) -> pd.DataFrame:
     keys = ("candidate_id", "kind", "label", "method", "allocation", "trainable_params", "modules", "total_rank",
             "to_train", "failed")
-    plan = pd.DataFrame([dict(zip(keys, row)) for row in rows])
+    plan = pd.DataFrame([dict(zip(keys, row)) | {"unfit": ""} for row in rows])
     plan.attrs["seeds"] = list(seeds)
     return plan
 
