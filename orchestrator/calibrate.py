@@ -73,17 +73,15 @@ def check_calibratable(cfg: RunConfig, modules: list[AdaptableModule], budget: B
 
 
 def calibration_task(task: TaskData, cfg: RunConfig) -> TaskData:
-    """Seeded, disjoint samples of the run's training split: `calibrate.eval_size` examples (at most half of it)
-    score the calibration runs, which train on the rest (or `calibrate.train_size` of it). The eval split is not
-    used: it scores the report, and a calibration that chose module types on it would bias the survivors' accuracy
-    upward. Its own seed stream: a different sample from the one the proxies probe."""
+    """Seeded, disjoint samples of the run's training split: about `calibrate.eval_size` examples (at most half of
+    it), whole groups or texts at a time (Split.hold_out), score the calibration runs, which train on the rest (or
+    `calibrate.train_size` of it). The eval split is not used: it scores the report, and a calibration that chose
+    module types on it would bias the survivors' accuracy upward. Its own seed stream: a different sample from the
+    one the proxies probe."""
     rng = np.random.default_rng([cfg.screen.seed, 1])
-    order = rng.permutation(len(task.train))
-    held_out = min(cfg.calibrate.eval_size, len(order) // 2)
-    rest = order[held_out:]
+    held, rest = task.train.hold_out(min(cfg.calibrate.eval_size, len(task.train) // 2), rng)
     size = len(rest) if cfg.calibrate.train_size is None else min(cfg.calibrate.train_size, len(rest))
-    return TaskData(task.name, task.label_names, task.train.subset(sorted(rest[:size])),
-                    task.train.subset(sorted(order[:held_out])))
+    return TaskData(task.name, task.label_names, task.train.subset(np.sort(rest[:size])), task.train.subset(held))
 
 
 def calibration_config(cfg: RunConfig) -> RunConfig:

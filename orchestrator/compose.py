@@ -225,7 +225,7 @@ def regroup(task: TaskData, groups: list[str], name: str) -> TaskData:
 
     def keep(split: Split) -> Split:
         kept = split.subset([i for i, label in enumerate(split.labels) if label in mapping])
-        return Split(kept.texts, [mapping[label] for label in kept.labels], kept.texts_b)
+        return Split(kept.texts, [mapping[label] for label in kept.labels], kept.texts_b, kept.groups)
 
     return TaskData(name, list(groups), keep(task.train), keep(task.eval))
 

@@ -43,13 +43,32 @@ class Split:
     texts: list[str]
     labels: list[int]
     texts_b: list[str] | None = None  # second text of sentence-pair tasks
+    groups: list[str] | None = None  # rows that belong together (Rotten Tomatoes: the movie): held out together
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices) -> Split:
         pick = lambda values: [values[i] for i in indices]  # noqa: E731
-        return Split(pick(self.texts), pick(self.labels), pick(self.texts_b) if self.texts_b else None)
+        return Split(pick(self.texts), pick(self.labels), pick(self.texts_b) if self.texts_b else None,
+                     pick(self.groups) if self.groups else None)
+
+    def hold_out(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """About `size` seeded rows, whole groups (or whole texts: every copy of one) at a time, so nothing held out
+        shares its group or text with a row left in: (held, rest), held sorted, rest in the seeded order. Walking that
+        order, each row drawn takes its group along until `size` are held: without groups or repeated texts, held is
+        the order's first `size` rows and rest the others."""
+        keys = self.groups or (list(zip(self.texts, self.texts_b)) if self.texts_b else self.texts)
+        rows_of: dict = {}
+        for row, key in enumerate(keys):
+            rows_of.setdefault(key, []).append(row)
+        order, held = rng.permutation(len(keys)), []
+        for row in order:
+            if len(held) >= size:
+                break
+            held += rows_of.pop(keys[row], [])  # [] once its group is held out with an earlier row
+        held = np.sort(np.asarray(held, dtype=int))
+        return held, order[~np.isin(order, held)]
 
 
 @dataclass
@@ -167,7 +186,7 @@ def _rotten_tomatoes(cfg: DataConfig) -> TaskData:
     labels = (frame.category == "fresh").astype(int).tolist()
     in_eval = frame.movie_name.isin(eval_movies).to_numpy()
     texts = frame.text.tolist()
-    whole = Split(texts, labels)
+    whole = Split(texts, labels, groups=frame.movie_name.astype(str).tolist())
     return TaskData("rotten_tomatoes", ["rotten", "fresh"], whole.subset(np.flatnonzero(~in_eval)),
                     whole.subset(np.flatnonzero(in_eval)))
 
@@ -327,25 +346,16 @@ def load_task(cfg: DataConfig) -> TaskData:
 def _hold_out_validation(task: TaskData, size: int, rng: np.random.Generator) -> None:
     """Move `size` seeded training examples to `task.validation` (drawn after the caps: null leaves the rest as is).
 
-    Whole texts move, so no copy of a validation row trains: walking a seeded order of the rows, each row drawn takes
-    every row with its text (or text pair) along, until `size` are held out. Validation thus holds `size` rows plus
-    any other copies of the last text drawn; without repeated texts it is the row-by-row draw of before 2026-12-07.
+    Whole groups move (Split.hold_out): no copy of a validation text trains, and on Rotten Tomatoes no review of a
+    validation movie, as the eval split holds out whole movies. Validation thus holds `size` rows plus the rest of the
+    last group drawn; without groups or repeated texts it is the row-by-row draw of before 2026-12-07.
     """
-    keys = list(zip(task.train.texts, task.train.texts_b)) if task.train.texts_b else task.train.texts
-    rows_of: dict = {}
-    for row, key in enumerate(keys):
-        rows_of.setdefault(key, []).append(row)
-    held: list[int] = []
-    for row in rng.permutation(len(keys)):
-        if len(held) >= size:
-            break
-        held += rows_of.pop(keys[row], [])  # [] once its text is held out with an earlier copy
-    if len(task.train) - len(held) < 8:
-        raise UserError(f"data.validation_size: {size} leaves {len(task.train) - len(held)} of {len(task.train)} "
+    held, rest = task.train.hold_out(size, rng)
+    if len(rest) < 8:
+        raise UserError(f"data.validation_size: {size} leaves {len(rest)} of {len(task.train)} "
                         "training examples; hold out fewer (at most a fifth is usual) or raise data.train_size")
-    kept = np.setdiff1d(np.arange(len(keys)), held)
-    task.validation = task.train.subset(np.sort(held))
-    task.train = task.train.subset(kept)
+    task.validation = task.train.subset(held)
+    task.train = task.train.subset(np.sort(rest))
 
 
 def accuracy_and_macro_f1(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -59,6 +59,15 @@ def test_validation_holds_whole_stories_so_no_copy_of_one_trains():
     assert len(loaded.validation) == 300 and not set(loaded.validation.texts) & set(loaded.train.texts)
 
 
+def test_rotten_tomatoes_validation_holds_whole_movies_as_its_eval_split_does():
+    """Drawn by review (before 2026-12-07), validation reviews shared their movies with training reviews, which the
+    movie-disjoint eval split never does: picking models on it favoured ones that learned the movies."""
+    loaded = load_task(DataConfig(task="rotten_tomatoes", validation_size=400))
+    train, validation, evaluation = (set(split.groups) for split in (loaded.train, loaded.validation, loaded.eval))
+    assert 400 <= len(loaded.validation) < 400 + 30 and len(loaded.train) + len(loaded.validation) == 4000
+    assert not validation & train and not evaluation & (train | validation)
+
+
 def test_a_damaged_cached_file_is_refused_in_one_line(tmp_path, monkeypatch):
     """A cached data file is read only if it is the pinned wheel's file: a truncated or wrong one would fail deep in
     the parser (a traceback) or parse into other data."""

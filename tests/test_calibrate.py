@@ -94,6 +94,16 @@ def test_calibration_scores_on_examples_held_out_of_the_training_split_never_on_
     assert sorted(whole.train.texts + whole.eval.texts, key=lambda t: int(t.split()[1])) == texts
 
 
+def test_calibration_holds_out_whole_groups():
+    """A group (Rotten Tomatoes: a movie) scores or trains the calibration runs, never both."""
+    texts = [f"text {i}" for i in range(100)]
+    train = Split(texts, [i % 2 for i in range(100)], groups=[f"movie {i // 7}" for i in range(100)])
+    small = calibrate.calibration_task(TaskData("t", ["a", "b"], train, Split(["e"], [0])),
+                                       load_config(None, ON + ["calibrate.eval_size=30"]))
+    assert 30 <= len(small.eval) < 30 + 7 and len(small.train) + len(small.eval) == 100
+    assert not set(small.train.groups) & set(small.eval.groups)
+
+
 def test_calibration_config_keeps_the_recipe_in_its_own_run_directory(tmp_path):
     cfg = load_config(None, ON + [f"results_dir={tmp_path}", "name=job", "train.epochs=3", "train.seeds=[4,5]",
                                   "calibrate.epochs=2", "train.max_steps=7"])
