@@ -29,6 +29,8 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
+from optuna.storages import RDBStorage
+
 from orchestrator.errors import UserError
 
 JOURNAL = "journal:"
@@ -189,7 +191,6 @@ def check_study_storage(url: str | None, run_dir: Path, resume: bool) -> None:
 
 def open_storage(url: str, *, create: bool):
     """An Optuna storage for `url`. create=False (readers such as the dashboard) never makes files or tables."""
-    import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     if url.startswith(JOURNAL):
@@ -214,11 +215,27 @@ def open_storage(url: str, *, create: bool):
             raise UserError(f"screen.storage: SQLite file '{path}' does not exist; check the run's storage URL")
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     try:
-        return optuna.storages.RDBStorage(resolved, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
-                                          skip_table_creation=not create)
+        return ReferencedRDBStorage(url, resolved, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
+                                    skip_table_creation=not create)
     except Exception as err:  # bad URL, missing driver, unreachable database
         raise UserError(f"screen.storage: cannot open '{shown_url(url)}' "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+class ReferencedRDBStorage(RDBStorage):
+    """An RDBStorage that is pickled with its URL as written, ${NAME} references unexpanded, and expands them again
+    when unpickled: Tune pickles the screen's searcher, and with it this storage, into its experiment state in the
+    run directory and in storage_path (a bucket, say), where a password must never land."""
+
+    def __init__(self, reference: str, resolved: str, **kwargs):
+        self.reference = reference
+        super().__init__(resolved, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return super().__getstate__() | {"url": self.reference}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state | {"url": _expanded(state["reference"])})
 
 
 def _sqlite_file(url: str) -> str | None:

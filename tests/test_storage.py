@@ -243,6 +243,29 @@ def test_a_nan_screen_trial_is_recorded_as_failed_not_left_running(tmp_path):
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
 
 
+def test_tunes_pickled_searcher_keeps_the_password_reference_not_the_password(tmp_path, monkeypatch):
+    """Tune pickles the searcher, and its storage, into the run's and storage_path's experiment state: that copy keeps
+    ${DB_PASSWORD} as written (before, the expanded password), and a resumed searcher expands it again."""
+    import pickle
+
+    from ray import tune
+
+    from orchestrator.screen import RecordingOptunaSearch
+
+    monkeypatch.setenv("DB_PASSWORD", "hunter2-secret")
+    url = f"sqlite:///{tmp_path}/study.db?password=${{DB_PASSWORD}}"
+    searcher = RecordingOptunaSearch(space={"x": tune.uniform(0, 1)}, metric="objective", mode="max",
+                                     study_name="screen", storage=open_storage(url, create=True))
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"objective": 0.5})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    saved = (tmp_path / "searcher.pkl").read_bytes()
+    assert b"hunter2" not in saved and b"${DB_PASSWORD}" in saved
+    assert b"hunter2" not in pickle.dumps(searcher)
+    restored = pickle.loads(pickle.dumps(open_storage(url, create=True)))
+    assert "hunter2-secret" in restored.url and len(optuna.load_study(study_name="screen", storage=restored).trials) == 1
+
+
 # ---------------------------------------------------------------- Ray's storage_path
 
 
