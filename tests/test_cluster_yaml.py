@@ -301,6 +301,9 @@ def test_rayjob_structure():
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"], "runtimeEnvYAML needs a working_dir"
+    # KubeRay hands it to `ray job submit` in double quotes through bash: a ${...} would be expanded to nothing
+    assert "$" not in spec["runtimeEnvYAML"]
+    assert runtime_env["pip"]["packages"] == [f"lora-search @ {runtime_env['working_dir']}"]  # installs the project
     clash = set(runtime_env.get("env_vars", {})) & _pipeline_runtime_env_keys()
     assert not clash, f"ray.init in the pipeline sets {sorted(clash)} too; Ray rejects the job's duplicate"
 
@@ -373,3 +376,16 @@ def test_kubernetes_pod_templates_match_the_kubernetes_schema():
     resources += [d for p in K8S for d in _docs(p) if d["apiVersion"] == "v1"]
     for resource in resources:
         kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_working_dir_a_job_uploads_leaves_the_git_history_out(tmp_path):
+    """`ray job submit --working-dir .` zips the checkout with every job; .rayignore keeps .git/ (most of its size)
+    out, as Ray's own packaging reads it."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    create_package(str(ROOT), tmp_path / "job.zip", include_gitignore=True, excludes=[])
+    names = zipfile.ZipFile(tmp_path / "job.zip").namelist()
+    assert not [n for n in names if n.split("/")[1:2] == [".git"] or n.startswith(".git/")]
+    assert any(n.endswith("search_spaces/quickstart.yaml") for n in names)
