@@ -271,7 +271,9 @@ def check_storage_path(value: str, run_dir: Path) -> None:
                         "the run directory")
     _check_not_one_slash(value)
     if "://" not in value or value.startswith("file://"):
-        return _check_apart_from_run(urlsplit(value).path if "://" in value else value, run_dir)
+        path = urlsplit(value).path if "://" in value else value
+        _check_creatable(path)
+        return _check_apart_from_run(path, run_dir)
     parts = urlsplit(value)
     if parts.scheme not in RAY_STORAGE_SCHEMES:
         raise UserError(f"storage_path: '{parts.scheme}://' is not a storage Ray can use; use s3://bucket/prefix, "
@@ -283,6 +285,21 @@ def check_storage_path(value: str, run_dir: Path) -> None:
                         "GOOGLE_APPLICATION_CREDENTIALS) or the instance role")
     if parts.scheme != "file" and not parts.netloc:
         raise UserError(f"storage_path: '{value}' names no bucket; use e.g. {parts.scheme}://my-bucket/lora-search")
+
+
+def _check_creatable(path: str) -> None:
+    """A local storage_path Ray can make: its nearest existing folder is a folder this user may write in. Otherwise
+    Tune fails only after the run directory, run.json and the study exist, with a framed traceback."""
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        problem = "exists and is not a directory" if existing == target else f"lies below the file '{existing}'"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot be created: '{existing}' is not writable (a share not mounted?)"
+    else:
+        return
+    raise UserError(f"storage_path: '{path}' {problem}; give a writable directory every node mounts, or null to keep "
+                    "Ray's storage in the run directory")
 
 
 def _check_not_one_slash(value: str) -> None:

@@ -269,7 +269,28 @@ def test_tunes_pickled_searcher_keeps_the_password_reference_not_the_password(tm
 # ---------------------------------------------------------------- Ray's storage_path
 
 
-@pytest.mark.parametrize("value", ["/mnt/shared/lora-search", "shared/runs", "s3://bucket/prefix", "gs://bucket",
+def test_a_local_storage_path_ray_cannot_create_is_one_line_before_anything_is_written(tmp_path):
+    """Tune failed with a framed traceback after the run directory, run.json and the study existed."""
+    (tmp_path / "file").write_text("")
+    for value, problem in ((tmp_path / "file" / "ray", f"lies below the file '{tmp_path / 'file'}'"),
+                           (f"file://{tmp_path}/file", "exists and is not a directory")):
+        with pytest.raises(UserError, match=f"^storage_path: '{re.escape(str(value).removeprefix('file://'))}' "
+                                            f"{re.escape(problem)}; give a writable directory every node mounts"):
+            load_config(None, [f"results_dir={tmp_path}", f"storage_path={value}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_unwritable_storage_path_parent_is_refused(tmp_path, monkeypatch):
+    """As a user without write access to /mnt (a share not mounted); root may write anywhere, so os.access says."""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(UserError, match=rf"^storage_path: '{tmp_path}/shared/ray' cannot be created: '{tmp_path}' is "
+                                        r"not writable \(a share not mounted\?\); give a writable directory"):
+        check_storage_path(f"{tmp_path}/shared/ray", tmp_path / "results" / "run")
+
+
+@pytest.mark.parametrize("value", ["/tmp/shared/lora-search", "shared/runs", "s3://bucket/prefix", "gs://bucket",
                                    "file:///tmp/lora", "s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http",
                                    "abfss://container@account.dfs.core.windows.net/prefix"])  # the user is the container
 def test_storage_paths_ray_can_use_pass(value):
