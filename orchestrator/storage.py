@@ -39,6 +39,7 @@ ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PASSWORD_PARAMETERS = ("password", "passwd", "pwd")  # query parameters SQLAlchemy's drivers read a password from
 SQLITE_BUSY_TIMEOUT_S = 60  # a reader waits out the writer's commit instead of failing with "database is locked"
 RAY_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # what pyarrow.fs.FileSystem.from_uri opens
+BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # object stores: a path's first part is the bucket (container)
 AZURE_SCHEMES = ("abfs", "abfss")  # abfs://<container>@<account>...: the user name is the container, not a credential
 # storage URI query keys that carry a secret: client_secret, token, sas_token, access_key, secret_key, account_key, ...
 SECRET_QUERY_KEY = re.compile(r"(?:^|_)(?:secret|token|key|password|passwd|pwd)$", re.IGNORECASE)
@@ -387,7 +388,7 @@ def _holds(storage_path: str, location: str) -> bool:
     import pyarrow.fs
 
     fs, path = filesystem(location)
-    bucket = path.split("/", 1)[0] if "://" in storage_path and not storage_path.startswith("file:") else None
+    bucket = path.split("/", 1)[0] if urlsplit(storage_path).scheme in BUCKET_SCHEMES else None  # not hdfs://, file://
     try:
         if bucket is not None and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
             raise UserError(f"storage_path: bucket '{bucket}' does not exist (or these credentials cannot see it); "

@@ -280,6 +280,18 @@ def test_a_local_storage_path_ray_cannot_create_is_one_line_before_anything_is_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_only_an_object_store_path_is_checked_for_its_bucket(tmp_path, monkeypatch):
+    """hdfs:// and an upper-case FILE:/// give pyarrow paths with no bucket part: they were refused as "bucket ''"."""
+    import pyarrow.fs
+
+    from orchestrator import storage
+
+    check_run_storage(f"FILE://{tmp_path}/ray", tmp_path / "results" / "run", resume=False)
+    # pyarrow's HDFS needs libhdfs, absent here: its from_uri gives the absolute path inside the cluster
+    monkeypatch.setattr(storage, "filesystem", lambda location: (pyarrow.fs.LocalFileSystem(), f"{tmp_path}/user/run"))
+    check_run_storage("hdfs://namenode:8020/user", tmp_path / "results" / "run", resume=False)
+
+
 def test_an_unwritable_storage_path_parent_is_refused(tmp_path, monkeypatch):
     """As a user without write access to /mnt (a share not mounted); root may write anywhere, so os.access says."""
     import os
