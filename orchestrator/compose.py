@@ -591,8 +591,10 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, stem: str = "compose"
 def check_out_dir(out_dir: str | Path) -> Path:
     """--out, checked before the methods run (minutes) rather than when their adapters are saved; made only then,
     so that bad input elsewhere leaves no empty directory behind."""
+    from orchestrator.config import nearest_existing
+
     out = Path(out_dir)
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    existing = nearest_existing(out)
     if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
         raise UserError(f"compose --out: '{out}' cannot be made a directory ('{existing}' is "
                         f"{'read-only' if existing.is_dir() else 'a file'}); give a directory you can write")

@@ -105,6 +105,19 @@ def absolute_path(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
+def nearest_existing(path: Path) -> Path:
+    """The deepest of `path` and its parents that exists: where making `path` would start. A folder this user
+    cannot enter hides what lies below it, so the walk goes on above it."""
+    path = path.expanduser().absolute()
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError:  # PermissionError: a parent that cannot be entered
+            continue
+    return Path(path.anchor)
+
+
 @dataclass
 class ModelConfig:
     name: str = _help("'minilm-l6' (the packaged all-MiniLM-L6-v2) or a local Hugging Face model directory", "minilm-l6")
@@ -436,7 +449,7 @@ class RunConfig:
                  f"{self.name!r} is the adapter registry's directory ({self.registry_root})",
                  "pick another run name, or put the registry elsewhere with register.root")
         results = Path(self.results_dir).absolute()
-        existing = next(p for p in (results, *results.parents) if p.exists())
+        existing = nearest_existing(results)
         _require(existing.is_dir(), "results_dir", f"'{self.results_dir}' exists and is not a directory" if existing == results
                  else f"'{self.results_dir}' lies below the file '{existing}'",
                  "point results_dir at a directory (it is created if missing)")

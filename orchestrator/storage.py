@@ -271,7 +271,7 @@ def check_storage_path(value: str, run_dir: Path) -> None:
         raise UserError(f"storage_path: {value!r} is empty; give a directory or URI, or null to keep Ray's storage in "
                         "the run directory")
     _check_not_one_slash(value)
-    if "://" not in value or value.startswith("file://"):
+    if "://" not in value or urlsplit(value).scheme == "file":  # the scheme lower-cased: FILE:// too
         path = urlsplit(value).path if "://" in value else value
         _check_creatable(path)
         return _check_apart_from_run(path, run_dir)
@@ -291,8 +291,10 @@ def check_storage_path(value: str, run_dir: Path) -> None:
 def _check_creatable(path: str) -> None:
     """A local storage_path Ray can make: its nearest existing folder is a folder this user may write in. Otherwise
     Tune fails only after the run directory, run.json and the study exist, with a framed traceback."""
+    from orchestrator.config import nearest_existing
+
     target = Path(path).expanduser().absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
+    existing = nearest_existing(target)
     if not existing.is_dir():
         problem = "exists and is not a directory" if existing == target else f"lies below the file '{existing}'"
     elif not os.access(existing, os.W_OK | os.X_OK):

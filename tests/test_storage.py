@@ -273,8 +273,9 @@ def test_a_local_storage_path_ray_cannot_create_is_one_line_before_anything_is_w
     """Tune failed with a framed traceback after the run directory, run.json and the study existed."""
     (tmp_path / "file").write_text("")
     for value, problem in ((tmp_path / "file" / "ray", f"lies below the file '{tmp_path / 'file'}'"),
-                           (f"file://{tmp_path}/file", "exists and is not a directory")):
-        with pytest.raises(UserError, match=f"^storage_path: '{re.escape(str(value).removeprefix('file://'))}' "
+                           (f"file://{tmp_path}/file", "exists and is not a directory"),
+                           (f"FILE://{tmp_path}/file/ray", f"lies below the file '{tmp_path / 'file'}'")):
+        with pytest.raises(UserError, match=f"^storage_path: '{re.escape(str(value).split('://')[-1])}' "
                                             f"{re.escape(problem)}; give a writable directory every node mounts"):
             load_config(None, [f"results_dir={tmp_path}", f"storage_path={value}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -290,6 +291,26 @@ def test_only_an_object_store_path_is_checked_for_its_bucket(tmp_path, monkeypat
     # pyarrow's HDFS needs libhdfs, absent here: its from_uri gives the absolute path inside the cluster
     monkeypatch.setattr(storage, "filesystem", lambda location: (pyarrow.fs.LocalFileSystem(), f"{tmp_path}/user/run"))
     check_run_storage("hdfs://namenode:8020/user", tmp_path / "results" / "run", resume=False)
+
+
+def test_a_folder_that_cannot_be_entered_is_looked_past_not_a_traceback(tmp_path, monkeypatch):
+    """Path.exists() raises PermissionError below a folder this user cannot enter (mode 700, another owner)."""
+    from orchestrator.config import nearest_existing
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    exists = Path.exists
+
+    def exists_unless_locked(path):
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path)
+
+    monkeypatch.setattr(Path, "exists", exists_unless_locked)
+    assert nearest_existing(locked / "inner" / "ray") == locked
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(UserError, match=rf"^storage_path: '{locked}/inner/ray' cannot be created: '{locked}' is not "):
+        check_storage_path(f"{locked}/inner/ray", tmp_path / "results" / "run")
 
 
 def test_an_unwritable_storage_path_parent_is_refused(tmp_path, monkeypatch):
