@@ -371,10 +371,6 @@ class RoutingSpaceConfig:
         _require(bool(self.gating), "routing.gating", "is empty", "use [topk], [dense] or [topk, dense]")
         _require_non_negative(self.aux_weight, "routing.aux_weight", "use e.g. 0.01, or 0")
         self.num_experts, self.gating = sorted(set(self.num_experts)), list(dict.fromkeys(self.gating))
-        every = [e for e in self.num_experts if e == self.top_k]  # top-E of E is the dense model, trained twice
-        _require("topk" not in self.gating or not every, "routing.top_k",
-                 f"{self.top_k} activates every one of {every[0] if every else 0} experts, which is the dense model "
-                 "again under a sparse label", "use num_experts above top_k, or leave topk out of routing.gating")
         for experts in self.num_experts:  # the checks of the routed modules themselves, once per trained variant
             for gating in self.gating:
                 RoutingConfig(("site",), ((1,) * experts,), self.top_k, self.mode, gating, self.aux, self.renormalize).check()

@@ -24,7 +24,8 @@ from orchestrator.data import TaskData, load_task, task_summary
 from orchestrator.errors import UserError
 from orchestrator.models import adaptable_modules, check_max_length, head_params, load_model, resolve_model_path
 from orchestrator.proxies import ModuleScores
-from orchestrator.routing import budget_expert_ranks, check_expert_counts, check_routable, routed_params
+from orchestrator.routing import (budget_expert_ranks, check_expert_counts, check_routable, check_sparse_variants,
+                                  routed_params)
 from orchestrator.shortcuts import is_shortcut_item
 from orchestrator.storage import absolute_url, check_run_storage, check_study_storage, publish_run, run_storage
 from orchestrator.train import TrainJob, check_trainings_fit, finished_jobs, run_training
@@ -292,6 +293,8 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
         routable = [m.name for m in searchable if not is_shortcut_item(m.name)]
         check_routable(base, routable)
         check_expert_counts(base, routable, cfg.routing.num_experts, cfg.routing.mode, budget.high)
+        if not resume:
+            check_sparse_variants(cfg.routing.top_k, cfg.routing.num_experts, cfg.routing.gating)
     warm, outside, points = warm_start(cfg, modules, searchable, budget, resume)
     if cfg.screen.rank_by == CALIBRATED:
         calibrate.check_calibratable(cfg, modules, budget)

@@ -463,6 +463,15 @@ def _need_room(fits: bool, experts: int, budget: int) -> None:
           "use fewer experts or a larger space.budget")
 
 
+def check_sparse_variants(top_k: int, num_experts: Sequence[int], gating: Sequence[str]) -> None:
+    """A new run's sparse variant must activate fewer than all its experts: the top E of E is the dense model, trained
+    again under a sparse label. (A run started before this check still resumes as it began: routing.* is fixed.)"""
+    every = [e for e in num_experts if e == top_k]
+    _need("topk" not in gating or not every, "routing.top_k", f"{top_k} activates every one of "
+          f"{every[0] if every else 0} experts, which is the dense model again under a sparse label",
+          "use num_experts above top_k, or leave topk out of routing.gating")
+
+
 def check_expert_counts(model: nn.Module, names: Sequence[str], num_experts: Sequence[int], mode: str,
                         budget_high: int) -> None:
     """Refuse an expert count that budget_expert_ranks refuses for every allocation of these modules within

@@ -37,13 +37,23 @@ def test_bad_routing_fields_name_themselves(override, field):
     assert message.startswith(field) and "\n" not in message and ";" in message  # problem; fix
 
 
-def test_top_k_of_every_expert_is_refused_as_the_dense_model_again():
+def test_top_k_of_every_expert_is_refused_in_a_new_run_as_the_dense_model_again(tiny_model_dir, tmp_path, monkeypatch):
+    """sparse_adapters.yaml's former "Search E" line (num_experts [2, 4], top_k 2) trained the dense E=2 model twice.
+    A run started so still resumes: routing.* cannot change on a resume, so refusing it would strand the run."""
+    from orchestrator.routing import check_sparse_variants
+
+    monkeypatch.setattr(pipeline, "init_ray", lambda address: pytest.fail("Ray started"))
+    cfg = load_config("search_spaces/sparse_adapters.yaml", [
+        f"results_dir={tmp_path}", f"model.name={tiny_model_dir}", "routing.num_experts=[2, 4]"])
     with pytest.raises(UserError, match=r"^routing.top_k: 2 activates every one of 2 experts, which is the dense model "
                                         r"again under a sparse label; use num_experts above top_k, or leave topk out "
                                         r"of routing.gating$"):
-        load_config(None, ["routing.num_experts=[2, 4]", "routing.top_k=2"])
-    assert load_config(None, ["routing.num_experts=[2]", "routing.top_k=2", "routing.gating=[dense]"]).routing.top_k == 2
-    assert load_config(None, ["routing.num_experts=[3, 4]", "routing.top_k=2"]).routing.num_experts == [3, 4]
+        pipeline.run(cfg)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="^--resume: .* holds no run to resume"):  # past the check, to the run's own
+        pipeline.run(cfg, resume=True)
+    check_sparse_variants(2, [2], ["dense"])
+    check_sparse_variants(2, [3, 4], ["topk", "dense"])
 
 
 def test_routing_section_defaults_and_normalisation():
