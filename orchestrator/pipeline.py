@@ -418,7 +418,7 @@ RECORDED_PATHS = (("model.name", PACKAGED_MODELS), ("data.task", BUILTIN_TASK_NA
 
 def _relative_recorded_paths(config: dict):
     """(key, value) of each path an older run.json kept relative, the study's SQLite or journal file among them."""
-    from orchestrator.storage import absolute_url
+    from orchestrator.storage import absolute_url, check_url
 
     for key, names in RECORDED_PATHS:
         value = config.get(key)
@@ -426,8 +426,10 @@ def _relative_recorded_paths(config: dict):
                 and not Path(value).expanduser().is_absolute():
             yield key, value
     storage = config.get("screen.storage")
-    if storage and absolute_url(storage) != storage:  # made absolute at load since 2026-12-07
-        yield "screen.storage", storage
+    if storage:
+        check_url(storage)  # a damaged URL: its one-line refusal, before absolute_url parses it
+        if absolute_url(storage) != storage:  # made absolute at load since 2026-12-07
+            yield "screen.storage", storage
 
 
 def _check_recorded_paths(run_dir: Path, config: dict) -> None:

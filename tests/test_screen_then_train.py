@@ -208,6 +208,15 @@ def test_an_older_relative_path_is_refused_and_resume_still_takes_it(tmp_path, m
         pipeline.check_run_dir(cfg, resume=True)
 
 
+def test_a_damaged_storage_url_in_run_json_is_one_line(tmp_path):
+    cfg = _older_run(tmp_path, "screen.storage")
+    stored = json.loads((cfg.run_dir / "run.json").read_text())
+    stored["config"]["screen"]["storage"] = "my study db"
+    (cfg.run_dir / "run.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match="^screen.storage: 'my study db' is not a SQLAlchemy URL"):
+        pipeline.stored_config(cfg.run_dir)
+
+
 def _screen_with(monkeypatch, tmp_path, plan, width: int = 80):
     from typer.testing import CliRunner
 
