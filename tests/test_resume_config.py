@@ -229,3 +229,19 @@ def test_a_copy_to_storage_path_that_fails_is_not_named_in_run_json(tmp_path, mo
     with pytest.raises(UserError, match="could not copy"):
         pipeline.run(load_config("search_spaces/quickstart.yaml", overrides), resume=True)
     assert json.loads((tmp_path / "job" / "run.json").read_text())["copied_to"] is None
+
+
+def test_a_resume_whose_splits_an_older_version_drew_otherwise_is_refused(tmp_path):
+    """Rotten Tomatoes' validation became whole movies (412 rows where 400 were): the remaining models would train on
+    other rows than the finished ones, and pick their rates on another validation split."""
+    from orchestrator.data import Split, TaskData, task_summary
+
+    cfg = _started(tmp_path)
+    split = lambda n: Split([f"t{i}" for i in range(n)], [i % 2 for i in range(n)])  # noqa: E731
+    task = TaskData("t", ["a", "b"], split(3588), split(1000), validation=split(412))
+    pipeline.write_run_json(cfg, task=task_summary(task) | {"train_examples": 3600, "validation_examples": 400})
+    with pytest.raises(UserError, match=r"^--resume: train_examples is 3588 here but 3600 in the run being resumed \(its "
+                                        r"splits were drawn by an older version\); finish it with that version"):
+        pipeline.check_same_splits(cfg.run_dir, task)
+    pipeline.write_run_json(cfg, task=task_summary(task))
+    pipeline.check_same_splits(cfg.run_dir, task)
