@@ -55,6 +55,7 @@ def screen(config: Path = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES
     left, failed = plan.to_train.sum(), plan.failed.sum()
     console.print(f"Allocations: {cfg.run_dir}/screen.csv. " + (
         f"{left} training(s) left; run them with: lora-search train {cfg.run_dir}" if left else
+        "Nothing to train: no screened model survived and train.baselines is empty" if plan.empty else
         f"Nothing left to train: the run is trained; its report: lora-search report {cfg.run_dir}"))
     if failed:  # a resume leaves a failed training as it is: the same config would fail the same way
         console.print(f"{failed} training(s) failed (the error is in trials/<job>.json); once the cause is fixed, "

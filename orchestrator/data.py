@@ -54,8 +54,8 @@ class Split:
                      pick(self.groups) if self.groups else None)
 
     def hold_out(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """About `size` seeded rows, whole groups (or whole texts: every copy of one) at a time, so nothing held out
-        shares its group or text with a row left in: (held, rest), held sorted, rest in the seeded order. Walking that
+        """About `size` seeded rows, whole groups (without groups, whole texts: every copy of one) at a time, so no
+        group (or text) is on both sides: (held, rest), held sorted, rest in the seeded order. Walking that
         order, each row drawn takes its group along until `size` are held: without groups or repeated texts, held is
         the order's first `size` rows and rest the others."""
         keys = self.groups or (list(zip(self.texts, self.texts_b)) if self.texts_b else self.texts)

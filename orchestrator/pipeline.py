@@ -375,6 +375,10 @@ def run(cfg: RunConfig, resume: bool = False, address: str | None = None, screen
     return table
 
 
+PLAN_COLUMNS = ["candidate_id", "kind", "label", "method", "allocation", "trainable_params", "modules", "total_rank",
+                "unfit", "to_train", "failed"]
+
+
 def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dict[str, dict], base,
                   routing_mode: str) -> pd.DataFrame:
     """One row per model training would make: id, kind, label, allocation, the trainable params, adapted modules and
@@ -392,7 +396,7 @@ def training_plan(jobs: list[TrainJob], modules, seeds: list[int], finished: dic
         done = finished.get(job.job_id)
         rows[job.candidate_id]["to_train"] += done is None
         rows[job.candidate_id]["failed"] += done is not None and done.get("status") == "failed"
-    plan = pd.DataFrame(list(rows.values()))
+    plan = pd.DataFrame(list(rows.values()), columns=PLAN_COLUMNS)  # the columns even when nothing is to train
     plan.attrs["seeds"] = list(seeds)
     return plan
 

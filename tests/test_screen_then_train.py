@@ -208,6 +208,14 @@ def test_an_older_relative_path_is_refused_and_resume_still_takes_it(tmp_path, m
         pipeline.check_run_dir(cfg, resume=True)
 
 
+def test_an_empty_plan_says_there_is_nothing_to_train(tmp_path, monkeypatch, tiny_modules):
+    """No screened model survived (every score non-finite) and train.baselines is empty: the plan has no rows."""
+    plan = pipeline.training_plan([], tiny_modules, [0], {}, None, "per_input")
+    assert plan.empty and list(plan.columns) == pipeline.PLAN_COLUMNS
+    output = _screen_with(monkeypatch, tmp_path, plan)
+    assert "Nothing to train: no screened model survived and train.baselines is empty" in " ".join(output.split())
+
+
 def test_a_damaged_storage_url_in_run_json_is_one_line(tmp_path):
     cfg = _older_run(tmp_path, "screen.storage")
     stored = json.loads((cfg.run_dir / "run.json").read_text())
