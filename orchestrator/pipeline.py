@@ -215,8 +215,9 @@ def check_same_splits(run_dir: Path, task: TaskData) -> None:
                != now.get(key)]
     if changed:
         key = changed[0]
-        raise UserError(f"--resume: {key} is {now.get(key)} here but {then[key]} in the run being resumed (its splits "
-                        "were drawn by an older version); finish it with that version, or start a new run (name=...)")
+        raise UserError(f"--resume: {key} is {now.get(key)} here but {then[key]} in the run being resumed (its data "
+                        "file changed, or an older version drew its splits); finish it with the data and version it began "
+                        "with, or start a new run (name=...)")
 
 
 def _flat_config(cfg: RunConfig) -> dict:

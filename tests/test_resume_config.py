@@ -241,7 +241,8 @@ def test_a_resume_whose_splits_an_older_version_drew_otherwise_is_refused(tmp_pa
     task = TaskData("t", ["a", "b"], split(3588), split(1000), validation=split(412))
     pipeline.write_run_json(cfg, task=task_summary(task) | {"train_examples": 3600, "validation_examples": 400})
     with pytest.raises(UserError, match=r"^--resume: train_examples is 3588 here but 3600 in the run being resumed \(its "
-                                        r"splits were drawn by an older version\); finish it with that version"):
+                                        r"data file changed, or an older version drew its splits\); finish it with the "
+                                        r"data and version it began with"):
         pipeline.check_same_splits(cfg.run_dir, task)
     pipeline.write_run_json(cfg, task=task_summary(task))
     pipeline.check_same_splits(cfg.run_dir, task)
