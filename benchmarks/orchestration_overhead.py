@@ -103,6 +103,8 @@ def run_product(args, task, allocation, results_dir: str, name: str, workers: in
     lines = [json.loads(line) for p in sorted((cfg.run_dir / "tune" / "train").glob("train_trial_*/result.json"))
              for line in p.read_text().splitlines() if line.strip()]
     lines.sort(key=lambda r: r["time_total_s"])
+    # one line per epoch, then the final metrics once more after fit() returns (train.py): not an epoch
+    lines = [line for i, line in enumerate(lines) if i == 0 or line["epoch"] != lines[i - 1]["epoch"]]
     trial_start = lines[0]["timestamp"] - lines[0]["time_total_s"]
     iters = [b["time_total_s"] - a["time_total_s"] for a, b in zip(lines, lines[1:])]
     trains = [b["train_wall_s"] - a["train_wall_s"] for a, b in zip(lines, lines[1:])]

@@ -15,7 +15,8 @@ import orchestration_overhead as O  # noqa: E402
 
 
 def stored_rows() -> pd.DataFrame:
-    """A stored CSV of a 5-epoch run on 2,000 / 500 examples (the Ray path's result.json has one line more)."""
+    """A stored CSV of a 5-epoch run on 2,000 / 500 examples (its Ray row counts 6 epochs, as runs before 2026-12-07
+    counted the final report line)."""
     plain = {"path": "plain", "repeat": 0, "workers": 1, "total_s": 110.0, "setup_s": 2.0, "train_s": 90.0,
              "eval_per_epoch_s": 3.0, "checkpoint_s": 0.03, "accuracy": 0.8, "latency_ms_per_batch": 200.0, "epochs": 5,
              "steps_per_epoch": 63, "load_avg": "1.0 / 1.0 / 1.0"}
