@@ -67,8 +67,9 @@ def test_report_files_and_columns(finished_run):
     assert on_disk.val_accuracy.between(0, 1).all() and report.selection_column(on_disk) == "val_accuracy"
     assert all("val_accuracy" in epoch for history in on_disk.history_json for epoch in json.loads(history))
     task = json.loads((run_dir / "run.json").read_text())["task"]
-    assert (task["train_examples"], task["validation_examples"], task["eval_examples"]) == (160, 32, 96)
-    assert "(160 train / 32 validation / 96 eval examples)" in (run_dir / "report.md").read_text()
+    # validation takes whole movies (Rotten Tomatoes): the 32 asked plus the rest of the last movie drawn
+    assert (task["train_examples"], task["validation_examples"], task["eval_examples"]) == (159, 33, 96)
+    assert "(159 train / 33 validation / 96 eval examples)" in (run_dir / "report.md").read_text()
     # the kernel setup each model trained on (README "Reproducibility"): one CPU thread per worker in the quickstart
     assert on_disk.kernels.str.fullmatch(r"cpu .+, \w+ kernels, MKL_CBWR=\w+, 1 threads").all(), on_disk.kernels
     assert f"Trained on: {on_disk.kernels.iloc[0]}" in (run_dir / "report.md").read_text()
@@ -94,7 +95,7 @@ def test_run_json_records_config_and_versions(finished_run):
     assert run["config"]["name"] == "slice"
     assert run["versions"]["peft"] == "0.21.2"
     assert run["seeds"]["train"] == [0]
-    assert "finished_at" in run and run["task"]["train_examples"] == 192 - 32  # less data.validation_size
+    assert "finished_at" in run and run["task"]["train_examples"] == 192 - 33  # less the validation split
     assert "Run wall time:" in (cfg.run_dir / "report.md").read_text()  # written before the report, not after it
 
 
